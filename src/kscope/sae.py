@@ -1,0 +1,267 @@
+"""SAEs in SAELens format: load (directory or pretrained release), train on a site, evaluate.
+
+Training uses SAELens' own ``SAETrainer`` and ``TopKTrainingSAE`` fed from activations that kscope
+collects with its hooks (SAELens' runner needs a TransformerLens model, which GGUF/HF-only models lack).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from rich.progress import Progress
+
+from kscope.errors import KscopeError
+from kscope.hooks import site_activations
+from kscope.scoring import PromptBatch
+from kscope.sites import Site, check_layer, site_dim
+from kscope.units import FeatureUnits
+
+
+def load_sae(source: str, device: str = "cpu", sae_id: str | None = None):
+    """A SAELens SAE from a directory (``cfg.json`` + ``sae_weights.safetensors``) or, given
+    ``sae_id``, from a SAELens pretrained release name (needs the hub)."""
+    from sae_lens import SAE
+
+    p = Path(source)
+    if p.is_dir():
+        if not (p / "cfg.json").exists():
+            raise KscopeError(f"{p} is not a SAELens SAE directory (no cfg.json)")
+        return SAE.load_from_disk(p, device=device)
+    if sae_id is None:
+        raise KscopeError(f"SAE {source!r} is not a directory; for a pretrained release also give --sae-id")
+    try:
+        return SAE.from_pretrained(source, sae_id, device=device)
+    except Exception as e:  # noqa: BLE001 - the hub or the release table can fail many ways
+        raise KscopeError(f"cannot load pretrained SAE {source}/{sae_id}: {e}") from e
+
+
+def sae_site(sae, default: Site | None = None) -> Site:
+    """The site an SAE was trained on, from its SAELens ``hook_name`` metadata."""
+    hook = getattr(sae.cfg.metadata, "hook_name", None)
+    if hook:
+        try:
+            return Site.parse(hook)
+        except KscopeError:
+            pass
+    if default is None:
+        raise KscopeError(f"cannot tell the SAE's site from hook_name={hook!r}; pass --site")
+    return default
+
+
+def feature_units(model, sae, site: Site | None = None) -> FeatureUnits:
+    site = sae_site(sae, site)
+    check_layer(model, site.layer)
+    d = site_dim(model, site)
+    if int(sae.cfg.d_in) != d:
+        raise KscopeError(f"SAE d_in={sae.cfg.d_in} does not match {site.name} width {d}")
+    return FeatureUnits(site, sae)
+
+
+@dataclass
+class TrainSAEConfig:
+    """Train a TopK SAE (SAELens) on one site of the model."""
+
+    site: str = field(default="12/mlp.out", metadata={"help": "LAYER/KIND to train on: mlp.out, resid.post or mlp.neurons."})
+    expansion: int = field(default=8, metadata={"help": "d_sae = expansion x site width."})
+    k: int = field(default=32, metadata={"help": "Active features per token (TopK)."})
+    lr: float = field(default=4e-4, metadata={"help": "Adam learning rate."})
+    batch_tokens: int = field(default=512, metadata={"help": "Tokens per training step."})
+    epochs: int = field(default=8, metadata={"help": "Passes over the collected activations."})
+    max_tokens: int = field(default=60_000, metadata={"help": "Activation tokens to collect."})
+    generate: int = field(default=64, metadata={"help": "Sequences of model-sampled text added to the corpus (no network needed)."})
+    gen_len: int = field(default=64, metadata={"help": "Tokens per generated sequence."})
+    seq_len: int = field(default=64, metadata={"help": "Window length when chunking text files."})
+    eval_frac: float = field(default=0.1, metadata={"help": "Held-out fraction of tokens for the report."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+
+@dataclass
+class SAEStats:
+    """Reconstruction quality on held-out activations."""
+
+    mse: float
+    explained_variance: float
+    l0: float
+    dead_fraction: float
+    n_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sae_stats(x: torch.Tensor, x_hat: torch.Tensor, u: torch.Tensor) -> SAEStats:
+    """Pure metrics. ``x, x_hat``: ``[n, d]``; ``u``: ``[n, d_sae]`` feature activations."""
+    if x.shape[0] == 0:
+        raise KscopeError("no activations to evaluate")
+    err = (x - x_hat).pow(2).sum(-1)
+    var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1)
+    active = u != 0
+    return SAEStats(
+        mse=float(err.mean() / x.shape[1]),
+        explained_variance=float(1 - err.sum() / var.sum().clamp_min(1e-12)),
+        l0=float(active.sum(-1).float().mean()),
+        dead_fraction=float((~active.any(0)).float().mean()),
+        n_tokens=int(x.shape[0]),
+    )
+
+
+@torch.no_grad()
+def evaluate_sae(sae, acts: torch.Tensor, batch: int = 4096) -> SAEStats:
+    xs, xh, us = [], [], []
+    for i in range(0, acts.shape[0], batch):
+        x = acts[i : i + batch].to(sae.W_enc.device, sae.W_enc.dtype)
+        u = sae.encode(x)
+        xs.append(x.cpu())
+        xh.append(sae.decode(u).cpu())
+        us.append(u.cpu())
+    return sae_stats(torch.cat(xs), torch.cat(xh), torch.cat(us))
+
+
+def read_texts(paths: Sequence[str]) -> list[str]:
+    texts = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise KscopeError(f"text file {p} does not exist")
+        texts.extend(t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip())
+    return texts
+
+
+def hf_dataset_texts(name: str, split: str = "train", column: str = "text", limit: int = 2000) -> list[str]:
+    """Texts from a HF dataset (needs the hub or a local dataset path)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+        return [row[column] for _, row in zip(range(limit), ds) if row.get(column)]
+    except Exception as e:  # noqa: BLE001
+        raise KscopeError(f"cannot read dataset {name}: {e}") from e
+
+
+@torch.no_grad()
+def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 16) -> list[str]:
+    """Sample ``n`` continuations from the model itself: an offline activation source."""
+    if n <= 0:
+        return []
+    tok = lm.tokenizer
+    starts = ["The", "In", "A", "Many", "It", "History", "Science", "People", "The city", "Today", "When", "One"]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        prefixes = [starts[int(torch.randint(len(starts), (1,), generator=gen))] for _ in range(min(batch, n - i))]
+        b = PromptBatch.from_texts(tok, prefixes, lm.device)
+        if int(b.mask.sum(1).min()) != b.ids.shape[1]:  # ragged: generate one at a time
+            seqs = [lm.model.generate(b.ids[j : j + 1, : b.last[j] + 1], do_sample=True, max_new_tokens=length, pad_token_id=tok.pad_token_id) for j in range(len(b))]
+            seqs = [s[0] for s in seqs]
+        else:
+            torch.manual_seed(seed + i)
+            seqs = list(lm.model.generate(b.ids, attention_mask=b.mask, do_sample=True, max_new_tokens=length, pad_token_id=tok.pad_token_id))
+        out.extend(tok.decode(s, skip_special_tokens=True) for s in seqs)
+    return out
+
+
+def collect_activations(lm, site: Site, texts: Sequence[str], max_tokens: int, seq_len: int = 64, batch: int = 16, progress: Progress | None = None) -> torch.Tensor:
+    """Site activations of every real token of ``texts`` (truncated to ``seq_len``), ``[n_tokens, d]``."""
+    tok = lm.tokenizer
+    chunks: list[list[int]] = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=True).input_ids
+        chunks.extend(ids[i : i + seq_len] for i in range(0, max(len(ids), 1), seq_len) if ids[i : i + seq_len])
+    if not chunks:
+        raise KscopeError("no text to collect activations from")
+    rows, total = [], 0
+    task = progress.add_task(f"activations {site.name}", total=min(max_tokens, sum(map(len, chunks)))) if progress else None
+    pad = tok.pad_token_id or 0
+    for i in range(0, len(chunks), batch):
+        part = chunks[i : i + batch]
+        width = max(map(len, part))
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, c in enumerate(part):
+            ids[j, : len(c)] = torch.tensor(c)
+            mask[j, : len(c)] = 1
+        acts = site_activations(lm.model, [site], ids.to(lm.device), mask.to(lm.device))[site]
+        rows.append(acts[mask.bool().to(acts.device)].float().cpu())
+        total += rows[-1].shape[0]
+        if progress:
+            progress.update(task, completed=min(total, max_tokens))
+        if total >= max_tokens:
+            break
+    return torch.cat(rows)[:max_tokens]
+
+
+class _Shuffled(Iterator[torch.Tensor]):
+    """Endless shuffled minibatches over an activation tensor (a SAELens DataProvider)."""
+
+    def __init__(self, acts: torch.Tensor, batch: int, seed: int, device: str):
+        self.acts, self.batch, self.device = acts, batch, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.pos = torch.randperm(acts.shape[0], generator=self.gen), 0
+
+    def __next__(self) -> torch.Tensor:
+        if self.pos + self.batch > self.order.numel():
+            self.order, self.pos = torch.randperm(self.acts.shape[0], generator=self.gen), 0
+        idx = self.order[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return self.acts[idx].to(self.device)
+
+
+def train_sae_on_acts(acts: torch.Tensor, cfg: TrainSAEConfig, site: Site, model_name: str, device: str = "cpu"):
+    """Train a SAELens TopK SAE on ``acts`` ``[n, d]``; returns the inference SAE."""
+    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    torch.manual_seed(cfg.seed)
+    d_in = acts.shape[1]
+    batch = min(cfg.batch_tokens, acts.shape[0])
+    tcfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.expansion * d_in, k=cfg.k, device=device)
+    tcfg.metadata.hook_name = site.hook_name
+    tcfg.metadata.model_name = model_name
+    sae = TopKTrainingSAE(tcfg)
+    # Start b_dec at the data mean (the geometric-median init of the SAE literature, cheaply).
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(0).to(sae.b_dec.device))
+    steps = max(1, math.ceil(cfg.epochs * acts.shape[0] / batch))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch,
+        train_batch_size_samples=batch,
+        lr=cfg.lr,
+        lr_scheduler_name="constant",
+        lr_decay_steps=steps // 5,
+        lr_end=cfg.lr / 10,
+        device=device,
+        dead_feature_window=max(50, steps // 4),
+        feature_sampling_window=max(100, steps // 2),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    trainer = SAETrainer(trainer_cfg, sae, _Shuffled(acts, batch, cfg.seed, device))
+    trained = trainer.fit()
+    with tempfile.TemporaryDirectory() as tmp:
+        trained.save_inference_model(tmp)
+        from sae_lens import SAE
+
+        return SAE.load_from_disk(tmp, device=device)
+
+
+def save_sae(sae, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write ``sae`` in SAELens format to ``out_dir`` atomically (plus ``kscope.json`` with ``extra``)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        sae.save_model(tmp)
+        if extra is not None:
+            (tmp / "kscope.json").write_text(json.dumps(extra, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

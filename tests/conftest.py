@@ -1,0 +1,67 @@
+"""Tiny randomly initialised LLaMA- and GPT-2-config models with a word-level tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from kscope.facts import Fact
+from kscope.models import wrap
+
+os.environ.setdefault("KSCOPE_QUIET", "1")
+torch.set_num_threads(2)
+
+PARAREL = Path(__file__).resolve().parents[2] / "shared" / "pararel"
+
+WORDS = (
+    "<pad> <unk> the capital of is city france paris germany berlin italy rome spain madrid "
+    "people in speak french german italian spanish language official a country located "
+    "new york tower eiffel 's and to it one two three . , history science today when"
+).split()
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = __import__("tokenizers").normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def lm(request):
+    model = tiny_llama() if request.param == "llama" else tiny_gpt2()
+    return wrap(model, word_tokenizer(), name=f"tiny-{request.param}")
+
+
+@pytest.fixture
+def llama_lm():
+    return wrap(tiny_llama(), word_tokenizer(), name="tiny-llama")
+
+
+@pytest.fixture
+def facts():
+    return [
+        Fact("france", "capital", "paris", ["the capital of france is", "france 's capital city is", "the capital city of france is"]),
+        Fact("germany", "capital", "berlin", ["the capital of germany is", "germany 's capital city is"]),
+        Fact("spain", "language", "spanish", ["people in spain speak", "the official language of spain is"]),
+    ]
