@@ -215,7 +215,7 @@ def train_sae_cmd(
     expansion: int = typer.Option(8, "--expansion", help=H(T, "expansion")),
     k: int = typer.Option(32, "--k", help=H(T, "k")),
     max_tokens: int = typer.Option(60_000, "--max-tokens", help=H(T, "max_tokens")),
-    generate: int = typer.Option(64, "--generate", help=H(T, "generate")),
+    generate: int = typer.Option(256, "--generate", help=H(T, "generate")),
     epochs: int = typer.Option(8, "--epochs", help=H(T, "epochs")),
     lr: float = typer.Option(4e-4, "--lr", help=H(T, "lr")),
     seed: int = typer.Option(0, "--seed", help=H(T, "seed")),
@@ -236,7 +236,7 @@ def train_sae_cmd(
     lm = load_model(M(model=model, device=device, dtype=dtype))
     check_layer(lm.model, s.layer)
     with make_progress() as progress:
-        texts = sae_corpus(lm, fact_list, tcfg, CorpusConfig(text_files=list(text or []), dataset=dataset))
+        texts = sae_corpus(lm, fact_list, tcfg, CorpusConfig(text_files=list(text or []), dataset=dataset), progress)
         sae, stats = train_sae(lm, s, tcfg, texts, device, progress)
     save_sae(sae, out, {"site": s.name, "model": model, "stats": stats})
     console.print({k_: round(v, 4) if isinstance(v, float) else v for k_, v in stats.items()})

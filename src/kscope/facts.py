@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -222,42 +222,53 @@ def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first"
     return out
 
 
-def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64) -> list[Fact]:
+def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128) -> list[Fact]:
     """Keep facts the model knows: the answer token is in the top ``known_top_k`` on at least
-    ``min_known_prompts`` prompts (or all, if fewer). Unknown prompts are dropped from kept facts."""
+    ``min_known_prompts`` prompts (or all, if fewer). Unknown prompts are dropped from kept facts.
+
+    With ``max_facts``, facts are visited in a seeded random order (so relations mix) and scoring
+    stops once enough are kept.
+    """
     from kscope.scoring import answer_probs
 
     facts = resolve_targets(facts, lm.tokenizer, cfg.multi_token)
-    prompts, targets, owner = [], [], []
-    for i, f in enumerate(facts):
-        for p in f.prompts[: cfg.max_prompts]:
-            prompts.append(p)
-            targets.append(f.target_id)
-            owner.append(i)
-    _, ranks = answer_probs(lm.model, lm.tokenizer, prompts, targets, batch_size=batch_size)
-    known: dict[int, list[str]] = {}
-    for p, i, r in zip(prompts, owner, ranks.tolist()):
-        if r < cfg.known_top_k:
-            known.setdefault(i, []).append(p)
-    kept = []
-    for i, f in enumerate(facts):
-        ok = known.get(i, [])
-        need = min(cfg.min_known_prompts, len(f.prompts[: cfg.max_prompts]))
-        if len(ok) >= need:
-            f.prompts = ok
-            kept.append(f)
-        if cfg.max_facts is not None and len(kept) >= cfg.max_facts:
-            break
+    if cfg.max_facts is not None:
+        facts = random.Random(cfg.seed).sample(facts, len(facts))
+    kept: list[Fact] = []
+    for start in range(0, len(facts), chunk):
+        part = facts[start : start + chunk]
+        prompts, owner = [], []
+        for i, f in enumerate(part):
+            for p in f.prompts[: cfg.max_prompts]:
+                prompts.append(p)
+                owner.append(i)
+        order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # less padding
+        _, ranks_sorted = answer_probs(lm.model, lm.tokenizer, [prompts[j] for j in order],
+                                       [part[owner[j]].target_id for j in order], batch_size=batch_size)
+        ranks = [0] * len(prompts)
+        for j, r in zip(order, ranks_sorted.tolist()):
+            ranks[j] = r
+        known: dict[int, list[str]] = {}
+        for p, i, r in zip(prompts, owner, ranks):
+            if r < cfg.known_top_k:
+                known.setdefault(i, []).append(p)
+        for i, f in enumerate(part):
+            ok = known.get(i, [])
+            if len(ok) >= min(cfg.min_known_prompts, len(f.prompts[: cfg.max_prompts])):
+                kept.append(replace(f, prompts=ok))
+            if cfg.max_facts is not None and len(kept) >= cfg.max_facts:
+                return kept
     return kept
 
 
-def prepare_facts(lm, cfg: FactConfig) -> list[Fact]:
-    """Load, resolve and filter facts; raise if nothing is left."""
-    facts = load_facts(cfg.facts, cfg.relations, cfg.max_per_relation, cfg.seed)
+def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None) -> tuple[list[Fact], list[Fact]]:
+    """Load (unless given), resolve and filter facts; raise if nothing is left. Returns ``(known, all_loaded)``."""
+    if facts is None:
+        facts = load_facts(cfg.facts, cfg.relations, cfg.max_per_relation, cfg.seed)
     kept = filter_known(lm, facts, cfg)
     if not kept:
         raise KscopeError(
             f"none of the {len(facts)} facts is known by the model (answer in top {cfg.known_top_k} "
             f"on >= {cfg.min_known_prompts} prompts); loosen --known-top-k / --min-known-prompts"
         )
-    return kept
+    return kept, facts

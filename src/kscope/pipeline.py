@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +42,16 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/"))[-80:]
 
 
-def sae_corpus(lm, facts: Sequence[Fact], tcfg: TrainSAEConfig, ccfg: CorpusConfig) -> list[str]:
-    """Fact prompts + files + dataset + ``tcfg.generate`` sequences sampled from the model."""
-    texts = [p for f in facts for p in f.prompts]
+def sae_corpus(lm, facts: Sequence[Fact], tcfg: TrainSAEConfig, ccfg: CorpusConfig, progress: Progress | None = None) -> list[str]:
+    """Fact prompts + files + dataset + ``tcfg.generate`` sequences sampled from the model, shuffled (seeded)."""
+    texts = list(dict.fromkeys(p for f in facts for p in f.prompts))
     texts += read_texts(ccfg.text_files)
     if ccfg.dataset:
         texts += hf_dataset_texts(ccfg.dataset, limit=ccfg.dataset_limit)
-    texts += generate_texts(lm, tcfg.generate, tcfg.gen_len, tcfg.seed)
+    texts += generate_texts(lm, tcfg.generate, tcfg.gen_len, tcfg.seed, progress=progress)
     if not texts:
         raise KscopeError("the SAE training corpus is empty")
+    random.Random(tcfg.seed).shuffle(texts)
     return texts
 
 

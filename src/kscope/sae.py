@@ -75,7 +75,7 @@ class TrainSAEConfig:
     batch_tokens: int = field(default=512, metadata={"help": "Tokens per training step."})
     epochs: int = field(default=8, metadata={"help": "Passes over the collected activations."})
     max_tokens: int = field(default=60_000, metadata={"help": "Activation tokens to collect."})
-    generate: int = field(default=64, metadata={"help": "Sequences of model-sampled text added to the corpus (no network needed)."})
+    generate: int = field(default=256, metadata={"help": "Sequences of model-sampled text added to the corpus (no network needed)."})
     gen_len: int = field(default=64, metadata={"help": "Tokens per generated sequence."})
     seq_len: int = field(default=64, metadata={"help": "Window length when chunking text files."})
     eval_frac: float = field(default=0.1, metadata={"help": "Held-out fraction of tokens for the report."})
@@ -146,24 +146,26 @@ def hf_dataset_texts(name: str, split: str = "train", column: str = "text", limi
 
 
 @torch.no_grad()
-def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 16) -> list[str]:
-    """Sample ``n`` continuations from the model itself: an offline activation source."""
+def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 16, progress: Progress | None = None) -> list[str]:
+    """Sample ``n`` continuations from the model itself: an offline activation source.
+
+    Each batch shares one one-word opening, so no padding is needed.
+    """
     if n <= 0:
         return []
     tok = lm.tokenizer
-    starts = ["The", "In", "A", "Many", "It", "History", "Science", "People", "The city", "Today", "When", "One"]
-    gen = torch.Generator().manual_seed(seed)
-    out = []
+    starts = ["The", "In", "A", "Many", "It", "History", "Science", "People", "Today", "When", "One", "There"]
+    torch.manual_seed(seed)
+    task = progress.add_task("generating text", total=n) if progress else None
+    out: list[str] = []
     for i in range(0, n, batch):
-        prefixes = [starts[int(torch.randint(len(starts), (1,), generator=gen))] for _ in range(min(batch, n - i))]
-        b = PromptBatch.from_texts(tok, prefixes, lm.device)
-        if int(b.mask.sum(1).min()) != b.ids.shape[1]:  # ragged: generate one at a time
-            seqs = [lm.model.generate(b.ids[j : j + 1, : b.last[j] + 1], do_sample=True, max_new_tokens=length, pad_token_id=tok.pad_token_id) for j in range(len(b))]
-            seqs = [s[0] for s in seqs]
-        else:
-            torch.manual_seed(seed + i)
-            seqs = list(lm.model.generate(b.ids, attention_mask=b.mask, do_sample=True, max_new_tokens=length, pad_token_id=tok.pad_token_id))
-        out.extend(tok.decode(s, skip_special_tokens=True) for s in seqs)
+        b = min(batch, n - i)
+        ids = torch.tensor([tok(starts[(i // batch) % len(starts)]).input_ids] * b, device=lm.device)
+        seqs = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
+                                 max_new_tokens=length, pad_token_id=tok.pad_token_id)
+        out.extend(tok.decode(s_, skip_special_tokens=True) for s_ in seqs)
+        if progress:
+            progress.advance(task, b)
     return out
 
 

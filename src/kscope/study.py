@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kscope.attribution import AttributionConfig, attribute_fact
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, prepare_facts
+from kscope.facts import Fact, FactConfig, load_facts, prepare_facts
 from kscope.influence import InfluenceConfig, aggregate, fact_delta_prob
 from kscope.io import write_json
 from kscope.models import ModelConfig, load_model
@@ -18,7 +18,7 @@ from kscope.pipeline import CorpusConfig, neuron_units, sae_corpus, unit_sets_fo
 from kscope.progress import console, make_progress
 from kscope.sae import TrainSAEConfig
 from kscope.scoring import answer_probs
-from kscope.sites import SITE_KINDS
+from kscope.sites import SITE_KINDS, check_layer
 from kscope.units import OPS
 
 
@@ -50,6 +50,11 @@ class StudyConfig:
             raise KscopeError("steps and batch size must be >= 1")
         if self.influence.positions not in ("last", "all"):
             raise KscopeError("positions must be 'last' or 'all'")
+        if self.facts.facts is not None and not Path(self.facts.facts).exists():
+            raise KscopeError(f"fact source {self.facts.facts} does not exist")
+        for sae in self.saes:
+            if not Path(sae).is_dir():
+                raise KscopeError(f"SAE directory {sae} does not exist")
         if Path(self.out).is_dir():
             raise KscopeError(f"--out {self.out} is a directory; give a .json file path")
 
@@ -61,20 +66,23 @@ def run_study(cfg: StudyConfig, measure: bool = True, facts: list[Fact] | None =
     """
     cfg.validate()
     t0 = time.time()
+    loaded = load_facts(cfg.facts.facts, cfg.facts.relations, cfg.facts.max_per_relation, cfg.facts.seed) if facts is None else facts
+    if not loaded:
+        raise KscopeError("the fact set is empty")
     lm = lm or load_model(cfg.model)
+    for layer in cfg.layers:
+        check_layer(lm.model, layer)
     tcfg = cfg.sae_train
     with make_progress() as progress:
         if facts is None:
-            facts = prepare_facts(lm, cfg.facts)
-        elif not facts:
-            raise KscopeError("the fact set is empty")
+            facts, loaded = prepare_facts(lm, cfg.facts, loaded)
         sets = unit_sets_for_layers(
             lm,
             cfg.layers,
             cfg.feature_site,
             cfg.saes or None,
             tcfg,
-            lambda: sae_corpus(lm, facts, tcfg, cfg.corpus),
+            lambda: sae_corpus(lm, loaded, tcfg, cfg.corpus, progress),
             cfg.model.device,
             cfg.model.cache_dir,
             progress,

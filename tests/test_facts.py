@@ -1,0 +1,105 @@
+import json
+
+import pytest
+
+from conftest import PARAREL
+from kscope.errors import KscopeError
+from kscope.facts import (
+    Fact,
+    FactConfig,
+    answer_token,
+    builtin_facts,
+    filter_known,
+    load_fact_file,
+    load_facts,
+    load_pararel,
+    resolve_targets,
+    template_to_prompt,
+)
+
+
+def test_template_to_prompt():
+    assert template_to_prompt("The capital of [X] is [Y] .") == "The capital of [X] is"
+    assert template_to_prompt("[X]'s capital, [Y].") == "[X]'s capital,"
+    assert template_to_prompt("[Y] is the capital of [X].") is None  # object not last: unusable for a causal LM
+    assert template_to_prompt("[X] [Y]") == "[X]" or template_to_prompt("[X] [Y]") is None
+    assert template_to_prompt("no slots") is None
+
+
+@pytest.mark.skipif(not PARAREL.exists(), reason="../shared/pararel not present")
+def test_load_pararel_capitals():
+    facts = load_pararel(PARAREL, relations=["P36"])
+    assert len(facts) == sum(1 for _ in open(PARAREL / "facts" / "P36.jsonl"))
+    cook = next(f for f in facts if f.subject == "Cook County")
+    assert cook.object == "Chicago"
+    assert "The capital of Cook County is" in cook.prompts
+    assert all(not p.endswith("[Y]") and "[X]" not in p for p in cook.prompts)
+    assert len(cook.prompts) >= 5  # several paraphrases
+
+
+@pytest.mark.skipif(not PARAREL.exists(), reason="../shared/pararel not present")
+def test_load_pararel_sampling_is_seeded_and_skips_relations_without_templates():
+    a = load_pararel(PARAREL, max_per_relation=3, seed=1)
+    b = load_pararel(PARAREL, max_per_relation=3, seed=1)
+    assert [f.uid for f in a] == [f.uid for f in b]
+    assert "P527" not in {f.relation for f in a}  # facts but no templates file
+    with pytest.raises(KscopeError, match="P527"):
+        load_pararel(PARAREL, relations=["P527"])
+
+
+def test_bad_inputs_are_clear(tmp_path):
+    with pytest.raises(KscopeError, match="not a ParaRel directory"):
+        load_pararel(tmp_path)
+    bad = tmp_path / "facts.jsonl"
+    bad.write_text('{"subject": "a", "relation": "r", "object": "b", "prompts": ["x"]}\n{not json\n')
+    with pytest.raises(KscopeError, match=r"facts.jsonl:2: malformed JSON"):
+        load_fact_file(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(KscopeError, match="holds no facts"):
+        load_fact_file(empty)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"subject": "a", "object": "b"}) + "\n")
+    with pytest.raises(KscopeError, match="lacks relation, prompts"):
+        load_fact_file(missing)
+    with pytest.raises(KscopeError, match="has no prompts"):
+        Fact("a", "r", "b", ["", "  "])
+    with pytest.raises(KscopeError, match="non-empty"):
+        Fact("", "r", "b", ["p"])
+    with pytest.raises(KscopeError, match="does not exist"):
+        load_facts(str(tmp_path / "nope.jsonl"))
+
+
+def test_multi_token_policy(llama_lm):
+    tok = llama_lm.tokenizer
+    f1 = Fact("x", "r", "new york", ["the city is"])
+    f2 = Fact("france", "capital", "paris", ["the capital of france is"])
+    tid, multi = answer_token(tok, "new york")
+    assert multi and tid == tok.convert_tokens_to_ids("new")
+    kept = resolve_targets([f1, f2], tok, "first")
+    assert [f.multi_token for f in kept] == [True, False]
+    assert [f.object for f in resolve_targets([f1, f2], tok, "skip")] == ["paris"]
+    with pytest.raises(KscopeError, match="not one token"):
+        resolve_targets([f1], tok, "error")
+
+
+def test_filter_known_keeps_only_top_k_prompts(llama_lm, facts):
+    import torch
+
+    from kscope.scoring import answer_probs
+
+    resolve_targets(facts, llama_lm.tokenizer)
+    all_k = filter_known(llama_lm, [Fact(**{k: getattr(f, k) for k in ("subject", "relation", "object", "prompts")}) for f in facts],
+                         FactConfig(known_top_k=len(llama_lm.tokenizer), min_known_prompts=1))
+    assert len(all_k) == len(facts)  # everything is within the whole vocabulary
+    strict = filter_known(llama_lm, facts, FactConfig(known_top_k=1, min_known_prompts=1))
+    for f in strict:
+        _, ranks = answer_probs(llama_lm.model, llama_lm.tokenizer, f.prompts, [f.target_id] * len(f.prompts))
+        assert torch.all(ranks == 0)
+
+
+def test_builtin_facts_are_wellformed():
+    facts = builtin_facts()
+    assert len(facts) >= 20
+    assert len({f.relation for f in facts}) >= 3
+    assert all(len(f.prompts) >= 2 for f in facts)
