@@ -25,17 +25,24 @@ WORDS = (
 ).split()
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(WORDS)}
+def word_tokenizer(extra_texts=()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``WORDS`` plus every word of ``extra_texts``."""
+    words = list(WORDS)
+    splitter = pre_tokenizers.Whitespace()
+    for t in extra_texts:
+        for w, _ in splitter.pre_tokenize_str(t.lower()):
+            if w not in words:
+                words.append(w)
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = __import__("tokenizers").normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab_size: int = len(WORDS)) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg)
 

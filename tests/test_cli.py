@@ -100,3 +100,39 @@ def test_empty_fact_file(model_dir, tmp_path):
     p.write_text("")
     r = runner.invoke(app, ["compare", "--model", str(model_dir), "--facts", str(p), "--out", str(tmp_path / "o.json")])
     assert r.exit_code == 2 and "no facts" in r.output
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(model_dir, tmp_path_factory):
+    return _sae(model_dir, tmp_path_factory.mktemp("sae"))
+
+
+@pytest.mark.parametrize("cmd,extra", [("faithfulness", ["--fit-tokens", "300", "--ks", "1,2"]),
+                                       ("interpret", ["--contexts", "40"]),
+                                       ("monosemanticity", ["--top-units", "2"])])
+def test_analysis_commands_write_json_and_png(model_dir, fact_file, tiny_sae, tmp_path, cmd, extra):
+    r = runner.invoke(app, [cmd, "--model", str(model_dir), "--facts", str(fact_file), "--layer", "1",
+                            "--sae", str(tiny_sae), "--out-dir", str(tmp_path), *extra]
+                      + ([] if cmd == "faithfulness" else []), env={"KSCOPE_QUIET": "1"})
+    # The random tiny model knows nothing at top-1: faithfulness etc. must say so clearly.
+    assert r.exit_code == 2 and "none of the 3 facts is known" in " ".join(r.output.split())
+    assert not (tmp_path / f"{cmd}.json").exists()
+
+
+@pytest.mark.parametrize("cmd,extra,keys", [
+    ("faithfulness", ["--fit-tokens", "300", "--ks", "1,2"], {"decompositions"}),
+    ("interpret", ["--contexts", "40"], {"results"}),
+    ("monosemanticity", ["--top-units", "2"], {"results"}),
+])
+def test_analysis_commands_succeed(model_dir, fact_file, tiny_sae, tmp_path, cmd, extra, keys):
+    r = runner.invoke(app, [cmd, "--model", str(model_dir), "--facts", str(fact_file), "--layer", "1", "--sae", str(tiny_sae),
+                            "--known-top-k", "100", "--min-known-prompts", "1", "--out-dir", str(tmp_path), *extra])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / f"{cmd}.json").read_text())
+    assert keys <= set(res)
+    assert (tmp_path / f"{cmd}.png").stat().st_size > 1000
+    if cmd == "faithfulness":
+        assert set(res["decompositions"]) == {"feature", "pca", "ica", "random"}
+        assert res["decompositions"]["pca"]["l0"] <= res["decompositions"]["feature"]["l0"] + 1
+    else:
+        assert set(res["results"]) == {"neuron", "feature"}

@@ -243,6 +243,160 @@ def train_sae_cmd(
     console.print(f"wrote SAE to {out}")
 
 
+def _analysis_cfg(model, device, facts, max_facts, max_per_relation, layer, site, sae, located, out_dir, seed,
+                  known_top_k=1, min_known_prompts=2):
+    from kscope.analyses import AnalysisConfig
+
+    return AnalysisConfig(
+        model=M(model=model, device=device),
+        facts=F(facts=facts, max_facts=max_facts, max_per_relation=max_per_relation, seed=seed,
+                known_top_k=known_top_k, min_known_prompts=min_known_prompts),
+        layer=layer, feature_site=site, sae=sae, located=located, out_dir=out_dir,
+    )
+
+
+LayerOpt = typer.Option(12, "--layer", help="Layer to analyse.")
+OneSaeOpt = typer.Option(None, "--sae", help="SAELens SAE directory; default: train (and cache) one.")
+LocatedOpt = typer.Option(None, "--located", help="Reuse top units from a compare/locate JSON.")
+OutDirOpt = typer.Option("runs", "--out-dir", help="Directory for JSON and PNG outputs.")
+AFactsMax = typer.Option(60, "--max-facts", help=H(F, "max_facts"))
+
+
+@app.command()
+@friendly
+def faithfulness(
+    model: str = ModelOpt, device: str = DeviceOpt, facts: Optional[str] = FactsOpt, max_facts: Optional[int] = AFactsMax,
+    max_per_relation: int = PerRelOpt, layer: int = LayerOpt, site: str = SiteOpt, sae: Optional[str] = OneSaeOpt,
+    fit_tokens: int = typer.Option(20_000, "--fit-tokens", help="Activation tokens to fit PCA/ICA on."),
+    ks: str = typer.Option("1,5,10", "--ks", help="Top-k units ablated per fact."),
+    known_top_k: int = TopKKnownOpt, min_known_prompts: int = MinKnownOpt, out_dir: str = OutDirOpt, seed: int = SeedOpt,
+):
+    """SAE vs PCA vs ICA vs random directions: reconstruction, knowledge preservation, top-k ablation ΔProb."""
+    from kscope.analyses import run_faithfulness_job
+    from kscope.faithfulness import FaithfulnessConfig
+
+    cfg = _analysis_cfg(model, device, facts, max_facts, max_per_relation, layer, site, sae, None, out_dir, seed, known_top_k, min_known_prompts)
+    res = run_faithfulness_job(cfg, FaithfulnessConfig(fit_tokens=fit_tokens, ks=parse_layers(ks)))
+    from rich.table import Table
+
+    t = Table(title=f"Decompositions of {res['site']} ({res['n_facts']} facts)")
+    for c in ("decomposition", "units", "L0", "expl. var.", "P recon/clean", "top-1 kept", "ΔProb top-k ablated"):
+        t.add_column(c, justify="right")
+    for name, r in res["decompositions"].items():
+        abl = "  ".join(f"k={k}:{v['mean']:+.3f}" for k, v in r["ablation"].items())
+        t.add_row(name, str(r["n_units"]), f"{r['l0']:.1f}", f"{r['explained_variance']:.3f}",
+                  f"{r['knowledge']['prob_ratio']['mean']:.3f}", f"{r['knowledge']['top1']:.2f}", abl)
+    console.print(t)
+    console.print(f"wrote {out_dir}/faithfulness.json and faithfulness.png")
+
+
+@app.command()
+@friendly
+def interpret(
+    model: str = ModelOpt, device: str = DeviceOpt, facts: Optional[str] = FactsOpt, max_facts: Optional[int] = AFactsMax,
+    max_per_relation: int = PerRelOpt, layer: int = LayerOpt, site: str = SiteOpt, sae: Optional[str] = OneSaeOpt,
+    located: Optional[str] = LocatedOpt, per_fact: int = typer.Option(1, "--per-fact", help="Top units per fact to score."),
+    n_contexts: int = typer.Option(600, "--contexts", help="Text windows scanned."),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL for an LLM explainer/simulator."),
+    llm_model: str = typer.Option("gpt-4o-mini", "--llm-model", help="Model name for --llm-url."),
+    known_top_k: int = TopKKnownOpt, min_known_prompts: int = MinKnownOpt, out_dir: str = OutDirOpt, seed: int = SeedOpt,
+):
+    """Interpretability score of the top fact neurons vs top fact features (offline token proxy, or an LLM)."""
+    from kscope.analyses import run_interpret_job
+    from kscope.interpret import InterpretConfig
+
+    cfg = _analysis_cfg(model, device, facts, max_facts, max_per_relation, layer, site, sae, located, out_dir, seed, known_top_k, min_known_prompts)
+    res = run_interpret_job(cfg, InterpretConfig(n_contexts=n_contexts, llm_url=llm_url, llm_model=llm_model, seed=seed), per_fact)
+    for kind, r in res["results"].items():
+        s_ = r["summary"]
+        console.print(f"{kind}s: IS mean {s_['mean']:.3f} [{s_['lo'] if s_['lo'] is not None else float('nan'):.3f}, "
+                      f"{s_['hi'] if s_['hi'] is not None else float('nan'):.3f}] over {s_['n']} units ({r['explainer']})")
+    console.print(f"wrote {out_dir}/interpret.json and interpret.png")
+
+
+@app.command()
+@friendly
+def monosemanticity(
+    model: str = ModelOpt, device: str = DeviceOpt, facts: Optional[str] = FactsOpt, max_facts: Optional[int] = AFactsMax,
+    max_per_relation: int = PerRelOpt, layer: int = LayerOpt, site: str = SiteOpt, sae: Optional[str] = OneSaeOpt,
+    located: Optional[str] = LocatedOpt, top_units: int = typer.Option(3, "--top-units", help="Top units per fact to test."),
+    known_top_k: int = TopKKnownOpt, min_known_prompts: int = MinKnownOpt, out_dir: str = OutDirOpt, seed: int = SeedOpt,
+):
+    """Related vs unrelated activation of each fact's top units: Cohen's d, AUROC, Mann-Whitney p, mixed pools."""
+    from kscope.analyses import run_monosemanticity_job
+    from kscope.monosemanticity import MonosemanticityConfig
+
+    cfg = _analysis_cfg(model, device, facts, max_facts, max_per_relation, layer, site, sae, located, out_dir, seed, known_top_k, min_known_prompts)
+    res = run_monosemanticity_job(cfg, MonosemanticityConfig(top_units=top_units, seed=seed))
+    for kind, r in res["results"].items():
+        s_ = r["summary"]
+        console.print(f"{kind}s: AUROC {s_['auroc']['mean']:.3f}, Cohen's d {s_['cohens_d']['mean']:.2f}, "
+                      f"significant {100 * s_['frac_significant']:.0f}% of {s_['n_units']} units")
+    console.print(f"wrote {out_dir}/monosemanticity.json and monosemanticity.png")
+
+
+privacy_app = typer.Typer(no_args_is_help=True, help="PrivacyParaRel: inject private facts, then erase them with FeatureEdit / DEPN / KN erase.")
+app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.command("build")
+@friendly
+def privacy_build(
+    out: str = typer.Option(..., "--out", help="New directory for the fine-tuned model (never an existing one)."),
+    model: str = ModelOpt, device: str = DeviceOpt,
+    people: int = typer.Option(10, "--people", help="Fictitious people (5 attributes each)."),
+    attributes: str = typer.Option("phone,email,city,employer,birthdate", "--attributes", help="Comma-separated attributes."),
+    epochs: int = typer.Option(12, "--epochs", help="Fine-tuning epochs."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    seed: int = typer.Option(0, "--seed", help="Seed for people, secrets and training order."),
+):
+    """Make PrivacyParaRel, inject it by a short fine-tune, save the model + manifest to a new directory."""
+    from kscope.privacy import build
+    from kscope.privacy_data import PrivacyConfig
+
+    cfg = PrivacyConfig(n_people=people, attributes=[a.strip() for a in attributes.split(",") if a.strip()],
+                        epochs=epochs, lr=lr, seed=seed)
+    m = build(M(model=model, device=device), cfg, out)
+    s_ = m["summary"]
+    console.print(f"memorised {s_['memorised_exact']}/{s_['n_facts']} private facts exactly "
+                  f"({s_['memorised_top1']} by first-token top-1); final loss {s_['losses'][-1]:.3f}; wrote {out}")
+
+
+@privacy_app.command("erase")
+@friendly
+def privacy_erase(
+    model_dir: str = typer.Option(..., "--model-dir", help="A directory made by `kscope privacy build`."),
+    methods: str = typer.Option("feature-edit,depn,kn-erase,runtime-feature", "--method", help="Comma-separated editors."),
+    layer: int = typer.Option(12, "--layer", help="Layer to edit."),
+    sae: Optional[str] = typer.Option(None, "--sae", help="SAE directory (default: the base model's cached SAE)."),
+    neurons: int = typer.Option(20, "--neurons", help="Budget in neurons (weights = neurons x d_model for all weight editors)."),
+    features: int = typer.Option(10, "--features", help="Features located for FeatureEdit."),
+    n_erase: Optional[int] = typer.Option(None, "--n-erase", help="Private facts to erase (default half)."),
+    unrelated: Optional[str] = typer.Option(None, "--unrelated", help="ParaRel dir / fact file for locality (default built-in)."),
+    steps: int = typer.Option(10, "--steps", help="IG steps."),
+    device: str = DeviceOpt,
+    out: str = typer.Option("runs/privacy.json", "--out", help="JSON results."),
+):
+    """Locate privacy neurons/features and compare erasure editors: Rel, Gen, Loc, ΔPPL, exposure at matched budgets."""
+    from rich.table import Table
+
+    from kscope.privacy import EraseConfig, erase
+
+    cfg = EraseConfig(methods=[m.strip() for m in methods.split(",") if m.strip()], layer=layer, sae=sae, n_erase=n_erase,
+                      neurons=neurons, features=features, steps=steps, unrelated=unrelated)
+    cfg.validate()
+    res = erase(model_dir, cfg, out, device)
+    t = Table(title=f"Erasing {res['n_erased']} private facts at layer {layer} (weight budget {res['weight_budget']})")
+    for c in ("method", "units", "weights", "Rel ↑", "Gen ↑", "Loc ↑", "ΔPPL ↓", "exposure ↓"):
+        t.add_column(c, justify="right")
+    f = lambda v, fmt: "-" if v is None or v != v else format(v, fmt)  # noqa: E731
+    for name, r in res["methods"].items():
+        t.add_row(name, str(len(r["units"])), str(r["n_weights"]), f(r["rel"], ".2f"), f(r["gen"], ".2f"),
+                  f(r["loc"], ".2f"), f(r["delta_ppl"], "+.3f"), f(r["exposure"], ".2f"))
+    console.print(t)
+    console.print(f"wrote {out}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

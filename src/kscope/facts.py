@@ -51,7 +51,7 @@ class FactConfig:
     max_per_relation: int = field(default=50, metadata={"help": "ParaRel facts sampled per relation before filtering."})
     max_prompts: int = field(default=8, metadata={"help": "At most this many paraphrases per fact."})
     known_top_k: int = field(default=1, metadata={"help": "A prompt is known if the answer token is within the top k."})
-    min_known_prompts: int = field(default=2, metadata={"help": "Keep a fact if at least this many of its prompts are known."})
+    min_known_prompts: int = field(default=2, metadata={"help": "Keep a fact if at least this many of its prompts are known (paraphrases are needed for refinement)."})
     multi_token: str = field(default="first", metadata={"help": "Objects of several tokens: 'first' (score first token), 'skip' or 'error'."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
@@ -224,7 +224,7 @@ def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first"
 
 def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128) -> list[Fact]:
     """Keep facts the model knows: the answer token is in the top ``known_top_k`` on at least
-    ``min_known_prompts`` prompts (or all, if fewer). Unknown prompts are dropped from kept facts.
+    ``min_known_prompts`` prompts. Unknown prompts are dropped from kept facts.
 
     With ``max_facts``, facts are visited in a seeded random order (so relations mix) and scoring
     stops once enough are kept.
@@ -254,7 +254,7 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
                 known.setdefault(i, []).append(p)
         for i, f in enumerate(part):
             ok = known.get(i, [])
-            if len(ok) >= min(cfg.min_known_prompts, len(f.prompts[: cfg.max_prompts])):
+            if len(ok) >= cfg.min_known_prompts:
                 kept.append(replace(f, prompts=ok))
             if cfg.max_facts is not None and len(kept) >= cfg.max_facts:
                 return kept

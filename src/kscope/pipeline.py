@@ -12,6 +12,7 @@ from rich.progress import Progress
 
 from kscope.errors import KscopeError
 from kscope.facts import Fact
+from kscope.io import read_json, write_json
 from kscope.models import default_cache_dir
 from kscope.sae import (
     TrainSAEConfig,
@@ -42,13 +43,26 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/"))[-80:]
 
 
+def cached_generation(lm, tcfg: TrainSAEConfig, progress: Progress | None = None, cache_dir: str | None = None) -> list[str]:
+    """``generate_texts`` with an on-disk cache per (model, n, length, seed): sampling is the slow part."""
+    if tcfg.generate <= 0:
+        return []
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = root / "texts" / model_slug(lm.name) / f"gen-n{tcfg.generate}-len{tcfg.gen_len}-s{tcfg.seed}.json"
+    if path.exists():
+        return read_json(path)
+    texts = generate_texts(lm, tcfg.generate, tcfg.gen_len, tcfg.seed, progress=progress)
+    write_json(path, texts)
+    return texts
+
+
 def sae_corpus(lm, facts: Sequence[Fact], tcfg: TrainSAEConfig, ccfg: CorpusConfig, progress: Progress | None = None) -> list[str]:
     """Fact prompts + files + dataset + ``tcfg.generate`` sequences sampled from the model, shuffled (seeded)."""
     texts = list(dict.fromkeys(p for f in facts for p in f.prompts))
     texts += read_texts(ccfg.text_files)
     if ccfg.dataset:
         texts += hf_dataset_texts(ccfg.dataset, limit=ccfg.dataset_limit)
-    texts += generate_texts(lm, tcfg.generate, tcfg.gen_len, tcfg.seed, progress=progress)
+    texts += cached_generation(lm, tcfg, progress)
     if not texts:
         raise KscopeError("the SAE training corpus is empty")
     random.Random(tcfg.seed).shuffle(texts)

@@ -169,20 +169,36 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 16, prog
     return out
 
 
-def collect_activations(lm, site: Site, texts: Sequence[str], max_tokens: int, seq_len: int = 64, batch: int = 16, progress: Progress | None = None) -> torch.Tensor:
-    """Site activations of every real token of ``texts`` (truncated to ``seq_len``), ``[n_tokens, d]``."""
+def collect_activations(lm, site: Site, texts: Sequence[str], max_tokens: int, seq_len: int = 64,
+                        batch_tokens: int = 2048, progress: Progress | None = None) -> torch.Tensor:
+    """Site activations of every real token of ``texts`` (cut into ``seq_len`` windows), ``[n_tokens, d]``.
+
+    Windows are taken in order until ``max_tokens``; then grouped by length into batches of about
+    ``batch_tokens`` tokens, so little compute goes to padding.
+    """
     tok = lm.tokenizer
     chunks: list[list[int]] = []
+    total = 0
     for t in texts:
         ids = tok(t, add_special_tokens=True).input_ids
-        chunks.extend(ids[i : i + seq_len] for i in range(0, max(len(ids), 1), seq_len) if ids[i : i + seq_len])
+        for i in range(0, len(ids), seq_len):
+            if total >= max_tokens:
+                break
+            chunks.append(ids[i : i + seq_len])
+            total += len(chunks[-1])
+        if total >= max_tokens:
+            break
     if not chunks:
         raise KscopeError("no text to collect activations from")
-    rows, total = [], 0
-    task = progress.add_task(f"activations {site.name}", total=min(max_tokens, sum(map(len, chunks)))) if progress else None
+    chunks.sort(key=len)
+    task = progress.add_task(f"activations {site.name}", total=total) if progress else None
     pad = tok.pad_token_id or 0
-    for i in range(0, len(chunks), batch):
-        part = chunks[i : i + batch]
+    rows, i = [], 0
+    while i < len(chunks):
+        j = i + 1
+        while j < len(chunks) and (j - i + 1) * len(chunks[j]) <= batch_tokens:  # sorted: chunks[j] is the widest
+            j += 1
+        part, i = chunks[i:j], j
         width = max(map(len, part))
         ids = torch.full((len(part), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -191,12 +207,11 @@ def collect_activations(lm, site: Site, texts: Sequence[str], max_tokens: int, s
             mask[j, : len(c)] = 1
         acts = site_activations(lm.model, [site], ids.to(lm.device), mask.to(lm.device))[site]
         rows.append(acts[mask.bool().to(acts.device)].float().cpu())
-        total += rows[-1].shape[0]
         if progress:
-            progress.update(task, completed=min(total, max_tokens))
-        if total >= max_tokens:
-            break
-    return torch.cat(rows)[:max_tokens]
+            progress.advance(task, int(mask.sum()))
+    out = torch.cat(rows)[:max_tokens]
+    # Undo the length sort so held-out splits are not all short prompts.
+    return out[torch.randperm(out.shape[0], generator=torch.Generator().manual_seed(0))]
 
 
 class _Shuffled(Iterator[torch.Tensor]):

@@ -87,3 +87,17 @@ def answer_probs(
     if not probs:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.cat(probs), torch.cat(ranks)
+
+
+@torch.no_grad()
+def unit_activations(model: nn.Module, tokenizer, units, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Unit activations at each prompt's last token, ``[n_prompts, n_units]``."""
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        b = PromptBatch.from_texts(tokenizer, prompts[start : start + batch_size], device)
+        with hooked(model, capture=[units.site]) as cap:
+            model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+        x = cap[units.site][torch.arange(len(b), device=device), b.last]
+        rows.append(units.encode(x).float().cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, units.n_units)

@@ -1,0 +1,138 @@
+"""Inject private facts by a short fine-tune (loss on the secret's tokens only), save to a new directory."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kscope.errors import KscopeError
+from kscope.facts import Fact, resolve_targets
+from kscope.privacy_data import PrivacyConfig, injection_sentences
+
+MANIFEST = "kscope_privacy.json"
+
+
+def _batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids``, ``mask`` and ``labels`` (-100 except on the answer tokens)."""
+    rows, labels = [], []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt, add_special_tokens=True).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids
+        rows.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device), lab.to(device)
+
+
+def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> list[float]:
+    """Fine-tune ``lm.model`` in place on the injection sentences; returns the loss per epoch."""
+    pairs = injection_sentences(list(facts))
+    model = lm.model
+    model.train()
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    losses = []
+    steps_per_epoch = (len(pairs) + cfg.batch_size - 1) // cfg.batch_size
+    task = progress.add_task("injecting", total=cfg.epochs * steps_per_epoch) if progress else None
+    for _ in range(cfg.epochs):
+        rng.shuffle(pairs)
+        total = 0.0
+        for i in range(0, len(pairs), cfg.batch_size):
+            ids, mask, lab = _batch(lm.tokenizer, pairs[i : i + cfg.batch_size], lm.device)
+            loss = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss)
+            if progress:
+                progress.advance(task)
+        losses.append(total / steps_per_epoch)
+    model.eval()
+    model.requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def greedy_matches(lm, prompts: Sequence[str], answer: str) -> list[bool]:
+    """Does greedy decoding after each prompt reproduce ``" " + answer`` exactly (token by token)?"""
+    from kscope.scoring import PromptBatch
+
+    target = lm.tokenizer(" " + answer, add_special_tokens=False).input_ids
+    out = []
+    for p in prompts:
+        b = PromptBatch.from_texts(lm.tokenizer, [p], lm.device)
+        ids = b.ids
+        ok = True
+        for t in target:
+            nxt = int(lm.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+            if nxt != t:
+                ok = False
+                break
+            ids = torch.cat([ids, torch.tensor([[t]], device=ids.device)], 1)
+        out.append(ok)
+    return out
+
+
+def memorised(lm, facts: Sequence[Fact]) -> list[dict]:
+    """Per fact: first-token top-1 and exact greedy match, on edit and held-out prompts."""
+    from kscope.scoring import answer_probs
+
+    facts = resolve_targets(list(facts), lm.tokenizer, "first")
+    rows = []
+    for f in facts:
+        _, r_edit = answer_probs(lm.model, lm.tokenizer, f.prompts, [f.target_id] * len(f.prompts))
+        _, r_held = answer_probs(lm.model, lm.tokenizer, f.heldout_prompts, [f.target_id] * len(f.heldout_prompts))
+        rows.append({
+            "uid": f.uid,
+            "top1_edit": float((r_edit == 0).float().mean()),
+            "top1_heldout": float((r_held == 0).float().mean()) if len(r_held) else None,
+            "exact_edit": float(sum(greedy_matches(lm, f.prompts, f.object)) / len(f.prompts)),
+        })
+    return rows
+
+
+def save_model_dir(lm, out_dir: str | Path, manifest: dict) -> Path:
+    """Write model + tokenizer + manifest to a *new* directory, atomically."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise KscopeError(f"{out} exists and is not empty; give a new directory (inputs are never overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    p = Path(model_dir) / MANIFEST
+    if not p.exists():
+        raise KscopeError(f"{model_dir} is not a kscope privacy model (no {MANIFEST}); run `kscope privacy build` first")
+    return json.loads(p.read_text())
+
+
+def facts_from_manifest(manifest: dict) -> list[Fact]:
+    return [Fact(d["subject"], d["relation"], d["object"], d["prompts"], heldout_prompts=d["heldout_prompts"], uid=d["uid"])
+            for d in manifest["facts"]]
