@@ -73,21 +73,36 @@ class PrefixRunner:
         return out.logits[:, -1]
 
 
+def ig_alphas(steps: int, rule: str = "right") -> tuple[torch.Tensor, int]:
+    """Points to evaluate and the index the Riemann sum starts at (point 0 is always alpha = 0).
+
+    ``right``: ``0, 1/m, ..., 1`` summing ``k = 1..m`` (Dai et al.); ``linspace``: ``m`` points
+    ``linspace(0, 1, m)`` all summed, as the EleutherAI ``knowledge-neurons`` library does.
+    """
+    if rule == "right":
+        return torch.arange(0, steps + 1) / steps, 1
+    if rule == "linspace":
+        return torch.linspace(0, 1, steps), 0
+    raise ValueError(f"unknown IG rule {rule!r}")
+
+
 def riemann_ig(
     u: torch.Tensor,
     f: Callable[[torch.Tensor], torch.Tensor],
     steps: int = 20,
     batch_size: int = 20,
+    rule: str = "right",
 ) -> tuple[torch.Tensor, float]:
     """IG of a batched scalar function ``f: [b, n] -> [b]`` from baseline 0 to ``u`` ``[n]``.
 
-    Right Riemann sum ``u / m * sum_{k=1..m} grad f(k/m u)``; also returns ``f(0)``.
+    ``u / m * sum_k grad f(alpha_k u)`` over the points of ``ig_alphas``; also returns ``f(0)``.
     """
     u = u.detach()
     total = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
-    alphas = torch.arange(0, steps + 1, device=u.device, dtype=u.dtype) / steps  # alpha_0 = 0: f(baseline)
+    alphas, first = ig_alphas(steps, rule)
+    alphas = alphas.to(u.device, u.dtype)
     f0 = float("nan")
-    for start in range(0, steps + 1, batch_size):
+    for start in range(0, len(alphas), batch_size):
         a = alphas[start : start + batch_size]
         scaled = (a[:, None] * u[None]).requires_grad_(True)
         with torch.enable_grad():
@@ -95,7 +110,7 @@ def riemann_ig(
             (grad,) = torch.autograd.grad(out.sum(), scaled)
         if start == 0:
             f0 = float(out[0].detach())
-            grad = grad[1:]  # the baseline is not a Riemann point
+            grad = grad[first:]  # under the right rule the baseline is not a Riemann point
         total += grad.float().sum(0)
     return u.float() * total / steps, f0
 
@@ -106,6 +121,7 @@ def integrated_gradients(
     target_id: int,
     steps: int = 20,
     batch_size: int = 20,
+    rule: str = "right",
 ) -> tuple[torch.Tensor, float, float]:
     """IG scores ``[n_units]`` of ``P(target)`` at the last position, plus ``f(x)`` and ``f(baseline)``.
 
@@ -123,7 +139,7 @@ def integrated_gradients(
         with hooked(model, {units.site: edit}):
             return runner.logits(scaled.shape[0]).float().softmax(-1)[:, target_id]
 
-    scores, p_base = riemann_ig(u[0, 0], prob, steps, batch_size)
+    scores, p_base = riemann_ig(u[0, 0], prob, steps, batch_size, rule)
     return scores.detach(), p_clean, p_base
 
 

@@ -397,6 +397,28 @@ def privacy_erase(
     console.print(f"wrote {out}")
 
 
+@app.command()
+@friendly
+def reproduce(
+    model: str = ModelOpt, device: str = DeviceOpt,
+    facts: Optional[str] = typer.Option(None, "--facts", help="ParaRel dir or fact file; default: the built-in facts."),
+    max_facts: int = typer.Option(60, "--max-facts", help="Known facts to study."),
+    layer: int = typer.Option(12, "--layer", help="Layer of the neurons and the SAE."),
+    out: str = typer.Option("report", "--out", help="Report directory (index.html, results.json, figures)."),
+    stages: str = typer.Option(",".join(("compare", "faithfulness", "interpret", "monosemanticity", "privacy-build", "privacy-erase")),
+                               "--stages", help="Comma-separated stages to run."),
+    fresh: bool = typer.Option(False, "--fresh", help="Redo stages whose results already exist (default: resume)."),
+    people: int = typer.Option(10, "--people", help="Fictitious people for the privacy stages."),
+):
+    """The whole study: ΔProb, faithfulness, interpretability, monosemanticity, privacy erasure -> report/index.html."""
+    from kscope.reproduce import ReproduceConfig, run_reproduce
+
+    cfg = ReproduceConfig(model=M(model=model, device=device), facts=facts, max_facts=max_facts, layer=layer, out=out,
+                          stages=[s_.strip() for s_ in stages.split(",") if s_.strip()], fresh=fresh, people=people)
+    run_reproduce(cfg)
+    console.print(f"wrote {out}/index.html and {out}/results.json")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -59,7 +59,7 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
             if progress:
                 progress.advance(task)
         losses.append(total / steps_per_epoch)

@@ -5,6 +5,9 @@ A site is ``(layer, kind)``:
 - ``mlp.neurons``: the MLP hidden activation that enters the down projection,
   shape ``[batch, seq, d_mlp]``. For gated MLPs (LLaMA, Qwen, Gemma) that is
   ``act(gate(x)) * up(x)``, read as the *input* of ``down_proj``.
+- ``mlp.pre``: the pre-activation, the output of the projection that feeds the nonlinearity
+  (GPT-2 ``c_fc``, gated ``gate_proj``), ``[batch, seq, d_mlp]``. This is what the EleutherAI
+  ``knowledge-neurons`` library attributes; kscope's default neurons are ``mlp.neurons``.
 - ``mlp.out``: the MLP block's output, ``[batch, seq, d_model]``.
 - ``resid.post``: the residual stream after the whole block, ``[batch, seq, d_model]``.
 
@@ -22,15 +25,16 @@ from torch import nn
 
 from kscope.errors import KscopeError
 
-SiteKind = Literal["mlp.neurons", "mlp.out", "resid.post"]
-SITE_KINDS: tuple[str, ...] = ("mlp.neurons", "mlp.out", "resid.post")
+SiteKind = Literal["mlp.neurons", "mlp.pre", "mlp.out", "resid.post"]
+SITE_KINDS: tuple[str, ...] = ("mlp.neurons", "mlp.pre", "mlp.out", "resid.post")
 
 # TransformerLens / SAELens hook names for each kind, so SAEs trained elsewhere map onto sites.
-_TL_HOOKS = {"mlp.neurons": "mlp.hook_post", "mlp.out": "hook_mlp_out", "resid.post": "hook_resid_post"}
+_TL_HOOKS = {"mlp.neurons": "mlp.hook_post", "mlp.pre": "mlp.hook_pre", "mlp.out": "hook_mlp_out", "resid.post": "hook_resid_post"}
 
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 _DOWN_PROJ_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_UP_PROJ_NAMES = ("gate_proj", "c_fc", "dense_h_to_4h", "fc1", "fc_in", "w1")
 
 
 @dataclass(frozen=True, order=True)
@@ -116,6 +120,16 @@ def down_proj(model: nn.Module, layer: int) -> nn.Module:
     raise KscopeError(f"no down projection found in {type(mlp).__name__}")
 
 
+def pre_proj(model: nn.Module, layer: int) -> nn.Module:
+    """The projection whose output enters the MLP nonlinearity (``c_fc`` / ``gate_proj`` ...)."""
+    mlp = mlp_module(model, layer)
+    for name in _UP_PROJ_NAMES:
+        mod = getattr(mlp, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise KscopeError(f"no MLP input projection found in {type(mlp).__name__}")
+
+
 def down_proj_weight(model: nn.Module, layer: int) -> torch.Tensor:
     """Down-projection weight as ``[d_model, d_mlp]`` (a view: writes go to the model)."""
     mod = down_proj(model, layer)
@@ -130,6 +144,8 @@ def site_module(model: nn.Module, site: Site) -> tuple[nn.Module, str]:
     check_layer(model, site.layer)
     if site.kind == "mlp.neurons":
         return down_proj(model, site.layer), "pre"
+    if site.kind == "mlp.pre":
+        return pre_proj(model, site.layer), "out"
     if site.kind == "mlp.out":
         return mlp_module(model, site.layer), "out"
     return decoder_layers(model)[site.layer], "out"
@@ -137,6 +153,6 @@ def site_module(model: nn.Module, site: Site) -> tuple[nn.Module, str]:
 
 def site_dim(model: nn.Module, site: Site) -> int:
     """Width of the activation at ``site``."""
-    if site.kind == "mlp.neurons":
+    if site.kind in ("mlp.neurons", "mlp.pre"):
         return down_proj_weight(model, site.layer).shape[1]
     return down_proj_weight(model, site.layer).shape[0]

@@ -1,0 +1,189 @@
+"""Integrated-gradients neuron attribution over all layers: kscope vs the `knowledge-neurons` library.
+
+Same randomly initialised GPT-2-small-sized model (weights do not change the cost), same facts, same
+steps, batch size and layers, same site (the library attributes GPT-2's ``c_fc`` output, kscope's
+``mlp.pre``) and the same Riemann points (``linspace``). Each method runs in its own subprocess
+(so peak memory is its own), alternating kscope / library twice; the best time of each is used.
+Also: kscope on the default SmolLM2 model (neurons over all layers; SAE features at layer 12 if an
+SAE is cached), and this machine's torch matmul FLOP/s for scale.
+
+    pip install --no-deps knowledge-neurons einops   # einops comes with sae-lens already
+    python benchmarks/attribution.py --facts 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve()
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def facts(n: int):
+    from kscope.facts import builtin_facts
+
+    return [(f.prompts[0], f.object) for f in builtin_facts()[:n]]
+
+
+def gpt2_dir(tmp: Path, n_layer: int) -> Path:
+    """A random GPT-2-small-shaped model with the SmolLM2 tokenizer (no hub needed)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from kscope.models import resolve_model_path
+
+    out = tmp / "gpt2-random"
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=768, n_layer=n_layer, n_head=12,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def kscope_flops(model, seq: int, steps: int, n_layers: int) -> float:
+    """Matmul FLOPs of kscope's IG for one prompt over all layers (prefix once + per layer: m one-token
+    forwards through every block and the LM head, and their input-gradient backward from the top down to the layer)."""
+    cfg = model.config
+    d = cfg.hidden_size
+    d_mlp = getattr(cfg, "intermediate_size", None) or 4 * d
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head = d // cfg.num_attention_heads
+    block = 2 * (2 * d * d + 2 * d * kv * head) + 2 * (3 if hasattr(cfg, "intermediate_size") else 2) * d * d_mlp
+    block_tok = block + 4 * seq * d
+    lm_head = 2 * d * cfg.vocab_size
+    prefix = (seq - 1) * n_layers * block
+    per_layer = [steps * (n_layers * block_tok + lm_head + (n_layers - L) * block_tok + lm_head) for L in range(n_layers)]
+    return prefix + sum(per_layer)
+
+
+def worker(method: str, model_dir: str, n_facts: int, steps: int, batch: int) -> dict:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.requires_grad_(False)
+    fs = facts(n_facts)
+    base_rss = rss_mb()
+    L = model.config.num_hidden_layers
+    first_scores = None
+    flops = 0.0
+    t0 = time.perf_counter()
+    if method == "library":
+        from knowledge_neurons import KnowledgeNeurons
+
+        kn = KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
+        for i, (prompt, obj) in enumerate(fs):
+            s = kn.get_scores(prompt, " " + obj, batch_size=batch, steps=steps, pbar=False)
+            if i == 0:
+                first_scores = s.flatten()
+    else:
+        from kscope.attribution import PrefixRunner, integrated_gradients
+        from kscope.facts import answer_token
+        from kscope.sites import Site, site_dim
+        from kscope.units import NeuronUnits
+
+        kind = "mlp.pre" if method == "kscope" else "mlp.neurons"
+        unit_sets = [NeuronUnits(Site(l, kind), site_dim(model, Site(l, kind))) for l in range(L)]
+        if method == "kscope-features":
+            from kscope.pipeline import cached_sae_dir
+            from kscope.sae import TrainSAEConfig, feature_units, load_sae
+            from kscope.sites import Site as S
+
+            d = cached_sae_dir("smollm2", S(12, "mlp.out"), TrainSAEConfig())
+            unit_sets = [feature_units(model, load_sae(str(d)))]
+        rule = "linspace" if method == "kscope" else "right"
+        for i, (prompt, obj) in enumerate(fs):
+            ids = tok(prompt).input_ids
+            target, _ = answer_token(tok, obj)
+            runner = PrefixRunner(model, ids)
+            rows = [integrated_gradients(runner, u, target, steps, batch, rule)[0] for u in unit_sets]
+            if method == "kscope":
+                flops += kscope_flops(model, len(ids), steps, L)
+            if i == 0:
+                first_scores = torch.stack(rows).flatten()
+    secs = time.perf_counter() - t0
+    return {"method": method, "seconds": secs, "facts_per_s": len(fs) / secs, "peak_rss_mb": rss_mb(),
+            "model_rss_mb": base_rss, "flops": flops, "first_scores": first_scores.tolist()}
+
+
+def matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def run(method: str, model_dir: Path, args) -> dict:
+    cmd = [sys.executable, str(HERE), "--worker", method, "--model-dir", str(model_dir), "--facts", str(args.facts),
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=12, help="GPT-2 layers")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--worker")
+    ap.add_argument("--model-dir")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model_dir, args.facts, args.steps, args.batch_size)))
+        return
+    from scipy.stats import spearmanr
+
+    from kscope.models import resolve_model_path
+
+    peak = matmul_flops()
+    with tempfile.TemporaryDirectory() as tmp:
+        mdir = gpt2_dir(Path(tmp), args.layers)
+        res: dict[str, list] = {"kscope": [], "library": []}
+        for _ in range(args.rounds):
+            for m in ("kscope", "library"):
+                res[m].append(run(m, mdir, args))
+    best = {m: min(r, key=lambda x: x["seconds"]) for m, r in res.items()}
+    k, lib = best["kscope"], best["library"]
+    rho = spearmanr(k["first_scores"], lib["first_scores"]).statistic
+    smol = resolve_model_path("smollm2")
+    s_n = run("kscope-neurons", Path(smol), args)
+    try:
+        s_f = run("kscope-features", Path(smol), args)
+    except SystemExit as e:
+        s_f = {"facts_per_s": float("nan"), "peak_rss_mb": float("nan"), "note": str(e)[:200]}
+    print(f"IG neuron attribution, all {args.layers} layers of a random GPT-2 (d=768), {args.facts} facts, "
+          f"{args.steps} steps, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(f"  kscope   : {k['facts_per_s']:.3f} facts/s  ({k['seconds']:.1f} s)  peak RSS {k['peak_rss_mb']:.0f} MB (model loaded: {k['model_rss_mb']:.0f} MB)")
+    print(f"  library  : {lib['facts_per_s']:.3f} facts/s  ({lib['seconds']:.1f} s)  peak RSS {lib['peak_rss_mb']:.0f} MB (model loaded: {lib['model_rss_mb']:.0f} MB)")
+    print(f"  speed-up : {k['facts_per_s'] / lib['facts_per_s']:.2f}x   score rank correlation (first fact, all layers): {rho:.4f}")
+    print(f"  kscope achieved {k['flops'] / k['seconds'] / 1e9:.1f} GFLOP/s = {100 * k['flops'] / k['seconds'] / peak:.0f}% of this machine's "
+          f"torch matmul {peak / 1e9:.1f} GFLOP/s")
+    print(f"SmolLM2-135M: neurons, all 30 layers: {s_n['facts_per_s']:.3f} facts/s (peak RSS {s_n['peak_rss_mb']:.0f} MB); "
+          f"SAE features at layer 12: {s_f['facts_per_s']:.3f} facts/s" + (f" ({s_f['note']})" if "note" in s_f else ""))
+
+
+if __name__ == "__main__":
+    main()
