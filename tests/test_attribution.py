@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kscope.attribution import PrefixRunner, coarse_select, integrated_gradients, rank_units, refine_select, riemann_ig
@@ -73,3 +74,21 @@ def test_selection_rules():
     assert refine_select(sel, 0.6) == [0, 1]
     assert refine_select(sel, 1.0) == [0]
     assert rank_units(scores, [1], 3) == [1, 0, 2]
+
+
+def test_matches_knowledge_neurons_library_exactly():
+    """Same site (GPT-2 c_fc output) and Riemann points: kscope's IG equals the EleutherAI library's."""
+    kn_mod = pytest.importorskip("knowledge_neurons")
+    from conftest import tiny_gpt2, word_tokenizer
+
+    model, tok = tiny_gpt2().eval(), word_tokenizer()
+    kn = kn_mod.KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
+    prompt = "the capital of france is"
+    ref = kn.get_scores(prompt, " paris", batch_size=10, steps=20, pbar=False).detach()
+    target = tok(" paris", add_special_tokens=False).input_ids[0]
+    runner = PrefixRunner(model, tok(prompt).input_ids)
+    ours = torch.stack([
+        integrated_gradients(runner, NeuronUnits(Site(layer, "mlp.pre"), 128), target, 20, 10, "linspace")[0]
+        for layer in range(3)
+    ])
+    assert torch.allclose(ours, ref, atol=1e-8, rtol=1e-4)

@@ -136,3 +136,22 @@ def test_analysis_commands_succeed(model_dir, fact_file, tiny_sae, tmp_path, cmd
         assert res["decompositions"]["pca"]["l0"] <= res["decompositions"]["feature"]["l0"] + 1
     else:
         assert set(res["results"]) == {"neuron", "feature"}
+
+
+def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
+    out = tmp_path / "report"
+    args = ["reproduce", "--model", str(model_dir), "--layer", "1", "--out", str(out), "--known-top-k", "100",
+            "--min-known-prompts", "1", "--sae-tokens", "400", "--sae-generate", "4",
+            "--stages", "compare,faithfulness,interpret,monosemanticity"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert {"compare", "faithfulness", "interpret", "monosemanticity"} <= set(res)
+    page = (out / "index.html").read_text()
+    assert "Neurons vs features" in page and "compare.png" in page and (out / "compare.png").exists()
+    stamp = (out / "compare.json").stat().st_mtime_ns
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "done, resumed" in r.output
+    assert (out / "compare.json").stat().st_mtime_ns == stamp
+    r = runner.invoke(app, ["reproduce", "--model", str(model_dir), "--out", str(out), "--stages", "everything"])
+    assert r.exit_code == 2 and "unknown stage" in r.output

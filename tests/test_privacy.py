@@ -152,3 +152,17 @@ def test_erase_bad_inputs(tmp_path, privacy_model):
     assert r.exit_code == 2 and "unknown method" in r.output
     r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(tmp_path)])
     assert r.exit_code == 2 and "privacy build" in r.output
+
+
+def test_teacher_forced_match_equals_greedy_generation(llama_lm):
+    from kscope.inject import greedy_matches
+
+    lm = llama_lm
+    for prompt in ["the capital of france is", "people in spain speak"]:
+        ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+        gen = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                                pad_token_id=0)[0, ids.shape[1]:].tolist()
+        words = [lm.tokenizer.convert_ids_to_tokens(t) for t in gen]
+        assert greedy_matches(lm, [prompt], " ".join(words)) == [True]
+        wrong = words[:-1] + [next(w for w in ("paris", "berlin") if w != words[-1])]
+        assert greedy_matches(lm, [prompt, prompt], " ".join(wrong)) == [False, False]

@@ -409,12 +409,17 @@ def reproduce(
                                "--stages", help="Comma-separated stages to run."),
     fresh: bool = typer.Option(False, "--fresh", help="Redo stages whose results already exist (default: resume)."),
     people: int = typer.Option(10, "--people", help="Fictitious people for the privacy stages."),
+    known_top_k: int = TopKKnownOpt, min_known_prompts: int = MinKnownOpt,
+    sae_tokens: int = typer.Option(60_000, "--sae-tokens", help=H(T, "max_tokens")),
+    sae_generate: int = typer.Option(256, "--sae-generate", help=H(T, "generate")),
 ):
     """The whole study: ΔProb, faithfulness, interpretability, monosemanticity, privacy erasure -> report/index.html."""
     from kscope.reproduce import ReproduceConfig, run_reproduce
 
     cfg = ReproduceConfig(model=M(model=model, device=device), facts=facts, max_facts=max_facts, layer=layer, out=out,
-                          stages=[s_.strip() for s_ in stages.split(",") if s_.strip()], fresh=fresh, people=people)
+                          stages=[s_.strip() for s_ in stages.split(",") if s_.strip()], fresh=fresh, people=people,
+                          known_top_k=known_top_k, min_known_prompts=min_known_prompts,
+                          sae_train=T(max_tokens=sae_tokens, generate=sae_generate))
     run_reproduce(cfg)
     console.print(f"wrote {out}/index.html and {out}/results.json")
 

@@ -69,23 +69,29 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
 
 
 @torch.no_grad()
-def greedy_matches(lm, prompts: Sequence[str], answer: str) -> list[bool]:
-    """Does greedy decoding after each prompt reproduce ``" " + answer`` exactly (token by token)?"""
-    from kscope.scoring import PromptBatch
+def greedy_matches(lm, prompts: Sequence[str], answer: str, batch_size: int = 32) -> list[bool]:
+    """Does greedy decoding after each prompt reproduce ``" " + answer`` exactly?
 
+    Checked by teacher forcing in one batched forward: greedy reproduces the answer iff at every
+    answer position the argmax is the answer's token given the answer's own prefix.
+    """
     target = lm.tokenizer(" " + answer, add_special_tokens=False).input_ids
-    out = []
-    for p in prompts:
-        b = PromptBatch.from_texts(lm.tokenizer, [p], lm.device)
-        ids = b.ids
-        ok = True
-        for t in target:
-            nxt = int(lm.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
-            if nxt != t:
-                ok = False
-                break
-            ids = torch.cat([ids, torch.tensor([[t]], device=ids.device)], 1)
-        out.append(ok)
+    if not prompts:
+        return []
+    out: list[bool] = []
+    pad = lm.tokenizer.pad_token_id or 0
+    for s in range(0, len(prompts), batch_size):
+        rows = [lm.tokenizer(p, add_special_tokens=True).input_ids for p in prompts[s : s + batch_size]]
+        width = max(len(r) for r in rows) + len(target)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r) + len(target)] = torch.tensor(r + target)
+            mask[i, : len(r) + len(target)] = 1
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+        for i, r in enumerate(rows):
+            pred = logits[i, len(r) - 1 : len(r) - 1 + len(target)].argmax(-1).tolist()
+            out.append(pred == target)
     return out
 
 

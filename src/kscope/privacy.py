@@ -178,7 +178,8 @@ def _measure(lm, erase: Sequence[Fact], keep: Sequence[Fact], unrelated: Sequenc
             "delta_ppl": relative_ppl_change(base["ppl"], ppl), "exposure": float(np.mean(exp)) if exp else None}
 
 
-def erase(model_dir: str, cfg: EraseConfig, out: str, device: str = "cpu", cache_dir: str | None = None) -> dict:
+def erase(model_dir: str, cfg: EraseConfig, out: str, device: str = "cpu", cache_dir: str | None = None,
+          tcfg: TrainSAEConfig | None = None) -> dict:
     """Compare the editors on a privacy model made by ``build``. Writes ``out`` (JSON); never changes ``model_dir``."""
     cfg.validate()
     manifest = read_manifest(model_dir)
@@ -196,7 +197,7 @@ def erase(model_dir: str, cfg: EraseConfig, out: str, device: str = "cpu", cache
     base_lm_name = manifest.get("base_model", "smollm2")
     with make_progress() as progress:
         unrelated = filter_known(lm, load_facts(cfg.unrelated), FactConfig(max_facts=cfg.max_unrelated, min_known_prompts=1))
-        tcfg = TrainSAEConfig()
+        tcfg = tcfg or TrainSAEConfig()
         base_lm = None
         if cfg.sae is None:  # SAE of the base model (trained once, cached); the fine-tune barely moves activations
             base_lm = load_model(ModelConfig(model=base_lm_name, device=device, cache_dir=cache_dir))

@@ -16,6 +16,7 @@ from kscope.io import read_json, write_json
 from kscope.models import ModelConfig
 from kscope.monosemanticity import MonosemanticityConfig
 from kscope.progress import console
+from kscope.sae import TrainSAEConfig
 from kscope.report import plot_compare, plot_privacy, write_html
 from kscope.study import StudyConfig, run_study
 
@@ -34,6 +35,9 @@ class ReproduceConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": "Stages to run."})
     fresh: bool = field(default=False, metadata={"help": "Redo stages whose results already exist."})
     people: int = field(default=10, metadata={"help": "Fictitious people for the privacy stages."})
+    known_top_k: int = field(default=1, metadata={"help": "A prompt is known if the answer is within the top k."})
+    min_known_prompts: int = field(default=2, metadata={"help": "Known prompts a fact needs."})
+    sae_train: TrainSAEConfig = field(default_factory=TrainSAEConfig)
 
     def validate(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
@@ -61,9 +65,9 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = _stage_files(out)
-    facts = FactConfig(facts=cfg.facts, max_facts=cfg.max_facts)
+    facts = FactConfig(facts=cfg.facts, max_facts=cfg.max_facts, known_top_k=cfg.known_top_k, min_known_prompts=cfg.min_known_prompts)
     analysis = AnalysisConfig(model=cfg.model, facts=facts, layer=cfg.layer, located=str(files["compare"]), out_dir=str(out),
-                              attribution=AttributionConfig(steps=10, batch_size=10))
+                              attribution=AttributionConfig(steps=10, batch_size=10), sae_train=cfg.sae_train)
     timings = {}
     for i, stage in enumerate(cfg.stages, 1):
         done = files[stage].exists() and not cfg.fresh
@@ -72,7 +76,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
             continue
         t0 = time.time()
         if stage == "compare":
-            res = run_study(StudyConfig(model=cfg.model, facts=facts, layers=[cfg.layer], out=str(files["compare"])))
+            res = run_study(StudyConfig(model=cfg.model, facts=facts, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train))
             plot_compare(res, out / "compare.png")
         elif stage == "faithfulness":
             run_faithfulness_job(analysis, FaithfulnessConfig())
@@ -92,8 +96,8 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
         elif stage == "privacy-erase":
             from kscope.privacy import EraseConfig, erase
 
-            res = erase(str(files["privacy-build"].parent), EraseConfig(layer=cfg.layer), str(files["privacy-erase"]),
-                        cfg.model.device, cfg.model.cache_dir)
+            res = erase(str(files["privacy-build"].parent), EraseConfig(layer=cfg.layer, unrelated=cfg.facts),
+                        str(files["privacy-erase"]), cfg.model.device, cfg.model.cache_dir, cfg.sae_train)
             plot_privacy(res, out / "privacy.png")
         timings[stage] = time.time() - t0
     results = {"model": cfg.model.model, "layer": cfg.layer,
