@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 from conftest import tiny_llama, word_tokenizer
 from kscope.cli import app
-from kscope.editors import RuntimeFeatureEdit, WeightEdit, depn_mask, direction_projection, feature_edit_mask
+from kscope.editors import WeightEdit, depn_mask, direction_projection, feature_edit_mask
 from kscope.errors import KscopeError
 from kscope.inject import read_manifest
-from kscope.privacy import EraseConfig, depn_select, kn_select
+from kscope.privacy import depn_select, kn_select
 from kscope.privacy_data import PrivacyConfig, build_private_facts
 from kscope.privacy_metrics import erased_fraction, exposure, relative_ppl_change, unchanged_fraction
 from kscope.sites import down_proj_weight

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +11,7 @@ import torch
 
 from kscope.errors import KscopeError
 from kscope.facts import Fact, resolve_targets
+from kscope.io import atomic_dir
 from kscope.privacy_data import PrivacyConfig, injection_sentences
 
 MANIFEST = "kscope_privacy.json"
@@ -118,17 +117,10 @@ def save_model_dir(lm, out_dir: str | Path, manifest: dict) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise KscopeError(f"{out} exists and is not empty; give a new directory (inputs are never overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_dir(out) as tmp:  # replaces only an empty directory
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def _clean(obj: Any) -> Any:
@@ -37,3 +39,21 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextmanager
+def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temp directory beside ``out``; on success it becomes ``out`` (replacing it if
+    ``replace``), on error it is removed, so ``out`` is never half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        yield tmp
+        if out.exists():
+            if not replace:
+                raise FileExistsError(out)
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

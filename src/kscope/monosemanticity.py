@@ -8,7 +8,7 @@ activation over prompt pools with 0–100 % related prompts.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np

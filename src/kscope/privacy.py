@@ -23,7 +23,7 @@ from kscope.privacy_data import NUMBER_LIKE, PrivacyConfig, build_private_facts
 from kscope.privacy_metrics import erased_fraction, exposure, perplexity, relative_ppl_change, unchanged_fraction
 from kscope.progress import make_progress
 from kscope.sae import TrainSAEConfig
-from kscope.scoring import PromptBatch, answer_probs
+from kscope.scoring import PromptBatch
 from kscope.sites import check_layer, down_proj_weight
 from kscope.units import Units
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.progress import Progress
 
 from kscope.errors import KscopeError
 from kscope.hooks import site_activations
-from kscope.scoring import PromptBatch
+from kscope.io import atomic_dir
 from kscope.sites import Site, check_layer, site_dim
 from kscope.units import FeatureUnits
 
@@ -269,16 +268,8 @@ def train_sae_on_acts(acts: torch.Tensor, cfg: TrainSAEConfig, site: Site, model
 
 def save_sae(sae, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Write ``sae`` in SAELens format to ``out_dir`` atomically (plus ``kscope.json`` with ``extra``)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         sae.save_model(tmp)
         if extra is not None:
             (tmp / "kscope.json").write_text(json.dumps(extra, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)

@@ -100,34 +100,27 @@ def check_layer(model: nn.Module, layer: int) -> None:
         raise KscopeError(f"unknown layer {layer}: the model has layers 0..{n - 1}")
 
 
-def mlp_module(model: nn.Module, layer: int) -> nn.Module:
-    check_layer(model, layer)
-    block = decoder_layers(model)[layer]
-    for name in _MLP_NAMES:
-        mod = getattr(block, name, None)
+def _child(parent: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    for name in names:
+        mod = getattr(parent, name, None)
         if isinstance(mod, nn.Module):
             return mod
-    raise KscopeError(f"no MLP module found in block {layer} ({type(block).__name__})")
+    raise KscopeError(f"no {what} found in {type(parent).__name__} (looked for {', '.join(names)})")
+
+
+def mlp_module(model: nn.Module, layer: int) -> nn.Module:
+    check_layer(model, layer)
+    return _child(decoder_layers(model)[layer], _MLP_NAMES, "MLP module")
 
 
 def down_proj(model: nn.Module, layer: int) -> nn.Module:
     """The MLP's output projection (``down_proj`` / GPT-2 ``c_proj`` ...)."""
-    mlp = mlp_module(model, layer)
-    for name in _DOWN_PROJ_NAMES:
-        mod = getattr(mlp, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    raise KscopeError(f"no down projection found in {type(mlp).__name__}")
+    return _child(mlp_module(model, layer), _DOWN_PROJ_NAMES, "down projection")
 
 
 def pre_proj(model: nn.Module, layer: int) -> nn.Module:
     """The projection whose output enters the MLP nonlinearity (``c_fc`` / ``gate_proj`` ...)."""
-    mlp = mlp_module(model, layer)
-    for name in _UP_PROJ_NAMES:
-        mod = getattr(mlp, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    raise KscopeError(f"no MLP input projection found in {type(mlp).__name__}")
+    return _child(mlp_module(model, layer), _UP_PROJ_NAMES, "MLP input projection")
 
 
 def down_proj_weight(model: nn.Module, layer: int) -> torch.Tensor:
