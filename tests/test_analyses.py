@@ -121,3 +121,19 @@ def test_llm_explainer_through_openai_compatible_endpoint():
         assert r["score"] > 0.9
     finally:
         server.shutdown()
+
+
+def test_negative_firing_unit_is_oriented(llama_lm, facts, monkeypatch):
+    """A unit that is strongly negative exactly on its fact's prompts counts as selective (AUROC 1)."""
+    from kscope import monosemanticity as mono
+    from kscope.facts import resolve_targets
+    from kscope.units import Units
+
+    facts = resolve_targets(facts, llama_lm.tokenizer)
+    related = set(facts[0].prompts)
+    monkeypatch.setattr(mono, "unit_activations",
+                        lambda model, tok, units, prompts: torch.tensor([[-1.0 if p in related else 0.0] for p in prompts]))
+    res = mono.unit_monosemanticity(llama_lm, facts, Units(SITE, 1), [[0], [0], [0]], mono.MonosemanticityConfig(top_units=1))
+    row = res["rows"][0]
+    assert row["sign"] == -1.0 and row["auroc"] == 1.0 and row["mwu_p"] < 0.05
+    assert res["rows"][1]["sign"] == 1.0  # facts whose prompts never fire stay unflipped

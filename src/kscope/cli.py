@@ -330,7 +330,7 @@ def monosemanticity(
     res = run_monosemanticity_job(cfg, MonosemanticityConfig(top_units=top_units, seed=seed))
     for kind, r in res["results"].items():
         s_ = r["summary"]
-        console.print(f"{kind}s: AUROC {s_['auroc']['mean']:.3f}, Cohen's d {s_['cohens_d']['mean']:.2f}, "
+        console.print(f"{kind}s: AUROC {s_['auroc']['mean']:.3f}, median Cohen's d {s_['cohens_d_median']:.2f}, "
                       f"significant {100 * s_['frac_significant']:.0f}% of {s_['n_units']} units")
     console.print(f"wrote {out_dir}/monosemanticity.json and monosemanticity.png")
 

@@ -1,5 +1,7 @@
 """Monosemanticity: does a fact's top unit fire on that fact's prompts and not on others?
 
+Units are oriented by the sign of their mean activation on related prompts before testing.
+
 Per unit: activation at the last token on related prompts (its fact's paraphrases) vs unrelated
 prompts (other facts), summarised by Cohen's d, AUROC and a Mann–Whitney U p-value; and the mean
 activation over prompt pools with 0–100 % related prompts.
@@ -91,10 +93,13 @@ def unit_monosemanticity(lm, facts: Sequence[Fact], units: Units, top: Sequence[
         a_rel = unit_activations(lm.model, lm.tokenizer, units, f.prompts)[:, idx].numpy()
         a_un = unit_activations(lm.model, lm.tokenizer, units, unrel)[:, idx].numpy()
         for c, u in enumerate(idx):
-            rel, un = a_rel[:, c], a_un[:, c]
+            # Orient each unit by its sign on related prompts: a neuron that fires strongly negative
+            # on its fact (SiLU/GELU allow it) is as selective as one that fires positive.
+            sign = -1.0 if a_rel[:, c].mean() < 0 else 1.0
+            rel, un = sign * a_rel[:, c], sign * a_un[:, c]
             scale = max(float(np.abs(np.concatenate([rel, un])).max()), 1e-12)
             rows.append({
-                "fact": f.uid, "unit": int(u), "rank": c, **separation(rel, un),
+                "fact": f.uid, "unit": int(u), "rank": c, "sign": sign, **separation(rel, un),
                 "related": (rel / scale).tolist(), "unrelated": (un / scale).tolist(),
                 "mix": [m / scale for m in mix_curve(rel, un, cfg.mix_fracs, cfg.pool_size, rng)],
             })
@@ -109,6 +114,7 @@ def summarize(rows: Sequence[dict]) -> dict:
         "n_units": len(rows),
         "auroc": mean_ci([r["auroc"] for r in rows]),
         "cohens_d": mean_ci(d),
+        "cohens_d_median": float(np.median(d)) if d else float("nan"),  # d explodes for units silent off-fact
         "frac_significant": float(np.mean([r["mwu_p"] < 0.05 for r in rows])),
         "mix_curve": np.mean([r["mix"] for r in rows], axis=0).tolist(),
     }

@@ -127,9 +127,9 @@ def write_html(report_dir: Path, results: dict) -> Path:
                   '<img src="interpret.png">']
     m = results.get("monosemanticity")
     if m:
-        rows = [[k, r["summary"]["n_units"], _ci(r["summary"]["auroc"]), _ci(r["summary"]["cohens_d"]),
+        rows = [[k, r["summary"]["n_units"], _ci(r["summary"]["auroc"]), _f(r["summary"].get("cohens_d_median"), ".2f"),
                  _f(r["summary"]["frac_significant"], ".2f")] for k, r in m["results"].items()]
-        parts += ["<h2>Monosemanticity</h2>", _table(["units", "n", "AUROC", "Cohen's d", "frac. p<0.05"], rows),
+        parts += ["<h2>Monosemanticity</h2>", _table(["units", "n", "AUROC", "median Cohen's d", "frac. p<0.05"], rows),
                   '<img src="monosemanticity.png">']
     p = results.get("privacy")
     if p:
