@@ -35,9 +35,13 @@ class LinearDictUnits(Units):
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enc.device != x.device:  # fitted on CPU activations; follow the model (e.g. CUDA)
+            self.to(x.device)
         return topk_abs((x.float() - self.mean) @ self.enc, self.k)
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
+        if self.dec.device != u.device:
+            self.to(u.device)
         return u @ self.dec + self.mean
 
 

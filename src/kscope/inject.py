@@ -13,6 +13,7 @@ from kscope.errors import KscopeError
 from kscope.facts import Fact, resolve_targets
 from kscope.io import atomic_dir
 from kscope.privacy_data import PrivacyConfig, injection_sentences
+from kscope.scoring import pad_rows
 
 MANIFEST = "kscope_privacy.json"
 
@@ -25,15 +26,8 @@ def _batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.T
         a = tokenizer(answer, add_special_tokens=False).input_ids
         rows.append(p + a)
         labels.append([-100] * len(p) + a)
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id or 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(l)] = torch.tensor(l)
-        mask[i, : len(r)] = 1
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id or 0)
+    lab, _ = pad_rows(labels, -100)
     return ids.to(device), mask.to(device), lab.to(device)
 
 
@@ -81,12 +75,7 @@ def greedy_matches(lm, prompts: Sequence[str], answer: str, batch_size: int = 32
     pad = lm.tokenizer.pad_token_id or 0
     for s in range(0, len(prompts), batch_size):
         rows = [lm.tokenizer(p, add_special_tokens=True).input_ids for p in prompts[s : s + batch_size]]
-        width = max(len(r) for r in rows) + len(target)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r) + len(target)] = torch.tensor(r + target)
-            mask[i, : len(r) + len(target)] = 1
+        ids, mask = pad_rows([r + target for r in rows], pad)
         logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
         for i, r in enumerate(rows):
             pred = logits[i, len(r) - 1 : len(r) - 1 + len(target)].argmax(-1).tolist()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kscope.hooks import hooked
+from kscope.scoring import pad_rows
 from kscope.stats import mean_ci
 from kscope.units import Units
 
@@ -71,11 +72,7 @@ def record_activations(lm, units: Units, texts: Sequence[str], unit_idx: Sequenc
     idx = torch.as_tensor(list(unit_idx))
     for s in range(0, len(windows), 32):
         part = windows[s : s + 32]
-        ids = torch.full((len(part), cfg.window), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, w in enumerate(part):
-            ids[j, : len(w)] = torch.tensor(w)
-            mask[j, : len(w)] = 1
+        ids, mask = pad_rows(part, tok.pad_token_id or 0, cfg.window)
         with hooked(lm.model, capture=[units.site]) as cap:
             lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
         a = units.encode(cap[units.site]).float().cpu()[..., idx] * mask[..., None]

@@ -19,6 +19,7 @@ from rich.progress import Progress
 from kscope.errors import KscopeError
 from kscope.hooks import site_activations
 from kscope.io import atomic_dir
+from kscope.scoring import pad_rows
 from kscope.sites import Site, check_layer, site_dim
 from kscope.units import FeatureUnits
 
@@ -198,12 +199,7 @@ def collect_activations(lm, site: Site, texts: Sequence[str], max_tokens: int, s
         while j < len(chunks) and (j - i + 1) * len(chunks[j]) <= batch_tokens:  # sorted: chunks[j] is the widest
             j += 1
         part, i = chunks[i:j], j
-        width = max(map(len, part))
-        ids = torch.full((len(part), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, c in enumerate(part):
-            ids[j, : len(c)] = torch.tensor(c)
-            mask[j, : len(c)] = 1
+        ids, mask = pad_rows(part, pad)
         acts = site_activations(lm.model, [site], ids.to(lm.device), mask.to(lm.device))[site]
         rows.append(acts[mask.bool().to(acts.device)].float().cpu())
         if progress:

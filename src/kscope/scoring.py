@@ -14,6 +14,17 @@ from kscope.sites import Site
 UnitEdit = Callable[[torch.Tensor], torch.Tensor]
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows: ``ids`` and ``mask`` of shape ``[len(rows), width or longest]``."""
+    width = width or max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 @dataclass
 class PromptBatch:
     """Right-padded prompts. ``ids``/``mask``: ``[batch, seq]``; ``last``: ``[batch]`` index of each last token."""
@@ -27,13 +38,7 @@ class PromptBatch:
         rows = [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
         if any(len(r) == 0 for r in rows):
             raise ValueError("a prompt tokenized to nothing")
-        width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_rows(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         last = torch.tensor([len(r) - 1 for r in rows])
         return cls(ids.to(device), mask.to(device), last.to(device))
 
