@@ -94,7 +94,7 @@ def worker(method: str, model_dir: str, n_facts: int, steps: int, batch: int) ->
             if i == 0:
                 first_scores = s.flatten()
     else:
-        from kscope.attribution import PrefixRunner, integrated_gradients
+        from kscope.attribution import PrefixRunner, integrated_gradients_many
         from kscope.facts import answer_token
         from kscope.sites import Site, site_dim
         from kscope.units import NeuronUnits
@@ -113,7 +113,7 @@ def worker(method: str, model_dir: str, n_facts: int, steps: int, batch: int) ->
             ids = tok(prompt).input_ids
             target, _ = answer_token(tok, obj)
             runner = PrefixRunner(model, ids)
-            rows = [integrated_gradients(runner, u, target, steps, batch, rule)[0] for u in unit_sets]
+            rows = [r[0] for r in integrated_gradients_many(runner, unit_sets, target, steps, rule)]
             if method == "kscope":
                 flops += kscope_flops(model, len(ids), steps, L)
             if i == 0:

@@ -92,3 +92,17 @@ def test_matches_knowledge_neurons_library_exactly():
         for layer in range(3)
     ])
     assert torch.allclose(ours, ref, atol=1e-8, rtol=1e-4)
+
+
+def test_many_unit_sets_in_one_batch_equal_one_at_a_time(lm):
+    runner = PrefixRunner(lm.model, lm.tokenizer("the capital of france is").input_ids)
+    target = lm.tokenizer(" paris", add_special_tokens=False).input_ids[0]
+    sets = [NeuronUnits(Site(layer, kind), site_dim(lm.model, Site(layer, kind)))
+            for layer in range(3) for kind in ("mlp.neurons", "mlp.out")]
+    from kscope.attribution import integrated_gradients_many
+
+    many = integrated_gradients_many(runner, sets, target, steps=8, max_rows=20)  # forces several chunks
+    for u, (s, p, p0) in zip(sets, many):
+        s1, p1, p01 = integrated_gradients(runner, u, target, steps=8, batch_size=9)
+        assert torch.allclose(s, s1, atol=1e-6)
+        assert abs(p - p1) < 1e-6 and abs(p0 - p01) < 1e-6

@@ -29,7 +29,7 @@ class AttributionConfig:
     """Integrated gradients and unit selection."""
 
     steps: int = field(default=20, metadata={"help": "IG steps m (Riemann sum)."})
-    batch_size: int = field(default=20, metadata={"help": "IG steps per forward pass."})
+    batch_size: int = field(default=20, metadata={"help": "IG rows per forward pass (unit sets of a fact share batches of up to max(this, 512) rows)."})
     coarse_threshold: float = field(default=0.2, metadata={"help": "Coarse selection: keep units scoring >= t x the prompt's max score."})
     refine_frac: float = field(default=0.5, metadata={"help": "Refinement: keep units selected on >= this fraction of a fact's prompts."})
     top_k: int = field(default=10, metadata={"help": "Units reported per fact."})
@@ -143,6 +143,55 @@ def integrated_gradients(
     return scores.detach(), p_clean, p_base
 
 
+def integrated_gradients_many(
+    runner: PrefixRunner,
+    unit_sets: Sequence[Units],
+    target_id: int,
+    steps: int = 20,
+    rule: str = "right",
+    max_rows: int = 512,
+) -> list[tuple[torch.Tensor, float, float]]:
+    """``integrated_gradients`` for several unit sets (e.g. every layer) in shared batches.
+
+    Each unit set gets its own block of rows (its IG points); a site's hook edits only its blocks, so
+    the rows stay independent and one forward/backward serves them all. Same results, wider matrices.
+    """
+    model = runner.model
+    sites = sorted({u.site for u in unit_sets})
+    with torch.no_grad(), hooked(model, capture=sites) as cap:
+        p_clean = float(runner.logits(1).float().softmax(-1)[0, target_id])
+        xs = {s: cap[s] for s in sites}
+    alphas, first = ig_alphas(steps, rule)
+    per_chunk = max(1, max_rows // len(alphas))
+    out: list[tuple[torch.Tensor, float, float]] = []
+    for c in range(0, len(unit_sets), per_chunk):
+        chunk = unit_sets[c : c + per_chunk]
+        split = [u.split(xs[u.site]) for u in chunk]
+        n = len(alphas)
+        scaled = [(alphas.to(uu.device, uu.dtype)[:, None] * uu[0, 0].detach()[None]).requires_grad_(True) for uu, _ in split]
+        by_site: dict = {}
+        for j, u in enumerate(chunk):
+            by_site.setdefault(u.site, []).append(j)
+
+        def make_edit(js):
+            def edit(x):
+                x = x.clone()
+                for j in js:
+                    recon = chunk[j].decode(scaled[j][:, None, :]) + split[j][1].detach()
+                    x[j * n : (j + 1) * n] = recon.to(x.dtype)
+                return x
+
+            return edit
+
+        with torch.enable_grad(), hooked(model, {s: make_edit(js) for s, js in by_site.items()}):
+            probs = runner.logits(n * len(chunk)).float().softmax(-1)[:, target_id]
+            grads = torch.autograd.grad(probs.sum(), scaled)
+        for j, (uu, _) in enumerate(split):
+            g = grads[j][first:].float().sum(0)
+            out.append(((uu[0, 0].float() * g / steps).detach(), p_clean, float(probs[j * n].detach())))
+    return out
+
+
 @dataclass
 class UnitAttribution:
     """Per-fact result for one unit set. ``scores``: ``[n_prompts, n_units]`` IG scores."""
@@ -194,11 +243,10 @@ def attribute_fact(lm, fact: Fact, unit_sets: Sequence[Units], cfg: AttributionC
     p_clean: list[float] = []
     for prompt in fact.prompts:
         runner = PrefixRunner(lm.model, lm.tokenizer(prompt).input_ids)
-        for j, units in enumerate(unit_sets):
-            s, p, _ = integrated_gradients(runner, units, fact.target_id, cfg.steps, cfg.batch_size)
-            per_set[j].append(s.cpu())
-            if j == 0:
-                p_clean.append(p)
+        results = integrated_gradients_many(runner, unit_sets, fact.target_id, cfg.steps, max_rows=max(cfg.batch_size, 512))
+        for j, (sc, p, _) in enumerate(results):
+            per_set[j].append(sc.cpu())
+        p_clean.append(results[0][1])
     out = []
     for units, rows in zip(unit_sets, per_set):
         scores = torch.stack(rows)
