@@ -21,7 +21,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from kscope.hooks import hooked
+from kscope.hooks import site_activations
 from kscope.scoring import pad_rows
 from kscope.stats import mean_ci
 from kscope.units import Units
@@ -73,9 +73,8 @@ def record_activations(lm, units: Units, texts: Sequence[str], unit_idx: Sequenc
     for s in range(0, len(windows), 32):
         part = windows[s : s + 32]
         ids, mask = pad_rows(part, tok.pad_token_id or 0, cfg.window)
-        with hooked(lm.model, capture=[units.site]) as cap:
-            lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-        a = units.encode(cap[units.site]).float().cpu()[..., idx] * mask[..., None]
+        x = site_activations(lm.model, [units.site], ids.to(lm.device), mask.to(lm.device))[units.site]
+        a = units.encode(x).float().cpu()[..., idx] * mask[..., None]
         acts[s : s + len(part)] = a
     tokens = [[tok.decode([i]) for i in w] for w in windows]
     return ActivationRecords(tokens, acts)

@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from kscope.hooks import EditFn, at_positions, hooked
+from kscope.hooks import EditFn, at_positions, hooked, site_activations
 from kscope.sites import Site
 
 UnitEdit = Callable[[torch.Tensor], torch.Tensor]
@@ -101,8 +101,6 @@ def unit_activations(model: nn.Module, tokenizer, units, prompts: Sequence[str],
     rows = []
     for start in range(0, len(prompts), batch_size):
         b = PromptBatch.from_texts(tokenizer, prompts[start : start + batch_size], device)
-        with hooked(model, capture=[units.site]) as cap:
-            model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
-        x = cap[units.site][torch.arange(len(b), device=device), b.last]
+        x = site_activations(model, [units.site], b.ids, b.mask)[units.site][torch.arange(len(b), device=device), b.last]
         rows.append(units.encode(x).float().cpu())
     return torch.cat(rows) if rows else torch.zeros(0, units.n_units)
