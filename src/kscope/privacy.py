@@ -11,19 +11,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kscope.attribution import PrefixRunner, coarse_select, integrated_gradients, rank_units, refine_select
+from kscope.attribution import PrefixRunner, coarse_select, integrated_gradients_many, rank_units, refine_select
 from kscope.editors import RuntimeFeatureEdit, WeightEdit, depn_mask, feature_edit_mask
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
 from kscope.inject import facts_from_manifest, finetune, greedy_matches, memorised, read_manifest, save_model_dir
 from kscope.io import write_json
 from kscope.models import ModelConfig, load_model
-from kscope.pipeline import CorpusConfig, cached_generation, neuron_units, sae_corpus, unit_sets_for_layers
+from kscope.pipeline import CorpusConfig, cached_generation, sae_corpus, unit_sets_for_layers
 from kscope.privacy_data import NUMBER_LIKE, PrivacyConfig, build_private_facts
 from kscope.privacy_metrics import erased_fraction, exposure, perplexity, relative_ppl_change, unchanged_fraction
 from kscope.progress import make_progress
 from kscope.sae import TrainSAEConfig
-from kscope.scoring import PromptBatch
+from kscope.scoring import PromptBatch, last_logits
 from kscope.sites import check_layer, down_proj_weight
 from kscope.units import Units
 
@@ -79,15 +79,18 @@ class EraseConfig:
             raise KscopeError("budgets must be >= 1")
 
 
-def _ig_matrix(lm, facts: Sequence[Fact], units: Units, steps: int) -> tuple[torch.Tensor, list[int]]:
-    """IG scores ``[n_prompts, n_units]`` over all edit prompts of ``facts``, and each row's fact index."""
-    rows, owner = [], []
+def _ig_matrices(lm, facts: Sequence[Fact], unit_sets: Sequence[Units], steps: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Per unit set, IG scores ``[n_prompts, n_units]`` over all edit prompts of ``facts`` (one prefix
+    run and shared batches per prompt), and each row's fact index."""
+    rows: list[list[torch.Tensor]] = [[] for _ in unit_sets]
+    owner = []
     for i, f in enumerate(facts):
         for p in f.prompts:
             runner = PrefixRunner(lm.model, lm.tokenizer(p).input_ids)
-            rows.append(integrated_gradients(runner, units, f.target_id, steps, steps)[0].cpu())
+            for j, (sc, _, _) in enumerate(integrated_gradients_many(runner, unit_sets, f.target_id, steps)):
+                rows[j].append(sc.cpu())
             owner.append(i)
-    return torch.stack(rows), owner
+    return [torch.stack(r) for r in rows], owner
 
 
 def depn_select(scores: torch.Tensor, threshold: float, n: int) -> list[int]:
@@ -118,15 +121,15 @@ def _produced(lm, facts: Sequence[Fact], which: str) -> list[list[bool]]:
     return [greedy_matches(lm, getattr(f, which), f.object) for f in facts]
 
 
+@torch.no_grad()
 def _top1(lm, facts: Sequence[Fact]) -> list[int]:
+    """Top-1 next token after every prompt of ``facts``."""
     prompts = [p for f in facts for p in f.prompts]
-    b_preds = []
+    preds: list[int] = []
     for s in range(0, len(prompts), 32):
         b = PromptBatch.from_texts(lm.tokenizer, prompts[s : s + 32], lm.device)
-        with torch.no_grad():
-            logits = lm.model(input_ids=b.ids, attention_mask=b.mask, use_cache=False).logits
-        b_preds.extend(logits[torch.arange(len(b)), b.last].argmax(-1).tolist())
-    return b_preds
+        preds.extend(last_logits(lm.model, b).argmax(-1).tolist())
+    return preds
 
 
 @torch.no_grad()
@@ -207,13 +210,8 @@ def erase(model_dir: str, cfg: EraseConfig, out: str, device: str = "cpu", cache
             src, [cfg.layer], cfg.feature_site, [cfg.sae] if cfg.sae else None, tcfg,
             lambda: sae_corpus(src, private, tcfg, CorpusConfig(), progress), device, cache_dir, progress)
         ppl_texts = cached_generation(src, TrainSAEConfig(generate=cfg.ppl_texts, seed=1234), progress, cache_dir)
-        del base_lm
-        neurons = neuron_units(lm, cfg.layer)
-        task = progress.add_task("locating privacy units", total=2)
-        n_scores, n_owner = _ig_matrix(lm, erase_set, neurons, cfg.steps)
-        progress.advance(task)
-        f_scores, _ = _ig_matrix(lm, erase_set, feats, cfg.steps)
-        progress.advance(task)
+        del base_lm  # neuron units depend only on the site's shape, shared by base and fine-tuned model
+        (n_scores, f_scores), n_owner = _ig_matrices(lm, erase_set, [neurons, feats], cfg.steps)
         W = down_proj_weight(lm.model, cfg.layer)
         budget = cfg.neurons * W.shape[0]
         chosen_feats = depn_select(f_scores, cfg.depn_threshold, cfg.features)
