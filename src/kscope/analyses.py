@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kscope.attribution import AttributionConfig, attribute_fact
 from kscope.errors import KscopeError
@@ -92,6 +93,15 @@ def located_tops(path: str, facts, layer: int) -> dict | None:
             for kind in ("neuron", "feature")}
 
 
+def _save(out_dir: str, name: str, result: dict, plot: Callable[[Path], None]) -> dict:
+    """``<out_dir>/<name>.png`` then ``<name>.json`` (the JSON last: its presence marks the job done)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(out / f"{name}.png")
+    write_json(out / f"{name}.json", result)
+    return result
+
+
 def run_faithfulness_job(cfg: AnalysisConfig, fcfg: FaithfulnessConfig) -> dict:
     with make_progress() as progress:
         s = setup(cfg, progress, need_tops=False)
@@ -99,11 +109,7 @@ def run_faithfulness_job(cfg: AnalysisConfig, fcfg: FaithfulnessConfig) -> dict:
         acts = collect_activations(s.lm, s.features.site, texts, fcfg.fit_tokens, progress=progress)
         result = run_faithfulness(s.lm, s.features, acts, s.facts, fcfg, progress)
     result.update(model=s.lm.name, layer=cfg.layer)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_faithfulness(result, out / "faithfulness.png")
-    write_json(out / "faithfulness.json", result)
-    return result
+    return _save(cfg.out_dir, "faithfulness", result, lambda path: plot_faithfulness(result, path))
 
 
 def run_interpret_job(cfg: AnalysisConfig, icfg: InterpretConfig, per_fact: int = 1) -> dict:
@@ -117,11 +123,7 @@ def run_interpret_job(cfg: AnalysisConfig, icfg: InterpretConfig, per_fact: int 
             results[kind] = score_units(s.lm, units, idx, texts, icfg)
             progress.advance(task)
     result = {"model": s.lm.name, "layer": cfg.layer, "n_facts": len(s.facts), "config": asdict(icfg), "results": results}
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_interpretability(results, out / "interpret.png")
-    write_json(out / "interpret.json", result)
-    return result
+    return _save(cfg.out_dir, "interpret", result, lambda path: plot_interpretability(results, path))
 
 
 def run_monosemanticity_job(cfg: AnalysisConfig, mcfg: MonosemanticityConfig) -> dict:
@@ -132,8 +134,4 @@ def run_monosemanticity_job(cfg: AnalysisConfig, mcfg: MonosemanticityConfig) ->
         results = {kind: unit_monosemanticity(s.lm, s.facts, units, s.tops[kind], mcfg)
                    for kind, units in (("neuron", s.neurons), ("feature", s.features))}
     result = {"model": s.lm.name, "layer": cfg.layer, "n_facts": len(s.facts), "config": asdict(mcfg), "results": results}
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_monosemanticity(results, mcfg.mix_fracs, out / "monosemanticity.png")
-    write_json(out / "monosemanticity.json", result)
-    return result
+    return _save(cfg.out_dir, "monosemanticity", result, lambda path: plot_monosemanticity(results, mcfg.mix_fracs, path))
