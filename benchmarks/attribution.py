@@ -1,11 +1,14 @@
 """Integrated-gradients neuron attribution over all layers: kscope vs the `knowledge-neurons` library.
 
 Same randomly initialised GPT-2-small-sized model (weights do not change the cost), same facts, same
-steps, batch size and layers, same site (the library attributes GPT-2's ``c_fc`` output, kscope's
-``mlp.pre``) and the same Riemann points (``linspace``). Each method runs in its own subprocess
+steps and layers, same site (the library attributes GPT-2's ``c_fc`` output, kscope's ``mlp.pre``)
+and the same Riemann points (``linspace``). The library runs ``--batch-size`` steps per pass, one
+layer at a time; kscope runs all layers' steps in one pass. Each method runs in its own subprocess
 (so peak memory is its own), alternating kscope / library twice; the best time of each is used.
-Also: kscope on the default SmolLM2 model (neurons over all layers; SAE features at layer 12 if an
-SAE is cached), and this machine's torch matmul FLOP/s for scale.
+Each times its facts after one untimed warm-up fact, then counts what it ran with torch's
+``FlopCounterMode`` (matmuls and attention) in a second pass, for achieved FLOP/s against this
+machine's best square-matmul FLOP/s. Also: kscope on the default SmolLM2 model (neurons over all
+layers; SAE features at layer 12 if an SAE is cached).
 
     pip install --no-deps knowledge-neurons einops   # einops comes with sae-lens already
     python benchmarks/attribution.py --facts 4
@@ -56,80 +59,74 @@ def gpt2_dir(tmp: Path, n_layer: int) -> Path:
     return out
 
 
-def kscope_flops(model, seq: int, steps: int, n_layers: int) -> float:
-    """Matmul FLOPs of kscope's IG for one prompt over all layers (prefix once + per layer: m one-token
-    forwards through every block and the LM head, and their input-gradient backward from the top down to the layer)."""
-    cfg = model.config
-    d = cfg.hidden_size
-    d_mlp = getattr(cfg, "intermediate_size", None) or 4 * d
-    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head = d // cfg.num_attention_heads
-    block = 2 * (2 * d * d + 2 * d * kv * head) + 2 * (3 if hasattr(cfg, "intermediate_size") else 2) * d * d_mlp
-    block_tok = block + 4 * seq * d
-    lm_head = 2 * d * cfg.vocab_size
-    prefix = (seq - 1) * n_layers * block
-    per_layer = [steps * (n_layers * block_tok + lm_head + (n_layers - L) * block_tok + lm_head) for L in range(n_layers)]
-    return prefix + sum(per_layer)
-
-
-def worker(method: str, model_dir: str, n_facts: int, steps: int, batch: int) -> dict:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    model.requires_grad_(False)
-    fs = facts(n_facts)
-    base_rss = rss_mb()
+def attributor(method: str, model, tok, steps: int, batch: int):
+    """``fn(prompt, obj) -> scores [n_sets, n_units]`` for one method."""
     L = model.config.num_hidden_layers
-    first_scores = None
-    flops = 0.0
-    t0 = time.perf_counter()
     if method == "library":
         from knowledge_neurons import KnowledgeNeurons
 
         kn = KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
-        for i, (prompt, obj) in enumerate(fs):
-            s = kn.get_scores(prompt, " " + obj, batch_size=batch, steps=steps, pbar=False)
-            if i == 0:
-                first_scores = s.flatten()
-    else:
-        from kscope.attribution import PrefixRunner, integrated_gradients_many
-        from kscope.facts import answer_token
-        from kscope.sites import Site, site_dim
-        from kscope.units import NeuronUnits
+        return lambda prompt, obj: kn.get_scores(prompt, " " + obj, batch_size=batch, steps=steps, pbar=False)
 
-        kind = "mlp.pre" if method == "kscope" else "mlp.neurons"
-        unit_sets = [NeuronUnits(Site(l, kind), site_dim(model, Site(l, kind))) for l in range(L)]
-        if method == "kscope-features":
-            from kscope.pipeline import cached_sae_dir
-            from kscope.sae import TrainSAEConfig, feature_units, load_sae
-            from kscope.sites import Site as S
+    from kscope.attribution import integrated_gradients_many
+    from kscope.prefix import PrefixRunner
+    from kscope.facts import answer_token
+    from kscope.sites import Site, site_dim
+    from kscope.units import NeuronUnits
 
-            d = cached_sae_dir("smollm2", S(12, "mlp.out"), TrainSAEConfig())
-            unit_sets = [feature_units(model, load_sae(str(d)))]
-        rule = "linspace" if method == "kscope" else "right"
-        for i, (prompt, obj) in enumerate(fs):
-            ids = tok(prompt).input_ids
-            target, _ = answer_token(tok, obj)
-            runner = PrefixRunner(model, ids)
-            rows = [r[0] for r in integrated_gradients_many(runner, unit_sets, target, steps, rule)]
-            if method == "kscope":
-                flops += kscope_flops(model, len(ids), steps, L)
-            if i == 0:
-                first_scores = torch.stack(rows).flatten()
+    kind = "mlp.pre" if method == "kscope" else "mlp.neurons"
+    unit_sets = [NeuronUnits(Site(l, kind), site_dim(model, Site(l, kind))) for l in range(L)]
+    if method == "kscope-features":
+        from kscope.pipeline import cached_sae_dir
+        from kscope.sae import TrainSAEConfig, feature_units, load_sae
+
+        d = cached_sae_dir("smollm2", Site(12, "mlp.out"), TrainSAEConfig())
+        unit_sets = [feature_units(model, load_sae(str(d)))]
+    rule = "linspace" if method == "kscope" else "right"
+
+    def fn(prompt, obj):
+        target, _ = answer_token(tok, obj)
+        runner = PrefixRunner(model, tok(prompt).input_ids)
+        return torch.stack([r[0] for r in integrated_gradients_many(runner, unit_sets, target, steps, rule)])
+
+    return fn
+
+
+def worker(method: str, model_dir: str, n_facts: int, steps: int, batch: int) -> dict:
+    """Time ``method`` on ``n_facts`` facts after one untimed warm-up fact; then count its FLOPs in a second pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.requires_grad_(False)
+    fs = facts(n_facts)
+    attribute = attributor(method, model, tok, steps, batch)
+    base_rss = rss_mb()
+    attribute(*fs[0])
+    t0 = time.perf_counter()
+    first_scores = [attribute(*f) for f in fs][0]
     secs = time.perf_counter() - t0
-    return {"method": method, "seconds": secs, "facts_per_s": len(fs) / secs, "peak_rss_mb": rss_mb(),
-            "model_rss_mb": base_rss, "flops": flops, "first_scores": first_scores.tolist()}
+    peak = rss_mb()
+    with FlopCounterMode(display=False) as counter:
+        for f in fs:
+            attribute(*f)
+    return {"method": method, "seconds": secs, "facts_per_s": len(fs) / secs, "peak_rss_mb": peak,
+            "model_rss_mb": base_rss, "flops": counter.get_total_flops(), "first_scores": first_scores.flatten().tolist()}
 
 
-def matmul_flops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
+def matmul_flops(sizes=(1024, 2048, 4096), reps: int = 5) -> float:
+    """This machine's torch fp32 matmul FLOP/s: the best of square products of several sizes."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
         a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
 
 
 def run(method: str, model_dir: Path, args) -> dict:
@@ -145,7 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=20, help="the library's IG steps per pass")
     ap.add_argument("--layers", type=int, default=12, help="GPT-2 layers")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--worker")
@@ -175,13 +172,16 @@ def main() -> None:
     except SystemExit as e:
         s_f = {"facts_per_s": float("nan"), "peak_rss_mb": float("nan"), "note": str(e)[:200]}
     print(f"IG neuron attribution, all {args.layers} layers of a random GPT-2 (d=768), {args.facts} facts, "
-          f"{args.steps} steps, batch {args.batch_size}, {torch.get_num_threads()} threads")
+          f"{args.steps} steps, library batch {args.batch_size} (kscope: all layers' steps in one pass), {torch.get_num_threads()} threads")
     print(f"  kscope   : {k['facts_per_s']:.3f} facts/s  ({k['seconds']:.1f} s)  peak RSS {k['peak_rss_mb']:.0f} MB (model loaded: {k['model_rss_mb']:.0f} MB)")
     print(f"  library  : {lib['facts_per_s']:.3f} facts/s  ({lib['seconds']:.1f} s)  peak RSS {lib['peak_rss_mb']:.0f} MB (model loaded: {lib['model_rss_mb']:.0f} MB)")
     print(f"  speed-up : {k['facts_per_s'] / lib['facts_per_s']:.2f}x   score rank correlation (first fact, all layers): {rho:.4f}")
-    print(f"  kscope achieved {k['flops'] / k['seconds'] / 1e9:.1f} GFLOP/s = {100 * k['flops'] / k['seconds'] / peak:.0f}% of this machine's "
-          f"torch matmul {peak / 1e9:.1f} GFLOP/s")
-    print(f"SmolLM2-135M: neurons, all 30 layers: {s_n['facts_per_s']:.3f} facts/s (peak RSS {s_n['peak_rss_mb']:.0f} MB); "
+    for name, r in (("kscope", k), ("library", lib)):
+        rate = r["flops"] / r["seconds"]
+        print(f"  {name:8} : {r['flops'] / args.facts / 1e9:6.1f} GFLOP/fact at {rate / 1e9:5.1f} GFLOP/s = {100 * rate / peak:.0f}% of this machine's "
+              f"torch matmul {peak / 1e9:.1f} GFLOP/s")
+    print(f"SmolLM2-135M: neurons, all 30 layers: {s_n['facts_per_s']:.3f} facts/s ({s_n['flops'] / s_n['seconds'] / peak:.0%} of matmul peak, "
+          f"peak RSS {s_n['peak_rss_mb']:.0f} MB); "
           f"SAE features at layer 12: {s_f['facts_per_s']:.3f} facts/s" + (f" ({s_f['note']})" if "note" in s_f else ""))
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kscope.attribution import PrefixRunner, coarse_select, integrated_gradients, rank_units, refine_select, riemann_ig
-from kscope.hooks import hooked
+from kscope.attribution import coarse_select, integrated_gradients, rank_units, refine_select, riemann_ig
+from kscope.prefix import PrefixRunner
 from kscope.sites import Site, site_dim
 from kscope.units import NeuronUnits
 
@@ -42,31 +42,6 @@ def test_riemann_ig_converges_on_nonlinear_toy():
     assert torch.allclose(fine, u**2, atol=0.03)
 
 
-def test_prefix_runner_matches_full_forward(lm):
-    ids = lm.tokenizer("the capital of germany is").input_ids
-    runner = PrefixRunner(lm.model, ids)
-    full = lm.model(torch.tensor([ids])).logits[0, -1]
-    fast = runner.logits(3)
-    assert fast.shape[0] == 3
-    assert torch.allclose(fast[2], full, atol=1e-5)
-
-
-def test_prefix_runner_edits_apply_to_last_token_only(lm):
-    ids = lm.tokenizer("the capital of germany is").input_ids
-    site = Site(0, "mlp.out")
-    runner = PrefixRunner(lm.model, ids)
-    with hooked(lm.model, {site: lambda x: x * 0}):
-        edited = runner.logits(1)[0]
-    # Same edit at the last position only, via a full forward.
-    def last_only(x):
-        x = x.clone()
-        x[:, -1] = 0
-        return x
-    with hooked(lm.model, {site: last_only}):
-        ref = lm.model(torch.tensor([ids])).logits[0, -1]
-    assert torch.allclose(edited, ref, atol=1e-5)
-
-
 def test_selection_rules():
     scores = torch.tensor([[1.0, 0.5, 0.1, -1.0], [0.8, 0.05, 0.9, 0.0], [1.0, 0.3, 0.0, 0.0]])
     sel = coarse_select(scores, 0.2)
@@ -74,24 +49,6 @@ def test_selection_rules():
     assert refine_select(sel, 0.6) == [0, 1]
     assert refine_select(sel, 1.0) == [0]
     assert rank_units(scores, [1], 3) == [1, 0, 2]
-
-
-def test_matches_knowledge_neurons_library_exactly():
-    """Same site (GPT-2 c_fc output) and Riemann points: kscope's IG equals the EleutherAI library's."""
-    kn_mod = pytest.importorskip("knowledge_neurons")
-    from conftest import tiny_gpt2, word_tokenizer
-
-    model, tok = tiny_gpt2().eval(), word_tokenizer()
-    kn = kn_mod.KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
-    prompt = "the capital of france is"
-    ref = kn.get_scores(prompt, " paris", batch_size=10, steps=20, pbar=False).detach()
-    target = tok(" paris", add_special_tokens=False).input_ids[0]
-    runner = PrefixRunner(model, tok(prompt).input_ids)
-    ours = torch.stack([
-        integrated_gradients(runner, NeuronUnits(Site(layer, "mlp.pre"), 128), target, 20, 10, "linspace")[0]
-        for layer in range(3)
-    ])
-    assert torch.allclose(ours, ref, atol=1e-8, rtol=1e-4)
 
 
 def test_many_unit_sets_in_one_batch_equal_one_at_a_time(lm):
@@ -106,3 +63,79 @@ def test_many_unit_sets_in_one_batch_equal_one_at_a_time(lm):
         s1, p1, p01 = integrated_gradients(runner, u, target, steps=8, batch_size=9)
         assert torch.allclose(s, s1, atol=1e-6)
         assert abs(p - p1) < 1e-6 and abs(p0 - p01) < 1e-6
+
+
+def test_answer_prob_grad_matches_autograd(lm):
+    from kscope.attribution import answer_prob_grad, plain_head
+
+    head = plain_head(lm.model)
+    assert head is not None
+    torch.manual_seed(0)
+    h = torch.randn(5, head.in_features, requires_grad=True)
+    prob, dh = answer_prob_grad(head, h, 7)
+    ref = head(h).softmax(-1)[:, 7]
+    (g,) = torch.autograd.grad(ref.sum(), h)
+    assert torch.allclose(prob, ref.detach(), atol=1e-7)
+    assert torch.allclose(dh, g, atol=1e-7)
+
+
+def _scaled_llama():
+    """A tiny LLaMA whose logits are scaled after the head (like soft-capping): no plain head."""
+    from conftest import tiny_llama
+    from transformers import LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, input_ids=None, cache=None, **kw):
+            out = super().forward(input_ids=input_ids, cache=cache, **kw)
+            out.logits = out.logits * 2
+            return out
+
+    base = tiny_llama()
+    model = Scaled(base.config)
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def test_plain_head_detects_scaled_logits(llama_lm):
+    from kscope.attribution import plain_head
+
+    assert plain_head(llama_lm.model) is llama_lm.model.lm_head
+    assert plain_head(_scaled_llama()) is None
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_many_equals_one_at_a_time_with_and_without_plain_head(llama_lm, scaled):
+    from kscope.attribution import integrated_gradients_many
+
+    model = _scaled_llama() if scaled else llama_lm.model
+    runner = PrefixRunner(model, llama_lm.tokenizer("the capital of france is").input_ids)
+    target = llama_lm.tokenizer(" paris", add_special_tokens=False).input_ids[0]
+    sets = [NeuronUnits(Site(layer, "mlp.neurons"), 64) for layer in (2, 0, 1, 0)]  # unsorted, repeated layer
+    many = integrated_gradients_many(runner, sets, target, steps=6)
+    for u, (s, p, p0) in zip(sets, many):
+        s1, p1, p01 = integrated_gradients(runner, u, target, steps=6, batch_size=4)
+        assert torch.allclose(s, s1, atol=1e-6)
+        assert abs(p - p1) < 1e-6 and abs(p0 - p01) < 1e-6
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_matches_knowledge_neurons_library_exactly(batched):
+    """Same site (GPT-2 c_fc output) and Riemann points: kscope's IG, one layer at a time or all layers
+    in one growing batch, equals the EleutherAI library's."""
+    kn_mod = pytest.importorskip("knowledge_neurons")
+    from conftest import tiny_gpt2, word_tokenizer
+
+    from kscope.attribution import integrated_gradients_many
+
+    model, tok = tiny_gpt2().eval(), word_tokenizer()
+    kn = kn_mod.KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
+    prompt = "the capital of france is"
+    ref = kn.get_scores(prompt, " paris", batch_size=10, steps=20, pbar=False).detach()
+    target = tok(" paris", add_special_tokens=False).input_ids[0]
+    runner = PrefixRunner(model, tok(prompt).input_ids)
+    sets = [NeuronUnits(Site(layer, "mlp.pre"), 128) for layer in range(3)]
+    if batched:
+        ours = torch.stack([s for s, _, _ in integrated_gradients_many(runner, sets, target, 20, "linspace")])
+    else:
+        ours = torch.stack([integrated_gradients(runner, u, target, 20, 10, "linspace")[0] for u in sets])
+    assert torch.allclose(ours, ref, atol=1e-8, rtol=1e-4)

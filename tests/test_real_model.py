@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from kscope.attribution import PrefixRunner, integrated_gradients
+from kscope.attribution import integrated_gradients
+from kscope.prefix import PrefixRunner
 from kscope.facts import FactConfig, builtin_facts, filter_known
 from kscope.hooks import hooked
 from kscope.models import ModelConfig, load_model
@@ -51,3 +52,19 @@ def test_ig_completeness_on_real_model(smol):
     runner = PrefixRunner(smol.model, smol.tokenizer(f.prompts[0]).input_ids)
     scores, p, p0 = integrated_gradients(runner, units, f.target_id, steps=50, batch_size=25)
     assert abs(float(scores.sum()) - (p - p0)) < 0.1 * abs(p - p0) + 0.01
+
+
+def test_all_layer_batches_equal_one_layer_at_a_time_on_real_model(smol):
+    """The fast path (rows joining at their layer, closed-form head gradient) on the real LLaMA-family model."""
+    from kscope.attribution import integrated_gradients_many, plain_head
+
+    assert plain_head(smol.model) is not None
+    f = builtin_facts()[0]
+    runner = PrefixRunner(smol.model, smol.tokenizer(f.prompts[0]).input_ids)
+    target = smol.tokenizer(" " + f.object, add_special_tokens=False).input_ids[0]
+    sets = [neuron_units(smol, layer) for layer in (29, 0, 12)]
+    many = integrated_gradients_many(runner, sets, target, steps=8)
+    for u, (s, p, p0) in zip(sets, many):
+        s1, p1, p01 = integrated_gradients(runner, u, target, steps=8, batch_size=9)
+        assert torch.allclose(s, s1, atol=1e-5, rtol=1e-3)
+        assert abs(p - p1) < 1e-5 and abs(p0 - p01) < 1e-5

@@ -32,7 +32,7 @@ class AnalysisConfig:
     sae: str | None = field(default=None, metadata={"help": "SAELens SAE directory; default: train (and cache) one."})
     sae_train: TrainSAEConfig = field(default_factory=TrainSAEConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    attribution: AttributionConfig = field(default_factory=lambda: AttributionConfig(steps=10, batch_size=10))
+    attribution: AttributionConfig = field(default_factory=lambda: AttributionConfig(steps=10))
     located: str | None = field(default=None, metadata={"help": "Reuse top units from a compare/locate JSON instead of recomputing IG."})
     out_dir: str = field(default="runs", metadata={"help": "Directory for the JSON and PNG outputs."})
 

@@ -83,7 +83,7 @@ LayersOpt = typer.Option("12", "--layers", help="Layers: 12, 10,12 or 10-14. " +
 SiteOpt = typer.Option("mlp.out", "--site", help=H(S, "feature_site"))
 SaeOpt = typer.Option(None, "--sae", help=H(S, "saes"))
 StepsOpt = typer.Option(20, "--steps", help=H(A, "steps"))
-BatchOpt = typer.Option(20, "--batch-size", help=H(A, "batch_size"))
+BatchOpt = typer.Option(1024, "--batch-size", help=H(A, "batch_size"))
 TopKOpt = typer.Option(10, "--top-k", help=H(A, "top_k"))
 SeedOpt = typer.Option(0, "--seed", help=H(F, "seed"))
 

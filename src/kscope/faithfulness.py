@@ -85,7 +85,7 @@ def run_faithfulness(lm, sae_units: Units, acts: torch.Tensor, facts: Sequence[F
     fit, ev = acts[n_eval:], acts[:n_eval]
     decomps = [sae_units] + build_decompositions(sae_units, fit, cfg)
     p_clean = [answer_probs(lm.model, lm.tokenizer, f.prompts, [f.target_id] * len(f.prompts))[0].numpy() for f in facts]
-    acfg = AttributionConfig(steps=cfg.attribution_steps, batch_size=cfg.attribution_steps, top_k=max(cfg.ks))
+    acfg = AttributionConfig(steps=cfg.attribution_steps, top_k=max(cfg.ks))
     icfg = InfluenceConfig(ks=list(cfg.ks), ops=["suppress"])
     rows = {}
     task = progress.add_task("faithfulness", total=len(decomps) * len(facts)) if progress else None

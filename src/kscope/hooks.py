@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from kscope.sites import Site, site_module
+from kscope.sites import Site, decoder_layers, site_module
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
 """Maps a site activation ``[batch, seq, d]`` to its replacement of the same shape."""
@@ -66,6 +66,36 @@ def hooked(
             else:
                 handles.append(module.register_forward_hook(hook))
         yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def grown_batch(model: nn.Module, new_rows: Mapping[int, int]) -> Iterator[None]:
+    """Inside, ``new_rows[l]`` copies of row 0 join the hidden states ``[batch, seq, d]`` at the input of block ``l``.
+
+    Rows that only need to differ from block ``l`` on thus skip the blocks below it, forward and backward.
+    The caller supplies a KV cache whose layer ``l`` holds as many rows as reach block ``l``.
+    """
+
+    def make(n: int):
+        def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict):
+            h = args[0] if args else kwargs["hidden_states"]
+            h = torch.cat([h, h[:1].expand(n, *h.shape[1:])])
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+
+        return pre_hook
+
+    layers = decoder_layers(model)
+    handles = []
+    try:
+        for layer, n in new_rows.items():
+            if n:
+                handles.append(layers[layer].register_forward_pre_hook(make(n), with_kwargs=True))
+        yield
     finally:
         for h in handles:
             h.remove()

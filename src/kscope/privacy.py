@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kscope.attribution import PrefixRunner, coarse_select, integrated_gradients_many, rank_units, refine_select
+from kscope.attribution import coarse_select, integrated_gradients_many, rank_units, refine_select
+from kscope.prefix import PrefixRunner, continuation_nlls
 from kscope.editors import RuntimeFeatureEdit, WeightEdit, depn_mask, feature_edit_mask
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
@@ -149,22 +150,13 @@ def _ppl(lm, texts: Sequence[str]) -> float:
 def _exposures(lm, facts: Sequence[Fact]) -> list[float]:
     """Exposure of number-like secrets ``555-0ddd`` among all 900 candidates of that format."""
     out = []
+    cands = [f"555-0{d}" for d in range(100, 1000)]
     for f in facts:
         if f.relation not in NUMBER_LIKE:
             continue
         prompt = f.prompts[0]
-        cands = [f"555-0{d}" for d in range(100, 1000)]
-        nlls = []
-        for s in range(0, len(cands), 150):
-            part = cands[s : s + 150]
-            texts = [prompt + " " + c for c in part]
-            b = PromptBatch.from_texts(lm.tokenizer, texts, lm.device)
-            n_prompt = len(lm.tokenizer(prompt).input_ids)
-            logp = lm.model(input_ids=b.ids, attention_mask=b.mask, use_cache=False).logits.float().log_softmax(-1)
-            for j in range(len(part)):
-                T = int(b.last[j]) + 1
-                tgt = b.ids[j, n_prompt:T]
-                nlls.append(-float(logp[j, n_prompt - 1 : T - 1].gather(1, tgt[:, None]).sum()))
+        rows = [lm.tokenizer(prompt + " " + c).input_ids for c in cands]
+        nlls = continuation_nlls(lm.model, len(lm.tokenizer(prompt).input_ids), rows)
         out.append(exposure(nlls[cands.index(f.object)], nlls))
     return out
 

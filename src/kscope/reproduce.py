@@ -67,7 +67,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     files = _stage_files(out)
     facts = FactConfig(facts=cfg.facts, max_facts=cfg.max_facts, known_top_k=cfg.known_top_k, min_known_prompts=cfg.min_known_prompts)
     analysis = AnalysisConfig(model=cfg.model, facts=facts, layer=cfg.layer, located=str(files["compare"]), out_dir=str(out),
-                              attribution=AttributionConfig(steps=10, batch_size=10), sae_train=cfg.sae_train)
+                              attribution=AttributionConfig(steps=10), sae_train=cfg.sae_train)
     timings = {}
     for i, stage in enumerate(cfg.stages, 1):
         done = files[stage].exists() and not cfg.fresh
