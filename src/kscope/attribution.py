@@ -258,19 +258,25 @@ def rank_units(scores: torch.Tensor, refined: Sequence[int], k: int) -> list[int
     return (first + rest)[:k]
 
 
-def attribute_fact(lm, fact: Fact, unit_sets: Sequence[Units], cfg: AttributionConfig) -> list[UnitAttribution]:
-    """IG for each unit set on each prompt of ``fact`` (the prefix cache is shared between sets)."""
+def prompt_scores(lm, prompts: Sequence[str], target_id: int, unit_sets: Sequence[Units], steps: int,
+                  max_rows: int = 1024) -> tuple[list[torch.Tensor], list[float]]:
+    """IG scores ``[n_prompts, n_units]`` per unit set (one prefix run and shared passes per prompt), and ``P(answer)`` per prompt."""
     per_set: list[list[torch.Tensor]] = [[] for _ in unit_sets]
     p_clean: list[float] = []
-    for prompt in fact.prompts:
+    for prompt in prompts:
         runner = PrefixRunner(lm.model, lm.tokenizer(prompt).input_ids)
-        results = integrated_gradients_many(runner, unit_sets, fact.target_id, cfg.steps, max_rows=cfg.batch_size)
-        for j, (sc, p, _) in enumerate(results):
+        results = integrated_gradients_many(runner, unit_sets, target_id, steps, max_rows=max_rows)
+        for j, (sc, _, _) in enumerate(results):
             per_set[j].append(sc.cpu())
         p_clean.append(results[0][1])
+    return [torch.stack(rows) for rows in per_set], p_clean
+
+
+def attribute_fact(lm, fact: Fact, unit_sets: Sequence[Units], cfg: AttributionConfig) -> list[UnitAttribution]:
+    """IG for each unit set on each prompt of ``fact`` (the prefix cache is shared between sets)."""
+    per_set, p_clean = prompt_scores(lm, fact.prompts, fact.target_id, unit_sets, cfg.steps, cfg.batch_size)
     out = []
-    for units, rows in zip(unit_sets, per_set):
-        scores = torch.stack(rows)
+    for units, scores in zip(unit_sets, per_set):
         refined = refine_select(coarse_select(scores, cfg.coarse_threshold), cfg.refine_frac)
         out.append(UnitAttribution(units.label, scores, refined, rank_units(scores, refined, max(cfg.top_k, 10)), p_clean))
     return out

@@ -87,15 +87,19 @@ def run_faithfulness(lm, sae_units: Units, acts: torch.Tensor, facts: Sequence[F
     p_clean = [answer_probs(lm.model, lm.tokenizer, f.prompts, [f.target_id] * len(f.prompts))[0].numpy() for f in facts]
     acfg = AttributionConfig(steps=cfg.attribution_steps, top_k=max(cfg.ks))
     icfg = InfluenceConfig(ks=list(cfg.ks), ops=["suppress"])
+    task = progress.add_task("faithfulness", total=(1 + len(decomps)) * len(facts)) if progress else None
+    tops = []  # per fact, per decomposition: ranked units (all decompositions share each IG pass)
+    for f in facts:
+        tops.append([att.top for att in attribute_fact(lm, f, decomps, acfg)])
+        if progress:
+            progress.advance(task)
     rows = {}
-    task = progress.add_task("faithfulness", total=len(decomps) * len(facts)) if progress else None
-    for units in decomps:
+    for d, units in enumerate(decomps):
         row = {"n_units": units.n_units, **reconstruction_scores(units, ev)}
         row["knowledge"] = knowledge_preservation(lm, units, facts, p_clean)
         per_fact = []
-        for f, pc in zip(facts, p_clean):
-            (att,) = attribute_fact(lm, f, [units], acfg)
-            per_fact.append(fact_delta_prob(lm, f, units, att.top, icfg, pc))
+        for f, pc, top in zip(facts, p_clean, tops):
+            per_fact.append(fact_delta_prob(lm, f, units, top[d], icfg, pc))
             if progress:
                 progress.advance(task)
         row["ablation"] = aggregate(per_fact).get("suppress", {})

@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kscope.attribution import coarse_select, integrated_gradients_many, rank_units, refine_select
-from kscope.prefix import PrefixRunner, continuation_nlls
+from kscope.attribution import coarse_select, prompt_scores, rank_units, refine_select
+from kscope.prefix import continuation_nlls
 from kscope.editors import RuntimeFeatureEdit, WeightEdit, depn_mask, feature_edit_mask
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
@@ -81,17 +81,10 @@ class EraseConfig:
 
 
 def _ig_matrices(lm, facts: Sequence[Fact], unit_sets: Sequence[Units], steps: int) -> tuple[list[torch.Tensor], list[int]]:
-    """Per unit set, IG scores ``[n_prompts, n_units]`` over all edit prompts of ``facts`` (one prefix
-    run and shared batches per prompt), and each row's fact index."""
-    rows: list[list[torch.Tensor]] = [[] for _ in unit_sets]
-    owner = []
-    for i, f in enumerate(facts):
-        for p in f.prompts:
-            runner = PrefixRunner(lm.model, lm.tokenizer(p).input_ids)
-            for j, (sc, _, _) in enumerate(integrated_gradients_many(runner, unit_sets, f.target_id, steps)):
-                rows[j].append(sc.cpu())
-            owner.append(i)
-    return [torch.stack(r) for r in rows], owner
+    """Per unit set, IG scores ``[n_prompts, n_units]`` over all edit prompts of ``facts``, and each row's fact index."""
+    per_fact = [prompt_scores(lm, f.prompts, f.target_id, unit_sets, steps)[0] for f in facts]
+    owner = [i for i, f in enumerate(facts) for _ in f.prompts]
+    return [torch.cat([m[j] for m in per_fact]) for j in range(len(unit_sets))], owner
 
 
 def depn_select(scores: torch.Tensor, threshold: float, n: int) -> list[int]:
@@ -161,16 +154,22 @@ def _exposures(lm, facts: Sequence[Fact]) -> list[float]:
     return out
 
 
-def _measure(lm, erase: Sequence[Fact], keep: Sequence[Fact], unrelated: Sequence[Fact], ppl_texts, base) -> dict:
-    rel = erased_fraction(base["rel"], _produced(lm, erase, "prompts"))
-    gen = erased_fraction(base["gen"], _produced(lm, erase, "heldout_prompts"))
-    loc_pararel = unchanged_fraction(base["top1_unrelated"], _top1(lm, unrelated))
-    loc_private = unchanged_fraction(base["top1_keep"], _top1(lm, keep))
-    ppl = _ppl(lm, ppl_texts)
-    exp = _exposures(lm, erase)
-    return {"rel": rel, "gen": gen, "loc_pararel": loc_pararel, "loc_private": loc_private,
-            "loc": float(np.nanmean([loc_pararel, loc_private])), "ppl": ppl,
-            "delta_ppl": relative_ppl_change(base["ppl"], ppl), "exposure": float(np.mean(exp)) if exp else None}
+def _observe(lm, erase: Sequence[Fact], keep: Sequence[Fact], unrelated: Sequence[Fact], ppl_texts) -> dict:
+    """What the editors are judged on, for the model as it is now."""
+    return {"rel": _produced(lm, erase, "prompts"), "gen": _produced(lm, erase, "heldout_prompts"),
+            "top1_unrelated": _top1(lm, unrelated), "top1_keep": _top1(lm, keep), "ppl": _ppl(lm, ppl_texts),
+            "exposure": _exposures(lm, erase)}
+
+
+def _compare(base: dict, now: dict) -> dict:
+    """Rel / Gen / Loc / ΔPPL / exposure of observations ``now`` against the unedited ``base``."""
+    loc_pararel = unchanged_fraction(base["top1_unrelated"], now["top1_unrelated"])
+    loc_private = unchanged_fraction(base["top1_keep"], now["top1_keep"])
+    exp = now["exposure"]
+    return {"rel": erased_fraction(base["rel"], now["rel"]), "gen": erased_fraction(base["gen"], now["gen"]),
+            "loc_pararel": loc_pararel, "loc_private": loc_private,
+            "loc": float(np.nanmean([loc_pararel, loc_private])), "ppl": now["ppl"],
+            "delta_ppl": relative_ppl_change(base["ppl"], now["ppl"]), "exposure": float(np.mean(exp)) if exp else None}
 
 
 def erase(model_dir: str, cfg: EraseConfig, out: str, device: str = "cpu", cache_dir: str | None = None,
@@ -213,10 +212,9 @@ def erase(model_dir: str, cfg: EraseConfig, out: str, device: str = "cpu", cache
             "feature-edit": chosen_feats,
             "runtime-feature": chosen_feats,
         }
-        base = {"rel": _produced(lm, erase_set, "prompts"), "gen": _produced(lm, erase_set, "heldout_prompts"),
-                "top1_unrelated": _top1(lm, unrelated), "top1_keep": _top1(lm, keep), "ppl": _ppl(lm, ppl_texts)}
+        base = _observe(lm, erase_set, keep, unrelated, ppl_texts)
         clean_state = down_proj_weight(lm.model, cfg.layer).clone()
-        rows = {"none": {**_measure(lm, erase_set, keep, unrelated, ppl_texts, base), "units": [], "n_weights": 0}}
+        rows = {"none": {**_compare(base, base), "units": [], "n_weights": 0}}
         task = progress.add_task("editors", total=len(cfg.methods))
         for m in cfg.methods:
             if m == "runtime-feature":
@@ -227,7 +225,7 @@ def erase(model_dir: str, cfg: EraseConfig, out: str, device: str = "cpu", cache
                 editor = WeightEdit(m, cfg.layer, mask, located[m])
                 n_w = editor.n_weights
             with editor.applied(lm.model):
-                row = _measure(lm, erase_set, keep, unrelated, ppl_texts, base)
+                row = _compare(base, _observe(lm, erase_set, keep, unrelated, ppl_texts))
             if not torch.equal(down_proj_weight(lm.model, cfg.layer), clean_state):
                 raise RuntimeError(f"{m}: restore was not exact")
             rows[m] = {**row, "units": [int(u) for u in located[m]], "n_weights": n_w}
