@@ -9,7 +9,7 @@ from typing import Callable
 
 from kscope.attribution import AttributionConfig, attribute_fact
 from kscope.errors import KscopeError
-from kscope.facts import FactConfig, load_facts, prepare_facts
+from kscope.facts import FactConfig, prepare_facts
 from kscope.faithfulness import FaithfulnessConfig, plot_faithfulness, run_faithfulness
 from kscope.interpret import InterpretConfig, plot_interpretability, score_units
 from kscope.io import read_json, write_json
@@ -62,7 +62,7 @@ class Setup:
 
 def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
     cfg.validate()
-    loaded = load_facts(cfg.facts.facts, cfg.facts.relations, cfg.facts.max_per_relation, cfg.facts.seed)
+    loaded = cfg.facts.load()
     lm = load_model(cfg.model)
     check_layer(lm.model, cfg.layer)
     facts, loaded = prepare_facts(lm, cfg.facts, loaded)

@@ -23,6 +23,23 @@ def H(cls, name: str) -> str:
     raise KeyError(name)
 
 
+def parse_list(text: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (blanks dropped)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _table(title: str, headers: list[str], rows: list[list]):
+    """A rich table of ``rows`` (cells printed with ``str``), columns right-aligned."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for h in headers:
+        t.add_column(h, justify="right")
+    for r in rows:
+        t.add_row(*map(str, r))
+    return t
+
+
 def parse_layers(text: str) -> list[int]:
     """``"12"``, ``"10,12,14"`` or ``"10-14"``."""
     out: list[int] = []
@@ -277,16 +294,11 @@ def faithfulness(
 
     cfg = _analysis_cfg(model, device, facts, max_facts, max_per_relation, layer, site, sae, None, out_dir, seed, known_top_k, min_known_prompts)
     res = run_faithfulness_job(cfg, FaithfulnessConfig(fit_tokens=fit_tokens, ks=parse_layers(ks)))
-    from rich.table import Table
+    from kscope.report import faithfulness_rows
 
-    t = Table(title=f"Decompositions of {res['site']} ({res['n_facts']} facts)")
-    for c in ("decomposition", "units", "L0", "expl. var.", "P recon/clean", "top-1 kept", "ΔProb top-k ablated"):
-        t.add_column(c, justify="right")
-    for name, r in res["decompositions"].items():
-        abl = "  ".join(f"k={k}:{v['mean']:+.3f}" for k, v in r["ablation"].items())
-        t.add_row(name, str(r["n_units"]), f"{r['l0']:.1f}", f"{r['explained_variance']:.3f}",
-                  f"{r['knowledge']['prob_ratio']['mean']:.3f}", f"{r['knowledge']['top1']:.2f}", abl)
-    console.print(t)
+    console.print(_table(f"Decompositions of {res['site']} ({res['n_facts']} facts)",
+                         ["decomposition", "units", "L0", "expl. var.", "P recon/clean", "top-1 kept", "ΔProb top-k ablated"],
+                         faithfulness_rows(res)))
     console.print(f"wrote {out_dir}/faithfulness.json and faithfulness.png")
 
 
@@ -354,7 +366,7 @@ def privacy_build(
     from kscope.privacy import build
     from kscope.privacy_data import PrivacyConfig
 
-    cfg = PrivacyConfig(n_people=people, attributes=[a.strip() for a in attributes.split(",") if a.strip()],
+    cfg = PrivacyConfig(n_people=people, attributes=parse_list(attributes),
                         epochs=epochs, lr=lr, seed=seed)
     m = build(M(model=model, device=device), cfg, out)
     s_ = m["summary"]
@@ -378,22 +390,14 @@ def privacy_erase(
     out: str = typer.Option("runs/privacy.json", "--out", help="JSON results."),
 ):
     """Locate privacy neurons/features and compare erasure editors: Rel, Gen, Loc, ΔPPL, exposure at matched budgets."""
-    from rich.table import Table
-
     from kscope.privacy import EraseConfig, erase
+    from kscope.report import privacy_rows
 
-    cfg = EraseConfig(methods=[m.strip() for m in methods.split(",") if m.strip()], layer=layer, sae=sae, n_erase=n_erase,
+    cfg = EraseConfig(methods=parse_list(methods), layer=layer, sae=sae, n_erase=n_erase,
                       neurons=neurons, features=features, steps=steps, unrelated=unrelated)
-    cfg.validate()
     res = erase(model_dir, cfg, out, device)
-    t = Table(title=f"Erasing {res['n_erased']} private facts at layer {layer} (weight budget {res['weight_budget']})")
-    for c in ("method", "units", "weights", "Rel ↑", "Gen ↑", "Loc ↑", "ΔPPL ↓", "exposure ↓"):
-        t.add_column(c, justify="right")
-    f = lambda v, fmt: "-" if v is None or v != v else format(v, fmt)  # noqa: E731
-    for name, r in res["methods"].items():
-        t.add_row(name, str(len(r["units"])), str(r["n_weights"]), f(r["rel"], ".2f"), f(r["gen"], ".2f"),
-                  f(r["loc"], ".2f"), f(r["delta_ppl"], "+.3f"), f(r["exposure"], ".2f"))
-    console.print(t)
+    console.print(_table(f"Erasing {res['n_erased']} private facts at layer {layer} (weight budget {res['weight_budget']})",
+                         ["method", "units", "weights", "Rel ↑", "Gen ↑", "Loc ↑", "ΔPPL ↓", "exposure ↓"], privacy_rows(res)))
     console.print(f"wrote {out}")
 
 
@@ -417,7 +421,7 @@ def reproduce(
     from kscope.reproduce import ReproduceConfig, run_reproduce
 
     cfg = ReproduceConfig(model=M(model=model, device=device), facts=facts, max_facts=max_facts, layer=layer, out=out,
-                          stages=[s_.strip() for s_ in stages.split(",") if s_.strip()], fresh=fresh, people=people,
+                          stages=parse_list(stages), fresh=fresh, people=people,
                           known_top_k=known_top_k, min_known_prompts=min_known_prompts,
                           sae_train=T(max_tokens=sae_tokens, generate=sae_generate))
     run_reproduce(cfg)

@@ -55,6 +55,10 @@ class FactConfig:
     multi_token: str = field(default="first", metadata={"help": "Objects of several tokens: 'first' (score first token), 'skip' or 'error'."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
+    def load(self) -> list["Fact"]:
+        """The facts this config names, before the known filter."""
+        return load_facts(self.facts, self.relations, self.max_per_relation, self.seed)
+
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
@@ -264,7 +268,7 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
 def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None) -> tuple[list[Fact], list[Fact]]:
     """Load (unless given), resolve and filter facts; raise if nothing is left. Returns ``(known, all_loaded)``."""
     if facts is None:
-        facts = load_facts(cfg.facts, cfg.relations, cfg.max_per_relation, cfg.seed)
+        facts = cfg.load()
     kept = filter_known(lm, facts, cfg)
     if not kept:
         raise KscopeError(

@@ -110,10 +110,9 @@ def run_faithfulness(lm, sae_units: Units, acts: torch.Tensor, facts: Sequence[F
 
 def plot_faithfulness(result: dict, path) -> None:
     """Bar chart: explained variance, knowledge preservation and top-k ablation ΔProb per decomposition."""
-    import matplotlib
+    from kscope.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["decompositions"]
     names = list(rows)

@@ -11,7 +11,7 @@ import torch
 
 from kscope.errors import KscopeError
 from kscope.facts import Fact, resolve_targets
-from kscope.io import atomic_dir
+from kscope.io import atomic_dir, read_json
 from kscope.privacy_data import PrivacyConfig, injection_sentences
 from kscope.scoring import pad_rows
 
@@ -101,11 +101,17 @@ def memorised(lm, facts: Sequence[Fact]) -> list[dict]:
     return rows
 
 
-def save_model_dir(lm, out_dir: str | Path, manifest: dict) -> Path:
-    """Write model + tokenizer + manifest to a *new* directory, atomically."""
+def check_new_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` if it is absent or empty; the privacy jobs never overwrite a directory."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise KscopeError(f"{out} exists and is not empty; give a new directory (inputs are never overwritten)")
+    return out
+
+
+def save_model_dir(lm, out_dir: str | Path, manifest: dict) -> Path:
+    """Write model + tokenizer + manifest to a *new* directory, atomically."""
+    out = check_new_dir(out_dir)
     with atomic_dir(out) as tmp:  # replaces only an empty directory
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
@@ -117,7 +123,7 @@ def read_manifest(model_dir: str | Path) -> dict:
     p = Path(model_dir) / MANIFEST
     if not p.exists():
         raise KscopeError(f"{model_dir} is not a kscope privacy model (no {MANIFEST}); run `kscope privacy build` first")
-    return json.loads(p.read_text())
+    return read_json(p)
 
 
 def facts_from_manifest(manifest: dict) -> list[Fact]:

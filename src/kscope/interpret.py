@@ -187,10 +187,9 @@ def score_units(lm, units: Units, unit_idx: Sequence[int], texts: Sequence[str],
 
 def plot_interpretability(results: dict, path) -> None:
     """IS distributions of neurons vs features (box + strip)."""
-    import matplotlib
+    from kscope.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     kinds = list(results)
     data = [[r["score"] for r in results[k]["rows"]] for k in kinds]

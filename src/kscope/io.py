@@ -22,19 +22,24 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as JSON via a temp file and rename (NaN becomes null)."""
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` via a temp file beside ``path`` and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_clean(data), f, indent=2)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as JSON, atomically (NaN becomes null)."""
+    return write_text(path, json.dumps(_clean(data), indent=2))
 
 
 def read_json(path: str | Path) -> Any:

@@ -122,10 +122,9 @@ def summarize(rows: Sequence[dict]) -> dict:
 
 def plot_monosemanticity(results: dict, fracs: Sequence[float], path) -> None:
     """Overlaid histograms (related vs unrelated, normalised per unit) for each unit kind, plus the mix curves."""
-    import matplotlib
+    from kscope.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     kinds = list(results)
     fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(4.2 * (len(kinds) + 1), 3.6))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,7 +15,7 @@ from kscope.prefix import continuation_nlls
 from kscope.editors import RuntimeFeatureEdit, WeightEdit, depn_mask, feature_edit_mask
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
-from kscope.inject import facts_from_manifest, finetune, greedy_matches, memorised, read_manifest, save_model_dir
+from kscope.inject import check_new_dir, facts_from_manifest, finetune, greedy_matches, memorised, read_manifest, save_model_dir
 from kscope.io import write_json
 from kscope.models import ModelConfig, load_model
 from kscope.pipeline import CorpusConfig, cached_generation, sae_corpus, unit_sets_for_layers
@@ -33,8 +32,7 @@ METHODS = ("feature-edit", "depn", "kn-erase", "runtime-feature")
 
 def build(model_cfg: ModelConfig, cfg: PrivacyConfig, out_dir: str) -> dict:
     """Make the private facts, fine-tune them into the model, save to ``out_dir`` with a manifest."""
-    if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
-        raise KscopeError(f"{out_dir} exists and is not empty; give a new directory")
+    check_new_dir(out_dir)  # before the fine-tune, not after it
     facts = build_private_facts(cfg)
     t0 = time.time()
     lm = load_model(model_cfg)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from kscope.io import write_text
 
-def _plt():
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +20,7 @@ def _plt():
 
 def plot_compare(result: dict, path) -> None:
     """ΔProb vs k for neurons and features, suppress and enhance, with 95% CIs."""
-    plt = _plt()
+    plt = pyplot()
     layers = list(result["summary"])
     fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
     for ax, L in zip(axes[0], layers):
@@ -45,7 +48,7 @@ def plot_compare(result: dict, path) -> None:
 
 def plot_privacy(result: dict, path) -> None:
     """Rel, Gen, Loc and ΔPPL per erasure method."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     methods = [m for m in result["methods"] if m != "none"]
@@ -70,16 +73,17 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _f(v, fmt="+.3f") -> str:
-    return "–" if v is None or v != v else format(v, fmt)
+def fmt(v, spec="+.3f") -> str:
+    """``v`` formatted, or a dash for None / NaN."""
+    return "–" if v is None or v != v else format(v, spec)
 
 
 def _ci(c: dict | None) -> str:
     if not c:
         return "–"
     if c.get("lo") is None:
-        return _f(c.get("mean"))
-    return f"{_f(c['mean'])} [{_f(c['lo'])}, {_f(c['hi'])}]"
+        return fmt(c.get("mean"))
+    return f"{fmt(c['mean'])} [{fmt(c['lo'])}, {fmt(c['hi'])}]"
 
 
 def compare_rows(res: dict) -> list[list]:
@@ -95,15 +99,15 @@ def compare_rows(res: dict) -> list[list]:
 def faithfulness_rows(res: dict) -> list[list]:
     rows = []
     for name, r in res["decompositions"].items():
-        abl = ", ".join(f"k={k}: {_f(v['mean'])}" for k, v in r["ablation"].items())
-        rows.append([name, r["n_units"], _f(r["l0"], ".1f"), _f(r["explained_variance"], ".3f"),
-                     _f(r["knowledge"]["prob_ratio"]["mean"], ".3f"), _f(r["knowledge"]["top1"], ".2f"), abl])
+        abl = ", ".join(f"k={k}: {fmt(v['mean'])}" for k, v in r["ablation"].items())
+        rows.append([name, r["n_units"], fmt(r["l0"], ".1f"), fmt(r["explained_variance"], ".3f"),
+                     fmt(r["knowledge"]["prob_ratio"]["mean"], ".3f"), fmt(r["knowledge"]["top1"], ".2f"), abl])
     return rows
 
 
 def privacy_rows(res: dict) -> list[list]:
-    return [[m, len(r["units"]), r["n_weights"], _f(r["rel"], ".2f"), _f(r["gen"], ".2f"), _f(r["loc"], ".2f"),
-             _f(r["delta_ppl"]), _f(r["exposure"], ".2f")] for m, r in res["methods"].items()]
+    return [[m, len(r["units"]), r["n_weights"], fmt(r["rel"], ".2f"), fmt(r["gen"], ".2f"), fmt(r["loc"], ".2f"),
+             fmt(r["delta_ppl"]), fmt(r["exposure"], ".2f")] for m, r in res["methods"].items()]
 
 
 def write_html(report_dir: Path, results: dict) -> Path:
@@ -127,8 +131,8 @@ def write_html(report_dir: Path, results: dict) -> Path:
                   '<img src="interpret.png">']
     m = results.get("monosemanticity")
     if m:
-        rows = [[k, r["summary"]["n_units"], _ci(r["summary"]["auroc"]), _f(r["summary"].get("cohens_d_median"), ".2f"),
-                 _f(r["summary"]["frac_significant"], ".2f")] for k, r in m["results"].items()]
+        rows = [[k, r["summary"]["n_units"], _ci(r["summary"]["auroc"]), fmt(r["summary"].get("cohens_d_median"), ".2f"),
+                 fmt(r["summary"]["frac_significant"], ".2f")] for k, r in m["results"].items()]
         parts += ["<h2>Monosemanticity</h2>", _table(["units", "n", "AUROC", "median Cohen's d", "frac. p<0.05"], rows),
                   '<img src="monosemanticity.png">']
     p = results.get("privacy")
@@ -139,8 +143,4 @@ def write_html(report_dir: Path, results: dict) -> Path:
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}" \
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>kscope report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
-    out = report_dir / "index.html"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text(report_dir / "index.html", page)

@@ -12,6 +12,7 @@ from kscope.errors import KscopeError
 from kscope.facts import FactConfig
 from kscope.faithfulness import FaithfulnessConfig
 from kscope.interpret import InterpretConfig
+from kscope.inject import MANIFEST
 from kscope.io import read_json, write_json
 from kscope.models import ModelConfig
 from kscope.monosemanticity import MonosemanticityConfig
@@ -55,7 +56,7 @@ def _stage_files(out: Path) -> dict[str, Path]:
         "faithfulness": out / "faithfulness.json",
         "interpret": out / "interpret.json",
         "monosemanticity": out / "monosemanticity.json",
-        "privacy-build": out / "privacy_model" / "kscope_privacy.json",
+        "privacy-build": out / "privacy_model" / MANIFEST,
         "privacy-erase": out / "privacy.json",
     }
 

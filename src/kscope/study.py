@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kscope.attribution import AttributionConfig, attribute_fact
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, load_facts, prepare_facts
+from kscope.facts import Fact, FactConfig, prepare_facts
 from kscope.influence import InfluenceConfig, aggregate, fact_delta_prob
 from kscope.io import write_json
 from kscope.models import ModelConfig, load_model
@@ -66,7 +66,7 @@ def run_study(cfg: StudyConfig, measure: bool = True, facts: list[Fact] | None =
     """
     cfg.validate()
     t0 = time.time()
-    loaded = load_facts(cfg.facts.facts, cfg.facts.relations, cfg.facts.max_per_relation, cfg.facts.seed) if facts is None else facts
+    loaded = cfg.facts.load() if facts is None else facts
     if not loaded:
         raise KscopeError("the fact set is empty")
     lm = lm or load_model(cfg.model)
