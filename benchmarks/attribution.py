@@ -45,7 +45,7 @@ def gpt2_dir(tmp: Path, n_layer: int) -> Path:
     """A random GPT-2-small-shaped model with the SmolLM2 tokenizer (no hub needed)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from kscope.models import resolve_model_path
+    from kscope.model.loading import resolve_model_path
 
     out = tmp / "gpt2-random"
     if (out / "config.json").exists():
@@ -68,17 +68,18 @@ def attributor(method: str, model, tok, steps: int, batch: int):
         kn = KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
         return lambda prompt, obj: kn.get_scores(prompt, " " + obj, batch_size=batch, steps=steps, pbar=False)
 
-    from kscope.attribution import integrated_gradients_many
-    from kscope.prefix import PrefixRunner
+    from kscope.locate.attribution import integrated_gradients_many
+    from kscope.model.prefix import PrefixRunner
     from kscope.facts import answer_token
-    from kscope.sites import Site, site_dim
-    from kscope.units import NeuronUnits
+    from kscope.model.sites import Site, site_dim
+    from kscope.units.base import NeuronUnits
 
     kind = "mlp.pre" if method == "kscope" else "mlp.neurons"
     unit_sets = [NeuronUnits(Site(l, kind), site_dim(model, Site(l, kind))) for l in range(L)]
     if method == "kscope-features":
-        from kscope.pipeline import cached_sae_dir
-        from kscope.sae import TrainSAEConfig, feature_units, load_sae
+        from kscope.units.provision import cached_sae_dir
+        from kscope.units.sae import feature_units, load_sae
+        from kscope.units.training import TrainSAEConfig
 
         d = cached_sae_dir("smollm2", Site(12, "mlp.out"), TrainSAEConfig())
         unit_sets = [feature_units(model, load_sae(str(d)))]
@@ -153,7 +154,7 @@ def main() -> None:
         return
     from scipy.stats import spearmanr
 
-    from kscope.models import resolve_model_path
+    from kscope.model.loading import resolve_model_path
 
     peak = matmul_flops()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,57 +1,18 @@
-"""Tiny randomly initialised LLaMA- and GPT-2-config models with a word-level tokenizer."""
+"""Fixtures: tiny random models, a few facts; quiet progress bars, two torch threads."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kscope.facts import Fact
-from kscope.models import wrap
+from kscope.model.loading import wrap
+from tests.helpers import tiny_gpt2, tiny_llama, word_tokenizer
 
 os.environ.setdefault("KSCOPE_QUIET", "1")
 torch.set_num_threads(2)
-
-PARAREL = Path(__file__).resolve().parents[2] / "shared" / "pararel"
-
-WORDS = (
-    "<pad> <unk> the capital of is city france paris germany berlin italy rome spain madrid "
-    "people in speak french german italian spanish language official a country located "
-    "new york tower eiffel 's and to it one two three . , history science today when"
-).split()
-
-
-def word_tokenizer(extra_texts=()) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over ``WORDS`` plus every word of ``extra_texts``."""
-    words = list(WORDS)
-    splitter = pre_tokenizers.Whitespace()
-    for t in extra_texts:
-        for w, _ in splitter.pre_tokenize_str(t.lower()):
-            if w not in words:
-                words.append(w)
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = __import__("tokenizers").normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
-
-
-def tiny_llama(seed: int = 0, vocab_size: int = len(WORDS)) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg)
 
 
 @pytest.fixture(params=["llama", "gpt2"])

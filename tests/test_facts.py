@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import PARAREL
+from tests.helpers import PARAREL
 from kscope.errors import KscopeError
 from kscope.facts import (
     Fact,
@@ -86,7 +86,7 @@ def test_multi_token_policy(llama_lm):
 def test_filter_known_keeps_only_top_k_prompts(llama_lm, facts):
     import torch
 
-    from kscope.scoring import answer_probs
+    from kscope.model.readout import answer_probs
 
     resolve_targets(facts, llama_lm.tokenizer)
     all_k = filter_known(llama_lm, [Fact(**{k: getattr(f, k) for k in ("subject", "relation", "object", "prompts")}) for f in facts],

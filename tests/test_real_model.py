@@ -5,13 +5,13 @@ import importlib.util
 import pytest
 import torch
 
-from kscope.attribution import integrated_gradients
-from kscope.prefix import PrefixRunner
+from kscope.locate.attribution import integrated_gradients
+from kscope.model.prefix import PrefixRunner
 from kscope.facts import FactConfig, builtin_facts, filter_known
-from kscope.hooks import hooked
-from kscope.models import ModelConfig, load_model
-from kscope.pipeline import neuron_units
-from kscope.sites import SITE_KINDS, Site
+from kscope.model.hooks import hooked
+from kscope.model.loading import ModelConfig, load_model
+from kscope.units.provision import neuron_units
+from kscope.model.sites import SITE_KINDS, Site
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,7 +56,7 @@ def test_ig_completeness_on_real_model(smol):
 
 def test_all_layer_batches_equal_one_layer_at_a_time_on_real_model(smol):
     """The fast path (rows joining at their layer, closed-form head gradient) on the real LLaMA-family model."""
-    from kscope.attribution import integrated_gradients_many, plain_head
+    from kscope.locate.attribution import integrated_gradients_many, plain_head
 
     assert plain_head(smol.model) is not None
     f = builtin_facts()[0]

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from kscope.config import Config, option
 from kscope.errors import KscopeError
 
 
@@ -42,18 +43,19 @@ class Fact:
 
 
 @dataclass
-class FactConfig:
+class FactConfig(Config):
     """Which facts to use and how to filter them."""
 
-    facts: str | None = field(default=None, metadata={"help": "ParaRel directory or .jsonl fact file; default: the built-in set."})
-    relations: list[str] | None = field(default=None, metadata={"help": "ParaRel relation ids to keep (e.g. P36 P103)."})
-    max_facts: int | None = field(default=None, metadata={"help": "Keep at most this many known facts."})
-    max_per_relation: int = field(default=50, metadata={"help": "ParaRel facts sampled per relation before filtering."})
-    max_prompts: int = field(default=8, metadata={"help": "At most this many paraphrases per fact."})
-    known_top_k: int = field(default=1, metadata={"help": "A prompt is known if the answer token is within the top k."})
-    min_known_prompts: int = field(default=2, metadata={"help": "Keep a fact if at least this many of its prompts are known (paraphrases are needed for refinement)."})
-    multi_token: str = field(default="first", metadata={"help": "Objects of several tokens: 'first' (score first token), 'skip' or 'error'."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    facts: str | None = option(None, "ParaRel directory or .jsonl fact file; default: the built-in set.")
+    relations: list[str] | None = option(None, "ParaRel relation ids to keep (e.g. P36,P103); ParaRel only.", flag="relation-ids")
+    max_facts: int | None = option(None, "Keep at most this many known facts.", min=1)
+    max_per_relation: int = option(50, "ParaRel facts sampled per relation before filtering.", min=1)
+    max_prompts: int = option(8, "At most this many paraphrases per fact.", min=1)
+    known_top_k: int = option(1, "A prompt is known if the answer token is within the top k.", min=1)
+    min_known_prompts: int = option(2, "Keep a fact if at least this many of its prompts are known (paraphrases are needed for refinement).", min=1)
+    multi_token: str = option("first", "Objects of several tokens: 'first' (score the first token), 'skip' or 'error'.",
+                              choices=("first", "skip", "error"), label="multi-token policy")
+    seed: int = option(0, "Sampling seed.")
 
     def load(self) -> list["Fact"]:
         """The facts this config names, before the known filter."""
@@ -233,7 +235,7 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
     With ``max_facts``, facts are visited in a seeded random order (so relations mix) and scoring
     stops once enough are kept.
     """
-    from kscope.scoring import answer_probs
+    from kscope.model.readout import answer_probs
 
     facts = resolve_targets(facts, lm.tokenizer, cfg.multi_token)
     if cfg.max_facts is not None:

@@ -9,7 +9,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+from kscope.errors import KscopeError
 
 
 def _clean(obj: Any) -> Any:
@@ -22,6 +24,17 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path, directory: bool = False) -> None:
+    """Give a temp file (0600) or dir (0700) the mode a plain ``open``/``mkdir`` would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` via a temp file beside ``path`` and rename."""
     path = Path(path)
@@ -30,6 +43,7 @@ def write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +67,7 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    honour_umask(tmp, directory=True)
     try:
         yield tmp
         if out.exists():
@@ -62,3 +77,25 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | Path | None, inputs: Sequence[str | Path | None] = (), directory: bool = False) -> None:
+    """Refuse, before any work, an output that is one of the ``inputs``, of the wrong kind, or not writable."""
+    if path is None:
+        return
+    p = Path(path)
+    flag = "--out-dir" if directory else "--out"
+    for i in inputs:
+        if i is not None and Path(i).exists() and p.exists() and p.resolve() == Path(i).resolve():
+            raise KscopeError(f"{flag} {path} is also an input; choose another path")
+    if directory and p.exists() and not p.is_dir():
+        raise KscopeError(f"{flag} {path} is a file, not a directory")
+    if not directory and p.is_dir():
+        raise KscopeError(f"{flag} {path} is a directory; give a file path")
+    anc = p if directory else p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise KscopeError(f"cannot write {path}: {anc} is not a writable directory")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise KscopeError(f"cannot write {path}: permission denied")

@@ -1,0 +1,5 @@
+"""``python -m kscope``: the command line."""
+
+from kscope.app.cli import main
+
+main()

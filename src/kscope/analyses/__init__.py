@@ -1,0 +1,1 @@
+"""One module per evaluation, each with its config, typed result and figure."""

@@ -1,0 +1,108 @@
+"""What the one-layer analyses share: their config, the setup (model, known facts, neurons and SAE
+features, each fact's top units) and how a job writes its JSON and figure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kscope.config import Config, nested, option
+from kscope.errors import KscopeError
+from kscope.facts import Fact, FactConfig, prepare_facts
+from kscope.io import check_writable
+from kscope.locate.attribution import AttributionConfig, attribute_fact
+from kscope.model.loading import LoadedModel, ModelConfig, load_model
+from kscope.model.sites import check_layer
+from kscope.results import Result
+from kscope.units.base import Units
+from kscope.units.corpus import CorpusConfig, sae_corpus
+from kscope.units.provision import SAEInfo, unit_sets_for_layers
+from kscope.units.training import TrainSAEConfig
+
+
+@dataclass
+class AnalysisConfig(Config):
+    """One layer's neurons and SAE features, the known facts, and where to write."""
+
+    model: ModelConfig = nested(ModelConfig)
+    facts: FactConfig = nested(FactConfig, max_facts=60)
+    layer: int = option(12, "Layer to analyse.", min=0)
+    feature_site: str = option("mlp.out", "Site kind of the SAE features.", flag="site", choices=("mlp.out", "resid.post", "mlp.neurons"), label="site kind")
+    sae: str | None = option(None, "SAELens SAE directory; default: train (and cache) one.")
+    sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
+    corpus: CorpusConfig = nested(CorpusConfig)
+    attribution: AttributionConfig = nested(AttributionConfig, steps=10)
+    located: str | None = option(None, "Reuse top units from a compare/locate JSON instead of recomputing IG.")
+    out_dir: str = option("runs", "Directory for the JSON and PNG outputs.")
+
+    def validate(self) -> None:
+        """Checks of the file system, before any model work."""
+        if self.sae and not Path(self.sae).is_dir():
+            raise KscopeError(f"SAE directory {self.sae} does not exist")
+        if self.located and not Path(self.located).exists():
+            raise KscopeError(f"{self.located} does not exist")
+        if self.facts.facts is not None and not Path(self.facts.facts).exists():
+            raise KscopeError(f"fact source {self.facts.facts} does not exist")
+        check_writable(self.out_dir, directory=True)
+
+
+@dataclass
+class Setup:
+    lm: LoadedModel
+    facts: list[Fact]
+    loaded: list[Fact]
+    neurons: Units
+    features: Units
+    sae: SAEInfo
+    tops: dict[str, list[list[int]]]  # kind -> per fact, its ranked units
+
+
+def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
+    """Load the model and facts, obtain the layer's unit sets and (unless given) each fact's top units by IG."""
+    cfg.validate()
+    tops_file = _read_located(cfg.located) if cfg.located and need_tops else None
+    loaded = cfg.facts.load()
+    lm = load_model(cfg.model)
+    check_layer(lm.model, cfg.layer)
+    facts, loaded = prepare_facts(lm, cfg.facts, loaded)
+    sets, infos = unit_sets_for_layers(
+        lm, [cfg.layer], cfg.feature_site, [cfg.sae] if cfg.sae else None, cfg.sae_train,
+        lambda: sae_corpus(lm, loaded, cfg.sae_train, cfg.corpus, progress), cfg.model.device, cfg.model.cache_dir, progress)
+    (neurons, feats), = sets
+    tops: dict = {}
+    if need_tops:
+        tops = located_tops(tops_file, facts, cfg.layer) if tops_file is not None else None
+        if tops is None:
+            tops = {"neuron": [], "feature": []}
+            task = progress.add_task("locating", total=len(facts))
+            for f in facts:
+                an, af = attribute_fact(lm, f, [neurons, feats], cfg.attribution)
+                tops["neuron"].append(an.top)
+                tops["feature"].append(af.top)
+                progress.advance(task)
+    return Setup(lm, facts, loaded, neurons, feats, infos[cfg.layer], tops)
+
+
+def _read_located(path: str):
+    from kscope.locate.compare import CompareResult
+
+    return CompareResult.load(path)
+
+
+def located_tops(res, facts, layer: int) -> dict | None:
+    """Ranked units per fact from a compare/locate result; None if it does not cover these facts."""
+    by_uid = {r.uid: r for r in res.facts}
+    if not all(f.uid in by_uid and layer in by_uid[f.uid].layers and {"neuron", "feature"} <= set(by_uid[f.uid].layers[layer])
+               for f in facts):
+        return None
+    return {kind: [[u.unit for u in by_uid[f.uid].layers[layer][kind].top] for f in facts] for kind in ("neuron", "feature")}
+
+
+def save_outputs(out_dir: str, name: str, result: Result, plot: Callable[[Path], None]) -> Result:
+    """``<out_dir>/<name>.png`` then ``<name>.json`` (the JSON last: its presence marks the job done)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(out / f"{name}.png")
+    result.save(out / f"{name}.json")
+    return result

@@ -1,0 +1,1 @@
+"""The command line, the whole-study run and its report."""

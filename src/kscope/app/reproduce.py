@@ -1,0 +1,188 @@
+"""``kscope reproduce``: the whole study on one model, stage by stage, resumable, into one report.
+
+A stage is reused only when its result exists *and* was made with the same inputs and options
+(a fingerprint of the stage's config is kept beside the results); otherwise it runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kscope.analyses.autointerp import InterpretJob, InterpretResult, run_interpret_job
+from kscope.analyses.faithfulness import FaithfulnessJob, FaithfulnessResult, run_faithfulness_job
+from kscope.analyses.monosemanticity import MonosemanticityJob, MonosemanticityResult, run_monosemanticity_job
+from kscope.config import Config, nested, option
+from kscope.errors import KscopeError
+from kscope.facts import FactConfig
+from kscope.io import check_writable, read_json, write_json
+from kscope.locate.attribution import AttributionConfig
+from kscope.locate.compare import CompareConfig, CompareResult, run_study
+from kscope.model.loading import ModelConfig
+from kscope.privacy.erase import EraseConfig, EraseJob, EraseResult, erase
+from kscope.privacy.inject import MANIFEST, BuildConfig, BuildSummary, build, read_manifest
+from kscope.privacy.dataset import PrivacyConfig
+from kscope.progress import console
+from kscope.results import Result
+from kscope.units.training import TrainSAEConfig
+
+STAGES = ("compare", "faithfulness", "interpret", "monosemanticity", "privacy-build", "privacy-erase")
+FINGERPRINTS = ".stages.json"
+
+
+@dataclass
+class ReproduceConfig(Config):
+    """The whole study: ΔProb, faithfulness, interpretability, monosemanticity, privacy erasure -> <out>/index.html."""
+
+    model: ModelConfig = nested(ModelConfig)
+    facts: str | None = option(None, "ParaRel dir or fact file; default: the built-in facts.")
+    max_facts: int = option(60, "Known facts to study.", min=1)
+    layer: int = option(12, "Layer of the neurons and the SAE.", min=0)
+    out: str = option("report", "Report directory (index.html, results.json, figures).")
+    stages: list[str] = option(help="Stages to run.", factory=lambda: list(STAGES), choices=STAGES, label="stage")
+    fresh: bool = option(False, "Redo stages whose results already exist (default: reuse those made with the same options).")
+    people: int = option(10, "Fictitious people for the privacy stages.", min=1)
+    known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
+    min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)
+    sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
+
+    def validate(self) -> None:
+        if self.facts is not None and not Path(self.facts).exists():
+            raise KscopeError(f"fact source {self.facts} does not exist")
+        check_writable(self.out, directory=True)
+
+
+@dataclass
+class ReproduceResult(Result):
+    """Every stage's result (per-fact detail left in the stage files) and how long each stage took."""
+
+    kind = "reproduce"
+
+    model: str
+    layer: int
+    facts_note: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    compare: CompareResult | None = None
+    faithfulness: FaithfulnessResult | None = None
+    interpret: InterpretResult | None = None
+    monosemanticity: MonosemanticityResult | None = None
+    privacy_build: BuildSummary | None = None
+    privacy: EraseResult | None = None
+    kscope_version: str = ""
+    config: dict = field(default_factory=dict)
+
+
+def _stage_files(out: Path) -> dict[str, Path]:
+    return {
+        "compare": out / "compare.json",
+        "faithfulness": out / "faithfulness.json",
+        "interpret": out / "interpret.json",
+        "monosemanticity": out / "monosemanticity.json",
+        "privacy-build": out / "privacy_model" / MANIFEST,
+        "privacy-erase": out / "privacy.json",
+    }
+
+
+def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
+    """The config each stage runs with: what its fingerprint covers."""
+    out = Path(cfg.out)
+    files = _stage_files(out)
+    facts = FactConfig(facts=cfg.facts, max_facts=cfg.max_facts, known_top_k=cfg.known_top_k, min_known_prompts=cfg.min_known_prompts)
+    common = dict(model=cfg.model, facts=facts, layer=cfg.layer, located=str(files["compare"]), out_dir=str(out),
+                  attribution=AttributionConfig(steps=10), sae_train=cfg.sae_train)
+    return {
+        "compare": CompareConfig(model=cfg.model, facts=facts, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train),
+        "faithfulness": FaithfulnessJob(**common),
+        "interpret": InterpretJob(**common),
+        "monosemanticity": MonosemanticityJob(**common),
+        "privacy-build": BuildConfig(model=cfg.model, privacy=PrivacyConfig(n_people=cfg.people), out=str(files["privacy-build"].parent)),
+        "privacy-erase": EraseJob(model_dir=str(files["privacy-build"].parent), erase=EraseConfig(layer=cfg.layer, unrelated=cfg.facts),
+                                  device=cfg.model.device, cache_dir=cfg.model.cache_dir, sae_train=cfg.sae_train,
+                                  out=str(files["privacy-erase"])),
+    }
+
+
+def fingerprint(stage_cfg: Config, upstream: str = "") -> str:
+    """A hash of everything that shapes a stage: its config and the fingerprints of the stages it reads."""
+    text = json.dumps(asdict(stage_cfg), sort_keys=True, default=str) + upstream
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_UPSTREAM = {"interpret": ("compare",), "monosemanticity": ("compare",), "privacy-erase": ("privacy-build",)}
+
+
+def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
+    from kscope import __version__
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _stage_files(out)
+    configs = stage_configs(cfg)
+    fp_path = out / FINGERPRINTS
+    done_fps: dict = read_json(fp_path) if fp_path.exists() else {}
+    prints: dict[str, str] = {}
+    for stage in STAGES:
+        prints[stage] = fingerprint(configs[stage], "".join(prints[u] for u in _UPSTREAM.get(stage, ())))
+    timings = {}
+    for i, stage in enumerate(cfg.stages, 1):
+        exists = files[stage].exists()
+        same = done_fps.get(stage) == prints[stage]
+        done = exists and same and not cfg.fresh
+        note = " (done, resumed)" if done else " (options changed: running again)" if exists and not same and not cfg.fresh else ""
+        console.rule(f"[bold]stage {i}/{len(cfg.stages)}: {stage}{note}")
+        if done:
+            continue
+        t0 = time.time()
+        scfg = configs[stage]
+        done_fps.pop(stage, None)
+        write_json(fp_path, done_fps)
+        if stage == "compare":
+            from kscope.app.report import plot_compare
+
+            plot_compare(run_study(scfg), out / "compare.png")
+        elif stage == "faithfulness":
+            run_faithfulness_job(scfg)
+        elif stage == "interpret":
+            run_interpret_job(scfg)
+        elif stage == "monosemanticity":
+            run_monosemanticity_job(scfg)
+        elif stage == "privacy-build":
+            if files[stage].parent.exists():
+                shutil.rmtree(files[stage].parent)
+            build(scfg)
+        elif stage == "privacy-erase":
+            from kscope.app.report import plot_privacy
+
+            plot_privacy(erase(scfg), out / "privacy.png")
+        done_fps[stage] = prints[stage]
+        write_json(fp_path, done_fps)
+        timings[stage] = time.time() - t0
+    results = ReproduceResult(cfg.model.model, cfg.layer,
+                              f"facts: {cfg.facts or 'built-in set'}, up to {cfg.max_facts} known facts, layer {cfg.layer}",
+                              timings, kscope_version=__version__, config=asdict(cfg))
+    current = {s: files[s].exists() and done_fps.get(s) == prints[s] for s in STAGES}
+    if current["compare"]:
+        results.compare = CompareResult.load(files["compare"])
+        results.compare.facts = []
+    if current["faithfulness"]:
+        results.faithfulness = FaithfulnessResult.load(files["faithfulness"])
+    if current["interpret"]:
+        results.interpret = InterpretResult.load(files["interpret"])
+    if current["monosemanticity"]:
+        results.monosemanticity = MonosemanticityResult.load(files["monosemanticity"])
+        for r in results.monosemanticity.results.values():
+            r.rows = []
+    if current["privacy-build"]:
+        results.privacy_build = read_manifest(files["privacy-build"].parent).summary
+    if current["privacy-erase"]:
+        results.privacy = EraseResult.load(files["privacy-erase"])
+    results.save(out / "results.json")
+    from kscope.app.report import write_html
+
+    write_html(out, results)
+    return results

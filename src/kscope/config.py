@@ -1,0 +1,125 @@
+"""Typed configs whose fields are the command-line options.
+
+A field declares its option once: default, help, flag name, parser and the checks on its value
+(``min``, ``max``, ``choices``). ``kscope.app.options`` turns a config class into a command; the
+same checks run when a config is built in Python (``Config.__post_init__``), so a bad value is a
+``KscopeError`` naming the option, before any model work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import MISSING, field
+from typing import Any, Callable, Sequence
+
+from kscope.errors import KscopeError
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    flag: str | None = None,
+    aliases: Sequence[str] = (),
+    parse: Callable[[str], Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    choices: Sequence[Any] | None = None,
+    required: bool = False,
+    label: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A config field that is also a CLI option ``--flag`` (default: the field name with dashes).
+
+    ``parse`` turns one command-line string into the value (list fields: each comma-separated
+    item); ``min``/``max``/``choices`` check the value (each element of a list); ``required``
+    makes the option mandatory on the command line (the field's default is then ``None``);
+    ``label`` names one value in messages ("unknown method 'x'").
+    """
+    md = {"help": help, "flag": flag, "aliases": tuple(aliases), "parse": parse, "min": min, "max": max,
+          "choices": tuple(choices) if choices is not None else None, "required": required, "label": label, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=None if required and default is MISSING else default, metadata=md)
+
+
+def nested(cls: type, prefix: str = "", **overrides: Any) -> Any:
+    """A sub-config; its options appear on the command line as ``--<prefix><flag>``."""
+    return field(default_factory=lambda: cls(**overrides), metadata={"nested": True, "prefix": prefix})
+
+
+def flag_of(f: dataclasses.Field, prefix: str = "") -> str:
+    return "--" + prefix + (f.metadata.get("flag") or f.name.replace("_", "-"))
+
+
+def check_value(f: dataclasses.Field, value: Any, flag: str) -> None:
+    """Raise ``KscopeError`` if ``value`` breaks the field's declared ``min``/``max``/``choices``."""
+    md = f.metadata
+    if value is None:
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if md.get("choices") is not None and v not in md["choices"]:
+            what = md.get("label") or f"{flag} value"
+            raise KscopeError(f"unknown {what} {v!r}; choose from {', '.join(map(str, md['choices']))}")
+        if md.get("min") is not None and v < md["min"]:
+            raise KscopeError(f"{flag} must be >= {md['min']:g}, got {v}")
+        if md.get("max") is not None and v > md["max"]:
+            raise KscopeError(f"{flag} must be <= {md['max']:g}, got {v}")
+
+
+class Config:
+    """Base of every config: checks each declared option's value when built."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if "help" in f.metadata:
+                check_value(f, getattr(self, f.name), flag_of(f))
+
+
+def parse_list(text: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (blanks dropped)."""
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise KscopeError(f"not an integer: {text!r}") from None
+
+
+def parse_float(text: str) -> float:
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise KscopeError(f"not a number: {text!r}") from None
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"12"``, ``"10,12,14"``, ``"10-14"`` or a mix, in the order given; a layer given twice is refused."""
+    out: list[int] = []
+    for part in parse_list(text):
+        m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+))?", part)
+        if not m:
+            raise KscopeError(f"cannot parse layers {text!r}; use 12, 10,12 or 10-14")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise KscopeError(f"layer range {part!r} runs backwards; write {b}-{a}")
+        out.extend(range(a, b + 1))
+    if not out:
+        raise KscopeError("no layers given")
+    dup = sorted({x for x in out if out.count(x) > 1})
+    if dup:
+        raise KscopeError(f"layer {dup[0]} is given twice in {text!r}")
+    return out
+
+
+def require(value: Any, flag: str) -> Any:
+    """``value``, or a ``KscopeError`` saying that ``flag`` must be given."""
+    if value is None or value == "":
+        raise KscopeError(f"{flag} is required")
+    return value

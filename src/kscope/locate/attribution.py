@@ -1,0 +1,280 @@
+"""Integrated-gradients attribution of an answer's probability to units (Dai et al. 2022).
+
+For a prompt whose last token predicts the answer, the units ``u`` at a site are read at the last
+position; IG scales them from 0 to their value in ``m`` steps and sums gradients (Riemann, right
+endpoints ``alpha = k/m``): ``IG_i = u_i / m * sum_k dP(answer | alpha_k u) / du_i``.
+For SAE features the error term is held fixed, so the baseline is "all features off, error kept".
+The same code serves neurons and features.
+
+Speed: the prompt prefix is run once and its KV cache reused; the IG steps run as one batch of
+single-token forwards over that cache, so only the last position is recomputed. With several unit
+sets, each set's rows join the batch at its own block (``hooks.grown_batch``), so they skip the
+blocks below it forward and backward; and dP/dlogits is written in closed form, P (e_t - p).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from kscope.config import Config, option
+from kscope.facts import Fact
+from kscope.model.hooks import hooked
+from kscope.model.prefix import PrefixRunner
+from kscope.model.sites import n_layers
+from kscope.units.base import Units
+
+
+@dataclass
+class AttributionConfig(Config):
+    """Integrated gradients and unit selection."""
+
+    steps: int = option(20, "IG steps m (Riemann sum).", min=1)
+    batch_size: int = option(1024, "Most IG rows per forward/backward pass: each unit set (layer) takes steps+1 rows and a fact's sets share passes up to this (at least one set per pass); lower it to save memory.", min=1)
+    coarse_threshold: float = option(0.2, "Coarse selection: keep units scoring >= t x the prompt's max score.", min=0.0, max=1.0)
+    refine_frac: float = option(0.5, "Refinement: keep units selected on >= this fraction of a fact's prompts.", min=0.0, max=1.0)
+    top_k: int = option(10, "Units reported per fact.", min=1)
+
+
+_PLAIN_HEAD: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def plain_head(model) -> nn.Linear | None:
+    """The LM head if ``logits == head(base_model(x))`` exactly (no soft-capping or scaling after it); checked once per model."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or model.base_model is model:
+        return None
+    if model not in _PLAIN_HEAD:
+        ids = torch.arange(3, device=head.weight.device)[None]
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits
+            ours = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+        _PLAIN_HEAD[model] = full.shape == ours.shape and bool(torch.allclose(full, ours, rtol=1e-4, atol=1e-5))
+    return head if _PLAIN_HEAD[model] else None
+
+
+def head_logits(head: nn.Linear, h: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """``head(h)`` ``[rows, vocab]``; on CPU in vocabulary slices of ``chunk`` rows of the weight,
+    which runs ~15-30 % faster than one ``h @ W.T`` with a large vocabulary (measured, 2 cores)."""
+    if h.device.type != "cpu":
+        return head(h)
+    w = head.weight
+    out = h.new_empty(h.shape[0], w.shape[0])
+    for i in range(0, w.shape[0], chunk):
+        torch.mm(h, w[i : i + chunk].T, out=out[:, i : i + chunk])
+    if head.bias is not None:
+        out += head.bias
+    return out
+
+
+def answer_prob_grad(head: nn.Linear, h: torch.Tensor, target_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P(target)`` ``[rows]`` from final hidden states ``h`` ``[rows, d]``, and ``dP/dh`` ``[rows, d]``.
+
+    Closed form, no autograd through the vocabulary: ``dP/dz = P (e_t - softmax(z))``, ``dP/dh = dP/dz @ W``.
+    """
+    with torch.no_grad():
+        p = head_logits(head, h.detach()).float().softmax(-1)  # [rows, vocab]
+        prob = p[:, target_id].clone()
+        g = p.mul_(-prob[:, None])
+        g[:, target_id] += prob
+        return prob, g.to(head.weight.dtype) @ head.weight
+
+
+def ig_alphas(steps: int, rule: str = "right") -> tuple[torch.Tensor, int]:
+    """Points to evaluate and the index the Riemann sum starts at (point 0 is always alpha = 0).
+
+    ``right``: ``0, 1/m, ..., 1`` summing ``k = 1..m`` (Dai et al.); ``linspace``: ``m`` points
+    ``linspace(0, 1, m)`` all summed, as the EleutherAI ``knowledge-neurons`` library does.
+    """
+    if rule == "right":
+        return torch.arange(0, steps + 1) / steps, 1
+    if rule == "linspace":
+        return torch.linspace(0, 1, steps), 0
+    raise ValueError(f"unknown IG rule {rule!r}")
+
+
+def riemann_ig(
+    u: torch.Tensor,
+    f: Callable[[torch.Tensor], torch.Tensor],
+    steps: int = 20,
+    batch_size: int = 20,
+    rule: str = "right",
+) -> tuple[torch.Tensor, float]:
+    """IG of a batched scalar function ``f: [b, n] -> [b]`` from baseline 0 to ``u`` ``[n]``.
+
+    ``u / m * sum_k grad f(alpha_k u)`` over the points of ``ig_alphas``; also returns ``f(0)``.
+    """
+    u = u.detach()
+    total = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+    alphas, first = ig_alphas(steps, rule)
+    alphas = alphas.to(u.device, u.dtype)
+    f0 = float("nan")
+    for start in range(0, len(alphas), batch_size):
+        a = alphas[start : start + batch_size]
+        scaled = (a[:, None] * u[None]).requires_grad_(True)
+        with torch.enable_grad():
+            out = f(scaled)
+            (grad,) = torch.autograd.grad(out.sum(), scaled)
+        if start == 0:
+            f0 = float(out[0].detach())
+            grad = grad[first:]  # under the right rule the baseline is not a Riemann point
+        total += grad.float().sum(0)
+    return u.float() * total / steps, f0
+
+
+def integrated_gradients(
+    runner: PrefixRunner,
+    units: Units,
+    target_id: int,
+    steps: int = 20,
+    batch_size: int = 20,
+    rule: str = "right",
+) -> tuple[torch.Tensor, float, float]:
+    """IG scores ``[n_units]`` of ``P(target)`` at the last position, plus ``f(x)`` and ``f(baseline)``.
+
+    Completeness: ``scores.sum() ~= f(x) - f(baseline)`` as ``steps`` grows.
+    """
+    model = runner.model
+    with torch.no_grad(), hooked(model, capture=[units.site]) as cap:
+        p_clean = float(runner.logits(1).float().softmax(-1)[0, target_id])
+        x = cap[units.site]  # [1, 1, d]
+    u, err = units.split(x)
+    err = err.detach()
+
+    def prob(scaled: torch.Tensor) -> torch.Tensor:  # [b, n] -> [b]
+        edit = lambda _x: (units.decode(scaled[:, None, :]) + err).to(_x.dtype)  # noqa: E731
+        with hooked(model, {units.site: edit}):
+            return runner.logits(scaled.shape[0]).float().softmax(-1)[:, target_id]
+
+    scores, p_base = riemann_ig(u[0, 0], prob, steps, batch_size, rule)
+    return scores.detach(), p_clean, p_base
+
+
+def integrated_gradients_many(
+    runner: PrefixRunner,
+    unit_sets: Sequence[Units],
+    target_id: int,
+    steps: int = 20,
+    rule: str = "right",
+    max_rows: int = 1024,
+) -> list[tuple[torch.Tensor, float, float]]:
+    """``integrated_gradients`` for several unit sets (e.g. every layer) in shared batches.
+
+    Each unit set gets its own block of rows (its IG points), which joins the batch at the set's
+    layer; a site's hook edits only its blocks, so the rows stay independent and one forward and
+    backward serves them all. Same results, wider matrices, no block below a set's layer recomputed.
+    """
+    model = runner.model
+    sites = sorted({u.site for u in unit_sets})
+    head = plain_head(model)
+    with torch.no_grad(), hooked(model, capture=sites) as cap:
+        runner.grown([], head=False)  # clean activations; p_clean is row 0 of the IG passes
+        xs = {s: cap[s] for s in sites}
+    alphas, first = ig_alphas(steps, rule)
+    n = len(alphas)
+    order = sorted(range(len(unit_sets)), key=lambda j: unit_sets[j].site.layer)
+    per_chunk = max(1, max_rows // n)
+    out: dict[int, tuple[torch.Tensor, float, float]] = {}
+    for c in range(0, len(order), per_chunk):
+        chunk = [unit_sets[j] for j in order[c : c + per_chunk]]  # by layer: block j is rows 1 + j n ...
+        split = [u.split(xs[u.site]) for u in chunk]
+        scaled = [(alphas.to(uu.device, uu.dtype)[:, None] * uu[0, 0].detach()[None]).requires_grad_(True) for uu, _ in split]
+        new_rows = [0] * n_layers(model)
+        by_site: dict = {}
+        for j, u in enumerate(chunk):
+            new_rows[u.site.layer] += n
+            by_site.setdefault(u.site, []).append(j)
+
+        def make_edit(js):
+            def edit(x):
+                x = x.clone()
+                for j in js:
+                    recon = chunk[j].decode(scaled[j][:, None, :]) + split[j][1].detach()
+                    x[1 + j * n : 1 + (j + 1) * n] = recon.to(x.dtype)
+                return x
+
+            return edit
+
+        with torch.enable_grad(), hooked(model, {s: make_edit(js) for s, js in by_site.items()}):
+            if head is not None:
+                h = runner.grown(new_rows, head=False)
+                probs, dh = answer_prob_grad(head, h, target_id)
+                grads = torch.autograd.grad(h, scaled, dh)
+            else:
+                probs = runner.grown(new_rows).float().softmax(-1)[:, target_id]
+                grads = torch.autograd.grad(probs.sum(), scaled)
+        probs = probs.detach()
+        for j, (uu, _) in enumerate(split):
+            g = grads[j][first:].float().sum(0)
+            out[order[c + j]] = ((uu[0, 0].float() * g / steps).detach(), float(probs[0]), float(probs[1 + j * n]))
+    return [out[j] for j in range(len(unit_sets))]
+
+
+@dataclass
+class UnitAttribution:
+    """Per-fact result for one unit set. ``scores``: ``[n_prompts, n_units]`` IG scores."""
+
+    units: str
+    scores: torch.Tensor
+    refined: list[int]
+    top: list[int]
+    p_clean: list[float]
+
+    def top_scores(self, k: int | None = None) -> list[tuple[int, float, float]]:
+        """``(unit, mean score, selection frequency)`` of the top ``k`` units; frequency = share of
+        prompts on which the unit scores above zero."""
+        mean = self.scores.mean(0)
+        freq = coarse_select(self.scores, 0.0).float().mean(0)
+        return [(int(i), float(mean[i]), float(freq[i])) for i in (self.top[:k] if k else self.top)]
+
+
+def coarse_select(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``[P, n]`` bool: units whose score is ``>= threshold x`` the max score of their prompt (and > 0)."""
+    mx = scores.max(-1, keepdim=True).values.clamp_min(0)
+    return (scores >= threshold * mx) & (scores > 0)
+
+
+def refine_select(selected: torch.Tensor, frac: float) -> list[int]:
+    """Units selected on ``>= frac`` of the prompts, by frequency then index."""
+    freq = selected.float().mean(0)
+    idx = torch.nonzero(freq >= frac - 1e-9).flatten()
+    order = sorted(idx.tolist(), key=lambda i: (-float(freq[i]), i))
+    return order
+
+
+def rank_units(scores: torch.Tensor, refined: Sequence[int], k: int) -> list[int]:
+    """Top ``k`` units: refined units by mean score, then the rest by mean score."""
+    mean = scores.mean(0)
+    first = sorted(refined, key=lambda i: -float(mean[i]))
+    rest = [i for i in torch.argsort(mean, descending=True).tolist() if i not in set(first)]
+    return (first + rest)[:k]
+
+
+def prompt_scores(lm, prompts: Sequence[str], target_id: int, unit_sets: Sequence[Units], steps: int,
+                  max_rows: int = 1024) -> tuple[list[torch.Tensor], list[float]]:
+    """IG scores ``[n_prompts, n_units]`` per unit set (one prefix run and shared passes per prompt), and ``P(answer)`` per prompt."""
+    per_set: list[list[torch.Tensor]] = [[] for _ in unit_sets]
+    p_clean: list[float] = []
+    for prompt in prompts:
+        runner = PrefixRunner(lm.model, lm.tokenizer(prompt).input_ids)
+        results = integrated_gradients_many(runner, unit_sets, target_id, steps, max_rows=max_rows)
+        for j, (sc, _, _) in enumerate(results):
+            per_set[j].append(sc.cpu())
+        p_clean.append(results[0][1])
+    return [torch.stack(rows) for rows in per_set], p_clean
+
+
+def attribute_fact(lm, fact: Fact, unit_sets: Sequence[Units], cfg: AttributionConfig, n_ranked: int | None = None) -> list[UnitAttribution]:
+    """IG for each unit set on each prompt of ``fact`` (the prefix cache is shared between sets).
+
+    Each set's ``top`` ranks ``n_ranked`` units (default ``cfg.top_k``)."""
+    per_set, p_clean = prompt_scores(lm, fact.prompts, fact.target_id, unit_sets, cfg.steps, cfg.batch_size)
+    out = []
+    for units, scores in zip(unit_sets, per_set):
+        refined = refine_select(coarse_select(scores, cfg.coarse_threshold), cfg.refine_frac)
+        out.append(UnitAttribution(units.label, scores, refined, rank_units(scores, refined, n_ranked or cfg.top_k), p_clean))
+    return out

@@ -1,0 +1,213 @@
+"""The locate and compare jobs: attribute facts to neurons and SAE features, then measure ΔProb."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kscope.config import Config, nested, option, parse_layers
+from kscope.errors import KscopeError
+from kscope.facts import Fact, FactConfig, prepare_facts, resolve_targets
+from kscope.io import check_writable
+from kscope.locate.attribution import AttributionConfig, attribute_fact
+from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
+from kscope.model.loading import ModelConfig, load_model
+from kscope.model.readout import answer_probs
+from kscope.model.sites import check_layer
+from kscope.progress import make_progress
+from kscope.results import Result
+from kscope.stats import Interval
+from kscope.units.corpus import CorpusConfig, sae_corpus
+from kscope.units.provision import SAEInfo, neuron_units, unit_sets_for_layers
+from kscope.units.training import TrainSAEConfig
+
+
+@dataclass
+class StudyConfig(Config):
+    """Locate facts in neurons and SAE features at some layers."""
+
+    model: ModelConfig = nested(ModelConfig)
+    facts: FactConfig = nested(FactConfig)
+    layers: list[int] = option(help="Layers to study (one SAE per layer): 12, 10,12 or 10-14.", factory=lambda: [12], parse=parse_layers, min=0)
+    feature_site: str = option("mlp.out", "Site kind of the SAE features.", flag="site", choices=("mlp.out", "resid.post", "mlp.neurons"), label="site kind")
+    saes: list[str] = option(help="SAELens SAE directories, one per layer; default: train (and cache) one.", factory=list, flag="sae")
+    sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
+    corpus: CorpusConfig = nested(CorpusConfig)
+    attribution: AttributionConfig = nested(AttributionConfig)
+    out: str = option("runs/locate.json", "Where to write the JSON results.")
+
+    def validate(self) -> None:
+        """Checks of the file system, before any model work."""
+        if self.facts.facts is not None and not Path(self.facts.facts).exists():
+            raise KscopeError(f"fact source {self.facts.facts} does not exist")
+        for sae in self.saes:
+            if not Path(sae).is_dir():
+                raise KscopeError(f"SAE directory {sae} does not exist")
+        check_writable(self.out, inputs=[self.facts.facts])
+
+
+@dataclass
+class LocateConfig(StudyConfig):
+    """Top neurons and top SAE features of each known fact (or of one fact given here), with their IG scores."""
+
+    features: bool = option(True, "Also attribute to SAE features.")
+    subject: str | None = option(None, "A single fact: its subject.")
+    relation: str = option("fact", "A single fact: its relation name.")
+    object: str | None = option(None, "A single fact: its object (the answer).")
+    prompts: list[str] = option(help="A single fact: prompts ending right before the object (repeat for paraphrases).", factory=list, flag="prompt")
+
+    def single_fact(self) -> Fact | None:
+        if not (self.subject or self.object or self.prompts):
+            return None
+        if not (self.subject and self.object and self.prompts):
+            raise KscopeError("a single fact needs --subject, --object and at least one --prompt")
+        if self.facts.facts:
+            raise KscopeError("give either --facts or a single fact (--subject/--object/--prompt), not both")
+        return Fact(self.subject, self.relation, self.object, list(self.prompts))
+
+
+@dataclass
+class CompareConfig(StudyConfig):
+    """Neurons vs SAE features: locate each known fact with IG, then ΔProb of suppressing/enhancing its top-k units."""
+
+    facts: FactConfig = nested(FactConfig, max_facts=60)
+    delta_prob: DeltaProbConfig = nested(DeltaProbConfig)
+    out: str = option("runs/compare.json", "Where to write the JSON results.")
+
+
+@dataclass
+class UnitScore:
+    unit: int
+    score: float
+    freq: float
+
+
+@dataclass
+class LocatedUnits:
+    """A fact's units of one kind at one layer: Dai et al.'s refined set, the top units, ΔProb of the top-k."""
+
+    units: str
+    refined: list[int]
+    top: list[UnitScore]
+    p_clean: list[float]
+    delta_prob: dict[str, dict[int, float]] | None = None
+
+
+@dataclass
+class FactLocation:
+    uid: str
+    subject: str
+    relation: str
+    object: str
+    target_token: str
+    multi_token: bool
+    prompts: list[str]
+    layers: dict[int, dict[str, LocatedUnits]] = field(default_factory=dict)
+    p_clean: list[float] | None = None
+
+
+@dataclass
+class UnitSummary:
+    site: str
+    n_units: int
+    mean_refined: float
+    delta_prob: dict[str, dict[int, Interval]] | None = None
+
+
+@dataclass
+class CompareResult(Result):
+    """Per fact and layer, the located units; per layer and unit kind, the summary over facts."""
+
+    kind = "compare"
+
+    model: str
+    n_facts: int
+    n_multi_token: int
+    multi_token_note: str | None
+    config: dict
+    summary: dict[int, dict[str, UnitSummary]]
+    facts: list[FactLocation]
+    seconds: float
+    saes: dict[int, SAEInfo] = field(default_factory=dict)
+    kscope_version: str = ""
+
+
+def _ranked(cfg: StudyConfig) -> int:
+    """Units to rank per fact: enough for the report and for every k measured."""
+    ks = cfg.delta_prob.ks if isinstance(cfg, CompareConfig) else []
+    return max([cfg.attribution.top_k, *ks])
+
+
+def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> CompareResult:
+    """Attribute every known fact at every layer; for a ``CompareConfig`` also ΔProb of the top-k units.
+
+    Writes ``cfg.out`` only after everything succeeded.
+    """
+    from kscope import __version__
+
+    cfg.validate()
+    measure = isinstance(cfg, CompareConfig)
+    with_features = getattr(cfg, "features", True)
+    t0 = time.time()
+    loaded = cfg.facts.load() if facts is None else facts
+    lm = lm or load_model(cfg.model)
+    for layer in cfg.layers:
+        check_layer(lm.model, layer)
+    single = cfg.single_fact() if isinstance(cfg, LocateConfig) else None
+    if single is not None:
+        facts = resolve_targets([single], lm.tokenizer, "error" if cfg.facts.multi_token == "first" else cfg.facts.multi_token)
+        if not facts:
+            raise KscopeError(f"target {single.object!r} is not one token")
+        loaded = facts
+    tcfg = cfg.sae_train
+    with make_progress() as progress:
+        if facts is None:
+            facts, loaded = prepare_facts(lm, cfg.facts, loaded)
+        if with_features:
+            sets, infos = unit_sets_for_layers(lm, cfg.layers, cfg.feature_site, cfg.saes or None, tcfg,
+                                               lambda: sae_corpus(lm, loaded, tcfg, cfg.corpus, progress),
+                                               cfg.model.device, cfg.model.cache_dir, progress)
+        else:
+            sets, infos = [(neuron_units(lm, L), None) for L in cfg.layers], {}
+        task = progress.add_task("facts", total=len(facts))
+        rows: list[FactLocation] = []
+        for fact in facts:
+            row = FactLocation(fact.uid, fact.subject, fact.relation, fact.object, lm.tokenizer.decode([fact.target_id]),
+                               fact.multi_token, fact.prompts)
+            p_clean = None
+            if measure:
+                p_clean, _ = answer_probs(lm.model, lm.tokenizer, fact.prompts, [fact.target_id] * len(fact.prompts))
+                row.p_clean = p_clean.tolist()
+            for neurons, feats in sets:
+                unit_sets = [u for u in (neurons, feats) if u is not None]
+                atts = attribute_fact(lm, fact, unit_sets, cfg.attribution, _ranked(cfg))
+                entry = {}
+                for units, att in zip(unit_sets, atts):
+                    e = LocatedUnits(att.units, att.refined, [UnitScore(*t) for t in att.top_scores(cfg.attribution.top_k)], att.p_clean)
+                    if measure:
+                        e.delta_prob = fact_delta_prob(lm, fact, units, att.top, cfg.delta_prob, p_clean.numpy())
+                    entry[units.kind] = e
+                row.layers[neurons.site.layer] = entry
+            rows.append(row)
+            progress.advance(task)
+    summary: dict[int, dict[str, UnitSummary]] = {}
+    for neurons, feats in sets:
+        L = neurons.site.layer
+        summary[L] = {}
+        for units in (neurons, feats):
+            if units is None:
+                continue
+            located = [r.layers[L][units.kind] for r in rows]
+            s = UnitSummary(units.site.name, units.n_units, sum(len(x.refined) for x in located) / len(located))
+            if measure:
+                s.delta_prob = aggregate([x.delta_prob for x in located])
+            summary[L][units.kind] = s
+    n_multi = sum(f.multi_token for f in facts)
+    result = CompareResult(
+        model=lm.name, n_facts=len(facts), n_multi_token=n_multi,
+        multi_token_note="objects of several tokens are scored by their first token" if n_multi else None,
+        config=asdict(cfg), summary=summary, facts=rows, seconds=time.time() - t0, saes=infos, kscope_version=__version__,
+    )
+    result.save(cfg.out)
+    return result

@@ -1,0 +1,50 @@
+"""ΔProb: how much the answer's probability moves when a fact's top-k units are suppressed or enhanced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from kscope.config import Config, option
+from kscope.facts import Fact
+from kscope.model.readout import answer_probs
+from kscope.stats import mean_ci, relative_change
+from kscope.units.base import OPS, Units
+
+
+@dataclass
+class DeltaProbConfig(Config):
+    """Which interventions on the top units to measure."""
+
+    ks: list[int] = option(help="Numbers of top units to intervene on.", factory=lambda: [1, 5, 10], min=1)
+    ops: list[str] = option(help="suppress (zero) and/or enhance (x2).", factory=lambda: ["suppress", "enhance"], choices=("suppress", "enhance"), label="op")
+    positions: str = option("last", "Intervene at the 'last' token (as attributed) or at 'all' tokens.", choices=("last", "all"))
+
+
+def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: DeltaProbConfig, p_clean: Sequence[float] | None = None) -> dict:
+    """Mean relative probability change over the fact's prompts, ``{op: {k: value}}``."""
+    targets = [fact.target_id] * len(fact.prompts)
+    if p_clean is None:
+        p_clean, _ = answer_probs(lm.model, lm.tokenizer, fact.prompts, targets)
+    out: dict = {}
+    for op in cfg.ops:
+        out[op] = {}
+        for k in cfg.ks:
+            idx = list(top[:k])
+            units.check_index(idx)
+            edits = {units.site: units.edit_fn(OPS[op](idx))}
+            p_new, _ = answer_probs(lm.model, lm.tokenizer, fact.prompts, targets, edits, cfg.positions)
+            out[op][k] = float(relative_change(p_new.numpy(), np.asarray(p_clean)).mean())
+    return out
+
+
+def aggregate(per_fact: Sequence[dict]) -> dict:
+    """``{op: {k: mean_ci}}`` over facts of ``fact_delta_prob`` outputs."""
+    if not per_fact:
+        return {}
+    agg: dict = {}
+    for op, by_k in per_fact[0].items():
+        agg[op] = {k: mean_ci([f[op][k] for f in per_fact]) for k in by_k}
+    return agg

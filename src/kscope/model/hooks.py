@@ -1,0 +1,150 @@
+"""All model hooking lives here: read or rewrite a site's activation during a forward pass.
+
+Hooks are registered inside a context manager and always removed on exit, so the model
+is restored exactly, even when the body raises.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from kscope.model.sites import Site, decoder_layers, site_module
+
+EditFn = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a site activation ``[batch, seq, d]`` to its replacement of the same shape."""
+
+
+def _make_hook(site: Site, kind: str, edit: EditFn | None, store: dict[Site, torch.Tensor] | None):
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if store is not None:
+            store[site] = x
+        return edit(x) if edit is not None else x
+
+    if kind == "pre":
+
+        def pre_hook(_mod: nn.Module, args: tuple):
+            new = apply(args[0])
+            return None if edit is None else (new, *args[1:])
+
+        return pre_hook
+
+    def out_hook(_mod: nn.Module, _args: tuple, out):
+        if isinstance(out, tuple):
+            new = apply(out[0])
+            return None if edit is None else (new, *out[1:])
+        new = apply(out)
+        return None if edit is None else new
+
+    return out_hook
+
+
+@contextmanager
+def hooked(
+    model: nn.Module,
+    edits: Mapping[Site, EditFn] | None = None,
+    capture: Iterable[Site] = (),
+) -> Iterator[dict[Site, torch.Tensor]]:
+    """Run forwards inside with ``edits`` applied and ``capture`` sites recorded.
+
+    Yields a dict that each forward fills with the *incoming* (pre-edit) activation of
+    every captured site, ``[batch, seq, d]``, still attached to the autograd graph.
+    """
+    edits = dict(edits or {})
+    captured: dict[Site, torch.Tensor] = {}
+    capture = set(capture)
+    handles = []
+    try:
+        for site in sorted(set(edits) | capture):
+            module, kind = site_module(model, site)
+            hook = _make_hook(site, kind, edits.get(site), captured if site in capture else None)
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(hook))
+            else:
+                handles.append(module.register_forward_hook(hook))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def grown_batch(model: nn.Module, new_rows: Mapping[int, int]) -> Iterator[None]:
+    """Inside, ``new_rows[l]`` copies of row 0 join the hidden states ``[batch, seq, d]`` at the input of block ``l``.
+
+    Rows that only need to differ from block ``l`` on thus skip the blocks below it, forward and backward.
+    The caller supplies a KV cache whose layer ``l`` holds as many rows as reach block ``l``.
+    """
+
+    def make(n: int):
+        def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict):
+            h = args[0] if args else kwargs["hidden_states"]
+            h = torch.cat([h, h[:1].expand(n, *h.shape[1:])])
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+
+        return pre_hook
+
+    layers = decoder_layers(model)
+    handles = []
+    try:
+        for layer, n in new_rows.items():
+            if n:
+                handles.append(layers[layer].register_forward_pre_hook(make(n), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def at_positions(edit: EditFn, positions: torch.Tensor | None) -> EditFn:
+    """Apply ``edit`` only at one position per row (``positions``: ``[batch]``); ``None`` = everywhere."""
+    if positions is None:
+        return edit
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(x.shape[0], device=x.device)
+        pos = positions.to(x.device)
+        sel = x[rows, pos].unsqueeze(1)  # [batch, 1, d]
+        new = edit(sel).squeeze(1)
+        out = x.clone()
+        out[rows, pos] = new.to(x.dtype)
+        return out
+
+    return fn
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def site_activations(
+    model: nn.Module,
+    sites: Iterable[Site],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[Site, torch.Tensor]:
+    """Activations ``[batch, seq, d]`` of ``sites``; the forward stops after the deepest site."""
+    sites = sorted(set(sites))
+    deepest = max(s.layer for s in sites)
+    out: dict[Site, torch.Tensor] = {}
+    stop_module = site_module(model, Site(deepest, "resid.post"))[0]
+
+    def stop(_mod, _args, _out):
+        raise _StopForward
+
+    with hooked(model, capture=sites) as cap:
+        handle = stop_module.register_forward_hook(stop)
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        out = {s: cap[s].detach() for s in sites}
+    return out

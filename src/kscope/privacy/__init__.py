@@ -1,0 +1,1 @@
+"""PrivacyParaRel: make private facts, inject them, locate and erase them, measure the erasure."""

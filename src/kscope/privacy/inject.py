@@ -1,0 +1,223 @@
+"""Inject private facts by a short fine-tune (loss on the secret's tokens only), save to a new directory."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kscope.config import Config, nested, option
+from kscope.errors import KscopeError
+from kscope.facts import Fact, resolve_targets
+from kscope.io import atomic_dir, check_writable
+from kscope.model.loading import ModelConfig, load_model
+from kscope.model.readout import pad_rows
+from kscope.model.sites import mlp_module, n_layers
+from kscope.privacy.dataset import PrivacyConfig, build_private_facts, injection_sentences
+from kscope.progress import make_progress
+from kscope.results import Result
+
+MANIFEST = "kscope_privacy.json"
+
+
+def _batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids``, ``mask`` and ``labels`` (-100 except on the answer tokens)."""
+    rows, labels = [], []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt, add_special_tokens=True).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids
+        rows.append(p + a)
+        labels.append([-100] * len(p) + a)
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id or 0)
+    lab, _ = pad_rows(labels, -100)
+    return ids.to(device), mask.to(device), lab.to(device)
+
+
+def _trainable(model, which: str) -> list[torch.nn.Parameter]:
+    """All weights, or only the MLPs' (``which="mlp"``)."""
+    if which == "all":
+        return list(model.parameters())
+    params = [p for L in range(n_layers(model)) for p in mlp_module(model, L).parameters()]
+    if not params:
+        raise KscopeError("no MLP weights found to fine-tune")
+    return params
+
+
+def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> list[float]:
+    """Fine-tune ``lm.model`` in place on the injection sentences; returns the loss per epoch run.
+
+    With ``cfg.early_stop``, training ends after the first epoch at which greedy decoding reproduces
+    every secret on every edit prompt.
+    """
+    pairs = injection_sentences(list(facts))
+    model = lm.model
+    params = _trainable(model, cfg.train)
+    model.train()
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    losses = []
+    steps_per_epoch = (len(pairs) + cfg.batch_size - 1) // cfg.batch_size
+    task = progress.add_task("injecting", total=cfg.epochs * steps_per_epoch) if progress else None
+    try:
+        for _ in range(cfg.epochs):
+            rng.shuffle(pairs)
+            total = 0.0
+            for i in range(0, len(pairs), cfg.batch_size):
+                ids, mask, lab = _batch(lm.tokenizer, pairs[i : i + cfg.batch_size], lm.device)
+                loss = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                if progress:
+                    progress.advance(task)
+            losses.append(total / steps_per_epoch)
+            if cfg.early_stop:
+                model.eval()
+                done = all(all(greedy_matches(lm, f.prompts, f.object)) for f in facts)
+                model.train()
+                if done:
+                    if progress:
+                        progress.update(task, completed=cfg.epochs * steps_per_epoch)
+                    break
+    finally:
+        model.eval()
+        model.requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def greedy_matches(lm, prompts: Sequence[str], answer: str, batch_size: int = 32) -> list[bool]:
+    """Does greedy decoding after each prompt reproduce ``" " + answer`` exactly?
+
+    Checked by teacher forcing in one batched forward: greedy reproduces the answer iff at every
+    answer position the argmax is the answer's token given the answer's own prefix.
+    """
+    target = lm.tokenizer(" " + answer, add_special_tokens=False).input_ids
+    if not prompts:
+        return []
+    out: list[bool] = []
+    pad = lm.tokenizer.pad_token_id or 0
+    for s in range(0, len(prompts), batch_size):
+        rows = [lm.tokenizer(p, add_special_tokens=True).input_ids for p in prompts[s : s + batch_size]]
+        ids, mask = pad_rows([r + target for r in rows], pad)
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+        for i, r in enumerate(rows):
+            pred = logits[i, len(r) - 1 : len(r) - 1 + len(target)].argmax(-1).tolist()
+            out.append(pred == target)
+    return out
+
+
+@dataclass
+class Memorised:
+    """A private fact after injection: first-token top-1 rate (edit / held-out prompts), exact greedy match rate (edit)."""
+
+    uid: str
+    top1_edit: float
+    top1_heldout: float | None
+    exact_edit: float
+
+
+def memorised(lm, facts: Sequence[Fact]) -> list[Memorised]:
+    """Per fact: first-token top-1 and exact greedy match, on edit and held-out prompts."""
+    from kscope.model.readout import answer_probs
+
+    facts = resolve_targets(list(facts), lm.tokenizer, "first")
+    rows = []
+    for f in facts:
+        _, r_edit = answer_probs(lm.model, lm.tokenizer, f.prompts, [f.target_id] * len(f.prompts))
+        _, r_held = answer_probs(lm.model, lm.tokenizer, f.heldout_prompts, [f.target_id] * len(f.heldout_prompts))
+        rows.append(Memorised(f.uid, float((r_edit == 0).float().mean()),
+                              float((r_held == 0).float().mean()) if len(r_held) else None,
+                              float(sum(greedy_matches(lm, f.prompts, f.object)) / len(f.prompts))))
+    return rows
+
+
+@dataclass
+class BuildSummary:
+    n_facts: int
+    memorised_top1: int
+    memorised_exact: int
+    losses: list[float]
+    seconds: float
+    epochs_run: int = 0
+
+
+@dataclass
+class PrivacyManifest(Result):
+    """What ``privacy build`` made: the base model, the options, the private facts and how well each was memorised."""
+
+    kind = "privacy-model"
+
+    base_model: str
+    config: dict
+    facts: list[dict]
+    memorised: list[Memorised]
+    summary: BuildSummary
+
+    def private_facts(self) -> list[Fact]:
+        return [Fact(d["subject"], d["relation"], d["object"], d["prompts"], heldout_prompts=d["heldout_prompts"], uid=d["uid"])
+                for d in self.facts]
+
+
+def check_new_dir(out_dir: str | Path | None) -> Path:
+    """``out_dir`` if it is absent or an empty directory; the privacy jobs never overwrite anything."""
+    if not out_dir:
+        raise KscopeError("--out is required")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise KscopeError(f"{out} exists and is a file; give a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise KscopeError(f"{out} exists and is not empty; give a new directory (inputs are never overwritten)")
+    return out
+
+
+def save_model_dir(lm, out_dir: str | Path, manifest: PrivacyManifest) -> Path:
+    """Write model + tokenizer + manifest to a *new* directory, atomically."""
+    out = check_new_dir(out_dir)
+    with atomic_dir(out) as tmp:  # replaces only an empty directory
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        manifest.save(tmp / MANIFEST)
+    return out
+
+
+def read_manifest(model_dir: str | Path) -> PrivacyManifest:
+    p = Path(model_dir) / MANIFEST
+    if not Path(model_dir).is_dir() or not p.exists():
+        raise KscopeError(f"{model_dir} is not a kscope privacy model (no {MANIFEST}); run `kscope privacy build` first")
+    return PrivacyManifest.load(p)
+
+
+@dataclass
+class BuildConfig(Config):
+    """Make PrivacyParaRel, inject it by a short fine-tune, save the model + manifest to a new directory."""
+
+    model: ModelConfig = nested(ModelConfig)
+    privacy: PrivacyConfig = nested(PrivacyConfig)
+    out: str | None = option(help="New directory for the fine-tuned model (never an existing one).", required=True)
+
+
+def build(cfg: BuildConfig) -> PrivacyManifest:
+    """Make the private facts, fine-tune them into the model, save to ``cfg.out`` with a manifest."""
+    check_new_dir(cfg.out)  # before the fine-tune, not after it
+    check_writable(cfg.out, directory=True)
+    facts = build_private_facts(cfg.privacy)
+    t0 = time.time()
+    lm = load_model(cfg.model)
+    with make_progress() as progress:
+        losses = finetune(lm, facts, cfg.privacy, progress)
+    mem = memorised(lm, facts)
+    summary = BuildSummary(len(facts), sum(r.top1_edit >= 0.5 for r in mem), sum(r.exact_edit >= 0.5 for r in mem),
+                           losses, time.time() - t0, len(losses))
+    manifest = PrivacyManifest(cfg.model.model, asdict(cfg.privacy), [f.to_dict() for f in facts], mem, summary)
+    save_model_dir(lm, cfg.out, manifest)
+    return manifest

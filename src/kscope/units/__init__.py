@@ -1,0 +1,1 @@
+"""Units of analysis at a site: neurons, SAE features, other decompositions; SAE training and corpora."""

@@ -1,0 +1,136 @@
+"""One abstraction for "a set of units at a site": MLP neurons (identity dictionary) or SAE features.
+
+A unit set encodes a site activation ``x`` ``[..., d_site]`` into unit activations ``u`` ``[..., n_units]``
+and decodes back. Features keep the SAE error term, so ``x -> decode(edit(encode(x))) + (x - decode(encode(x)))``
+equals ``x`` when the edit does nothing: splicing the SAE in leaves the model's output unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from kscope.errors import KscopeError
+from kscope.model.hooks import EditFn
+from kscope.model.sites import Site
+
+UnitOp = Callable[[torch.Tensor], torch.Tensor]
+"""Maps unit activations ``[..., n_units]`` to edited ones."""
+
+
+class Units:
+    """Base class: identity dictionary over the site's own coordinates (MLP neurons)."""
+
+    kind = "neuron"
+
+    def __init__(self, site: Site, n_units: int):
+        self.site = site
+        self.n_units = n_units
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, u: torch.Tensor) -> torch.Tensor:
+        return u
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u, err)`` with ``decode(u) + err == x``."""
+        u = self.encode(x)
+        return u, x - self.decode(u)
+
+    def edit_fn(self, op: UnitOp) -> EditFn:
+        """A site edit that applies ``op`` to the unit activations and keeps the error term."""
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            u, err = self.split(x)
+            return (self.decode(op(u)) + err).to(x.dtype)
+
+        return fn
+
+    def check_index(self, idx: Sequence[int]) -> None:
+        bad = [i for i in idx if not 0 <= int(i) < self.n_units]
+        if bad:
+            raise KscopeError(f"unit index {bad[0]} out of range for {self.n_units} {self.kind}s at {self.site.name}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}s@{self.site.name}"
+
+
+class NeuronUnits(Units):
+    """MLP neurons (``site.kind`` should be ``mlp.neurons``; any site works as a coordinate basis)."""
+
+    kind = "neuron"
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, torch.zeros_like(x)
+
+    def edit_fn(self, op: UnitOp) -> EditFn:
+        return lambda x: op(x).to(x.dtype)
+
+
+class FeatureUnits(Units):
+    """Features of a SAELens SAE attached at ``site``."""
+
+    kind = "feature"
+
+    def __init__(self, site: Site, sae):
+        super().__init__(site, int(sae.cfg.d_sae))
+        self.sae = sae
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x.to(self.sae.W_enc.dtype))
+
+    def decode(self, u: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(u)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self.encode(x)
+        return u, x.to(u.dtype) - self.decode(u)
+
+    @property
+    def decoder(self) -> torch.Tensor:
+        """Decoder directions ``[n_units, d_site]``."""
+        return self.sae.W_dec
+
+
+def _index(idx: Sequence[int] | torch.Tensor, device) -> torch.Tensor:
+    return torch.as_tensor(list(idx) if not isinstance(idx, torch.Tensor) else idx, dtype=torch.long, device=device)
+
+
+def suppress(idx: Sequence[int]) -> UnitOp:
+    """Zero the units ``idx``."""
+
+    def op(u: torch.Tensor) -> torch.Tensor:
+        u = u.clone()
+        u[..., _index(idx, u.device)] = 0
+        return u
+
+    return op
+
+
+def enhance(idx: Sequence[int], factor: float = 2.0) -> UnitOp:
+    """Multiply the units ``idx`` by ``factor``."""
+
+    def op(u: torch.Tensor) -> torch.Tensor:
+        u = u.clone()
+        i = _index(idx, u.device)
+        u[..., i] = u[..., i] * factor
+        return u
+
+    return op
+
+
+def set_to(idx: Sequence[int], value: float) -> UnitOp:
+    """Set the units ``idx`` to ``value``."""
+
+    def op(u: torch.Tensor) -> torch.Tensor:
+        u = u.clone()
+        u[..., _index(idx, u.device)] = value
+        return u
+
+    return op
+
+
+OPS = {"suppress": suppress, "enhance": enhance}

@@ -1,0 +1,100 @@
+"""SAEs in SAELens format: load (directory or pretrained release), save, evaluate, wrap as feature units."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kscope.errors import KscopeError
+from kscope.io import atomic_dir
+from kscope.model.sites import Site, check_layer, site_dim
+from kscope.units.base import FeatureUnits
+
+
+def load_sae(source: str, device: str = "cpu", sae_id: str | None = None):
+    """A SAELens SAE from a directory (``cfg.json`` + ``sae_weights.safetensors``) or, given
+    ``sae_id``, from a SAELens pretrained release name (needs the hub)."""
+    from sae_lens import SAE
+
+    p = Path(source)
+    if p.is_dir():
+        if not (p / "cfg.json").exists():
+            raise KscopeError(f"{p} is not a SAELens SAE directory (no cfg.json)")
+        return SAE.load_from_disk(p, device=device)
+    if sae_id is None:
+        raise KscopeError(f"SAE {source!r} is not a directory; for a pretrained release also give --sae-id")
+    try:
+        return SAE.from_pretrained(source, sae_id, device=device)
+    except Exception as e:  # noqa: BLE001 - the hub or the release table can fail many ways
+        raise KscopeError(f"cannot load pretrained SAE {source}/{sae_id}: {e}") from e
+
+def sae_site(sae, default: Site | None = None) -> Site:
+    """The site an SAE was trained on, from its SAELens ``hook_name`` metadata."""
+    hook = getattr(sae.cfg.metadata, "hook_name", None)
+    if hook:
+        try:
+            return Site.parse(hook)
+        except KscopeError:
+            pass
+    if default is None:
+        raise KscopeError(f"cannot tell the SAE's site from hook_name={hook!r}; pass --site")
+    return default
+
+def feature_units(model, sae, site: Site | None = None) -> FeatureUnits:
+    site = sae_site(sae, site)
+    check_layer(model, site.layer)
+    d = site_dim(model, site)
+    if int(sae.cfg.d_in) != d:
+        raise KscopeError(f"SAE d_in={sae.cfg.d_in} does not match {site.name} width {d}")
+    return FeatureUnits(site, sae)
+
+
+@dataclass
+class SAEStats:
+    """Reconstruction quality on held-out activations."""
+
+    mse: float
+    explained_variance: float
+    l0: float
+    dead_fraction: float
+    n_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+def sae_stats(x: torch.Tensor, x_hat: torch.Tensor, u: torch.Tensor) -> SAEStats:
+    """Pure metrics. ``x, x_hat``: ``[n, d]``; ``u``: ``[n, d_sae]`` feature activations."""
+    if x.shape[0] == 0:
+        raise KscopeError("no activations to evaluate")
+    err = (x - x_hat).pow(2).sum(-1)
+    var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1)
+    active = u != 0
+    return SAEStats(
+        mse=float(err.mean() / x.shape[1]),
+        explained_variance=float(1 - err.sum() / var.sum().clamp_min(1e-12)),
+        l0=float(active.sum(-1).float().mean()),
+        dead_fraction=float((~active.any(0)).float().mean()),
+        n_tokens=int(x.shape[0]),
+    )
+
+@torch.no_grad()
+def evaluate_sae(sae, acts: torch.Tensor, batch: int = 4096) -> SAEStats:
+    xs, xh, us = [], [], []
+    for i in range(0, acts.shape[0], batch):
+        x = acts[i : i + batch].to(sae.W_enc.device, sae.W_enc.dtype)
+        u = sae.encode(x)
+        xs.append(x.cpu())
+        xh.append(sae.decode(u).cpu())
+        us.append(u.cpu())
+    return sae_stats(torch.cat(xs), torch.cat(xh), torch.cat(us))
+
+def save_sae(sae, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write ``sae`` in SAELens format to ``out_dir`` atomically (plus ``kscope.json`` with ``extra``)."""
+    with atomic_dir(out_dir) as tmp:
+        sae.save_model(tmp)
+        if extra is not None:
+            (tmp / "kscope.json").write_text(json.dumps(extra, indent=2))
+    return Path(out_dir)

@@ -1,0 +1,157 @@
+"""End-to-end CLI on a tiny model saved to disk (loaded by local path, like any HF model)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.helpers import tiny_llama, word_tokenizer
+from kscope.app.cli import app
+from kscope.facts import write_fact_file
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def fact_file(tmp_path, facts):
+    p = tmp_path / "facts.jsonl"
+    write_fact_file(facts, p)
+    return p
+
+
+def _sae(model_dir, tmp_path):
+    out = tmp_path / "sae"
+    r = runner.invoke(app, ["train-sae", "--model", str(model_dir), "--site", "1/mlp.out", "--out", str(out),
+                            "--expansion", "2", "--k", "4", "--max-tokens", "500", "--generate", "4", "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_train_sae_then_compare(model_dir, fact_file, tmp_path):
+    sae = _sae(model_dir, tmp_path)
+    assert (sae / "cfg.json").exists()
+    out = tmp_path / "cmp.json"
+    r = runner.invoke(app, ["compare", "--model", str(model_dir), "--facts", str(fact_file), "--layers", "1",
+                            "--sae", str(sae), "--known-top-k", "100", "--min-known-prompts", "1", "--steps", "4",
+                            "--ks", "1,2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["n_facts"] == 3
+    s = res["summary"]["1"]
+    assert set(s) == {"neuron", "feature"}
+    assert s["neuron"]["site"] == "1/mlp.neurons" and s["feature"]["site"] == "1/mlp.out"
+    assert set(s["neuron"]["delta_prob"]) == {"suppress", "enhance"}
+    assert set(s["neuron"]["delta_prob"]["suppress"]) == {"1", "2"}
+    fact = res["facts"][0]
+    assert len(fact["layers"]["1"]["neuron"]["top"]) == 10
+
+
+def test_locate_single_fact(model_dir, tmp_path):
+    out = tmp_path / "loc.json"
+    r = runner.invoke(app, ["locate", "--model", str(model_dir), "--subject", "france", "--object", "paris",
+                            "--prompt", "the capital of france is", "--prompt", "france 's capital city is",
+                            "--layers", "0,2", "--no-features", "--steps", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert set(res["facts"][0]["layers"]) == {"0", "2"}
+    top = res["facts"][0]["layers"]["0"]["neuron"]["top"]
+    assert top[0]["score"] >= top[-1]["score"]
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--layers", "7"], "unknown layer 7"),
+        (["--layers", "x"], "cannot parse layers"),
+        (["--facts", "/nonexistent/facts.jsonl"], "does not exist"),
+        (["--site", "attn.out"], "unknown site kind"),
+    ],
+)
+def test_bad_inputs_exit_2_and_write_nothing(model_dir, fact_file, tmp_path, args, msg):
+    out = tmp_path / "never.json"
+    base = ["compare", "--model", str(model_dir), "--steps", "2", "--known-top-k", "100", "--out", str(out)]
+    if "--facts" not in args:
+        base += ["--facts", str(fact_file)]
+    if "--layers" not in args:
+        base += ["--layers", "1"]
+    r = runner.invoke(app, base + args)
+    assert r.exit_code == 2, r.output
+    assert msg in " ".join(r.output.split())
+    assert not out.exists()
+
+
+def test_multi_token_target_is_rejected_for_single_fact(model_dir, tmp_path):
+    r = runner.invoke(app, ["locate", "--model", str(model_dir), "--subject", "x", "--object", "new york",
+                            "--prompt", "the city is", "--no-features", "--layers", "0", "--out", str(tmp_path / "o.json")])
+    assert r.exit_code == 2
+    assert "not one token" in r.output
+
+
+def test_empty_fact_file(model_dir, tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("")
+    r = runner.invoke(app, ["compare", "--model", str(model_dir), "--facts", str(p), "--out", str(tmp_path / "o.json")])
+    assert r.exit_code == 2 and "no facts" in r.output
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(model_dir, tmp_path_factory):
+    return _sae(model_dir, tmp_path_factory.mktemp("sae"))
+
+
+@pytest.mark.parametrize("cmd,extra", [("faithfulness", ["--fit-tokens", "300", "--ks", "1,2"]),
+                                       ("interpret", ["--contexts", "40"]),
+                                       ("monosemanticity", ["--top-units", "2"])])
+def test_analysis_commands_write_json_and_png(model_dir, fact_file, tiny_sae, tmp_path, cmd, extra):
+    r = runner.invoke(app, [cmd, "--model", str(model_dir), "--facts", str(fact_file), "--layer", "1",
+                            "--sae", str(tiny_sae), "--out-dir", str(tmp_path), *extra]
+                      + ([] if cmd == "faithfulness" else []), env={"KSCOPE_QUIET": "1"})
+    # The random tiny model knows nothing at top-1: faithfulness etc. must say so clearly.
+    assert r.exit_code == 2 and "none of the 3 facts is known" in " ".join(r.output.split())
+    assert not (tmp_path / f"{cmd}.json").exists()
+
+
+@pytest.mark.parametrize("cmd,extra,keys", [
+    ("faithfulness", ["--fit-tokens", "300", "--ks", "1,2"], {"decompositions"}),
+    ("interpret", ["--contexts", "40"], {"results"}),
+    ("monosemanticity", ["--top-units", "2"], {"results"}),
+])
+def test_analysis_commands_succeed(model_dir, fact_file, tiny_sae, tmp_path, cmd, extra, keys):
+    r = runner.invoke(app, [cmd, "--model", str(model_dir), "--facts", str(fact_file), "--layer", "1", "--sae", str(tiny_sae),
+                            "--known-top-k", "100", "--min-known-prompts", "1", "--out-dir", str(tmp_path), *extra])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / f"{cmd}.json").read_text())
+    assert keys <= set(res)
+    assert (tmp_path / f"{cmd}.png").stat().st_size > 1000
+    if cmd == "faithfulness":
+        assert set(res["decompositions"]) == {"feature", "pca", "ica", "random"}
+        assert res["decompositions"]["pca"]["l0"] <= res["decompositions"]["feature"]["l0"] + 1
+    else:
+        assert set(res["results"]) == {"neuron", "feature"}
+
+
+def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
+    out = tmp_path / "report"
+    args = ["reproduce", "--model", str(model_dir), "--layer", "1", "--out", str(out), "--known-top-k", "100",
+            "--min-known-prompts", "1", "--sae-tokens", "400", "--sae-generate", "4",
+            "--stages", "compare,faithfulness,interpret,monosemanticity"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert {"compare", "faithfulness", "interpret", "monosemanticity"} <= set(res)
+    page = (out / "index.html").read_text()
+    assert "Neurons vs features" in page and "compare.png" in page and (out / "compare.png").exists()
+    stamp = (out / "compare.json").stat().st_mtime_ns
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "done, resumed" in r.output
+    assert (out / "compare.json").stat().st_mtime_ns == stamp
+    r = runner.invoke(app, ["reproduce", "--model", str(model_dir), "--out", str(out), "--stages", "everything"])
+    assert r.exit_code == 2 and "unknown stage" in r.output
