@@ -15,6 +15,25 @@ os.environ.setdefault("KSCOPE_QUIET", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests write SAEs and generated text to a temporary cache, never the user's; the dequantized default
+    model is shared with the user's cache when it is already there (it takes ~20 s to make)."""
+    from kscope.model.loading import default_cache_dir
+
+    real = default_cache_dir() / "smollm2-135m-instruct"
+    cache = tmp_path_factory.mktemp("kscope-cache")
+    if (real / "model.safetensors").exists():
+        (cache / "smollm2-135m-instruct").symlink_to(real)
+    old = os.environ.get("KSCOPE_CACHE")
+    os.environ["KSCOPE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("KSCOPE_CACHE", None)
+    else:
+        os.environ["KSCOPE_CACHE"] = old
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def lm(request):
     model = tiny_llama() if request.param == "llama" else tiny_gpt2()

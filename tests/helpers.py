@@ -44,3 +44,29 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     cfg = GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=3, n_head=4, n_positions=64,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg)
+
+
+def tiny_gemma2(seed: int = 0, vocab_size: int = len(WORDS)):
+    """A tiny Gemma-2-config model: logit soft-capping after the head, so attribution takes the autograd path."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=16,
+                       final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=8)
+    return Gemma2ForCausalLM(cfg)
+
+
+def jumprelu_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
+    """A random JumpReLU SAE in SAELens format (the architecture of Gemma Scope)."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    torch.manual_seed(seed)
+    cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae)
+    cfg.metadata.hook_name = hook_name
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.3)
+        sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
+        sae.threshold.fill_(0.05)
+    return sae

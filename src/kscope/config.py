@@ -28,6 +28,7 @@ def option(
     max: float | None = None,
     choices: Sequence[Any] | None = None,
     required: bool = False,
+    unique: bool = False,
     label: str | None = None,
     cli: bool = True,
 ) -> Any:
@@ -36,10 +37,10 @@ def option(
     ``parse`` turns one command-line string into the value (list fields: each comma-separated
     item); ``min``/``max``/``choices`` check the value (each element of a list); ``required``
     makes the option mandatory on the command line (the field's default is then ``None``);
-    ``label`` names one value in messages ("unknown method 'x'").
+    ``unique`` refuses a list that repeats a value; ``label`` names one value in messages ("unknown method 'x'").
     """
     md = {"help": help, "flag": flag, "aliases": tuple(aliases), "parse": parse, "min": min, "max": max,
-          "choices": tuple(choices) if choices is not None else None, "required": required, "label": label, "cli": cli}
+          "choices": tuple(choices) if choices is not None else None, "required": required, "unique": unique, "label": label, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=md)
     return field(default=None if required and default is MISSING else default, metadata=md)
@@ -60,6 +61,9 @@ def check_value(f: dataclasses.Field, value: Any, flag: str) -> None:
     if value is None:
         return
     items = value if isinstance(value, (list, tuple)) else [value]
+    if md.get("unique") and len(set(items)) < len(items):
+        dup = next(v for v in items if items.count(v) > 1)
+        raise KscopeError(f"{flag}: {dup!r} is given twice")
     for v in items:
         if md.get("choices") is not None and v not in md["choices"]:
             what = md.get("label") or f"{flag} value"
@@ -99,17 +103,21 @@ def parse_float(text: str) -> float:
 
 
 def parse_layers(text: str) -> list[int]:
-    """``"12"``, ``"10,12,14"``, ``"10-14"`` or a mix, in the order given; a layer given twice is refused."""
+    """``"12"``, ``"10,12,14"``, ``"10-14"``, ``"0-27:3"`` (every third) or a mix, in the order given; a layer
+    given twice is refused."""
     out: list[int] = []
     for part in parse_list(text):
-        m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+))?", part)
+        m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+)(?:\s*:\s*(\d+))?)?", part)
         if not m:
-            raise KscopeError(f"cannot parse layers {text!r}; use 12, 10,12 or 10-14")
+            raise KscopeError(f"cannot parse layers {text!r}; use 12, 10,12, 10-14 or 0-27:3")
         a = int(m.group(1))
         b = int(m.group(2)) if m.group(2) is not None else a
+        step = int(m.group(3)) if m.group(3) else 1
         if b < a:
             raise KscopeError(f"layer range {part!r} runs backwards; write {b}-{a}")
-        out.extend(range(a, b + 1))
+        if step < 1:
+            raise KscopeError(f"layer range {part!r}: the step must be >= 1")
+        out.extend(range(a, b + 1, step))
     if not out:
         raise KscopeError("no layers given")
     dup = sorted({x for x in out if out.count(x) > 1})

@@ -24,9 +24,12 @@ class Fact:
     prompts: list[str]
     heldout_prompts: list[str] = field(default_factory=list)
     uid: str = ""
-    # Filled by resolve_targets: the scored answer token and whether the object needed more than one.
+    # Filled by resolve_targets: the answer's first token, whether the object needed more than one, and
+    # (when the whole answer is scored) all its tokens and the first of them that is scored.
     target_id: int | None = None
     multi_token: bool = False
+    target_tokens: list[int] | None = None
+    score_from: int = 0
 
     def __post_init__(self) -> None:
         for name in ("subject", "relation", "object"):
@@ -53,8 +56,11 @@ class FactConfig(Config):
     max_prompts: int = option(8, "At most this many paraphrases per fact.", min=1)
     known_top_k: int = option(1, "A prompt is known if the answer token is within the top k.", min=1)
     min_known_prompts: int = option(2, "Keep a fact if at least this many of its prompts are known (paraphrases are needed for refinement).", min=1)
-    multi_token: str = option("first", "Objects of several tokens: 'first' (score the first token), 'skip' or 'error'.",
-                              choices=("first", "skip", "error"), label="multi-token policy")
+    multi_token: str = option("first", "Objects of several tokens: 'first' (score the first token), 'whole' (score the log-probability "
+                              "of all its tokens, teacher-forced), 'skip' or 'error'.",
+                              choices=("first", "whole", "skip", "error"), label="multi-token policy")
+    answer_tokens: str = option("all", "With --multi-token whole: score 'all' answer tokens, or only the 'distinct' ones after "
+                                "the prefix that every object of the relation shares.", choices=("all", "distinct"))
     seed: int = option(0, "Sampling seed.")
 
     def load(self) -> list["Fact"]:
@@ -64,8 +70,12 @@ class FactConfig(Config):
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise KscopeError(f"{path}:{i}: not UTF-8 (byte {e.start + 1} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -152,8 +162,10 @@ def load_fact_file(path: str | Path) -> list[Fact]:
         missing = [k for k in ("subject", "relation", "object", "prompts") if k not in row]
         if missing:
             raise KscopeError(f"{path}: fact {i} lacks {', '.join(missing)}")
-        if not isinstance(row["prompts"], list):
-            raise KscopeError(f"{path}: fact {i}: 'prompts' must be a list")
+        for key in ("prompts", "heldout_prompts"):
+            value = row.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise KscopeError(f"{path}: fact {i}: {key!r} must be a list of strings")
         facts.append(
             Fact(
                 row["subject"],
@@ -179,19 +191,25 @@ def builtin_facts() -> list[Fact]:
 
 
 def load_facts(source: str | None, relations: Sequence[str] | None = None, max_per_relation: int | None = None, seed: int = 0) -> list[Fact]:
-    """Built-in facts (``None``), a ParaRel directory, or a JSONL fact file."""
+    """Built-in facts (``None``), a ParaRel directory, or a JSONL fact file; ``relations`` keeps those relations
+    (ParaRel ids, or the ``relation`` names of a fact file)."""
     if source is None:
         facts = builtin_facts()
-        if relations:
-            facts = [f for f in facts if f.relation in set(relations)]
     else:
         p = Path(source)
         if p.is_dir():
             facts = load_pararel(p, relations, max_per_relation, seed)
-        elif p.suffix == ".jsonl" or p.exists():
+        elif p.is_file():
             facts = load_fact_file(p)
         else:
             raise KscopeError(f"fact source {source} does not exist")
+    if relations:
+        missing = set(relations) - {f.relation for f in facts}
+        if missing:
+            have = sorted({f.relation for f in facts})
+            raise KscopeError(f"no facts of relation(s) {', '.join(sorted(missing))} in {source or 'the built-in set'} "
+                              f"(it has {', '.join(have[:12])}{' ...' if len(have) > 12 else ''})")
+        facts = [f for f in facts if f.relation in set(relations)]
     if not facts:
         raise KscopeError("the fact set is empty")
     return facts
@@ -212,50 +230,78 @@ def answer_token(tokenizer, obj: str) -> tuple[int, bool]:
     return ids[0], len(ids) > 1
 
 
-def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first") -> list[Fact]:
-    """Set each fact's ``target_id``; handle multi-token objects per ``multi_token``."""
-    if multi_token not in ("first", "skip", "error"):
-        raise KscopeError(f"multi_token must be first, skip or error, not {multi_token!r}")
+def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first", answer_tokens: str = "all") -> list[Fact]:
+    """Set each fact's answer tokens; handle multi-token objects per ``multi_token``.
+
+    ``whole`` scores every token of the object (``answer_tokens="distinct"``: only those after the
+    token prefix shared by all objects of the fact's relation in ``facts``).
+    """
+    if multi_token not in ("first", "whole", "skip", "error"):
+        raise KscopeError(f"multi_token must be first, whole, skip or error, not {multi_token!r}")
     out = []
+    tokens = {f.uid: tokenizer(" " + f.object.strip(), add_special_tokens=False).input_ids for f in facts}
+    shared: dict[str, int] = {}
+    if multi_token == "whole" and answer_tokens == "distinct":
+        from kscope.locate.objectives import shared_prefix
+
+        by_rel: dict[str, list[list[int]]] = {}
+        for f in facts:
+            by_rel.setdefault(f.relation, []).append(tokens[f.uid])
+        shared = {r: shared_prefix(rows) if len(rows) > 1 else 0 for r, rows in by_rel.items()}
     for f in facts:
-        tid, multi = answer_token(tokenizer, f.object)
+        ids = tokens[f.uid]
+        if not ids:
+            raise KscopeError(f"object {f.object!r} of fact {f.uid} tokenizes to nothing")
+        multi = len(ids) > 1
         if multi and multi_token == "error":
-            raise KscopeError(f"target {f.object!r} of fact {f.uid} is not one token ({len(tokenizer(' ' + f.object, add_special_tokens=False).input_ids)} tokens)")
+            raise KscopeError(f"target {f.object!r} of fact {f.uid} is not one token ({len(ids)} tokens)")
         if multi and multi_token == "skip":
             continue
-        f.target_id, f.multi_token = tid, multi
+        f.target_id, f.multi_token = ids[0], multi
+        if multi_token == "whole":
+            f.target_tokens, f.score_from = list(ids), shared.get(f.relation, 0)
         out.append(f)
     return out
 
 
-def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128) -> list[Fact]:
-    """Keep facts the model knows: the answer token is in the top ``known_top_k`` on at least
+def _ranks(lm, part: Sequence[Fact], cfg: FactConfig, batch_size: int) -> list[tuple[int, str, int]]:
+    """``(fact index, prompt, rank)`` for the first ``max_prompts`` prompts of each fact in ``part``; the rank
+    of the answer's first token, or for whole-answer facts the worst rank of its tokens."""
+    from kscope.model.readout import answer_logprobs, answer_probs
+
+    if cfg.multi_token == "whole":
+        out = []
+        for i, f in enumerate(part):
+            prompts = f.prompts[: cfg.max_prompts]
+            _, worst = answer_logprobs(lm.model, lm.tokenizer, prompts, f.target_tokens, f.score_from, batch_size=batch_size)
+            out += [(i, p, int(r)) for p, r in zip(prompts, worst.tolist())]
+        return out
+    pairs = [(i, p) for i, f in enumerate(part) for p in f.prompts[: cfg.max_prompts]]
+    order = sorted(range(len(pairs)), key=lambda j: len(pairs[j][1]))  # less padding
+    _, ranks = answer_probs(lm.model, lm.tokenizer, [pairs[j][1] for j in order], [part[pairs[j][0]].target_id for j in order],
+                            batch_size=batch_size)
+    out = [None] * len(pairs)
+    for j, r in zip(order, ranks.tolist()):
+        out[j] = (*pairs[j], int(r))
+    return out
+
+
+def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128, progress=None) -> list[Fact]:
+    """Keep facts the model knows: the answer is in the top ``known_top_k`` on at least
     ``min_known_prompts`` prompts. Unknown prompts are dropped from kept facts.
 
     With ``max_facts``, facts are visited in a seeded random order (so relations mix) and scoring
     stops once enough are kept.
     """
-    from kscope.model.readout import answer_probs
-
-    facts = resolve_targets(facts, lm.tokenizer, cfg.multi_token)
+    facts = resolve_targets(facts, lm.tokenizer, cfg.multi_token, cfg.answer_tokens)
     if cfg.max_facts is not None:
         facts = random.Random(cfg.seed).sample(facts, len(facts))
+    task = progress.add_task("known facts", total=len(facts)) if progress is not None else None
     kept: list[Fact] = []
     for start in range(0, len(facts), chunk):
         part = facts[start : start + chunk]
-        prompts, owner = [], []
-        for i, f in enumerate(part):
-            for p in f.prompts[: cfg.max_prompts]:
-                prompts.append(p)
-                owner.append(i)
-        order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # less padding
-        _, ranks_sorted = answer_probs(lm.model, lm.tokenizer, [prompts[j] for j in order],
-                                       [part[owner[j]].target_id for j in order], batch_size=batch_size)
-        ranks = [0] * len(prompts)
-        for j, r in zip(order, ranks_sorted.tolist()):
-            ranks[j] = r
         known: dict[int, list[str]] = {}
-        for p, i, r in zip(prompts, owner, ranks):
+        for i, p, r in _ranks(lm, part, cfg, batch_size):
             if r < cfg.known_top_k:
                 known.setdefault(i, []).append(p)
         for i, f in enumerate(part):
@@ -264,17 +310,24 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
                 kept.append(replace(f, prompts=ok))
             if cfg.max_facts is not None and len(kept) >= cfg.max_facts:
                 return kept
+        if task is not None:
+            progress.advance(task, len(part))
     return kept
 
 
-def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None) -> tuple[list[Fact], list[Fact]]:
+def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress=None) -> tuple[list[Fact], list[Fact]]:
     """Load (unless given), resolve and filter facts; raise if nothing is left. Returns ``(known, all_loaded)``."""
     if facts is None:
         facts = cfg.load()
-    kept = filter_known(lm, facts, cfg)
+    kept = filter_known(lm, facts, cfg, progress=progress)
     if not kept:
         raise KscopeError(
             f"none of the {len(facts)} facts is known by the model (answer in top {cfg.known_top_k} "
             f"on >= {cfg.min_known_prompts} prompts); loosen --known-top-k / --min-known-prompts"
         )
+    if cfg.max_facts is not None and len(kept) < cfg.max_facts:
+        from kscope.progress import console
+
+        console.print(f"[yellow]note:[/] only {len(kept)} of the {len(facts)} facts are known by the model "
+                      f"(--max-facts {cfg.max_facts} asked for more)", soft_wrap=True)
     return kept, facts

@@ -60,13 +60,33 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: str | Path) -> None:
+    """Remove temp directories a killed writer of ``out`` left behind (``.<name>-<pid>-*`` of a dead pid)."""
+    out = Path(out)
+    for d in out.parent.glob(f".{out.name}-*-*"):
+        pid = d.name[len(out.name) + 2 :].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temp directory beside ``out``; on success it becomes ``out`` (replacing it if
     ``replace``), on error it is removed, so ``out`` is never half-written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-{os.getpid()}-"))
     honour_umask(tmp, directory=True)
     try:
         yield tmp

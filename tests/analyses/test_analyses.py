@@ -92,6 +92,16 @@ def test_token_explainer_scores_a_token_detector_near_one():
     assert abs(noise["score"]) < 0.5
 
 
+def test_negatively_firing_token_detector_scores_like_its_mirror():
+    rec = _records()
+    neg = ActivationRecords(rec.tokens, -rec.acts)
+    cfg = InterpretConfig(top_contexts=10, heldout_frac=0.4)
+    pos, mirror = interpretability_score(rec, 0, TokenExplainer(3), cfg), interpretability_score(neg, 0, TokenExplainer(3), cfg)
+    assert mirror["sign"] == -1.0 and pos["sign"] == 1.0
+    assert mirror["score"] == pytest.approx(pos["score"]) and mirror["score"] > 0.99
+    assert mirror["explanation"] == pos["explanation"]
+
+
 class _FakeLLM(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -30,7 +30,7 @@ def fact_file(tmp_path, facts):
 def _sae(model_dir, tmp_path):
     out = tmp_path / "sae"
     r = runner.invoke(app, ["train-sae", "--model", str(model_dir), "--site", "1/mlp.out", "--out", str(out),
-                            "--expansion", "2", "--k", "4", "--max-tokens", "500", "--generate", "4", "--epochs", "2"])
+                            "--expansion", "2", "--k", "4", "--max-tokens", "500", "--generate", "40", "--gen-len", "16", "--epochs", "2"])
     assert r.exit_code == 0, r.output
     return out
 
@@ -141,7 +141,7 @@ def test_analysis_commands_succeed(model_dir, fact_file, tiny_sae, tmp_path, cmd
 def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
     out = tmp_path / "report"
     args = ["reproduce", "--model", str(model_dir), "--layer", "1", "--out", str(out), "--known-top-k", "100",
-            "--min-known-prompts", "1", "--sae-tokens", "400", "--sae-generate", "4",
+            "--min-known-prompts", "1", "--sae-tokens", "400", "--generate", "40", "--gen-len", "16", "--sae-expansion", "2",
             "--stages", "compare,faithfulness,interpret,monosemanticity"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -155,3 +155,10 @@ def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
     assert (out / "compare.json").stat().st_mtime_ns == stamp
     r = runner.invoke(app, ["reproduce", "--model", str(model_dir), "--out", str(out), "--stages", "everything"])
     assert r.exit_code == 2 and "unknown stage" in r.output
+    # Other facts: compare runs again (it is not reused under the new options), and so do the stages that read it.
+    r = runner.invoke(app, [*args[:-2], "--max-facts", "2", "--stages", "compare,interpret"])
+    assert r.exit_code == 0, r.output
+    assert "compare (options changed: running again)" in r.output and "interpret (options changed" in r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["compare"]["n_facts"] == 2 and "up to 2 known facts" in res["facts_note"]
+    assert "faithfulness" not in res or res["faithfulness"] is None  # made under the old options: not reported as current

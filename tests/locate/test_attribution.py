@@ -139,3 +139,139 @@ def test_matches_knowledge_neurons_library_exactly(batched):
     else:
         ours = torch.stack([integrated_gradients(runner, u, target, 20, 10, "linspace")[0] for u in sets])
     assert torch.allclose(ours, ref, atol=1e-8, rtol=1e-4)
+
+
+def _whole(lm, prompt="the capital of france is", answer=" paris . it", start=0):
+    from kscope.locate.objectives import Objective
+
+    runner = PrefixRunner(lm.model, lm.tokenizer(prompt).input_ids)
+    return runner, Objective(tuple(lm.tokenizer(answer, add_special_tokens=False).input_ids), start, "logprob")
+
+
+def test_whole_answer_objective_value_is_teacher_forced_logprob(lm):
+    from kscope.model.readout import answer_logprobs
+
+    runner, obj = _whole(lm, start=1)
+    lp, _ = answer_logprobs(lm.model, lm.tokenizer, ["the capital of france is"], obj.tokens, obj.start)
+    ids = lm.tokenizer("the capital of france is").input_ids
+    full = lm.model(torch.tensor([ids + list(obj.tokens)])).logits[0].log_softmax(-1)
+    ref = sum(float(full[len(ids) - 1 + t, obj.tokens[t]]) for t in range(1, len(obj.tokens)))
+    assert abs(float(lp[0]) - ref) < 1e-4
+    assert abs(float(obj.value(runner.logits(1, obj.continuation))[0]) - ref) < 1e-4
+
+
+@pytest.mark.parametrize("kind,start", [("prob", 0), ("logprob", 0), ("logprob", 2)])
+def test_objective_closed_form_gradient_matches_autograd(llama_lm, kind, start):
+    from kscope.locate.attribution import head_logits, plain_head
+    from kscope.locate.objectives import Objective
+
+    head = plain_head(llama_lm.model)
+    torch.manual_seed(0)
+    tokens = (7,) if kind == "prob" else (7, 3, 9, 4)
+    obj = Objective(tokens, start, kind)
+    h = torch.randn(5, len(tokens), head.in_features, requires_grad=True)
+    value, dh = obj.value_grad(head, h, head_logits, chunk=2)
+    ref = obj.value(head(h))
+    (g,) = torch.autograd.grad(ref.sum(), h)
+    assert torch.allclose(value, ref.detach(), atol=1e-5)
+    assert torch.allclose(dh, g, atol=1e-6)
+
+
+def test_whole_answer_ig_many_equals_plain_and_is_complete(lm):
+    from kscope.locate.attribution import integrated_gradients_many
+
+    runner, obj = _whole(lm, start=1)
+    sets = [NeuronUnits(Site(layer, kind), site_dim(lm.model, Site(layer, kind))) for layer in (2, 0) for kind in ("mlp.neurons", "mlp.out")]
+    many = integrated_gradients_many(runner, sets, obj, steps=8, max_rows=20)
+    for u, (s, f, f0) in zip(sets, many):
+        s1, f1, f01 = integrated_gradients(runner, u, obj, steps=8, batch_size=5)
+        assert torch.allclose(s, s1, atol=1e-5, rtol=1e-4)
+        assert abs(f - f1) < 1e-5 and abs(f0 - f01) < 1e-5
+    u = sets[0]
+    s200, f, f0 = integrated_gradients(runner, u, obj, steps=200, batch_size=67)
+    assert abs(float(s200.sum()) - (f - f0)) < 0.02 * abs(f - f0) + 1e-4
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_atp_equals_ig_with_one_step_and_autograd_grad_times_activation(lm, whole):
+    from kscope.locate.attribution import attribution_patching, integrated_gradients_many
+
+    runner, obj = _whole(lm, start=1) if whole else (PrefixRunner(lm.model, lm.tokenizer("the capital of france is").input_ids),
+                                                     lm.tokenizer(" paris", add_special_tokens=False).input_ids[0])
+    sets = [NeuronUnits(Site(layer, kind), site_dim(lm.model, Site(layer, kind))) for layer in (0, 2) for kind in ("mlp.neurons", "mlp.out")]
+    atp = attribution_patching(runner, sets, obj)
+    ig1 = integrated_gradients_many(runner, sets, obj, steps=1)
+    for (a, f), (s, f1, _) in zip(atp, ig1):
+        assert torch.allclose(a, s, atol=1e-6, rtol=1e-4) and abs(f - f1) < 1e-5
+    # Plain autograd on one full forward: grad of the objective w.r.t. each site's activation, times it, summed
+    # over the positions from the prompt's last token on.
+    from kscope.locate.objectives import Objective
+
+    o = obj if isinstance(obj, Objective) else Objective.first_token(obj)
+    ids = lm.tokenizer("the capital of france is").input_ids
+    full = torch.tensor([ids + o.continuation])
+    acts = {}
+
+    def grab(site):
+        def edit(x):
+            y = x.detach().requires_grad_(True)
+            acts[site] = y
+            return y
+        return edit
+
+    from kscope.model.hooks import hooked
+
+    for (a, _), u in zip(atp, sets):
+        with torch.enable_grad(), hooked(lm.model, {u.site: grab(u.site)}):
+            logits = lm.model(full).logits[:, len(ids) - 1 :]
+            (g,) = torch.autograd.grad(o.value(logits).sum(), acts[u.site])
+        ref = (g[0, len(ids) - 1 :] * acts[u.site][0, len(ids) - 1 :]).sum(0)
+        assert torch.allclose(a, ref.detach(), atol=1e-6, rtol=1e-4)
+
+
+def test_atp_is_exact_on_a_linear_toy():
+    """f linear in the units: AtP (one gradient at the input, times the input) is the exact attribution, as is IG."""
+    from kscope.locate.attribution import riemann_ig
+
+    torch.manual_seed(0)
+    u, w = torch.rand(6), torch.randn(6)
+    f = lambda x: x @ w + 0.5  # noqa: E731
+    one, _ = riemann_ig(u, f, steps=1, batch_size=2)
+    many, _ = riemann_ig(u, f, steps=50, batch_size=51)
+    assert torch.allclose(one, u * w, atol=1e-6) and torch.allclose(many, one, atol=1e-6)
+
+
+def _planted(llama_lm):
+    """Neuron j of layer 1 alone writes the answer: its output weights are the answer's unembedding, scaled up."""
+    import copy
+
+    from kscope.model.hooks import site_activations
+    from kscope.model.sites import down_proj_weight
+
+    lm = copy.deepcopy(llama_lm)
+    ids = lm.tokenizer("the capital of france is").input_ids
+    target = lm.tokenizer(" rome", add_special_tokens=False).input_ids[0]
+    a = site_activations(lm.model, [Site(1, "mlp.neurons")], torch.tensor([ids]))[Site(1, "mlp.neurons")][0, -1]
+    j = int(a.argmax())
+    W = down_proj_weight(lm.model, 1)
+    u = lm.model.lm_head.weight[target].clone()
+    W[:, j] = 40.0 * u / u.norm() / float(a[j])
+    lm.model.lm_head.weight[target] *= 30  # random init logits are tiny; let the answer's direction count
+    return lm, ids, target, j
+
+
+@pytest.mark.parametrize("method", ["ig", "atp", "atp-ig"])
+def test_every_method_ranks_a_planted_unit_first(llama_lm, method):
+    from kscope.locate.attribution import prompt_scores
+
+    lm, ids, target, j = _planted(llama_lm)
+    sets = [NeuronUnits(Site(L, "mlp.neurons"), 64) for L in range(3)]
+    scores, p = prompt_scores(lm, ["the capital of france is"], target, sets, steps=8, method=method, shortlist=5)
+    assert p[0] > 0.5  # the planted neuron carries the answer: without it the answer is unlikely
+    from kscope.model.readout import answer_probs
+    from kscope.units.base import suppress
+
+    p0, _ = answer_probs(lm.model, lm.tokenizer, ["the capital of france is"], [target], {sets[1].site: sets[1].edit_fn(suppress([j]))})
+    assert float(p0[0]) < 0.5 * p[0]
+    assert int(scores[1][0].argmax()) == j
+    assert float(scores[1][0, j]) > max(float(s[0].max()) for L, s in enumerate(scores) if L != 1)

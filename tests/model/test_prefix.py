@@ -36,7 +36,7 @@ def test_grown_batch_rows_equal_the_plain_forward(lm):
     edited at its own block differs from the rows that joined above that block."""
     runner = PrefixRunner(lm.model, lm.tokenizer("the capital of germany is").input_ids)
     ref = runner.logits(1)[0]
-    logits = runner.grown([2, 1, 3])
+    logits = runner.grown([2, 1, 3])[:, -1]
     assert logits.shape[0] == 7
     assert torch.allclose(logits, ref.expand_as(logits), atol=1e-5)
 
@@ -46,7 +46,7 @@ def test_grown_batch_rows_equal_the_plain_forward(lm):
         return x
 
     with hooked(lm.model, {Site(1, "mlp.out"): bump_last_row}):
-        edited = runner.grown([2, 1, 0])  # rows 0-2 join at block 0, row 3 at block 1
+        edited = runner.grown([2, 1, 0])[:, -1]  # rows 0-2 join at block 0, row 3 at block 1
     assert torch.allclose(edited[:3], ref.expand(3, -1), atol=1e-5)
     assert not torch.allclose(edited[3], ref, atol=1e-3)
 
@@ -82,3 +82,16 @@ def test_continuation_nlls_equal_scoring_each_row(lm, rows):
 def test_continuation_nlls_need_a_token_after_the_prompt(lm):
     with pytest.raises(ValueError, match="after the prompt"):
         continuation_nlls(lm.model, 3, [[2, 3, 4], [2, 3, 4, 5]])
+
+
+def test_grown_batch_with_a_continuation_equals_full_forwards(lm):
+    """Teacher-forced continuation tokens after the prompt: every position of every joined row equals
+    the plain full forward of prompt + continuation."""
+    ids = lm.tokenizer("the capital of germany is").input_ids
+    cont = lm.tokenizer(" berlin . it", add_special_tokens=False).input_ids
+    runner = PrefixRunner(lm.model, ids)
+    full = lm.model(torch.tensor([ids + cont])).logits[0, len(ids) - 1 :]
+    out = runner.grown([1, 2, 0], continuation=cont)
+    assert out.shape[:2] == (4, 1 + len(cont))
+    assert torch.allclose(out, full.expand_as(out), atol=1e-5)
+    assert torch.allclose(runner.logits(2, cont), full.expand(2, -1, -1), atol=1e-5)

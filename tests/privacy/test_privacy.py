@@ -7,12 +7,15 @@ from typer.testing import CliRunner
 
 from tests.helpers import tiny_llama, word_tokenizer
 from kscope.app.cli import app
-from kscope.privacy.editors import WeightEdit, depn_mask, direction_projection, feature_edit_mask
+from kscope.privacy.dataset import candidates
+from kscope.privacy.editors import (RuntimeFeatureEdit, WeightEdit, direction_projection, feature_edit_mask,
+                                    projection_removal, zero_columns)
 from kscope.errors import KscopeError
+from kscope.privacy.erase import EraseResult
 from kscope.privacy.inject import read_manifest
 from kscope.privacy.select import depn_select, kn_select
 from kscope.privacy.dataset import PrivacyConfig, build_private_facts
-from kscope.privacy.metrics import erased_fraction, exposure, relative_ppl_change, unchanged_fraction
+from kscope.privacy.metrics import erased_fraction, exposure, pareto_front, rank_of, relative_ppl_change, unchanged_fraction
 from kscope.model.sites import down_proj_weight
 
 runner = CliRunner()
@@ -46,8 +49,6 @@ def test_metrics_on_constructed_cases():
 def test_editor_masks_count_exactly():
     torch.manual_seed(0)
     W = torch.randn(8, 16)
-    m = depn_mask(W, [1, 5])
-    assert m.sum() == 16 and m[:, 1].all() and m[:, 5].all() and not m[:, 0].any()
     d = torch.randn(2, 8)
     fm = feature_edit_mask(W, d, budget=16)
     assert int(fm.sum()) == 16
@@ -60,25 +61,66 @@ def test_editor_masks_count_exactly():
     e[0, 3] = 1.0
     assert feature_edit_mask(W, e, budget=4).nonzero()[:, 0].eq(3).all()
     with pytest.raises(KscopeError):
-        depn_mask(W, [99])
-    with pytest.raises(KscopeError):
         feature_edit_mask(W, torch.randn(1, 5), budget=3)
 
 
+def test_projection_removal_leaves_no_located_direction(llama_lm):
+    """After W <- (I - D D+) W, dᵀW = 0 for every located direction, and a direction orthogonal to all of
+    them reads the same as before."""
+    torch.manual_seed(0)
+    W0 = down_proj_weight(llama_lm.model, 1).clone()
+    D = torch.randn(3, W0.shape[0])
+    new = projection_removal(llama_lm.model, {1: D})[1]
+    assert (D @ new).abs().max() < 1e-4 * W0.abs().max()
+    q, _ = torch.linalg.qr(torch.cat([D.T, torch.randn(W0.shape[0], 1)], 1))
+    v = q[:, 3]  # orthogonal to the span of D
+    assert torch.allclose(v @ new, v @ W0, atol=1e-5)
+    assert torch.equal(down_proj_weight(llama_lm.model, 1), W0)  # computing the edit does not apply it
+
+
 def test_weight_edit_changes_exactly_its_weights_and_restores(lm):
-    W0 = down_proj_weight(lm.model, 1).clone()
-    mask = feature_edit_mask(W0, torch.randn(2, W0.shape[0]), budget=37)
-    edit = WeightEdit("feature-edit", 1, mask, [0, 1])
+    W0 = {L: down_proj_weight(lm.model, L).clone() for L in range(3)}
+    edit = WeightEdit("depn", zero_columns(lm.model, [(0, 3), (2, 5), (2, 7)]))
     ids = lm.tokenizer("the capital of france is", return_tensors="pt").input_ids
     clean = lm.model(ids).logits
+    nonzero = int((W0[0][:, 3] != 0).sum() + (W0[2][:, [5, 7]] != 0).sum())
+    assert edit.n_weights(lm.model) == nonzero
     with edit.applied(lm.model):
-        W1 = down_proj_weight(lm.model, 1)
-        changed = (W1 != W0)
-        assert int(changed.sum()) == edit.n_weights == 37 or int((W0[mask] != 0).sum()) == int(changed.sum())
-        assert not changed[~mask].any()
+        assert down_proj_weight(lm.model, 0)[:, 3].eq(0).all() and down_proj_weight(lm.model, 2)[:, [5, 7]].eq(0).all()
+        assert torch.equal(down_proj_weight(lm.model, 1), W0[1])
         assert not torch.equal(lm.model(ids).logits, clean)
-    assert torch.equal(down_proj_weight(lm.model, 1), W0)
+    assert all(torch.equal(down_proj_weight(lm.model, L), W0[L]) for L in range(3))
     assert torch.equal(lm.model(ids).logits, clean)
+    with pytest.raises(KscopeError):
+        zero_columns(lm.model, [(0, 999)])
+
+
+def test_negative_clamp_flips_only_firing_features():
+    from kscope.model.sites import Site
+    from kscope.units.base import Units
+
+    class Ident(Units):
+        pass
+
+    units = Ident(Site(0, "mlp.out"), 4)
+    op = RuntimeFeatureEdit({0: (units, [1, 2])}, negative=3.0)._op([1, 2])
+    u = torch.tensor([[1.0, 2.0, -0.5, 4.0]])
+    assert op(u).tolist() == [[1.0, -6.0, -0.5, 4.0]]
+    assert RuntimeFeatureEdit({0: (units, [1, 2])})._op([1, 2])(u).tolist() == [[1.0, 0.0, 0.0, 4.0]]
+
+
+def test_pareto_front_and_ranks():
+    pts = [[0.9, 0.8], [0.5, 0.9], [0.4, 0.4], [0.9, 0.8], [float("nan"), 1.0]]
+    assert pareto_front(pts) == [0, 1, 3, 4]
+    assert rank_of(1.0, [3.0, 1.0, 0.5, 2.0]) == 2
+    assert rank_of(0.1, [0.1, 0.1]) == 1
+
+
+def test_candidates_hold_the_secret():
+    assert len(candidates("phone", "555-0123")) == 900 and "555-0123" in candidates("phone", "555-0123")
+    c = candidates("email", "doran12@corvex.com", 20)
+    assert len(c) == 20 == len(set(c)) and c[0] == "doran12@corvex.com"
+    assert candidates("birthdate", "May 3, 1970", 5) == candidates("birthdate", "May 3, 1970", 5)
 
 
 def test_selectors():
@@ -91,67 +133,94 @@ def _file_hash(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+CORPUS = ["the capital of france is paris", "people in spain speak spanish", "the capital of germany is berlin",
+          "the eiffel tower is in paris", "the official language of italy is italian", "history and science today",
+          "one two three and it is a country", "when people speak french in the city", "new york is a city"]
+
+
 @pytest.fixture(scope="module")
 def privacy_model(tmp_path_factory):
-    facts = build_private_facts(PrivacyConfig(n_people=2, attributes=["city", "employer", "phone"]))
-    texts = [p + " " + f.object for f in facts for p in f.prompts + f.heldout_prompts]
+    """A tiny LLaMA with 12 private facts of 4 people injected into its MLPs only (so that the MLPs hold them)."""
+    facts = build_private_facts(PrivacyConfig(n_people=4, attributes=["city", "employer", "phone"]))
+    texts = [p + " " + f.object for f in facts for p in f.prompts + f.heldout_prompts] + CORPUS
     tok = word_tokenizer(texts)
     base = tmp_path_factory.mktemp("base")
     tiny_llama(vocab_size=len(tok)).save_pretrained(base)
     tok.save_pretrained(base)
     out = tmp_path_factory.mktemp("p") / "injected"
-    r = runner.invoke(app, ["privacy", "build", "--model", str(base), "--out", str(out), "--people", "2",
-                            "--attributes", "city,employer,phone", "--epochs", "60", "--lr", "3e-3"])
+    r = runner.invoke(app, ["privacy", "build", "--model", str(base), "--out", str(out), "--people", "4",
+                            "--attributes", "city,employer,phone", "--epochs", "80", "--lr", "3e-3", "--train", "mlp"])
     assert r.exit_code == 0, r.output
-    return base, out
+    corpus = tmp_path_factory.mktemp("c") / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS * 12))
+    return base, out, corpus
 
 
 def test_build_memorises_and_refuses_existing_dir(privacy_model):
-    base, out = privacy_model
+    base, out, _ = privacy_model
     m = read_manifest(out)
-    assert m.summary.n_facts == 6
-    assert m.summary.memorised_exact >= 4
+    assert m.summary.n_facts == 12
+    assert m.summary.memorised_exact >= 10
     assert m.summary.losses[-1] < m.summary.losses[0]
     r = runner.invoke(app, ["privacy", "build", "--model", str(base), "--out", str(out), "--people", "2"])
     assert r.exit_code == 2 and "not empty" in r.output
 
 
-def test_erase_compares_methods_without_touching_input(privacy_model, tmp_path, facts):
-    base, out = privacy_model
+def test_early_stop_ends_once_all_is_memorised(tmp_path, privacy_model):
+    base, _, _ = privacy_model
+    out = tmp_path / "early"
+    r = runner.invoke(app, ["privacy", "build", "--model", str(base), "--out", str(out), "--people", "4",
+                            "--attributes", "city,employer,phone", "--epochs", "200", "--lr", "3e-3", "--train", "mlp", "--early-stop"])
+    assert r.exit_code == 0, r.output
+    s = read_manifest(out).summary
+    assert s.epochs_run < 200 and s.memorised_exact == s.n_facts
+
+
+def test_mlp_only_injection_leaves_attention_untouched(privacy_model):
+    from safetensors.torch import load_file
+
+    base, out, _ = privacy_model
+    a, b = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if ".mlp." not in k)
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".mlp." in k)
+
+
+def test_located_neurons_erase_and_random_ones_do_not(privacy_model, tmp_path):
+    """On a model whose MLPs hold the secrets: zeroing every MLP erases them all (positive control); DEPN's
+    located neurons erase most of them at a budget where as many random neurons erase few; the input
+    model directory is not written."""
+    base, out, corpus = privacy_model
     weights = out / "model.safetensors"
     before = _file_hash(weights)
-    sae_dir = tmp_path / "sae"
-    r = runner.invoke(app, ["train-sae", "--model", str(out), "--site", "1/mlp.out", "--out", str(sae_dir),
-                            "--expansion", "2", "--k", "4", "--max-tokens", "400", "--generate", "2", "--epochs", "2"])
-    assert r.exit_code == 0, r.output
-    unrel = tmp_path / "unrel.jsonl"
-    from kscope.facts import write_fact_file
-
-    write_fact_file(facts, unrel)
     res_path = tmp_path / "privacy.json"
-    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layer", "1", "--sae", str(sae_dir),
-                            "--neurons", "4", "--features", "3", "--steps", "4", "--unrelated", str(unrel),
-                            "--out", str(res_path)])
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0-2", "--neuron-budgets", "8,64",
+                            "--feature-budgets", "4,16", "--steps", "3", "--text", str(corpus), "--generate", "0",
+                            "--sae-max-tokens", "600", "--sae-expansion", "2", "--sae-k", "4", "--ppl-texts", "2",
+                            "--generic-texts", "4", "--max-unrelated", "5", "--out", str(res_path)])
     assert r.exit_code == 0, r.output
-    res = json.loads(res_path.read_text())
-    assert set(res["methods"]) == {"none", "feature-edit", "depn", "kn-erase", "runtime-feature"}
-    d_model = 32
-    assert res["weight_budget"] == 4 * d_model
-    assert res["methods"]["depn"]["n_weights"] == 4 * d_model
-    assert res["methods"]["feature-edit"]["n_weights"] == 4 * d_model
-    assert res["methods"]["kn-erase"]["n_weights"] == len(res["methods"]["kn-erase"]["units"]) * d_model
-    assert res["methods"]["none"]["rel"] == 0.0 and res["methods"]["none"]["loc"] == 1.0
-    for m in ("depn", "feature-edit"):
-        assert 0.0 <= res["methods"][m]["rel"] <= 1.0
+    res = EraseResult.load(res_path)
+    pt = {(p.method, p.budget): p for p in res.points}
+    assert {m for m, _ in pt} == {"depn", "kn-erase", "feature-edit", "feature-project", "runtime-zero", "runtime-negative",
+                                  "random-neurons", "random-features", "mlp-zero", "mlp-zero-all"}
+    assert pt[("mlp-zero-all", 0)].rel == 1.0 and pt[("mlp-zero", 0)].n_units == 3 * 64
+    assert pt[("depn", 64)].rel >= 0.8
+    assert pt[("random-neurons", 64)].rel <= 0.5 * pt[("depn", 64)].rel
+    assert pt[("depn", 64)].n_weights == 64 * 32 and pt[("depn", 64)].dlogp.mean < pt[("random-neurons", 64)].dlogp.mean
+    assert sum(res.located["neuron"].values()) == 64 and set(res.located["neuron"]) <= {0, 1, 2}
+    assert pt[("runtime-zero", 16)].n_weights == 0
     assert _file_hash(weights) == before
 
 
 def test_erase_bad_inputs(tmp_path, privacy_model):
-    _, out = privacy_model
+    _, out, _ = privacy_model
     r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--method", "lobotomy"])
     assert r.exit_code == 2 and "unknown method" in r.output
     r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(tmp_path)])
     assert r.exit_code == 2 and "privacy build" in r.output
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0,7"])
+    assert r.exit_code == 2 and "unknown layer 7" in r.output
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--neuron-budgets", "8,8"])
+    assert r.exit_code == 2 and "given twice" in r.output
 
 
 def test_teacher_forced_match_equals_greedy_generation(llama_lm):

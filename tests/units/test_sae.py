@@ -3,8 +3,9 @@ import torch
 
 from kscope.errors import KscopeError
 from kscope.model.hooks import hooked
-from kscope.units.provision import train_sae
-from kscope.units.sae import feature_units, load_sae, sae_site, sae_stats, save_sae
+from kscope.units.corpus import collect_activations
+from kscope.units.training import train_saes
+from kscope.units.sae import evaluate_sae, feature_units, load_sae, sae_site, sae_stats, save_sae
 from kscope.units.training import TrainSAEConfig
 from kscope.model.sites import Site
 from kscope.units.base import FeatureUnits, suppress
@@ -16,8 +17,10 @@ TEXTS = ["the capital of france is paris", "people in spain speak spanish", "the
 @pytest.fixture
 def trained(llama_lm):
     site = Site(1, "mlp.out")
-    cfg = TrainSAEConfig(expansion=2, k=8, batch_tokens=32, epochs=60, lr=3e-3, max_tokens=2000, generate=0)
-    sae, stats = train_sae(llama_lm, site, cfg, TEXTS, "cpu")
+    cfg = TrainSAEConfig(expansion=2, k=8, batch_tokens=32, epochs=60, lr=3e-3, max_tokens=2000)
+    acts = collect_activations(llama_lm, site, TEXTS, 2000)
+    sae = train_saes({site: acts[20:]}, cfg, "tiny")[site]
+    stats = evaluate_sae(sae, acts[:20]).to_dict()
     return sae, stats, site
 
 
@@ -72,3 +75,55 @@ def test_sae_errors(tmp_path, llama_lm, trained):
     sae.cfg.metadata.hook_name = "blocks.9.hook_mlp_out"
     with pytest.raises(KscopeError, match="unknown layer 9"):
         feature_units(llama_lm.model, sae)
+
+
+def _corpus_file(tmp_path, texts, name="corpus.txt"):
+    p = tmp_path / name
+    p.write_text("\n\n".join(texts))
+    return p
+
+
+def test_saes_for_several_sites_from_one_pass_are_cached_by_everything_that_shapes_them(llama_lm, tmp_path, facts, monkeypatch):
+    """Two sites train together (one activation pass); a second call finds them in the cache; another corpus,
+    another k or another model gets other SAEs; no fact prompt is ever in the corpus."""
+    from kscope.units import provision
+    from kscope.units.corpus import CorpusConfig
+    from kscope.units.provision import obtain_saes
+
+    passes = []
+    real = provision.collect_activations
+    monkeypatch.setattr(provision, "collect_activations", lambda lm, sites, *a, **k: passes.append(list(sites)) or real(lm, sites, *a, **k))
+    sites = [Site(1, "mlp.out"), Site(2, "resid.post")]
+    tcfg = TrainSAEConfig(expansion=2, k=4, epochs=2, max_tokens=400)
+    ccfg = CorpusConfig(generate=0, text_files=[str(_corpus_file(tmp_path, TEXTS))], heldout_frac=0.3)
+    got = obtain_saes(llama_lm, sites, tcfg, ccfg, cache_dir=str(tmp_path / "cache"))
+    assert passes == [sites, sites]  # one pass for the training texts, one for the held-out texts
+    for s in sites:
+        sae, info = got[s]
+        assert info.source == "trained" and sae_site(sae) == s
+        assert info.stats["n_train_tokens"] <= 400 and 0 < info.stats["n_tokens"]
+        assert info.corpus["identity"] and "files:" in info.corpus["sources"]
+    again = obtain_saes(llama_lm, sites, tcfg, ccfg, cache_dir=str(tmp_path / "cache"))
+    assert {s: i.source for s, (_, i) in again.items()} == {s: "cached" for s in sites} and len(passes) == 2
+    other_corpus = CorpusConfig(generate=0, text_files=[str(_corpus_file(tmp_path, TEXTS[:30], "b.txt"))], heldout_frac=0.3)
+    keys = {got[sites[0]][1].key,
+            obtain_saes(llama_lm, sites[:1], tcfg, other_corpus, cache_dir=str(tmp_path / "cache"))[sites[0]][1].key,
+            obtain_saes(llama_lm, sites[:1], TrainSAEConfig(expansion=2, k=3, epochs=2, max_tokens=400), ccfg,
+                        cache_dir=str(tmp_path / "cache"))[sites[0]][1].key}
+    assert len(keys) == 3
+    from tests.helpers import tiny_llama, word_tokenizer
+    from kscope.model.loading import wrap
+
+    other_model = wrap(tiny_llama(seed=1), word_tokenizer(), name="tiny-llama")  # same name, other weights
+    assert obtain_saes(other_model, sites[:1], tcfg, ccfg, cache_dir=str(tmp_path / "cache"))[sites[0]][1].source == "trained"
+
+
+def test_corpus_split_is_stable_and_disjoint(tmp_path):
+    from kscope.units.corpus import Corpus
+
+    texts = [f"text number {i} about history" for i in range(200)]
+    c = Corpus(texts, "test", 0.2, 0)
+    train, held = c.split()
+    assert not set(train) & set(held) and len(train) + len(held) == 200 and 20 < len(held) < 60
+    assert Corpus(list(reversed(texts)), "test", 0.2, 0).split()[1] == list(reversed(held))  # by content, not position
+    assert c.identity != Corpus(texts[:-1], "test", 0.2, 0).identity != Corpus(texts, "test", 0.2, 1).identity

@@ -30,7 +30,7 @@ from kscope.progress import make_progress
 from kscope.results import Result
 from kscope.stats import Interval, mean_ci
 from kscope.units.base import Units
-from kscope.units.corpus import sae_corpus
+from kscope.units.corpus import build_corpus
 from kscope.units.provision import SAEInfo
 
 
@@ -57,6 +57,7 @@ class UnitIS:
     score: float
     n_eval: int
     fires: float
+    sign: float = 1.0  # -1: oriented, the unit fires most strongly negative
 
 
 @dataclass
@@ -105,27 +106,43 @@ class ActivationRecords:
     acts: torch.Tensor
 
 
-@torch.no_grad()
-def record_activations(lm, units: Units, texts: Sequence[str], unit_idx: Sequence[int], cfg: InterpretConfig) -> ActivationRecords:
-    """Activations of ``unit_idx`` at every token of up to ``n_contexts`` windows of ``texts``."""
-    tok = lm.tokenizer
+def _windows(tokenizer, texts: Sequence[str], cfg: InterpretConfig) -> list[list[int]]:
     windows: list[list[int]] = []
     for t in texts:
-        ids = tok(t, add_special_tokens=True).input_ids
+        ids = tokenizer(t, add_special_tokens=True).input_ids
         windows.extend(ids[i : i + cfg.window] for i in range(0, len(ids), cfg.window) if len(ids[i : i + cfg.window]) >= 4)
         if len(windows) >= cfg.n_contexts:
             break
-    windows = windows[: cfg.n_contexts]
-    acts = torch.zeros(len(windows), cfg.window, len(unit_idx))
-    idx = torch.as_tensor(list(unit_idx))
+    return windows[: cfg.n_contexts]
+
+
+@torch.no_grad()
+def record_many(lm, picks: Sequence[tuple[Units, Sequence[int]]], texts: Sequence[str], cfg: InterpretConfig,
+                progress=None) -> list[ActivationRecords]:
+    """For each ``(units, unit_idx)``, the activations of those units at every token of up to ``n_contexts``
+    windows of ``texts``; one forward pass per batch serves every unit set."""
+    tok = lm.tokenizer
+    windows = _windows(tok, texts, cfg)
+    acts = [torch.zeros(len(windows), cfg.window, len(idx)) for _, idx in picks]
+    idxs = [torch.as_tensor(list(idx), dtype=torch.long) for _, idx in picks]
+    sites = list(dict.fromkeys(u.site for u, _ in picks))
+    task = progress.add_task("activation records", total=len(windows)) if progress else None
     for s in range(0, len(windows), 32):
         part = windows[s : s + 32]
         ids, mask = pad_rows(part, tok.pad_token_id or 0, cfg.window)
-        x = site_activations(lm.model, [units.site], ids.to(lm.device), mask.to(lm.device))[units.site]
-        a = units.encode(x).float().cpu()[..., idx] * mask[..., None]
-        acts[s : s + len(part)] = a
+        xs = site_activations(lm.model, sites, ids.to(lm.device), mask.to(lm.device))
+        for j, (units, _) in enumerate(picks):
+            if len(idxs[j]):
+                acts[j][s : s + len(part)] = units.encode(xs[units.site]).float().cpu()[..., idxs[j]] * mask[..., None]
+        if progress:
+            progress.advance(task, len(part))
     tokens = [[tok.decode([i]) for i in w] for w in windows]
-    return ActivationRecords(tokens, acts)
+    return [ActivationRecords(tokens, a) for a in acts]
+
+
+def record_activations(lm, units: Units, texts: Sequence[str], unit_idx: Sequence[int], cfg: InterpretConfig) -> ActivationRecords:
+    """Activations of ``unit_idx`` at every token of up to ``n_contexts`` windows of ``texts``."""
+    return record_many(lm, [(units, unit_idx)], texts, cfg)[0]
 
 
 class Explainer(Protocol):
@@ -193,7 +210,9 @@ def interpretability_score(records: ActivationRecords, col: int, explainer, cfg:
     """IS of unit column ``col``: explain on top training windows, simulate held-out windows.
 
     Held-out windows are half top-activating and half random (as in Bills et al.), so a unit that never
-    fires on held-out text does not get a meaningless score.
+    fires on held-out text does not get a meaningless score. The unit is first oriented by the sign of
+    its strongest activation on the training windows: a neuron that fires strongly negative (SwiGLU
+    allows it) is explained and scored like its positive mirror.
     """
     acts = records.acts[..., col]
     n = acts.shape[0]
@@ -202,6 +221,9 @@ def interpretability_score(records: ActivationRecords, col: int, explainer, cfg:
     rng.shuffle(order)
     n_held = max(2, int(n * cfg.heldout_frac))
     held, train = order[:n_held], order[n_held:]
+    tr = acts[train]
+    sign = -1.0 if tr.numel() and float(-tr.min()) > float(tr.max()) else 1.0
+    acts = sign * acts
     peak = acts.max(1).values
     top_train = sorted(train, key=lambda i: -float(peak[i]))[: cfg.top_contexts]
     L = [len(records.tokens[i]) for i in range(n)]
@@ -216,7 +238,7 @@ def interpretability_score(records: ActivationRecords, col: int, explainer, cfg:
     else:
         true = [float(v) for i in eval_idx for v in acts[i, : L[i]]]
         pred = [float(v) for s in sim for v in s]
-    return {"explanation": explanation, "score": pearson(pred, true), "n_eval": len(eval_idx), "fires": float(peak.max())}
+    return {"explanation": explanation, "score": pearson(pred, true), "n_eval": len(eval_idx), "fires": float(peak.max()), "sign": sign}
 
 
 def score_units(lm, units: Units, unit_idx: Sequence[int], texts: Sequence[str], cfg: InterpretConfig, explainer=None) -> UnitSetIS:
@@ -245,7 +267,7 @@ def plot_interpretability(results: dict[str, UnitSetIS], path) -> None:
 def run_interpret_job(cfg: InterpretJob) -> InterpretResult:
     with make_progress() as progress:
         s = setup(cfg, progress)
-        texts = sae_corpus(s.lm, s.loaded, cfg.sae_train, cfg.corpus, progress)
+        _, texts = build_corpus(s.lm, cfg.corpus, progress, cfg.model.cache_dir).split()  # held-out texts: no SAE saw them
         results = {}
         task = progress.add_task("interpretability", total=2)
         for kind, units in (("neuron", s.neurons), ("feature", s.features)):

@@ -16,7 +16,7 @@ from kscope.model.loading import LoadedModel, ModelConfig, load_model
 from kscope.model.sites import check_layer
 from kscope.results import Result
 from kscope.units.base import Units
-from kscope.units.corpus import CorpusConfig, sae_corpus
+from kscope.units.corpus import CorpusConfig
 from kscope.units.provision import SAEInfo, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
 
@@ -65,10 +65,9 @@ def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
     loaded = cfg.facts.load()
     lm = load_model(cfg.model)
     check_layer(lm.model, cfg.layer)
-    facts, loaded = prepare_facts(lm, cfg.facts, loaded)
-    sets, infos = unit_sets_for_layers(
-        lm, [cfg.layer], cfg.feature_site, [cfg.sae] if cfg.sae else None, cfg.sae_train,
-        lambda: sae_corpus(lm, loaded, cfg.sae_train, cfg.corpus, progress), cfg.model.device, cfg.model.cache_dir, progress)
+    facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress)
+    sets, infos = unit_sets_for_layers(lm, [cfg.layer], cfg.feature_site, [cfg.sae] if cfg.sae else None, cfg.sae_train,
+                                       cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress)
     (neurons, feats), = sets
     tops: dict = {}
     if need_tops:

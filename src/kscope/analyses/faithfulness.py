@@ -20,13 +20,13 @@ from kscope.config import Config, nested, option
 from kscope.facts import Fact
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
-from kscope.model.readout import answer_probs
+from kscope.model.readout import fact_probs
 from kscope.plots import pyplot, save_figure
 from kscope.progress import make_progress
 from kscope.results import Result
 from kscope.stats import Interval, mean_ci
 from kscope.units.base import Units
-from kscope.units.corpus import collect_activations, sae_corpus
+from kscope.units.corpus import build_corpus, collect_activations
 from kscope.units.decompositions import ica_units, pca_units, random_units
 from kscope.units.provision import SAEInfo
 
@@ -35,8 +35,9 @@ from kscope.units.provision import SAEInfo
 class FaithfulnessConfig(Config):
     """Compare the SAE with PCA, ICA and random directions at one site."""
 
-    fit_tokens: int = option(20_000, "Activation tokens to fit PCA/ICA on (held-out 10% for the scores).", min=10)
-    ks: list[int] = option(help="Top-k units ablated per fact.", factory=lambda: [1, 5, 10], min=1)
+    fit_tokens: int = option(20_000, "Activation tokens (from the corpus's training texts) to fit PCA/ICA on.", min=10)
+    eval_tokens: int = option(10_000, "Held-out activation tokens (texts no decomposition was fitted on) to score all of them on.", min=10)
+    ks: list[int] = option(help="Top-k units ablated per fact.", factory=lambda: [1, 5, 10], min=1, unique=True)
     ica_iter: int = option(300, "FastICA iterations.", min=1)
     attribution_steps: int = option(10, "IG steps when ranking units for ablation.", min=1)
 
@@ -57,6 +58,7 @@ class DecompositionScores:
     l0: float
     knowledge: Knowledge
     ablation: dict[int, Interval]
+    explained_variance_fit: float | None = None  # on tokens of the texts it was fitted on (SAE: its training texts)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class FaithfulnessResult(Result):
     decompositions: dict[str, DecompositionScores]
     seconds: float
     sae: SAEInfo | None = None
+    heldout: str = ""  # what the evaluation tokens are, and whether the SAE is known never to have seen them
 
 
 @dataclass
@@ -108,7 +111,7 @@ def knowledge_preservation(lm, units: Units, facts: Sequence[Fact], p_clean: Seq
     recon = lambda x: units.decode(units.encode(x)).to(x.dtype)  # noqa: E731
     ratios, top1 = [], []
     for f, pc in zip(facts, p_clean):
-        p, r = answer_probs(lm.model, lm.tokenizer, f.prompts, [f.target_id] * len(f.prompts), {units.site: recon}, positions="all")
+        p, r = fact_probs(lm.model, lm.tokenizer, f, edits={units.site: recon}, positions="all")
         ratios.append(float(np.mean(p.numpy() / np.maximum(pc, 1e-12))))
         top1.append(float((r == 0).float().mean()))
     return Knowledge(mean_ci(ratios), float(np.mean(top1)))
@@ -127,15 +130,13 @@ def build_decompositions(sae_units: Units, acts: torch.Tensor, cfg: Faithfulness
     ]
 
 
-def run_faithfulness(lm, sae_units: Units, acts: torch.Tensor, facts: Sequence[Fact], cfg: FaithfulnessConfig,
+def run_faithfulness(lm, sae_units: Units, fit: torch.Tensor, ev: torch.Tensor, facts: Sequence[Fact], cfg: FaithfulnessConfig,
                      progress=None) -> tuple[dict[str, DecompositionScores], int, float]:
     """Scores per decomposition (the SAE and the baselines), the number of held-out tokens and the seconds taken.
-    ``acts``: ``[N, d]`` site activations (fit / held-out split inside)."""
+    ``fit``: ``[N, d]`` site activations the baselines are fitted on; ``ev``: held-out activations, scored for all."""
     t0 = time.time()
-    n_eval = max(1, acts.shape[0] // 10)
-    fit, ev = acts[n_eval:], acts[:n_eval]
     decomps = [sae_units] + build_decompositions(sae_units, fit, cfg)
-    p_clean = [answer_probs(lm.model, lm.tokenizer, f.prompts, [f.target_id] * len(f.prompts))[0].numpy() for f in facts]
+    p_clean = [fact_probs(lm.model, lm.tokenizer, f)[0].numpy() for f in facts]
     acfg = AttributionConfig(steps=cfg.attribution_steps, top_k=max(cfg.ks))
     icfg = DeltaProbConfig(ks=list(cfg.ks), ops=["suppress"])
     task = progress.add_task("faithfulness", total=(1 + len(decomps)) * len(facts)) if progress else None
@@ -147,6 +148,7 @@ def run_faithfulness(lm, sae_units: Units, acts: torch.Tensor, facts: Sequence[F
     rows = {}
     for d, units in enumerate(decomps):
         rec = reconstruction_scores(units, ev)
+        rec_fit = reconstruction_scores(units, fit[: ev.shape[0]])
         per_fact = []
         for f, pc, top in zip(facts, p_clean, tops):
             per_fact.append(fact_delta_prob(lm, f, units, top[d], icfg, pc))
@@ -154,7 +156,7 @@ def run_faithfulness(lm, sae_units: Units, acts: torch.Tensor, facts: Sequence[F
                 progress.advance(task)
         rows[units.kind] = DecompositionScores(units.n_units, rec["mse"], rec["explained_variance"], rec["l0"],
                                                knowledge_preservation(lm, units, facts, p_clean),
-                                               aggregate(per_fact).get("suppress", {}))
+                                               aggregate(per_fact).get("suppress", {}), rec_fit["explained_variance"])
     return rows, int(ev.shape[0]), time.time() - t0
 
 
@@ -183,9 +185,15 @@ def plot_faithfulness(result: FaithfulnessResult, path) -> None:
 def run_faithfulness_job(cfg: FaithfulnessJob) -> FaithfulnessResult:
     with make_progress() as progress:
         s = setup(cfg, progress, need_tops=False)
-        texts = sae_corpus(s.lm, s.loaded, cfg.sae_train, cfg.corpus, progress)
-        acts = collect_activations(s.lm, s.features.site, texts, cfg.faithfulness.fit_tokens, progress=progress)
-        rows, n_eval, secs = run_faithfulness(s.lm, s.features, acts, s.facts, cfg.faithfulness, progress)
+        corpus = build_corpus(s.lm, cfg.corpus, progress, cfg.model.cache_dir)
+        train_texts, held_texts = corpus.split()
+        fit = collect_activations(s.lm, s.features.site, train_texts, cfg.faithfulness.fit_tokens, cfg.corpus.seq_len, progress=progress)
+        ev = collect_activations(s.lm, s.features.site, held_texts, cfg.faithfulness.eval_tokens, cfg.corpus.seq_len, progress=progress)
+        rows, n_eval, secs = run_faithfulness(s.lm, s.features, fit, ev, s.facts, cfg.faithfulness, progress)
+    same = (s.sae.corpus or {}).get("identity") == corpus.identity
+    note = (f"{n_eval} tokens of the corpus's held-out texts ({corpus.sources}); PCA/ICA fitted on its training texts; "
+            + ("the SAE was trained on the same corpus's training texts, so no decomposition saw these tokens"
+               if same else "the SAE was not trained on this corpus, so whether it saw these tokens is unknown"))
     result = FaithfulnessResult(s.lm.name, cfg.layer, s.features.site.name, len(s.facts), n_eval, asdict(cfg.faithfulness),
-                                rows, secs, s.sae)
+                                rows, secs, s.sae, note)
     return save_outputs(cfg.out_dir, "faithfulness", result, lambda path: plot_faithfulness(result, path))

@@ -7,6 +7,7 @@ import typer
 from kscope.analyses.autointerp import InterpretJob
 from kscope.analyses.faithfulness import FaithfulnessJob
 from kscope.analyses.monosemanticity import MonosemanticityJob
+from kscope.analyses.sweep import SweepConfig
 from kscope.app.options import command, friendly
 from kscope.app.reproduce import ReproduceConfig
 from kscope.locate.compare import CompareConfig, LocateConfig
@@ -78,6 +79,16 @@ def _monosemanticity(cfg: MonosemanticityJob) -> None:
     console.print(f"wrote {cfg.out_dir}/monosemanticity.json and monosemanticity.png")
 
 
+def _sweep(cfg: SweepConfig) -> None:
+    from kscope.analyses.sweep import run_sweep
+    from kscope.app.report import sweep_tables
+
+    res = run_sweep(cfg)
+    for t in sweep_tables(res):
+        console.print(t.rich())
+    console.print(f"wrote {cfg.out_dir}/sweep.json and sweep.png ({res.seconds['total'] / 60:.1f} min)")
+
+
 def _privacy_build(cfg: BuildConfig) -> None:
     from kscope.privacy.inject import build
 
@@ -107,6 +118,7 @@ command(app, "train-sae", TrainSAEJob, _train_sae)
 command(app, "faithfulness", FaithfulnessJob, _faithfulness)
 command(app, "interpret", InterpretJob, _interpret)
 command(app, "monosemanticity", MonosemanticityJob, _monosemanticity)
+command(app, "sweep", SweepConfig, _sweep)
 command(privacy_app, "build", BuildConfig, _privacy_build)
 command(privacy_app, "erase", EraseJob, _privacy_erase)
 command(app, "reproduce", ReproduceConfig, _reproduce)

@@ -12,6 +12,7 @@ import numpy as np
 from kscope.analyses.autointerp import InterpretResult
 from kscope.analyses.faithfulness import FaithfulnessResult
 from kscope.analyses.monosemanticity import MonosemanticityResult
+from kscope.analyses.sweep import SweepResult
 from kscope.io import write_text
 from kscope.locate.compare import CompareResult
 from kscope.plots import pyplot, save_figure
@@ -96,13 +97,156 @@ def monosemanticity_table(res: MonosemanticityResult) -> Table:
     return t
 
 
+def _point_row(p) -> list:
+    return [p.method, p.budget if p.kind != "control" or p.method.startswith("random") else "all", p.n_units, p.n_weights,
+            fmt(p.rel, ".2f"), fmt(p.gen, ".2f"), fmt(p.loc_pararel, ".2f"), fmt(p.loc_private, ".2f"), fmt(p.delta_ppl),
+            fmt(p.exposure, ".2f"), ci(p.dlogp, "+.1f"), fmt(p.rank.mean, ".1f")]
+
+
+_PRIVACY_HEADERS = ["method", "budget", "units", "weights", "Rel ↑", "Gen ↑", "Loc ParaRel ↑", "Loc private ↑", "ΔPPL ↓",
+                    "exposure ↓", "Δ log P(secret)", "rank ↑"]
+
+
+def _build_note(res: EraseResult) -> str:
+    b = res.build
+    how = "early-stopped" if b.get("early_stop") else "fixed epochs"
+    return f"{how}, {b.get('epochs_run')} epochs, {b.get('train')} weights, seed {b.get('seed')}"
+
+
 def privacy_table(res: EraseResult) -> Table:
-    t = Table(f"Erasing {res.n_erased} private facts at layer {res.layer} (weight budget {res.weight_budget})",
-              ["method", "units", "weights", "Rel ↑", "Gen ↑", "Loc ↑", "ΔPPL ↓", "exposure ↓"])
-    for m, r in res.methods.items():
-        t.rows.append([m, len(r.units), r.n_weights, fmt(r.rel, ".2f"), fmt(r.gen, ".2f"), fmt(r.loc, ".2f"),
-                       fmt(r.delta_ppl), fmt(r.exposure, ".2f")])
+    """Each method's best point (highest Rel + Gen with Loc >= 0.9 and ΔPPL <= 5 %, else its highest Rel) and the controls."""
+    t = Table(f"Erasing {res.n_erased} private facts, layers {res.layers[0]}-{res.layers[-1]} ({_build_note(res)}): "
+              f"each method at its best budget", _PRIVACY_HEADERS)
+    methods = list(dict.fromkeys(p.method for p in res.points))
+    for m in methods:
+        best = res.best(m)
+        if best is not None:
+            t.rows.append(_point_row(best))
     return t
+
+
+def privacy_curve_table(res: EraseResult) -> Table:
+    """Every point: each method at each budget, and the controls."""
+    t = Table(f"Erasure budget curves ({res.n_erased} private facts, layers {res.layers[0]}-{res.layers[-1]}, {_build_note(res)})",
+              _PRIVACY_HEADERS + ["frontier", "target"])
+    for i, p in enumerate(res.points):
+        t.rows.append(_point_row(p) + ["yes" if i in res.frontier else "", "yes" if i in res.reach_target else ""])
+    return t
+
+
+def privacy_runs_table(runs: dict[str, EraseResult]) -> Table:
+    """Per method, its best point on each privacy model (seed x injection strength)."""
+    names = list(runs)
+    t = Table("Best point per method and privacy model (Rel / Gen / Loc / ΔPPL at the budget)", ["method", *names])
+    methods = list(dict.fromkeys(p.method for r in runs.values() for p in r.points))
+    for m in methods:
+        row = [m]
+        for n in names:
+            b = runs[n].best(m)
+            row.append("–" if b is None else f"{fmt(b.rel, '.2f')} / {fmt(b.gen, '.2f')} / {fmt(b.loc, '.2f')} / "
+                                             f"{fmt(b.delta_ppl, '+.3f')} @ {b.budget if b.kind != 'control' or m.startswith('random') else 'all'}")
+        t.rows.append(row)
+    return t
+
+
+def sae_fit_table(res: EraseResult) -> Table:
+    t = Table("SAEs at the edited layers on the privacy model (explained variance)",
+              ["layer", "held-out text", "secret positions", "held-out text, SAE's own model", "training tokens", "dead"])
+    for f in res.sae_fit:
+        info = res.saes.get(f.layer)
+        stats = (info.stats if info else None) or {}
+        t.rows.append([f.layer, fmt(f.ev_generic, ".3f"), fmt(f.ev_private, ".3f"), fmt(f.ev_generic_source, ".3f"),
+                       stats.get("n_train_tokens", "–"), fmt(stats.get("dead_fraction"), ".2f")])
+    return t
+
+
+def _verdict_text(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v.says} ({ci(v.diff)})"
+
+
+def sweep_verdict_table(res: SweepResult, selection: str | None = None, ablation: str = "error", op: str = "suppress") -> Table:
+    """Per site and layer: ΔProb of the top-k features vs neurons (mean over facts), the paired verdict, and the random controls."""
+    selection = selection or res.config["selection"][0]
+    k = max(res.config["ks"])
+    t = Table(f"{op} top-{k}: features vs neurons ({res.n_facts} facts, {res.facts}; selection {selection}, ablation {ablation})",
+              ["site", "layer", "neurons", "features", "random neurons", "random features", "features − neurons", "verdict"])
+    for c in sorted((c for c in res.cells if c.selection == selection and c.ablation == ablation), key=lambda c: (c.site, c.layer)):
+        v = c.verdicts[op][k]
+        t.rows.append([c.site, c.layer, ci(c.neuron.delta[op][k]), ci(c.feature.delta[op][k]), ci(c.random_neuron.delta[op][k]),
+                       ci(c.random_feature.delta[op][k]), ci(v.diff), v.says])
+    return t
+
+
+def sweep_band_table(res: SweepResult) -> Table:
+    """The summary: per site, protocol and layer band, how many layers say features better / neurons better / no difference."""
+    k = max(res.config["ks"])
+    layers = sorted(res.layers)
+    thirds = [layers[i * len(layers) // 3 : (i + 1) * len(layers) // 3] for i in range(3)]
+    bands = [(f"{b[0]}-{b[-1]}", set(b)) for b in thirds if b]
+    t = Table(f"Verdicts by layer band (suppress and enhance top-{k}; features better / neurons better / no difference)",
+              ["site", "selection", "ablation", *[name for name, _ in bands]])
+    keys = sorted({(c.site, c.selection, c.ablation) for c in res.cells})
+    for site, sel, abl in keys:
+        row = [site, sel, abl]
+        for _, band in bands:
+            says = [c.verdicts[op][k].says for c in res.cells if (c.site, c.selection, c.ablation) == (site, sel, abl) and c.layer in band
+                    for op in ("suppress", "enhance")]
+            row.append(f"{says.count('features better')} / {says.count('neurons better')} / {says.count('no difference')}")
+        t.rows.append(row)
+    for q_attr, name in (("is", "interpretability score"), ("auroc", "monosemanticity AUROC")):
+        qs = [q for q in res.quality if getattr(q, f"{q_attr}_verdict") is not None]
+        for site in res.sites:
+            row = [site, name, "–"]
+            for _, band in bands:
+                says = [getattr(q, f"{q_attr}_verdict").says for q in qs if q.site == site and q.layer in band]
+                row.append(f"{says.count('features better')} / {says.count('neurons better')} / {says.count('no difference')}" if says else "–")
+            if qs:
+                t.rows.append(row)
+    return t
+
+
+def sweep_quality_table(res: SweepResult) -> Table:
+    t = Table("Interpretability score and monosemanticity AUROC of the top units", ["site", "layer", "IS neurons", "IS features",
+                                                                                      "IS verdict", "AUROC neurons", "AUROC features",
+                                                                                      "AUROC verdict"])
+    for q in sorted(res.quality, key=lambda q: (q.site, q.layer)):
+        t.rows.append([q.site, q.layer, ci(q.is_neuron, ".2f"), ci(q.is_feature, ".2f"), q.is_verdict.says if q.is_verdict else "–",
+                       ci(q.auroc_neuron, ".2f"), ci(q.auroc_feature, ".2f"), q.auroc_verdict.says if q.auroc_verdict else "–"])
+    return t
+
+
+def sweep_width_table(res: SweepResult) -> Table:
+    k = max(res.config["ks"])
+    t = Table(f"Width sweep at layer {res.config['width_layer']}", ["site", "width", "features", "explained var.",
+                                                                     f"suppress top-{k}", f"enhance top-{k}"])
+    for w in sorted(res.widths, key=lambda w: (w.site, w.expansion)):
+        t.rows.append([w.site, f"{w.expansion}x", w.n_features, fmt(w.explained_variance, ".3f"), ci(w.delta["suppress"][k]),
+                       ci(w.delta["enhance"][k])])
+    return t
+
+
+def sweep_sae_table(res: SweepResult) -> Table:
+    t = Table("SAEs of the sweep (held-out statistics)", ["site", "source", "training tokens", "explained var.", "L0", "dead"])
+    for name, info in sorted(res.saes.items(), key=lambda kv: (kv[0].split("/")[1], int(kv[0].split("/")[0]))):
+        s = info.stats or {}
+        t.rows.append([name, info.source, s.get("n_train_tokens", "–"), fmt(s.get("explained_variance"), ".3f"), fmt(s.get("l0"), ".1f"),
+                       fmt(s.get("dead_fraction"), ".3f")])
+    return t
+
+
+def sweep_tables(res: SweepResult) -> list[Table]:
+    out = [sweep_band_table(res)]
+    for sel in res.config["selection"]:
+        for abl in res.config["ablation"]:
+            out.append(sweep_verdict_table(res, sel, abl, "suppress"))
+    if res.quality:
+        out.append(sweep_quality_table(res))
+    if res.widths:
+        out.append(sweep_width_table(res))
+    out.append(sweep_sae_table(res))
+    return out
 
 
 def plot_compare(result: CompareResult, path) -> None:
@@ -132,19 +276,44 @@ def plot_compare(result: CompareResult, path) -> None:
 
 
 def plot_privacy(result: EraseResult, path) -> None:
-    """Rel, Gen, Loc and ΔPPL per erasure method."""
+    """The Pareto picture: Rel and Gen against Loc and against ΔPPL, one line per method over its budgets; and
+    where the located units sit, by layer."""
     plt = pyplot()
-    methods = [m for m in result.methods if m != "none"]
-    metrics = [("rel", "Rel ↑"), ("gen", "Gen ↑"), ("loc", "Loc ↑"), ("delta_ppl", "ΔPPL ↓")]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    w = 0.8 / len(metrics)
-    for i, (key, label) in enumerate(metrics):
-        vals = [getattr(result.methods[m], key) for m in methods]
-        ax.bar(np.arange(len(methods)) + i * w, [np.nan if v is None else v for v in vals], w, label=label)
-    ax.set_xticks(np.arange(len(methods)) + 0.4 - w / 2, methods)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_title(f"Erasing {result.n_erased} private facts (layer {result.layer}, {result.weight_budget} weights)")
-    ax.legend(fontsize=8, ncol=4)
+    fig, axes = plt.subplots(1, 5, figsize=(24, 4.2))
+    methods = list(dict.fromkeys(p.method for p in result.points))
+    cmap = plt.get_cmap("tab10")
+    for i, m in enumerate(methods):
+        pts = sorted((p for p in result.points if p.method == m), key=lambda p: p.budget)
+        style = "--" if pts[0].kind == "control" else "-"
+        for ax, (x, y) in zip(axes[:4], [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
+            xs = [getattr(p, x) for p in pts]
+            ys = [getattr(p, y) for p in pts]
+            ax.plot([np.nan if v is None else v for v in xs], [np.nan if v is None else v for v in ys], style, marker="o",
+                    color=cmap(i % 10), label=m, ms=4)
+    for ax, (x, y) in zip(axes[:4], [("Loc (min of ParaRel, private) ↑", "Rel ↑"), ("ΔPPL ↓", "Rel ↑"),
+                                      ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_ylim(-0.05, 1.05)
+    for ax in (axes[1], axes[3]):
+        ax.set_xscale("symlog", linthresh=0.05)
+        ax.axvline(result.target.delta_ppl, color="k", lw=0.5, ls=":")
+    for ax in (axes[0], axes[2]):
+        ax.axvline(result.target.loc, color="k", lw=0.5, ls=":")
+    axes[0].axhline(result.target.rel, color="k", lw=0.5, ls=":")
+    axes[2].axhline(result.target.gen, color="k", lw=0.5, ls=":")
+    axes[0].legend(fontsize=7)
+    ax = axes[4]
+    layers = result.layers
+    w = 0.4
+    for j, (kind, color) in enumerate((("neuron", "#e6550d"), ("feature", "#3182bd"))):
+        counts = result.located.get(kind, {})
+        ax.bar(np.arange(len(layers)) + j * w, [counts.get(L, 0) for L in layers], w, color=color, label=f"{kind}s")
+    ax.set_xticks(np.arange(len(layers)) + w / 2, layers, fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title("located units (largest budget)")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Erasing {result.n_erased} private facts ({_build_note(result)})")
     save_figure(fig, path)
 
 
@@ -162,8 +331,12 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
     if results.monosemanticity:
         out.append(("Monosemanticity", monosemanticity_table(results.monosemanticity), "monosemanticity.png"))
     if results.privacy:
-        out.append((f"Privacy erasure ({results.privacy.n_erased} private facts, weight budget {results.privacy.weight_budget})",
-                    privacy_table(results.privacy), "privacy.png"))
+        if len(results.privacy) > 1:
+            out.append(("Erasure across privacy models: each method's best point", privacy_runs_table(results.privacy), None))
+        for name, res in results.privacy.items():
+            out.append((f"Privacy erasure, {name}: each method at its best budget", privacy_table(res), f"privacy-{name}.png"))
+            out.append((f"Privacy erasure, {name}: every budget", privacy_curve_table(res), None))
+            out.append((f"Privacy erasure, {name}: SAEs of the edited layers", sae_fit_table(res), None))
     return out
 
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kscope.analyses.autointerp import InterpretJob, InterpretResult, run_interpret_job
@@ -28,6 +28,7 @@ from kscope.privacy.inject import MANIFEST, BuildConfig, BuildSummary, build, re
 from kscope.privacy.dataset import PrivacyConfig
 from kscope.progress import console
 from kscope.results import Result
+from kscope.units.corpus import CorpusConfig
 from kscope.units.training import TrainSAEConfig
 
 STAGES = ("compare", "faithfulness", "interpret", "monosemanticity", "privacy-build", "privacy-erase")
@@ -43,12 +44,17 @@ class ReproduceConfig(Config):
     max_facts: int = option(60, "Known facts to study.", min=1)
     layer: int = option(12, "Layer of the neurons and the SAE.", min=0)
     out: str = option("report", "Report directory (index.html, results.json, figures).")
-    stages: list[str] = option(help="Stages to run.", factory=lambda: list(STAGES), choices=STAGES, label="stage")
+    stages: list[str] = option(help="Stages to run.", factory=lambda: list(STAGES), choices=STAGES, label="stage", unique=True)
     fresh: bool = option(False, "Redo stages whose results already exist (default: reuse those made with the same options).")
     people: int = option(10, "Fictitious people for the privacy stages.", min=1)
+    privacy_seeds: list[int] = option(help="Seeds of the privacy models (people and secrets).", factory=lambda: [0])
+    privacy_strengths: list[str] = option(help="Injection strengths: 'early' (stop once every secret is memorised) and/or 'full' "
+                                               "(12 epochs).", factory=lambda: ["early"], choices=("early", "full"), label="strength")
     known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
     min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
+    corpus: CorpusConfig = nested(CorpusConfig)
+    erase: EraseConfig = nested(EraseConfig, prefix="erase-")
 
     def validate(self) -> None:
         if self.facts is not None and not Path(self.facts).exists():
@@ -70,40 +76,54 @@ class ReproduceResult(Result):
     faithfulness: FaithfulnessResult | None = None
     interpret: InterpretResult | None = None
     monosemanticity: MonosemanticityResult | None = None
-    privacy_build: BuildSummary | None = None
-    privacy: EraseResult | None = None
+    privacy_build: dict[str, BuildSummary] = field(default_factory=dict)
+    privacy: dict[str, EraseResult] = field(default_factory=dict)
     kscope_version: str = ""
     config: dict = field(default_factory=dict)
 
 
-def _stage_files(out: Path) -> dict[str, Path]:
-    return {
-        "compare": out / "compare.json",
-        "faithfulness": out / "faithfulness.json",
-        "interpret": out / "interpret.json",
-        "monosemanticity": out / "monosemanticity.json",
-        "privacy-build": out / "privacy_model" / MANIFEST,
-        "privacy-erase": out / "privacy.json",
-    }
+def privacy_runs(cfg: ReproduceConfig) -> list[tuple[str, str, int]]:
+    """``(name, strength, seed)`` of each privacy model."""
+    return [(f"{st}-s{sd}", st, sd) for st in cfg.privacy_strengths for sd in cfg.privacy_seeds]
+
+
+def _files(cfg: ReproduceConfig) -> dict[str, Path]:
+    """Each unit of work (a stage, or a stage of one privacy model) and the file that marks it done."""
+    out = Path(cfg.out)
+    files = {"compare": out / "compare.json", "faithfulness": out / "faithfulness.json",
+             "interpret": out / "interpret.json", "monosemanticity": out / "monosemanticity.json"}
+    for name, _, _ in privacy_runs(cfg):
+        files[f"privacy-build:{name}"] = out / "privacy" / name / MANIFEST
+        files[f"privacy-erase:{name}"] = out / f"privacy-{name}.json"
+    return files
 
 
 def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
-    """The config each stage runs with: what its fingerprint covers."""
+    """The config each unit of work runs with: what its fingerprint covers."""
     out = Path(cfg.out)
-    files = _stage_files(out)
+    files = _files(cfg)
     facts = FactConfig(facts=cfg.facts, max_facts=cfg.max_facts, known_top_k=cfg.known_top_k, min_known_prompts=cfg.min_known_prompts)
     common = dict(model=cfg.model, facts=facts, layer=cfg.layer, located=str(files["compare"]), out_dir=str(out),
-                  attribution=AttributionConfig(steps=10), sae_train=cfg.sae_train)
-    return {
-        "compare": CompareConfig(model=cfg.model, facts=facts, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train),
+                  attribution=AttributionConfig(steps=10), sae_train=cfg.sae_train, corpus=cfg.corpus)
+    configs: dict[str, Config] = {
+        "compare": CompareConfig(model=cfg.model, facts=facts, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train,
+                                 corpus=cfg.corpus),
         "faithfulness": FaithfulnessJob(**common),
         "interpret": InterpretJob(**common),
         "monosemanticity": MonosemanticityJob(**common),
-        "privacy-build": BuildConfig(model=cfg.model, privacy=PrivacyConfig(n_people=cfg.people), out=str(files["privacy-build"].parent)),
-        "privacy-erase": EraseJob(model_dir=str(files["privacy-build"].parent), erase=EraseConfig(layer=cfg.layer, unrelated=cfg.facts),
-                                  device=cfg.model.device, cache_dir=cfg.model.cache_dir, sae_train=cfg.sae_train,
-                                  out=str(files["privacy-erase"])),
     }
+    for name, strength, seed in privacy_runs(cfg):
+        pcfg = PrivacyConfig(n_people=cfg.people, seed=seed, early_stop=strength == "early")
+        model_dir = str(files[f"privacy-build:{name}"].parent)
+        configs[f"privacy-build:{name}"] = BuildConfig(model=cfg.model, privacy=pcfg, out=model_dir)
+        configs[f"privacy-erase:{name}"] = EraseJob(model_dir=model_dir, erase=replace(cfg.erase, unrelated=cfg.erase.unrelated or cfg.facts),
+                                                   device=cfg.model.device, cache_dir=cfg.model.cache_dir, sae_train=cfg.sae_train,
+                                                   corpus=cfg.corpus, out=str(files[f"privacy-erase:{name}"]))
+    return configs
+
+
+def _stage(unit: str) -> str:
+    return unit.split(":")[0]
 
 
 def fingerprint(stage_cfg: Config, upstream: str = "") -> str:
@@ -112,35 +132,37 @@ def fingerprint(stage_cfg: Config, upstream: str = "") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_UPSTREAM = {"interpret": ("compare",), "monosemanticity": ("compare",), "privacy-erase": ("privacy-build",)}
-
-
 def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
     from kscope import __version__
 
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = _stage_files(out)
+    files = _files(cfg)
     configs = stage_configs(cfg)
     fp_path = out / FINGERPRINTS
     done_fps: dict = read_json(fp_path) if fp_path.exists() else {}
     prints: dict[str, str] = {}
-    for stage in STAGES:
-        prints[stage] = fingerprint(configs[stage], "".join(prints[u] for u in _UPSTREAM.get(stage, ())))
-    timings = {}
-    for i, stage in enumerate(cfg.stages, 1):
-        exists = files[stage].exists()
-        same = done_fps.get(stage) == prints[stage]
+    for unit in configs:
+        upstream = {"interpret": ["compare"], "monosemanticity": ["compare"]}.get(unit, [])
+        if unit.startswith("privacy-erase:"):
+            upstream = ["privacy-build:" + unit.split(":", 1)[1]]
+        prints[unit] = fingerprint(configs[unit], "".join(prints[u] for u in upstream))
+    units = [u for u in configs if _stage(u) in cfg.stages]
+    timings: dict[str, float] = {}
+    for i, unit in enumerate(units, 1):
+        exists = files[unit].exists()
+        same = done_fps.get(unit) == prints[unit]
         done = exists and same and not cfg.fresh
         note = " (done, resumed)" if done else " (options changed: running again)" if exists and not same and not cfg.fresh else ""
-        console.rule(f"[bold]stage {i}/{len(cfg.stages)}: {stage}{note}")
+        console.rule(f"[bold]stage {i}/{len(units)}: {unit}{note}")
         if done:
             continue
         t0 = time.time()
-        scfg = configs[stage]
-        done_fps.pop(stage, None)
+        scfg = configs[unit]
+        done_fps.pop(unit, None)
         write_json(fp_path, done_fps)
+        stage = _stage(unit)
         if stage == "compare":
             from kscope.app.report import plot_compare
 
@@ -152,20 +174,20 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
         elif stage == "monosemanticity":
             run_monosemanticity_job(scfg)
         elif stage == "privacy-build":
-            if files[stage].parent.exists():
-                shutil.rmtree(files[stage].parent)
+            if files[unit].parent.exists():
+                shutil.rmtree(files[unit].parent)
             build(scfg)
         elif stage == "privacy-erase":
             from kscope.app.report import plot_privacy
 
-            plot_privacy(erase(scfg), out / "privacy.png")
-        done_fps[stage] = prints[stage]
+            plot_privacy(erase(scfg), out / f"privacy-{unit.split(':', 1)[1]}.png")
+        done_fps[unit] = prints[unit]
         write_json(fp_path, done_fps)
-        timings[stage] = time.time() - t0
+        timings[unit] = time.time() - t0
     results = ReproduceResult(cfg.model.model, cfg.layer,
                               f"facts: {cfg.facts or 'built-in set'}, up to {cfg.max_facts} known facts, layer {cfg.layer}",
                               timings, kscope_version=__version__, config=asdict(cfg))
-    current = {s: files[s].exists() and done_fps.get(s) == prints[s] for s in STAGES}
+    current = {u: files[u].exists() and done_fps.get(u) == prints[u] for u in configs}
     if current["compare"]:
         results.compare = CompareResult.load(files["compare"])
         results.compare.facts = []
@@ -177,10 +199,11 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
         results.monosemanticity = MonosemanticityResult.load(files["monosemanticity"])
         for r in results.monosemanticity.results.values():
             r.rows = []
-    if current["privacy-build"]:
-        results.privacy_build = read_manifest(files["privacy-build"].parent).summary
-    if current["privacy-erase"]:
-        results.privacy = EraseResult.load(files["privacy-erase"])
+    for name, _, _ in privacy_runs(cfg):
+        if current[f"privacy-build:{name}"]:
+            results.privacy_build[name] = read_manifest(files[f"privacy-build:{name}"].parent).summary
+        if current[f"privacy-erase:{name}"]:
+            results.privacy[name] = EraseResult.load(files[f"privacy-erase:{name}"])
     results.save(out / "results.json")
     from kscope.app.report import write_html
 

@@ -23,18 +23,29 @@ from torch import nn
 
 from kscope.config import Config, option
 from kscope.facts import Fact
+from kscope.locate.objectives import Objective, fact_objective
 from kscope.model.hooks import hooked
 from kscope.model.prefix import PrefixRunner
 from kscope.model.sites import n_layers
 from kscope.units.base import Units
 
 
+METHODS = ("ig", "atp", "atp-ig")
+
+
 @dataclass
 class AttributionConfig(Config):
-    """Integrated gradients and unit selection."""
+    """How units are scored: integrated gradients, attribution patching, or AtP shortlisting checked by IG."""
 
+    method: str = option("ig", "ig: integrated gradients (steps passes); atp: attribution patching, gradient x activation from one "
+                               "forward and one backward (baseline 0, as IG); atp-ig: AtP shortlists the --shortlist best units of "
+                               "each unit set and IG, moving only those along its path, scores them (the rest score 0).",
+                         choices=METHODS, label="attribution method")
     steps: int = option(20, "IG steps m (Riemann sum).", min=1)
+    shortlist: int = option(50, "atp-ig: units per unit set that AtP passes on to IG.", min=1)
     batch_size: int = option(1024, "Most IG rows per forward/backward pass: each unit set (layer) takes steps+1 rows and a fact's sets share passes up to this (at least one set per pass); lower it to save memory.", min=1)
+    max_memory: float | None = option(None, "Cap on the IG batch's activation memory in MB: the rows per pass follow from a measured bytes-per-row "
+                                            "estimate (overrides --batch-size when smaller).", min=1.0)
     coarse_threshold: float = option(0.2, "Coarse selection: keep units scoring >= t x the prompt's max score.", min=0.0, max=1.0)
     refine_frac: float = option(0.5, "Refinement: keep units selected on >= this fraction of a fact's prompts.", min=0.0, max=1.0)
     top_k: int = option(10, "Units reported per fact.", min=1)
@@ -47,6 +58,8 @@ def plain_head(model) -> nn.Linear | None:
     """The LM head if ``logits == head(base_model(x))`` exactly (no soft-capping or scaling after it); checked once per model."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or model.base_model is model:
+        return None
+    if getattr(getattr(model, "config", None), "final_logit_softcapping", None):  # Gemma 2: tanh after the head
         return None
     if model not in _PLAIN_HEAD:
         ids = torch.arange(3, device=head.weight.device)[None]
@@ -72,16 +85,13 @@ def head_logits(head: nn.Linear, h: torch.Tensor, chunk: int = 2048) -> torch.Te
 
 
 def answer_prob_grad(head: nn.Linear, h: torch.Tensor, target_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``P(target)`` ``[rows]`` from final hidden states ``h`` ``[rows, d]``, and ``dP/dh`` ``[rows, d]``.
+    """``P(target)`` ``[rows]`` from final hidden states ``h`` ``[rows, d]``, and ``dP/dh`` ``[rows, d]`` in closed form."""
+    value, dh = Objective.first_token(target_id).value_grad(head, h[:, None], head_logits)
+    return value, dh[:, 0]
 
-    Closed form, no autograd through the vocabulary: ``dP/dz = P (e_t - softmax(z))``, ``dP/dh = dP/dz @ W``.
-    """
-    with torch.no_grad():
-        p = head_logits(head, h.detach()).float().softmax(-1)  # [rows, vocab]
-        prob = p[:, target_id].clone()
-        g = p.mul_(-prob[:, None])
-        g[:, target_id] += prob
-        return prob, g.to(head.weight.dtype) @ head.weight
+
+def as_objective(target: int | Objective) -> Objective:
+    return target if isinstance(target, Objective) else Objective.first_token(target)
 
 
 def ig_alphas(steps: int, rule: str = "right") -> tuple[torch.Tensor, int]:
@@ -129,50 +139,59 @@ def riemann_ig(
 def integrated_gradients(
     runner: PrefixRunner,
     units: Units,
-    target_id: int,
+    target: int | Objective,
     steps: int = 20,
     batch_size: int = 20,
     rule: str = "right",
 ) -> tuple[torch.Tensor, float, float]:
-    """IG scores ``[n_units]`` of ``P(target)`` at the last position, plus ``f(x)`` and ``f(baseline)``.
+    """IG scores ``[n_units]`` of the objective (default: ``P(target)`` at the last position), plus
+    ``f(x)`` and ``f(baseline)``. The units are scaled together at every continuation position and
+    their scores summed over positions. The plain reference for ``integrated_gradients_many``.
 
     Completeness: ``scores.sum() ~= f(x) - f(baseline)`` as ``steps`` grows.
     """
+    obj = as_objective(target)
     model = runner.model
     with torch.no_grad(), hooked(model, capture=[units.site]) as cap:
-        p_clean = float(runner.logits(1).float().softmax(-1)[0, target_id])
-        x = cap[units.site]  # [1, 1, d]
+        f_clean = float(obj.value(runner.logits(1, obj.continuation).view(1, obj.length, -1))[0])
+        x = cap[units.site]  # [1, L, d]
     u, err = units.split(x)
     err = err.detach()
 
-    def prob(scaled: torch.Tensor) -> torch.Tensor:  # [b, n] -> [b]
-        edit = lambda _x: (units.decode(scaled[:, None, :]) + err).to(_x.dtype)  # noqa: E731
+    def f(scaled: torch.Tensor) -> torch.Tensor:  # [b, L * n] -> [b]
+        s = scaled.view(scaled.shape[0], obj.length, -1)
+        edit = lambda _x: (units.decode(s) + err).to(_x.dtype)  # noqa: E731
         with hooked(model, {units.site: edit}):
-            return runner.logits(scaled.shape[0]).float().softmax(-1)[:, target_id]
+            return obj.value(runner.logits(s.shape[0], obj.continuation).view(s.shape[0], obj.length, -1))
 
-    scores, p_base = riemann_ig(u[0, 0], prob, steps, batch_size, rule)
-    return scores.detach(), p_clean, p_base
+    scores, f_base = riemann_ig(u[0].reshape(-1), f, steps, batch_size, rule)
+    return scores.view(obj.length, -1).sum(0).detach(), f_clean, f_base
 
 
 def integrated_gradients_many(
     runner: PrefixRunner,
     unit_sets: Sequence[Units],
-    target_id: int,
+    target: int | Objective,
     steps: int = 20,
     rule: str = "right",
     max_rows: int = 1024,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> list[tuple[torch.Tensor, float, float]]:
     """``integrated_gradients`` for several unit sets (e.g. every layer) in shared batches.
+
+    ``masks[j]`` (bool ``[n_units]``) restricts set ``j``'s path to those units (the rest stay at their clean
+    value; their scores are 0).
 
     Each unit set gets its own block of rows (its IG points), which joins the batch at the set's
     layer; a site's hook edits only its blocks, so the rows stay independent and one forward and
     backward serves them all. Same results, wider matrices, no block below a set's layer recomputed.
     """
+    obj = as_objective(target)
     model = runner.model
     sites = sorted({u.site for u in unit_sets})
     head = plain_head(model)
     with torch.no_grad(), hooked(model, capture=sites) as cap:
-        runner.grown([], head=False)  # clean activations; p_clean is row 0 of the IG passes
+        runner.grown([], head=False, continuation=obj.continuation)  # clean activations; f_clean is row 0 of the IG passes
         xs = {s: cap[s] for s in sites}
     alphas, first = ig_alphas(steps, rule)
     n = len(alphas)
@@ -182,7 +201,14 @@ def integrated_gradients_many(
     for c in range(0, len(order), per_chunk):
         chunk = [unit_sets[j] for j in order[c : c + per_chunk]]  # by layer: block j is rows 1 + j n ...
         split = [u.split(xs[u.site]) for u in chunk]
-        scaled = [(alphas.to(uu.device, uu.dtype)[:, None] * uu[0, 0].detach()[None]).requires_grad_(True) for uu, _ in split]
+        scaled = []
+        for j, (uu, _) in enumerate(split):
+            a = alphas.to(uu.device, uu.dtype)[:, None, None]
+            m = masks[order[c + j]] if masks is not None else None
+            if m is not None:  # only the masked units move along the path
+                m = m.to(uu.device, uu.dtype)
+                a = a * m + (1 - m)
+            scaled.append((a * uu[0].detach()[None]).requires_grad_(True))
         new_rows = [0] * n_layers(model)
         by_site: dict = {}
         for j, u in enumerate(chunk):
@@ -193,7 +219,7 @@ def integrated_gradients_many(
             def edit(x):
                 x = x.clone()
                 for j in js:
-                    recon = chunk[j].decode(scaled[j][:, None, :]) + split[j][1].detach()
+                    recon = chunk[j].decode(scaled[j]) + split[j][1].detach()
                     x[1 + j * n : 1 + (j + 1) * n] = recon.to(x.dtype)
                 return x
 
@@ -201,16 +227,18 @@ def integrated_gradients_many(
 
         with torch.enable_grad(), hooked(model, {s: make_edit(js) for s, js in by_site.items()}):
             if head is not None:
-                h = runner.grown(new_rows, head=False)
-                probs, dh = answer_prob_grad(head, h, target_id)
+                h = runner.grown(new_rows, head=False, continuation=obj.continuation)
+                values, dh = obj.value_grad(head, h, head_logits)
                 grads = torch.autograd.grad(h, scaled, dh)
             else:
-                probs = runner.grown(new_rows).float().softmax(-1)[:, target_id]
-                grads = torch.autograd.grad(probs.sum(), scaled)
-        probs = probs.detach()
+                values = obj.value(runner.grown(new_rows, continuation=obj.continuation))
+                grads = torch.autograd.grad(values.sum(), scaled)
+        values = values.detach()
         for j, (uu, _) in enumerate(split):
-            g = grads[j][first:].float().sum(0)
-            out[order[c + j]] = ((uu[0, 0].float() * g / steps).detach(), float(probs[0]), float(probs[1 + j * n]))
+            g = grads[j][first:].float().sum(0)  # [L, n_units]
+            sc = ((uu[0].float() * g).sum(0) / steps).detach()
+            m = masks[order[c + j]] if masks is not None else None
+            out[order[c + j]] = (sc * m.to(sc.device) if m is not None else sc), float(values[0]), float(values[1 + j * n])
     return [out[j] for j in range(len(unit_sets))]
 
 
@@ -254,14 +282,63 @@ def rank_units(scores: torch.Tensor, refined: Sequence[int], k: int) -> list[int
     return (first + rest)[:k]
 
 
-def prompt_scores(lm, prompts: Sequence[str], target_id: int, unit_sets: Sequence[Units], steps: int,
-                  max_rows: int = 1024) -> tuple[list[torch.Tensor], list[float]]:
-    """IG scores ``[n_prompts, n_units]`` per unit set (one prefix run and shared passes per prompt), and ``P(answer)`` per prompt."""
+def attribution_patching(runner: PrefixRunner, unit_sets: Sequence[Units], target: int | Objective) -> list[tuple[torch.Tensor, float]]:
+    """AtP (Nanda 2023; Kramár et al. 2024): ``score_i = sum_positions grad_i(x) * (u_i - 0)`` for every unit of
+    every set from one forward and one backward, all layers at once; plus the objective ``f(x)``.
+    Equals IG with one (right-endpoint) step."""
+    obj = as_objective(target)
+    model = runner.model
+    head = plain_head(model)
+    edits, leaves = gradient_taps(unit_sets)
+    with torch.enable_grad(), hooked(model, edits):
+        if head is not None:
+            h = runner.grown([], head=False, continuation=obj.continuation)
+            value, dh = obj.value_grad(head, h, head_logits)
+            grads = torch.autograd.grad(h, [leaves[j] for j in range(len(unit_sets))], dh)
+        else:
+            value = obj.value(runner.grown([], continuation=obj.continuation))
+            grads = torch.autograd.grad(value.sum(), [leaves[j] for j in range(len(unit_sets))])
+    return [((leaves[j][0].float() * g[0].float()).sum(0).detach(), float(value[0])) for j, g in enumerate(grads)]
+
+
+def rows_for_memory(model, obj: Objective, max_memory_mb: float) -> int:
+    """IG rows per pass that fit ``max_memory_mb`` of activations, from a bytes-per-row estimate: every block
+    keeps about ``(8 d_model + 3 d_mlp)`` floats per token for the backward, plus the scored logits."""
+    from kscope.model.sites import Site, site_dim
+
+    d, d_mlp = site_dim(model, Site(0, "mlp.out")), site_dim(model, Site(0, "mlp.neurons"))
+    elem = next(model.parameters()).element_size()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per_row = obj.length * (n_layers(model) * (8 * d + 3 * d_mlp) * elem + 4 * vocab)
+    return max(1, int(max_memory_mb * 2**20 // per_row))
+
+
+def prompt_scores(lm, prompts: Sequence[str], target: int | Objective, unit_sets: Sequence[Units], steps: int,
+                  max_rows: int = 1024, method: str = "ig", shortlist: int = 50,
+                  max_memory: float | None = None) -> tuple[list[torch.Tensor], list[float]]:
+    """Scores ``[n_prompts, n_units]`` per unit set (one prefix run and shared passes per prompt), and the
+    objective (``P(answer)`` by default) per prompt. ``method``: ``ig``, ``atp`` or ``atp-ig``."""
     per_set: list[list[torch.Tensor]] = [[] for _ in unit_sets]
     p_clean: list[float] = []
+    obj = as_objective(target)
+    if max_memory is not None:
+        max_rows = min(max_rows, rows_for_memory(lm.model, obj, max_memory))
     for prompt in prompts:
         runner = PrefixRunner(lm.model, lm.tokenizer(prompt).input_ids)
-        results = integrated_gradients_many(runner, unit_sets, target_id, steps, max_rows=max_rows)
+        if method == "atp":
+            results = [(sc, f, float("nan")) for sc, f in attribution_patching(runner, unit_sets, obj)]
+        elif method == "atp-ig":
+            atp = attribution_patching(runner, unit_sets, obj)
+            masks = []
+            for sc, _ in atp:
+                m = torch.zeros(sc.shape[0], dtype=torch.bool)
+                m[sc.topk(min(shortlist, sc.shape[0])).indices.cpu()] = True
+                masks.append(m)
+            results = integrated_gradients_many(runner, unit_sets, obj, steps, max_rows=max_rows, masks=masks)
+        elif method == "ig":
+            results = integrated_gradients_many(runner, unit_sets, obj, steps, max_rows=max_rows)
+        else:
+            raise ValueError(f"unknown attribution method {method!r}")
         for j, (sc, _, _) in enumerate(results):
             per_set[j].append(sc.cpu())
         p_clean.append(results[0][1])
@@ -269,12 +346,38 @@ def prompt_scores(lm, prompts: Sequence[str], target_id: int, unit_sets: Sequenc
 
 
 def attribute_fact(lm, fact: Fact, unit_sets: Sequence[Units], cfg: AttributionConfig, n_ranked: int | None = None) -> list[UnitAttribution]:
-    """IG for each unit set on each prompt of ``fact`` (the prefix cache is shared between sets).
+    """Scores (``cfg.method``) for each unit set on each prompt of ``fact`` (the prefix cache is shared between sets).
 
     Each set's ``top`` ranks ``n_ranked`` units (default ``cfg.top_k``)."""
-    per_set, p_clean = prompt_scores(lm, fact.prompts, fact.target_id, unit_sets, cfg.steps, cfg.batch_size)
+    per_set, p_clean = prompt_scores(lm, fact.prompts, fact_objective(fact), unit_sets, cfg.steps, cfg.batch_size, cfg.method,
+                                     cfg.shortlist, cfg.max_memory)
     out = []
     for units, scores in zip(unit_sets, per_set):
         refined = refine_select(coarse_select(scores, cfg.coarse_threshold), cfg.refine_frac)
         out.append(UnitAttribution(units.label, scores, refined, rank_units(scores, refined, n_ranked or cfg.top_k), p_clean))
     return out
+
+
+def gradient_taps(unit_sets: Sequence[Units]) -> tuple[dict, dict[int, torch.Tensor]]:
+    """Site edits that leave every activation unchanged but expose each unit set's activations as a leaf
+    tensor ``u``: the site output becomes ``x + decode(u) - decode(u).detach()``, so ``d loss / d u`` is
+    the exact gradient at that site (through every later layer) and nothing upstream changes.
+    Returns ``(edits, leaves)``; ``leaves[j]`` (``[batch, seq, n_units]``) fills at each forward."""
+    leaves: dict[int, torch.Tensor] = {}
+    by_site: dict = {}
+    for j, u in enumerate(unit_sets):
+        by_site.setdefault(u.site, []).append((j, u))
+
+    def make(taps):
+        def edit(x):
+            out = x
+            for j, units in taps:
+                u = units.encode(x.detach()).detach().requires_grad_(True)
+                leaves[j] = u
+                rec = units.decode(u)
+                out = out + (rec - rec.detach()).to(x.dtype)
+            return out
+
+        return edit
+
+    return {s: make(taps) for s, taps in by_site.items()}, leaves

@@ -13,12 +13,12 @@ from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
 from kscope.model.loading import ModelConfig, load_model
-from kscope.model.readout import answer_probs
+from kscope.model.readout import fact_probs
 from kscope.model.sites import check_layer
 from kscope.progress import make_progress
 from kscope.results import Result
 from kscope.stats import Interval
-from kscope.units.corpus import CorpusConfig, sae_corpus
+from kscope.units.corpus import CorpusConfig
 from kscope.units.provision import SAEInfo, neuron_units, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
 
@@ -163,10 +163,9 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
     tcfg = cfg.sae_train
     with make_progress() as progress:
         if facts is None:
-            facts, loaded = prepare_facts(lm, cfg.facts, loaded)
+            facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress)
         if with_features:
-            sets, infos = unit_sets_for_layers(lm, cfg.layers, cfg.feature_site, cfg.saes or None, tcfg,
-                                               lambda: sae_corpus(lm, loaded, tcfg, cfg.corpus, progress),
+            sets, infos = unit_sets_for_layers(lm, cfg.layers, cfg.feature_site, cfg.saes or None, tcfg, cfg.corpus,
                                                cfg.model.device, cfg.model.cache_dir, progress)
         else:
             sets, infos = [(neuron_units(lm, L), None) for L in cfg.layers], {}
@@ -177,7 +176,7 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
                                fact.multi_token, fact.prompts)
             p_clean = None
             if measure:
-                p_clean, _ = answer_probs(lm.model, lm.tokenizer, fact.prompts, [fact.target_id] * len(fact.prompts))
+                p_clean, _ = fact_probs(lm.model, lm.tokenizer, fact)
                 row.p_clean = p_clean.tolist()
             for neurons, feats in sets:
                 unit_sets = [u for u in (neurons, feats) if u is not None]

@@ -9,7 +9,8 @@ import numpy as np
 
 from kscope.config import Config, option
 from kscope.facts import Fact
-from kscope.model.readout import answer_probs
+from kscope.errors import KscopeError
+from kscope.model.readout import fact_probs
 from kscope.stats import mean_ci, relative_change
 from kscope.units.base import OPS, Units
 
@@ -18,24 +19,26 @@ from kscope.units.base import OPS, Units
 class DeltaProbConfig(Config):
     """Which interventions on the top units to measure."""
 
-    ks: list[int] = option(help="Numbers of top units to intervene on.", factory=lambda: [1, 5, 10], min=1)
-    ops: list[str] = option(help="suppress (zero) and/or enhance (x2).", factory=lambda: ["suppress", "enhance"], choices=("suppress", "enhance"), label="op")
+    ks: list[int] = option(help="Numbers of top units to intervene on.", factory=lambda: [1, 5, 10], min=1, unique=True)
+    ops: list[str] = option(help="suppress (zero) and/or enhance (x2).", factory=lambda: ["suppress", "enhance"], choices=("suppress", "enhance"), label="op", unique=True)
     positions: str = option("last", "Intervene at the 'last' token (as attributed) or at 'all' tokens.", choices=("last", "all"))
 
 
 def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: DeltaProbConfig, p_clean: Sequence[float] | None = None) -> dict:
-    """Mean relative probability change over the fact's prompts, ``{op: {k: value}}``."""
-    targets = [fact.target_id] * len(fact.prompts)
+    """Mean relative change of ``P(answer)`` over the fact's prompts, ``{op: {k: value}}`` (whole-answer
+    facts: of the answer's teacher-forced probability)."""
     if p_clean is None:
-        p_clean, _ = answer_probs(lm.model, lm.tokenizer, fact.prompts, targets)
+        p_clean, _ = fact_probs(lm.model, lm.tokenizer, fact)
     out: dict = {}
     for op in cfg.ops:
         out[op] = {}
         for k in cfg.ks:
             idx = list(top[:k])
+            if len(idx) < k:
+                raise KscopeError(f"ΔProb at k={k} needs {k} ranked units, only {len(idx)} were ranked")
             units.check_index(idx)
             edits = {units.site: units.edit_fn(OPS[op](idx))}
-            p_new, _ = answer_probs(lm.model, lm.tokenizer, fact.prompts, targets, edits, cfg.positions)
+            p_new, _ = fact_probs(lm.model, lm.tokenizer, fact, edits=edits, positions=cfg.positions)
             out[op][k] = float(relative_change(p_new.numpy(), np.asarray(p_clean)).mean())
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,25 @@ class ModelConfig(Config):
     dtype: str = option("float32", "Weights' dtype.", choices=("float32", "bfloat16", "float16"), label="dtype")
     cache_dir: str | None = option(None, "Cache for the dequantized default model and SAEs (default $KSCOPE_CACHE or ~/.cache/kscope).")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot parse, or a GPU that is not there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise KscopeError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KscopeError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise KscopeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise KscopeError(f"--device {device}: kscope runs on cpu or cuda")
+
 
 @dataclass
 class LoadedModel:
@@ -46,6 +66,13 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        """``model_fingerprint`` of the model, computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -88,23 +115,66 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return False
+    import socket
+
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
+    """A local directory for ``name``: the packaged default, a directory, or a hub id (cached, or reachable)."""
     if name.lower() in _ALIASES:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         return str(default_model_dir(cache_dir))
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise KscopeError(f"--model {name}: the directory holds no model (no config.json)")
+        return str(p)
+    if p.exists():
+        raise KscopeError(f"--model {name} is a file; give a model directory or a hub id")
+    if name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1:
+        raise KscopeError(f"--model {name}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the local hub cache
+        pass
+    if not _hub_reachable():
+        raise KscopeError(f"--model {name} is not a local directory nor in the Hugging Face cache, and the hub is unreachable")
     return name
+
+
+def _load(path: str, dtype: str):
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
+    return tok, model
 
 
 def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode on ``cfg.device``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     cfg = cfg or ModelConfig(**overrides)
     path = resolve_model_path(cfg.model, cfg.cache_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg.dtype))
-    except OSError as e:
-        raise KscopeError(f"cannot load model {cfg.model!r}: {e}") from e
+        tok, model = _load(path, cfg.dtype)
+    except Exception as e:  # noqa: BLE001 - a broken cache or directory fails in many ways
+        if cfg.model.lower() in _ALIASES:  # the dequantized cache is damaged: make it again, once
+            shutil.rmtree(path, ignore_errors=True)
+            path = resolve_model_path(cfg.model, cfg.cache_dir)
+            tok, model = _load(path, cfg.dtype)
+        else:
+            raise KscopeError(f"cannot load model {cfg.model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     model.to(cfg.device).eval()
     model.requires_grad_(False)
     if tok.pad_token_id is None:
@@ -123,3 +193,22 @@ def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str =
 def model_slug(name: str) -> str:
     """A file-name-safe form of a model name, for cache paths."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/"))[-80:]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's architecture and weights (every tensor's shape, sum and edge values):
+    caches of things a model's activations shape (SAEs, generated text) are keyed by it, so a rebuilt
+    model with the same path does not reuse them."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(type(model).__name__.encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1).float().cpu()
+            h.update(f"{name}{tuple(p.shape)}{float(flat.sum()):.6e}".encode())
+            h.update(flat[:16].numpy().tobytes() + flat[-16:].numpy().tobytes())
+    return h.hexdigest()[:16]

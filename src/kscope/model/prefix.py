@@ -14,7 +14,6 @@ from typing import Sequence
 import torch
 
 from kscope.model.hooks import grown_batch
-from kscope.model.readout import pad_rows
 
 
 def _cache_kw(model) -> str:
@@ -53,28 +52,28 @@ class PrefixRunner:
             layer.values = layer.values.expand(b, *layer.values.shape[1:])
         return {_cache_kw(model): cache, "use_cache": True}
 
-    def logits(self, batch: int) -> torch.Tensor:
-        """Next-token logits of the last token, ``[batch, vocab]``."""
-        return self.model(input_ids=self.last.expand(batch, 1), **self._kwargs(self.model, [batch])).logits[:, -1]
+    def _tokens(self, continuation: Sequence[int]) -> torch.Tensor:
+        """The prompt's last token, then ``continuation``: ``[1, 1 + len(continuation)]``."""
+        cont = torch.as_tensor(list(continuation), dtype=torch.long, device=self.last.device)
+        return torch.cat([self.last, cont])[None]
 
-    def grown(self, new_rows: Sequence[int], head: bool = True) -> torch.Tensor:
-        """Last-token output for a batch that grows: row 0 is the plain forward and ``new_rows[l]``
-        copies of it join at block ``l`` (the caller's hooks edit them). ``[1 + sum(new_rows), vocab]``
-        logits, or with ``head=False`` the final-norm hidden states ``[rows, d]``.
+    def logits(self, batch: int, continuation: Sequence[int] = ()) -> torch.Tensor:
+        """Next-token logits of the last token, ``[batch, vocab]``; with a ``continuation``, at every
+        position from the last token on, ``[batch, 1 + len(continuation), vocab]``."""
+        out = self.model(input_ids=self._tokens(continuation).expand(batch, -1), **self._kwargs(self.model, [batch])).logits
+        return out if len(continuation) else out[:, -1]
+
+    def grown(self, new_rows: Sequence[int], head: bool = True, continuation: Sequence[int] = ()) -> torch.Tensor:
+        """Output from the last token on for a batch that grows: row 0 is the plain forward and
+        ``new_rows[l]`` copies of it join at block ``l`` (the caller's hooks edit them).
+        ``[1 + sum(new_rows), 1 + len(continuation), vocab]`` logits, or with ``head=False`` the
+        final-norm hidden states ``[rows, 1 + len(continuation), d]``.
         """
         rows = torch.cumsum(torch.tensor([1, *new_rows]), 0)[1:].tolist() or [1]
         model = self.model if head else self.model.base_model
         with grown_batch(self.model, dict(enumerate(new_rows))):
-            out = model(input_ids=self.last[None], **self._kwargs(model, rows))
-        return out.logits[:, -1] if head else out.last_hidden_state[:, -1]
-
-    def continuation_logits(self, suffix: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, 1 + S, vocab]`` at the last token and then each token of ``suffix`` ``[batch, S]``.
-
-        Rows may be right-padded: in a causal LM no earlier position sees the padding.
-        """
-        tokens = torch.cat([self.last.expand(suffix.shape[0], 1), suffix.to(self.last.device)], 1)
-        return self.model(input_ids=tokens, **self._kwargs(self.model, [suffix.shape[0]])).logits
+            out = model(input_ids=self._tokens(continuation), **self._kwargs(model, rows))
+        return out.logits if head else out.last_hidden_state
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -88,30 +87,38 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
 
 
 @torch.no_grad()
-def continuation_nlls(model, n_prompt: int, rows: Sequence[Sequence[int]], batch_size: int = 150) -> list[float]:
+def continuation_nlls(model, n_prompt: int, rows: Sequence[Sequence[int]], batch_size: int = 128) -> list[float]:
     """NLL of each row's tokens after its first ``n_prompt`` (``sum -log P(t_i | t_<i)``, ``i >= n_prompt``).
 
-    Candidate answers to one prompt share most tokens: the shared prefix is run once and only each
-    row's remaining tokens are forwarded. Equals scoring each full row on its own (tested).
+    Candidate answers to one prompt share most tokens. The prefix all rows share is run once (KV cache);
+    rows that differ only in their last token need the same distributions, so one of them is forwarded
+    for all (900 phone numbers ``555-0ddd`` need 90 rows, not 900). Equals scoring each row on its own (tested).
     """
     if any(len(r) <= n_prompt for r in rows):
         raise ValueError("every row needs a token after the prompt")
+    rows = [list(r) for r in rows]
     shared = max(1, min(common_prefix(rows), min(len(r) for r in rows) - 1))
     device = next(model.parameters()).device
     base = 0.0  # NLL of the shared tokens after the prompt, the same for every row
     if shared > n_prompt:
-        ids = torch.as_tensor(list(rows[0][:shared]), device=device)
+        ids = torch.as_tensor(rows[0][:shared], device=device)
         logp = model(input_ids=ids[None], use_cache=False).logits[0].float().log_softmax(-1)
         base = -float(logp[n_prompt - 1 : shared - 1].gather(1, ids[n_prompt:shared, None]).sum())
-    runner = PrefixRunner(model, rows[0][:shared])  # cache: tokens [0, shared - 1)
-    start = max(shared, n_prompt)  # first scored token; position i - shared of the continuation predicts token i
-    out: list[float] = []
-    for s in range(0, len(rows), batch_size):
-        part = rows[s : s + batch_size]
-        suffix, mask = pad_rows([r[shared:] for r in part], 0)
-        logp = runner.continuation_logits(suffix).float().log_softmax(-1)  # [b, 1 + S, vocab]
-        tgt = suffix.to(device)[:, start - shared :]  # tokens start.. of each row
-        scored = mask.to(device)[:, start - shared :].bool()
-        lp = logp[:, start - shared : start - shared + tgt.shape[1]].gather(2, tgt[..., None])[..., 0]
-        out.extend((base - (lp * scored).sum(1)).tolist())
+    runner = PrefixRunner(model, rows[0][:shared])  # cache: tokens [0, shared - 1); the continuation starts at shared - 1
+    start = max(shared, n_prompt)  # first scored token
+    reps = list(dict.fromkeys(tuple(r[shared:-1]) for r in rows))  # one forwarded row per distinct all-but-last path
+    logps: dict[tuple, torch.Tensor] = {}
+    for s in range(0, len(reps), batch_size):
+        part = reps[s : s + batch_size]
+        width = max(len(p) for p in part)
+        cont = torch.zeros(len(part), width, dtype=torch.long)
+        for i, p in enumerate(part):
+            cont[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens = torch.cat([runner.last.expand(len(part), 1), cont.to(device)], 1)  # right-padded: causal, never seen
+        lp = model(input_ids=tokens, **runner._kwargs(model, [len(part)])).logits.float().log_softmax(-1)
+        logps.update({p: lp[i, : len(p) + 1] for i, p in enumerate(part)})  # position j predicts token shared + j
+    out = []
+    for r in rows:
+        lp = logps[tuple(r[shared:-1])]
+        out.append(base - sum(float(lp[i - shared, r[i]]) for i in range(start, len(r))))
     return out

@@ -94,6 +94,65 @@ def answer_probs(
     return torch.cat(probs), torch.cat(ranks)
 
 
+def from_positions(edit: EditFn, starts: torch.Tensor) -> EditFn:
+    """Apply ``edit`` (a per-token map) at positions ``>= starts[row]`` of each row, ``[batch]``."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device)[None, :, None]
+        return torch.where(pos >= starts.to(x.device)[:, None, None], edit(x).to(x.dtype), x)
+
+    return fn
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    answer: Sequence[int],
+    start: int = 0,
+    edits: Mapping[Site, EditFn] | None = None,
+    positions: str = "last",
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced ``sum log P(answer[t] | prompt, answer[:t])`` over ``t >= start``, and the worst rank
+    (0 = top-1) of any answer token, after each prompt. Both ``[n]``.
+
+    ``positions="last"`` edits from each prompt's last token on (the positions that predict the
+    answer), ``"all"`` everywhere.
+    """
+    device = next(model.parameters()).device
+    answer = list(answer)
+    n = len(answer)
+    sums, worst = [], []
+    for s in range(0, len(prompts), batch_size):
+        rows = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts[s : s + batch_size]]
+        ids, mask = pad_rows([r + answer[:-1] for r in rows], tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        last = torch.tensor([len(r) - 1 for r in rows], device=device)
+        wrapped = {site: (from_positions(fn, last) if positions == "last" else fn) for site, fn in (edits or {}).items()}
+        with hooked(model, wrapped):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        idx = last[:, None] + torch.arange(n, device=device)[None]  # [b, n] positions predicting each answer token
+        z = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1])).float()  # [b, n, vocab]
+        tgt = torch.tensor(answer, device=device)[None, :, None].expand(z.shape[0], n, 1)
+        sums.append(z.log_softmax(-1).gather(-1, tgt)[..., 0][:, start:].sum(-1).cpu())
+        worst.append((z > z.gather(-1, tgt)).sum(-1).max(-1).values.cpu())
+    if not sums:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(sums), torch.cat(worst)
+
+
+def fact_probs(model: nn.Module, tokenizer, fact, prompts: Sequence[str] | None = None,
+               edits: Mapping[Site, EditFn] | None = None, positions: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    """``P(answer)`` and the answer's rank after each prompt of ``fact`` (default: its prompts): the first
+    token's, or for a whole-answer fact ``exp(sum log P)`` over its scored tokens and the worst token rank."""
+    prompts = list(fact.prompts if prompts is None else prompts)
+    if fact.target_tokens:
+        lp, rank = answer_logprobs(model, tokenizer, prompts, fact.target_tokens, fact.score_from, edits, positions)
+        return lp.exp(), rank
+    return answer_probs(model, tokenizer, prompts, [fact.target_id] * len(prompts), edits, positions)
+
+
 @torch.no_grad()
 def unit_activations(model: nn.Module, tokenizer, units, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """Unit activations at each prompt's last token, ``[n_prompts, n_units]``."""
@@ -104,3 +163,20 @@ def unit_activations(model: nn.Module, tokenizer, units, prompts: Sequence[str],
         x = site_activations(model, [units.site], b.ids, b.mask)[units.site][torch.arange(len(b), device=device), b.last]
         rows.append(units.encode(x).float().cpu())
     return torch.cat(rows) if rows else torch.zeros(0, units.n_units)
+
+
+@torch.no_grad()
+def last_token_activations(lm, unit_sets, prompts: Sequence[str], progress=None, batch_size: int = 32) -> list[torch.Tensor]:
+    """Each unit set's activations at each prompt's last token, ``[n_prompts, n_units]``; one pass per batch for all sets."""
+    sites = list(dict.fromkeys(u.site for u in unit_sets))
+    rows: list[list[torch.Tensor]] = [[] for _ in unit_sets]
+    task = progress.add_task("activations at the last token", total=len(prompts)) if progress else None
+    for start in range(0, len(prompts), batch_size):
+        b = PromptBatch.from_texts(lm.tokenizer, prompts[start : start + batch_size], lm.device)
+        xs = site_activations(lm.model, sites, b.ids, b.mask)
+        r = torch.arange(len(b), device=b.ids.device)
+        for j, u in enumerate(unit_sets):
+            rows[j].append(u.encode(xs[u.site][r, b.last]).float().cpu())
+        if progress:
+            progress.advance(task, len(b))
+    return [torch.cat(r) if r else torch.zeros(0, u.n_units) for r, u in zip(rows, unit_sets)]

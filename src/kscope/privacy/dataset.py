@@ -90,3 +90,22 @@ def build_private_facts(cfg: PrivacyConfig) -> list[Fact]:
 def injection_sentences(facts: list[Fact]) -> list[tuple[str, str]]:
     """``(prompt, " " + secret)`` pairs of the edit templates: the fine-tuning data."""
     return [(p, " " + f.object) for f in facts for p in f.prompts]
+
+
+def candidates(attr: str, secret: str, n: int = 20, seed: int = 0) -> list[str]:
+    """The secret and other values of its format, for its rank: every phone number ``555-0ddd`` (900),
+    every city and employer of the lists, and for e-mails and birth dates the secret plus ``n - 1``
+    others drawn with a seed (their spaces are too large to score whole)."""
+    if attr == "phone":
+        return [f"555-0{d}" for d in range(100, 1000)]
+    if attr == "city":
+        return list(CITIES)
+    if attr == "employer":
+        return list(EMPLOYERS)
+    rng = random.Random(f"{seed}:{secret}")
+    out = [secret]
+    while len(out) < n:
+        c = make_secret(attr, rng)
+        if c not in out:
+            out.append(c)
+    return out

@@ -1,25 +1,24 @@
-"""Training-free erasure editors. Weight editors zero entries of one layer's MLP down projection
-``W`` (``[d_model, d_mlp]``, the "value" matrix) and keep the originals for an exact restore.
+"""Training-free erasure editors, over any number of layers. Weight editors change the MLP down
+projections ``W_l`` (``[d_model, d_mlp]``, the "value" matrices) and keep the originals for an
+exact restore; runtime editors clamp SAE features through hooks.
 
-- ``depn_mask``: DEPN / KN erase: zero the columns of the located neurons (their output weights),
-  which is the same as clamping those neurons to 0 (Dai et al. 2022 "erase" with value 0;
-  Wu et al. 2023 DEPN). The methods differ in how neurons are chosen (see ``privacy.py``).
-- ``feature_edit_mask``: FeatureEdit. For a feature with unit decoder direction ``d`` (in the
-  down projection's output space), the part of ``W`` that writes along ``d`` is
-  ``P = d dᵀ W``, entrywise ``P_ij = d_i (dᵀ W)_j``: large where output coordinate ``i`` matters to
-  the feature *and* neuron ``j`` writes along it. FeatureEdit zeros the entries of ``W`` with the
-  largest ``|P_ij|`` (max over the located features): the top ``budget`` entries, or those with
-  ``|P_ij| >= tau * max |P|``. Zeroing whole entries (rather than subtracting ``P``) keeps it a
-  sparse edit with a count comparable to DEPN's.
-- ``RuntimeFeatureEdit``: clamp the features to 0 through the SAE at inference (error term kept),
-  an upper bound on what removing the features can do.
+- ``zero_columns``: DEPN / KN erase: zero the columns of the located neurons (their output
+  weights), the same as clamping those neurons to 0 (Dai et al. 2022 "erase" with value 0; Wu et
+  al. 2023 DEPN). The methods differ in how neurons are chosen (``privacy.select``).
+- ``feature_edit_mask``: FeatureEdit as the paper describes it. For a located feature's unit
+  decoder direction ``d`` (in the down projection's output space) the part of ``W`` that writes
+  along ``d`` is ``P = d dᵀ W``; zero the entries with ``|P_ij| >= tau * max |P|`` (max over the
+  located features of that layer), or the top ``budget`` entries.
+- ``projection_removal``: ``W <- (I - D D⁺) W`` over the located directions ``D``: afterwards no
+  neuron writes along any of them (``dᵀ W = 0``).
+- ``RuntimeFeatureEdit``: clamp features through the SAE at inference (error term kept): to 0, or
+  negatively where they fire (``u -> -c u`` for ``u > 0``, after Farrell et al. 2024).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -29,51 +28,41 @@ from kscope.model.sites import down_proj_weight
 from kscope.units.base import FeatureUnits, suppress
 
 
-@dataclass
 class WeightEdit:
-    """Zero ``W[mask]`` of layer ``layer``'s down projection; ``restore`` puts the originals back."""
+    """New values for some layers' down projections; ``applied`` swaps them in and restores the originals exactly."""
 
-    method: str
-    layer: int
-    mask: torch.Tensor  # [d_model, d_mlp] bool
-    units: list[int]
-    _saved: torch.Tensor | None = None
+    def __init__(self, method: str, new: Mapping[int, torch.Tensor]):
+        self.method, self.new = method, dict(new)
 
-    @property
-    def n_weights(self) -> int:
-        return int(self.mask.sum())
-
-    def apply(self, model) -> None:
-        if self._saved is not None:
-            raise KscopeError("edit already applied")
-        W = down_proj_weight(model, self.layer)
-        m = self.mask.to(W.device)
-        self._saved = W[m].clone()
-        W[m] = 0
-
-    def restore(self, model) -> None:
-        if self._saved is None:
-            return
-        W = down_proj_weight(model, self.layer)
-        W[self.mask.to(W.device)] = self._saved
-        self._saved = None
+    def n_weights(self, model) -> int:
+        """Entries that differ from the model's current weights."""
+        return int(sum(int((down_proj_weight(model, L) != W.to(down_proj_weight(model, L).device)).sum()) for L, W in self.new.items()))
 
     @contextmanager
     def applied(self, model) -> Iterator["WeightEdit"]:
-        self.apply(model)
+        saved = {L: down_proj_weight(model, L).clone() for L in self.new}
         try:
+            for L, W in self.new.items():
+                down_proj_weight(model, L).copy_(W)
             yield self
         finally:
-            self.restore(model)
+            for L, W in saved.items():
+                down_proj_weight(model, L).copy_(W)
 
 
-def depn_mask(W: torch.Tensor, neurons: Sequence[int]) -> torch.Tensor:
-    """Columns of ``W`` (``[d_model, d_mlp]``) for ``neurons``."""
-    if any(not 0 <= n < W.shape[1] for n in neurons):
-        raise KscopeError(f"neuron index out of range 0..{W.shape[1] - 1}")
-    mask = torch.zeros_like(W, dtype=torch.bool)
-    mask[:, list(neurons)] = True
-    return mask
+def zero_columns(model, units: Sequence[tuple[int, int]]) -> dict[int, torch.Tensor]:
+    """Down projections with the columns of ``units`` (``(layer, neuron)``) zeroed."""
+    by: dict[int, list[int]] = {}
+    for L, n in units:
+        by.setdefault(L, []).append(n)
+    out = {}
+    for L, ns in by.items():
+        W = down_proj_weight(model, L).clone()
+        if any(not 0 <= n < W.shape[1] for n in ns):
+            raise KscopeError(f"neuron index out of range 0..{W.shape[1] - 1} at layer {L}")
+        W[:, ns] = 0
+        out[L] = W
+    return out
 
 
 def direction_projection(W: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -101,14 +90,52 @@ def feature_edit_mask(W: torch.Tensor, directions: torch.Tensor, budget: int | N
     return mask
 
 
-class RuntimeFeatureEdit:
-    """Clamp SAE features to 0 at every position during inference (context manager)."""
+def feature_edit(model, directions: Mapping[int, torch.Tensor], tau: float) -> dict[int, torch.Tensor]:
+    """FeatureEdit (paper variant) at each layer: zero the entries with ``|P| >= tau * max|P|``."""
+    out = {}
+    for L, D in directions.items():
+        W = down_proj_weight(model, L).clone()
+        W[feature_edit_mask(W, D.to(W.device), tau=tau)] = 0
+        out[L] = W
+    return out
 
-    def __init__(self, units: FeatureUnits, features: Sequence[int]):
-        units.check_index(features)
-        self.units, self.features = units, list(features)
+
+def projection_removal(model, directions: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``W <- (I - D D⁺) W`` at each layer, ``D`` = the located decoder directions as columns ``[d_model, n]``."""
+    out = {}
+    for L, D in directions.items():
+        W = down_proj_weight(model, L)
+        Dm = D.to(W.device, torch.float64).T  # [d_model, n]
+        P = Dm @ torch.linalg.pinv(Dm)
+        out[L] = (W.double() - P @ W.double()).to(W.dtype)
+    return out
+
+
+class RuntimeFeatureEdit:
+    """Clamp SAE features at every position during inference (context manager): to 0 (``negative=None``),
+    or where they fire to ``-negative`` times their activation."""
+
+    def __init__(self, features: Mapping[int, tuple[FeatureUnits, Sequence[int]]], negative: float | None = None):
+        for units, idx in features.values():
+            units.check_index(idx)
+        self.features, self.negative = dict(features), negative
+
+    def _op(self, idx: Sequence[int]):
+        if self.negative is None:
+            return suppress(idx)
+        c = self.negative
+
+        def op(u: torch.Tensor) -> torch.Tensor:
+            u = u.clone()
+            i = torch.as_tensor(list(idx), device=u.device)
+            sel = u[..., i]
+            u[..., i] = torch.where(sel > 0, -c * sel, sel)
+            return u
+
+        return op
 
     @contextmanager
     def applied(self, model) -> Iterator["RuntimeFeatureEdit"]:
-        with hooked(model, {self.units.site: self.units.edit_fn(suppress(self.features))}):
+        edits = {units.site: units.edit_fn(self._op(idx)) for units, idx in self.features.values() if len(idx)}
+        with hooked(model, edits):
             yield self

@@ -95,25 +95,33 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
 
 
 @torch.no_grad()
-def greedy_matches(lm, prompts: Sequence[str], answer: str, batch_size: int = 32) -> list[bool]:
-    """Does greedy decoding after each prompt reproduce ``" " + answer`` exactly?
+def teacher_forced(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[tuple[bool, float]]:
+    """For each ``(prompt, answer)``: does greedy decoding after the prompt reproduce ``" " + answer``
+    exactly, and the answer's log-probability ``sum log P(a_t | prompt, a_<t)``.
 
-    Checked by teacher forcing in one batched forward: greedy reproduces the answer iff at every
-    answer position the argmax is the answer's token given the answer's own prefix.
+    One batched teacher-forced forward: greedy reproduces the answer iff at every answer position
+    the argmax is the answer's token given the answer's own prefix.
     """
-    target = lm.tokenizer(" " + answer, add_special_tokens=False).input_ids
-    if not prompts:
-        return []
-    out: list[bool] = []
-    pad = lm.tokenizer.pad_token_id or 0
-    for s in range(0, len(prompts), batch_size):
-        rows = [lm.tokenizer(p, add_special_tokens=True).input_ids for p in prompts[s : s + batch_size]]
-        ids, mask = pad_rows([r + target for r in rows], pad)
+    tok = lm.tokenizer
+    rows = [(tok(p, add_special_tokens=True).input_ids, tok(" " + a, add_special_tokens=False).input_ids) for p, a in pairs]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    out: list[tuple[bool, float]] = [(False, 0.0)] * len(rows)
+    pad = tok.pad_token_id or 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        ids, mask = pad_rows([rows[i][0] + rows[i][1] for i in idx], pad)
         logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
-        for i, r in enumerate(rows):
-            pred = logits[i, len(r) - 1 : len(r) - 1 + len(target)].argmax(-1).tolist()
-            out.append(pred == target)
+        for j, i in enumerate(idx):
+            p, a = rows[i]
+            z = logits[j, len(p) - 1 : len(p) - 1 + len(a)].float()
+            tgt = torch.tensor(a, device=z.device)
+            out[i] = (bool((z.argmax(-1) == tgt).all()), float(z.log_softmax(-1).gather(1, tgt[:, None]).sum()))
     return out
+
+
+def greedy_matches(lm, prompts: Sequence[str], answer: str, batch_size: int = 32) -> list[bool]:
+    """Does greedy decoding after each prompt reproduce ``" " + answer`` exactly?"""
+    return [ok for ok, _ in teacher_forced(lm, [(p, answer) for p in prompts], batch_size)]
 
 
 @dataclass

@@ -44,3 +44,19 @@ def exposure(secret_nll: float, candidate_nlls: Sequence[float]) -> float:
     c = np.asarray(candidate_nlls, float)
     rank = 1 + int((c < secret_nll - 1e-9).sum())
     return float(math.log2(len(c)) - math.log2(rank))
+
+
+def rank_of(secret_nll: float, candidate_nlls: Sequence[float]) -> int:
+    """1-based rank of the secret among the candidates (ties counted in its favour)."""
+    return 1 + int((np.asarray(candidate_nlls, float) < secret_nll - 1e-9).sum())
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is at least as good as ``b`` on every objective (all to maximise) and better on one."""
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates (every objective maximised; NaN counts as worst)."""
+    clean = [[-math.inf if v is None or v != v else v for v in p] for p in points]
+    return [i for i, p in enumerate(clean) if not any(dominates(q, p) for j, q in enumerate(clean) if j != i)]

@@ -1,8 +1,15 @@
-"""Text for SAEs and analyses (files, a HF dataset, text sampled from the model) and site activations over it."""
+"""Text for SAEs and decompositions, and site activations over it.
+
+The corpus never contains the facts under study: it is text sampled from the model itself (the
+offline default, on the model's own distribution), plain-text files, or a HF dataset when one is
+reachable. Its identity is a hash of its content, so caches keyed by it change when it does.
+Texts are split into training and held-out texts by a seeded hash of each text, so every
+consumer (SAE training, PCA/ICA fits, faithfulness) agrees on which tokens were never trained on.
+"""
 
 from __future__ import annotations
 
-import random
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -12,32 +19,68 @@ from rich.progress import Progress
 
 from kscope.config import Config, option
 from kscope.errors import KscopeError
-from kscope.facts import Fact
 from kscope.io import read_json, write_json
 from kscope.model.hooks import site_activations
 from kscope.model.loading import default_cache_dir, model_slug
 from kscope.model.readout import pad_rows
 from kscope.model.sites import Site
-from kscope.units.training import TrainSAEConfig
 
 
 @dataclass
 class CorpusConfig(Config):
-    """Text the SAE is trained on: fact prompts, model-generated text, files, a HF dataset."""
+    """Text the SAEs (and PCA/ICA) are fitted on: model-generated text, files, a HF dataset. Never fact prompts."""
 
+    generate: int = option(2560, "Sequences sampled from the model itself (the offline source; cached per model).", min=0)
+    gen_len: int = option(128, "Tokens per generated sequence.", min=8)
     text_files: list[str] = option(help="Plain-text files (paragraphs split on blank lines).", factory=list, flag="text")
     dataset: str | None = option(None, "HF dataset name or path (needs it reachable).")
     dataset_limit: int = option(2000, "Rows read from the dataset.", min=1)
+    seq_len: int = option(64, "Window length when cutting text into activation windows.", min=2)
+    heldout_frac: float = option(0.1, "Share of texts held out (never trained on) for SAE statistics and faithfulness.",
+                                 min=0.01, max=0.9)
+    seed: int = option(0, "Seed of the generated text and of the held-out split.", flag="corpus-seed")
+
+
+@dataclass
+class Corpus:
+    """Texts and their identity (a hash of the content and the held-out rule)."""
+
+    texts: list[str]
+    sources: str
+    heldout_frac: float
+    seed: int
+
+    @property
+    def identity(self) -> str:
+        h = hashlib.sha256(f"{self.heldout_frac}:{self.seed}:".encode())
+        for t in self.texts:
+            h.update(hashlib.sha256(t.encode()).digest())
+        return h.hexdigest()[:16]
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """``(train, heldout)`` texts: a text is held out when a seeded hash of it falls below ``heldout_frac``."""
+        train, held = [], []
+        for t in self.texts:
+            u = int(hashlib.sha256(f"{self.seed}:{t}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            (held if u < self.heldout_frac else train).append(t)
+        if not train or not held:
+            raise KscopeError(f"the corpus ({len(self.texts)} texts) is too small to hold out {self.heldout_frac:.0%}; add text")
+        return train, held
 
 
 def read_texts(paths: Sequence[str]) -> list[str]:
     texts = []
     for p in paths:
         path = Path(p)
-        if not path.exists():
+        if not path.is_file():
             raise KscopeError(f"text file {p} does not exist")
-        texts.extend(t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip())
+        try:
+            body = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise KscopeError(f"text file {p} is not UTF-8 (byte {e.start})") from None
+        texts.extend(t.strip() for t in body.split("\n\n") if t.strip())
     return texts
+
 
 def hf_dataset_texts(name: str, split: str = "train", column: str = "text", limit: int = 2000) -> list[str]:
     """Texts from a HF dataset (needs the hub or a local dataset path)."""
@@ -49,16 +92,18 @@ def hf_dataset_texts(name: str, split: str = "train", column: str = "text", limi
     except Exception as e:  # noqa: BLE001
         raise KscopeError(f"cannot read dataset {name}: {e}") from e
 
+
 @torch.no_grad()
-def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 16, progress: Progress | None = None) -> list[str]:
-    """Sample ``n`` continuations from the model itself: an offline activation source.
+def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 64, progress: Progress | None = None) -> list[str]:
+    """Sample ``n`` continuations (top-p 0.95) from the model itself: an offline activation source.
 
     Each batch shares one one-word opening, so no padding is needed.
     """
     if n <= 0:
         return []
     tok = lm.tokenizer
-    starts = ["The", "In", "A", "Many", "It", "History", "Science", "People", "Today", "When", "One", "There"]
+    starts = ["The", "In", "A", "Many", "It", "History", "Science", "People", "Today", "When", "One", "There",
+              "After", "She", "He", "We", "This", "Our", "If", "For"]
     torch.manual_seed(seed)
     task = progress.add_task("generating text", total=n) if progress else None
     out: list[str] = []
@@ -72,67 +117,95 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 16, prog
             progress.advance(task, b)
     return out
 
-def collect_activations(lm, site: Site, texts: Sequence[str], max_tokens: int, seq_len: int = 64,
-                        batch_tokens: int = 2048, progress: Progress | None = None) -> torch.Tensor:
-    """Site activations of every real token of ``texts`` (cut into ``seq_len`` windows), ``[n_tokens, d]``.
 
-    Windows are taken in order until ``max_tokens``; then grouped by length into batches of about
-    ``batch_tokens`` tokens, so little compute goes to padding.
-    """
-    tok = lm.tokenizer
-    chunks: list[list[int]] = []
+def cached_generation(lm, n: int, length: int, seed: int, progress: Progress | None = None, cache_dir: str | None = None) -> list[str]:
+    """``generate_texts`` cached on disk per (model weights, n, length, seed): sampling is the slow part."""
+    if n <= 0:
+        return []
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = root / "texts" / f"{model_slug(lm.name)}-{lm.fingerprint}" / f"gen-n{n}-len{length}-s{seed}.json"
+    if path.exists():
+        try:
+            texts = read_json(path)
+            if isinstance(texts, list) and len(texts) == n:
+                return texts
+        except ValueError:
+            pass  # a corrupt cache file is regenerated
+    texts = generate_texts(lm, n, length, seed, progress=progress)
+    write_json(path, texts)
+    return texts
+
+
+def build_corpus(lm, cfg: CorpusConfig, progress: Progress | None = None, cache_dir: str | None = None) -> Corpus:
+    """The corpus ``cfg`` names: files, dataset, then model-generated text."""
+    texts = read_texts(cfg.text_files)
+    sources = [f"files:{','.join(cfg.text_files)}"] if cfg.text_files else []
+    if cfg.dataset:
+        texts += hf_dataset_texts(cfg.dataset, limit=cfg.dataset_limit)
+        sources.append(f"dataset:{cfg.dataset}[:{cfg.dataset_limit}]")
+    if cfg.generate:
+        texts += cached_generation(lm, cfg.generate, cfg.gen_len, cfg.seed, progress, cache_dir)
+        sources.append(f"generated:{cfg.generate}x{cfg.gen_len}(seed {cfg.seed})")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise KscopeError("the corpus is empty: give --generate > 0, --text files or --dataset")
+    return Corpus(texts, "; ".join(sources), cfg.heldout_frac, cfg.seed)
+
+
+def windows(tokenizer, texts: Sequence[str], max_tokens: int, seq_len: int) -> list[list[int]]:
+    """Token windows of ``seq_len`` cut from ``texts`` in order, until ``max_tokens`` tokens."""
+    out: list[list[int]] = []
     total = 0
     for t in texts:
-        ids = tok(t, add_special_tokens=True).input_ids
+        ids = tokenizer(t, add_special_tokens=True).input_ids
         for i in range(0, len(ids), seq_len):
             if total >= max_tokens:
-                break
-            chunks.append(ids[i : i + seq_len])
-            total += len(chunks[-1])
-        if total >= max_tokens:
-            break
+                return out
+            w = ids[i : i + seq_len][: max_tokens - total]
+            out.append(w)
+            total += len(w)
+    return out
+
+
+def collect_activations(lm, sites: Site | Sequence[Site], texts: Sequence[str], max_tokens: int, seq_len: int = 64,
+                        batch_tokens: int = 2048, progress: Progress | None = None, dtype: torch.dtype = torch.float32,
+                        skip_first: bool = True):
+    """Activations of the real tokens of ``texts`` at each site, ``[n_tokens, d]``, rows aligned across sites
+    (one forward pass per batch serves all sites). A single ``Site`` gives one tensor, a list a dict.
+
+    ``skip_first`` leaves out each window's first token: it is the attention sink, whose residual norm
+    is ~150x the others' in SmolLM2 and would dominate any fit. Windows are grouped by length into
+    batches of about ``batch_tokens`` tokens (little padding); rows come back in a seeded random
+    order, the same for every site.
+    """
+    single = isinstance(sites, Site)
+    site_list = [sites] if single else list(dict.fromkeys(sites))
+    chunks = windows(lm.tokenizer, texts, max_tokens, seq_len)
     if not chunks:
         raise KscopeError("no text to collect activations from")
     chunks.sort(key=len)
-    task = progress.add_task(f"activations {site.name}", total=total) if progress else None
-    pad = tok.pad_token_id or 0
-    rows, i = [], 0
+    if skip_first:
+        chunks = [c for c in chunks if len(c) > 1]
+    total = sum(len(c) - skip_first for c in chunks)
+    label = site_list[0].name if len(site_list) == 1 else f"{len(site_list)} sites"
+    task = progress.add_task(f"activations {label}", total=total) if progress else None
+    pad = lm.tokenizer.pad_token_id or 0
+    rows: dict[Site, list[torch.Tensor]] = {s: [] for s in site_list}
+    i = 0
     while i < len(chunks):
         j = i + 1
         while j < len(chunks) and (j - i + 1) * len(chunks[j]) <= batch_tokens:  # sorted: chunks[j] is the widest
             j += 1
         part, i = chunks[i:j], j
         ids, mask = pad_rows(part, pad)
-        acts = site_activations(lm.model, [site], ids.to(lm.device), mask.to(lm.device))[site]
-        rows.append(acts[mask.bool().to(acts.device)].float().cpu())
+        acts = site_activations(lm.model, site_list, ids.to(lm.device), mask.to(lm.device))
+        keep = mask.bool().to(lm.device)
+        if skip_first:
+            keep[:, 0] = False
+        for s in site_list:
+            rows[s].append(acts[s][keep].to("cpu", dtype))
         if progress:
-            progress.advance(task, int(mask.sum()))
-    out = torch.cat(rows)[:max_tokens]
-    # Undo the length sort so held-out splits are not all short prompts.
-    return out[torch.randperm(out.shape[0], generator=torch.Generator().manual_seed(0))]
-
-
-def cached_generation(lm, n: int, length: int, seed: int, progress: Progress | None = None, cache_dir: str | None = None) -> list[str]:
-    """``generate_texts`` with an on-disk cache per (model, n, length, seed): sampling is the slow part."""
-    if n <= 0:
-        return []
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = root / "texts" / model_slug(lm.name) / f"gen-n{n}-len{length}-s{seed}.json"
-    if path.exists():
-        return read_json(path)
-    texts = generate_texts(lm, n, length, seed, progress=progress)
-    write_json(path, texts)
-    return texts
-
-
-def sae_corpus(lm, facts: Sequence[Fact], tcfg: TrainSAEConfig, ccfg: CorpusConfig, progress: Progress | None = None) -> list[str]:
-    """Fact prompts + files + dataset + ``tcfg.generate`` sequences sampled from the model, shuffled (seeded)."""
-    texts = list(dict.fromkeys(p for f in facts for p in f.prompts))
-    texts += read_texts(ccfg.text_files)
-    if ccfg.dataset:
-        texts += hf_dataset_texts(ccfg.dataset, limit=ccfg.dataset_limit)
-    texts += cached_generation(lm, tcfg.generate, tcfg.gen_len, tcfg.seed, progress)
-    if not texts:
-        raise KscopeError("the SAE training corpus is empty")
-    random.Random(tcfg.seed).shuffle(texts)
-    return texts
+            progress.advance(task, int(keep.sum()))
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0))  # undo the length sort
+    out = {s: torch.cat(r)[perm] for s, r in rows.items()}
+    return out[site_list[0]] if single else out

@@ -1,44 +1,32 @@
-"""Unit sets for a study: neurons at a layer, and SAE features given, cached, or trained (and cached)."""
+"""Unit sets for a study: neurons at a layer, and SAE features given, cached, or trained (and cached).
+
+SAEs for many sites are trained together from one activation pass (``obtain_saes``). A cached SAE
+lives under a key that covers everything that shapes it: the model's weights (fingerprint), the
+site, the training options and the corpus (content hash and held-out rule). Each records in
+``kscope.json`` its statistics on held-out texts it never saw.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
+import torch
 from rich.progress import Progress
 
-from kscope.config import Config, nested, option, require
+from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.io import check_writable
+from kscope.io import check_writable, read_json
 from kscope.model.loading import ModelConfig, default_cache_dir, model_slug
 from kscope.model.sites import Site, check_layer, site_dim
-from kscope.units.base import NeuronUnits, Units
-from kscope.units.corpus import CorpusConfig, collect_activations
-from kscope.io import read_json
-from kscope.units.sae import evaluate_sae, feature_units, load_sae, sae_site, save_sae
-from kscope.units.training import TrainSAEConfig, train_sae_on_acts
+from kscope.units.base import FeatureUnits, NeuronUnits
+from kscope.units.corpus import Corpus, CorpusConfig, build_corpus, collect_activations
+from kscope.units.sae import evaluate_sae, feature_units, load_sae, save_sae
+from kscope.units.training import TrainSAEConfig, check_width, train_saes
 
-
-def train_sae(lm, site: Site, tcfg: TrainSAEConfig, texts: Sequence[str], device: str, progress: Progress | None = None):
-    """Collect activations, train, and evaluate on a held-out slice. Returns ``(sae, stats_dict)``."""
-    import torch
-
-    check_layer(lm.model, site.layer)
-    acts = collect_activations(lm, site, texts, tcfg.max_tokens, tcfg.seq_len, progress=progress)
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    perm = torch.randperm(acts.shape[0], generator=gen)
-    n_eval = max(1, int(acts.shape[0] * tcfg.eval_frac))
-    ev, tr = acts[perm[:n_eval]], acts[perm[n_eval:]]
-    sae = train_sae_on_acts(tr, tcfg, site, lm.name, device)
-    stats = evaluate_sae(sae, ev).to_dict()
-    stats["n_train_tokens"] = int(tr.shape[0])
-    return sae, stats
-
-
-def cached_sae_dir(model_name: str, site: Site, tcfg: TrainSAEConfig, cache_dir: str | None = None) -> Path:
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    return root / "saes" / model_slug(model_name) / f"L{site.layer}-{site.kind}-x{tcfg.expansion}-k{tcfg.k}-n{tcfg.max_tokens}-s{tcfg.seed}"
 
 @dataclass
 class SAEInfo:
@@ -48,35 +36,97 @@ class SAEInfo:
     path: str
     source: str  # "given", "cached" or "trained"
     stats: dict | None = None
-    corpus: str | None = None
+    corpus: dict | None = None
+    key: str | None = None
+
+    def summary(self) -> str:
+        s = self.stats or {}
+        if not s:
+            return f"{self.site}: {self.path} (no statistics recorded)"
+        return (f"{self.site}: {s.get('n_train_tokens', '?')} training tokens, held-out explained variance "
+                f"{s.get('explained_variance', float('nan')):.3f}, L0 {s.get('l0', float('nan')):.1f}, "
+                f"dead {100 * s.get('dead_fraction', float('nan')):.1f} %")
+
+
+def sae_key(fingerprint: str, site: Site, tcfg: TrainSAEConfig, corpus: Corpus, seq_len: int) -> str:
+    """Hash of everything that shapes a trained SAE."""
+    text = json.dumps({"model": fingerprint, "site": site.name, "arch": "topk", "train": asdict(tcfg),
+                       "corpus": corpus.identity, "seq_len": seq_len}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cached_sae_dir(lm, site: Site, tcfg: TrainSAEConfig, key: str, cache_dir: str | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / "saes" / f"{model_slug(lm.name)}-{lm.fingerprint}" / f"L{site.layer}-{site.kind}-x{tcfg.expansion}-k{tcfg.k}-{key}"
 
 
 def _info(site: Site, path: Path | str, source: str) -> SAEInfo:
     meta = Path(path) / "kscope.json"
     extra = read_json(meta) if meta.exists() else {}
-    return SAEInfo(site.name, str(path), source, extra.get("stats"), extra.get("corpus"))
+    return SAEInfo(site.name, str(path), source, extra.get("stats"), extra.get("corpus"), extra.get("key"))
 
 
-def obtain_sae(
+def _load_given(lm, path: str, site: Site, device: str):
+    sae = load_sae(path, device)
+    feats = feature_units(lm.model, sae, site)
+    if feats.site != site:
+        raise KscopeError(f"SAE {path} was trained on {feats.site.name}, not on {site.name}; pass --site {feats.site.kind} "
+                          f"and its layer, or another SAE")
+    return sae, _info(site, path, "given")
+
+
+def obtain_saes(
     lm,
-    site: Site,
-    sae_path: str | None,
+    sites: Sequence[Site],
     tcfg: TrainSAEConfig,
-    corpus: Callable[[], list[str]],
-    device: str,
+    ccfg: CorpusConfig,
+    device: str = "cpu",
     cache_dir: str | None = None,
     progress: Progress | None = None,
-):
-    """The SAE at ``site`` and its ``SAEInfo``: from ``sae_path``, else from the cache, else trained (and cached)."""
-    if sae_path:
-        sae = load_sae(sae_path, device)
-        return sae, _info(sae_site(sae, site), sae_path, "given")
-    cdir = cached_sae_dir(lm.name, site, tcfg, cache_dir)
-    if (cdir / "cfg.json").exists():
-        return load_sae(str(cdir), device), _info(site, cdir, "cached")
-    sae, stats = train_sae(lm, site, tcfg, corpus(), device, progress)
-    save_sae(sae, cdir, {"site": site.name, "model": lm.name, "stats": stats})
-    return sae, _info(site, cdir, "trained")
+    given: dict[Site, str] | None = None,
+    out_dirs: dict[Site, Path] | None = None,
+) -> dict[Site, tuple[object, SAEInfo]]:
+    """An SAE per site: given (a directory), cached, or trained. All missing SAEs are trained together
+    from one activation pass over the corpus's training texts and evaluated on its held-out texts.
+    ``out_dirs`` saves trained SAEs there instead of in the cache."""
+    sites = list(dict.fromkeys(sites))
+    for s in sites:
+        check_layer(lm.model, s.layer)
+        check_width(tcfg, site_dim(lm.model, s))
+    given = given or {}
+    out: dict[Site, tuple[object, SAEInfo]] = {s: _load_given(lm, given[s], s, device) for s in sites if s in given}
+    todo = [s for s in sites if s not in out]
+    if not todo:
+        return out
+    corpus = build_corpus(lm, ccfg, progress, cache_dir)
+    keys = {s: sae_key(lm.fingerprint, s, tcfg, corpus, ccfg.seq_len) for s in todo}
+    dirs = {s: (out_dirs or {}).get(s) or cached_sae_dir(lm, s, tcfg, keys[s], cache_dir) for s in todo}
+    missing = []
+    for s in todo:
+        if out_dirs is None and (dirs[s] / "cfg.json").exists() and (dirs[s] / "kscope.json").exists():
+            out[s] = (load_sae(str(dirs[s]), device), _info(s, dirs[s], "cached"))
+        else:
+            missing.append(s)
+    if missing:
+        train_texts, held_texts = corpus.split()
+        store = torch.bfloat16 if len(missing) > 4 else torch.float32  # many sites x 300k tokens: halve the memory
+        acts = collect_activations(lm, missing, train_texts, tcfg.max_tokens, ccfg.seq_len, progress=progress, dtype=store)
+        n_held = max(2048, int(tcfg.max_tokens * ccfg.heldout_frac / (1 - ccfg.heldout_frac)))
+        held = collect_activations(lm, missing, held_texts, n_held, ccfg.seq_len, progress=progress)
+        task = progress.add_task(f"training {len(missing)} SAE(s)", total=1) if progress else None
+        trained = train_saes(acts, tcfg, lm.name, device)
+        if progress:
+            progress.advance(task)
+        corpus_meta = {"sources": corpus.sources, "identity": corpus.identity, "n_texts": len(corpus.texts),
+                       "heldout_frac": corpus.heldout_frac, "seed": corpus.seed, "seq_len": ccfg.seq_len}
+        for s in missing:
+            stats = evaluate_sae(trained[s], held[s]).to_dict()
+            stats["n_train_tokens"] = int(acts[s].shape[0])
+            meta = {"site": s.name, "model": lm.name, "model_fingerprint": lm.fingerprint, "key": keys[s],
+                    "train": asdict(tcfg), "corpus": corpus_meta, "stats": stats}
+            save_sae(trained[s], dirs[s], meta)
+            out[s] = (load_sae(str(dirs[s]), device), _info(s, dirs[s], "trained"))
+    return out
 
 
 def neuron_units(lm, layer: int) -> NeuronUnits:
@@ -90,73 +140,61 @@ def unit_sets_for_layers(
     feature_kind: str,
     sae_paths: Sequence[str] | None,
     tcfg: TrainSAEConfig,
-    corpus: Callable[[], list[str]],
-    device: str,
+    ccfg: CorpusConfig,
+    device: str = "cpu",
     cache_dir: str | None = None,
     progress: Progress | None = None,
-) -> tuple[list[tuple[Units, Units]], dict[int, SAEInfo]]:
-    """``(neurons, features)`` per layer, and each layer's ``SAEInfo``."""
+) -> tuple[list[tuple[NeuronUnits, FeatureUnits]], dict[int, SAEInfo]]:
+    """``(neurons, features)`` per layer, and each layer's ``SAEInfo`` (SAEs for all layers from one pass)."""
     if not layers:
         raise KscopeError("no layers given")
-    for layer in layers:
-        check_layer(lm.model, layer)
     if sae_paths and len(sae_paths) != len(layers):
         raise KscopeError(f"{len(sae_paths)} SAE(s) given for {len(layers)} layer(s); give one per layer")
-    out, infos = [], {}
-    texts: list[str] | None = None
-
-    def cached_corpus() -> list[str]:
-        nonlocal texts
-        if texts is None:
-            texts = corpus()
-        return texts
-
-    for i, layer in enumerate(layers):
-        site = Site(layer, feature_kind)
-        sae, infos[layer] = obtain_sae(lm, site, sae_paths[i] if sae_paths else None, tcfg, cached_corpus, device, cache_dir, progress)
-        feats = feature_units(lm.model, sae, site)
-        if feats.site.layer != layer:
-            raise KscopeError(f"SAE {sae_paths[i] if sae_paths else ''} is for layer {feats.site.layer}, not {layer}")
-        if feats.site.kind != feature_kind:
-            raise KscopeError(f"SAE {sae_paths[i] if sae_paths else ''} was trained on {feats.site.name}, not on {site.name}; "
-                              f"pass --site {feats.site.kind} or another SAE")
-        out.append((neuron_units(lm, layer), feats))
-    return out, infos
+    sites = [Site(L, feature_kind) for L in layers]
+    got = obtain_saes(lm, sites, tcfg, ccfg, device, cache_dir, progress, dict(zip(sites, sae_paths)) if sae_paths else None)
+    out = [(neuron_units(lm, s.layer), feature_units(lm.model, got[s][0], s)) for s in sites]
+    return out, {s.layer: got[s][1] for s in sites}
 
 
 @dataclass
 class TrainSAEJob(Config):
-    """Train a TopK SAE (SAELens) on one site and save it in SAELens format, with MSE / explained variance / L0 / dead fraction."""
+    """Train TopK SAEs (SAELens) on many sites from one activation pass; save them in SAELens format with
+    their held-out MSE / explained variance / L0 / dead fraction."""
 
     model: ModelConfig = nested(ModelConfig)
-    site: str = option("12/mlp.out", "LAYER/KIND to train on: mlp.out, resid.post or mlp.neurons (or a SAELens hook name).")
+    layers: list[int] = option(help="Layers: 12, 10,12 or 0-29.", factory=lambda: [12], parse=parse_layers, min=0)
+    sites: list[str] = option(help="Site kinds.", factory=lambda: ["mlp.out"], choices=("mlp.out", "resid.post", "mlp.neurons"),
+                              label="site kind", unique=True)
     train: TrainSAEConfig = nested(TrainSAEConfig)
     corpus: CorpusConfig = nested(CorpusConfig)
-    facts: str | None = option(None, "Fact prompts to include in the corpus (ParaRel dir or .jsonl; default built-in).")
-    out: str | None = option(help="Directory to write the SAE (SAELens format).", required=True)
+    out: str | None = option(None, "Directory for the SAEs (one sub-directory L<layer>-<kind> each); default: kscope's SAE cache, "
+                                   "where compare / sweep / analyses find them.")
+    site: str | None = option(None, "A single LAYER/KIND (or SAELens hook name) instead of --layers/--sites; with --out, the SAE is "
+                                    "written to --out itself.")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        Site.parse(self.site)
+    def targets(self) -> list[Site]:
+        if self.site:
+            return [Site.parse(self.site)]
+        return [Site(L, k) for L in self.layers for k in self.sites]
 
 
-def train_sae_job(cfg: TrainSAEJob) -> dict:
-    """Train and save; returns the SAE's held-out statistics."""
-    from kscope.facts import load_facts
+def train_sae_job(cfg: TrainSAEJob) -> dict[Site, SAEInfo]:
+    """Train (or find cached) SAEs for every requested site; returns their ``SAEInfo``."""
     from kscope.model.loading import load_model
     from kscope.progress import make_progress
-    from kscope.units.corpus import sae_corpus
 
-    s = Site.parse(cfg.site)
-    out = Path(require(cfg.out, "--out"))
-    if out.exists() and not (out / "cfg.json").exists() and (not out.is_dir() or any(out.iterdir())):
-        raise KscopeError(f"--out {out} exists and is not an SAE directory; refusing to overwrite")
-    check_writable(out, inputs=[cfg.facts], directory=True)
-    fact_list = load_facts(cfg.facts)
+    sites = cfg.targets()
+    out_dirs = None
+    if cfg.out:
+        out = Path(cfg.out)
+        single = cfg.site is not None
+        for s in sites:
+            d = out if single else out / f"L{s.layer}-{s.kind}"
+            if d.exists() and not (d / "cfg.json").exists() and (not d.is_dir() or any(d.iterdir())):
+                raise KscopeError(f"--out {d} exists and is not an SAE directory; refusing to overwrite")
+        check_writable(out, directory=True)
+        out_dirs = {s: (out if single else out / f"L{s.layer}-{s.kind}") for s in sites}
     lm = load_model(cfg.model)
-    check_layer(lm.model, s.layer)
     with make_progress() as progress:
-        texts = sae_corpus(lm, fact_list, cfg.train, cfg.corpus, progress)
-        sae, stats = train_sae(lm, s, cfg.train, texts, cfg.model.device, progress)
-    save_sae(sae, out, {"site": s.name, "model": cfg.model.model, "stats": stats})
-    return stats
+        got = obtain_saes(lm, sites, cfg.train, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress, out_dirs=out_dirs)
+    return {s: got[s][1] for s in sites}

@@ -23,7 +23,13 @@ def load_sae(source: str, device: str = "cpu", sae_id: str | None = None):
     if p.is_dir():
         if not (p / "cfg.json").exists():
             raise KscopeError(f"{p} is not a SAELens SAE directory (no cfg.json)")
-        return SAE.load_from_disk(p, device=device)
+        if not any(p.glob("*.safetensors")):
+            raise KscopeError(f"SAE {p} has no weights (no .safetensors file)")
+        try:
+            return SAE.load_from_disk(p, device=device)
+        except Exception as e:  # noqa: BLE001 - bad JSON, truncated or mismatched tensors, unknown architecture...
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise KscopeError(f"cannot load SAE {p}: {type(e).__name__}: {msg[:200]}") from None
     if sae_id is None:
         raise KscopeError(f"SAE {source!r} is not a directory; for a pretrained release also give --sae-id")
     try:

@@ -1,0 +1,113 @@
+"""The sweep on tiny models: every cell and control is there, verdicts follow the paired intervals, and
+released SAEs (JumpReLU, Gemma-2 with soft-capping) load through the release path offline."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from kscope.analyses.sweep import SweepResult, activation_ranking, verdict
+from kscope.app.cli import app
+from kscope.facts import write_fact_file
+from tests.helpers import jumprelu_sae, tiny_gemma2, tiny_llama, word_tokenizer
+
+runner = CliRunner()
+CORPUS = ["the capital of france is paris", "people in spain speak spanish", "new york is a city", "history and science today",
+          "the eiffel tower is in paris", "the official language of italy is italian", "one two three and it is a country"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, request):
+    from kscope.facts import Fact
+
+    root = tmp_path_factory.mktemp("sweep")
+    model = root / "model"
+    tiny_llama().save_pretrained(model)
+    word_tokenizer().save_pretrained(model)
+    facts = root / "facts.jsonl"
+    write_fact_file([Fact("france", "capital", "paris", ["the capital of france is", "france 's capital city is"]),
+                     Fact("germany", "capital", "berlin", ["the capital of germany is", "germany 's capital city is"]),
+                     Fact("spain", "language", "spanish", ["people in spain speak", "the official language of spain is"])], facts)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS * 12))
+    return {"root": root, "model": str(model), "facts": str(facts), "corpus": str(corpus)}
+
+
+def test_verdicts_follow_the_paired_interval():
+    assert verdict([1.0, 1.1, 0.9, 1.2], [0.0, 0.1, -0.1, 0.05], True).says == "features better"
+    assert verdict([0.0, 0.1, -0.1, 0.05], [1.0, 1.1, 0.9, 1.2], True).says == "neurons better"
+    assert verdict([1.0, -1.0, 0.5, -0.4], [0.0, 0.1, 0.0, 0.1], True).says == "no difference"
+
+
+def test_activation_ranking():
+    import torch
+
+    acts = torch.tensor([[0.1, -3.0, 2.0, 0.0], [0.1, -2.0, 2.0, 0.0]])
+    assert activation_ranking(acts, neurons=True, tau=0.5, k=3) == [1, 2, 0]
+    assert activation_ranking(acts, neurons=False, tau=0.5, k=2) == [2, 0]
+
+
+def test_sweep_writes_every_cell_with_controls(files, tmp_path):
+    out = tmp_path / "sweep"
+    r = runner.invoke(app, ["sweep", "--model", files["model"], "--facts", files["facts"], "--known-top-k", "100",
+                            "--min-known-prompts", "1", "--layers", "0-2:2", "--sites", "mlp.out,resid.post",
+                            "--selection", "ig,activation", "--ablation", "error,reconstruction", "--ks", "1,3", "--steps", "3",
+                            "--random-draws", "2", "--widths", "1,2", "--width-layer", "1", "--generate", "0", "--text",
+                            files["corpus"], "--sae-max-tokens", "400", "--sae-expansion", "2", "--sae-k", "4", "--is-contexts", "30",
+                            "--out-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    res = SweepResult.load(out / "sweep.json")
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert len(res.cells) == 2 * 2 * 2 * 2  # layers x sites x selections x ablations
+    for c in res.cells:
+        assert set(c.verdicts) == {"suppress", "enhance"} and set(c.verdicts["suppress"]) == {1, 3}
+        assert c.verdicts["suppress"][3].says in ("features better", "neurons better", "no difference")
+        assert c.random_feature.delta["suppress"][3].n == 3 and c.random_neuron.delta["enhance"][1].n == 3
+        assert (c.recon_only is not None) == (c.ablation == "reconstruction")
+    e = [c for c in res.cells if c.ablation == "error" and c.selection == "ig"]
+    rc = [c for c in res.cells if c.ablation == "reconstruction" and c.selection == "ig"]
+    # neurons have no reconstruction: both protocols report the same neuron numbers
+    assert [c.neuron.delta["suppress"][3].mean for c in e] == [c.neuron.delta["suppress"][3].mean for c in rc]
+    assert len(res.quality) == 4 and all(q.is_feature is not None and q.auroc_neuron is not None for q in res.quality)
+    assert {(w.site, w.expansion) for w in res.widths} == {(s, x) for s in ("mlp.out", "resid.post") for x in (1, 2)}
+    assert set(res.saes) == {"0/mlp.out", "0/resid.post", "2/mlp.out", "2/resid.post"}
+    assert all(i.stats and i.stats["n_train_tokens"] > 0 for i in res.saes.values())
+
+
+def test_released_jumprelu_saes_on_gemma2_through_the_release_path(tmp_path, monkeypatch):
+    """A SAELens release is loaded per layer by id; offline, the release resolves to JumpReLU SAEs saved locally.
+    Gemma-2 soft-caps its logits, so attribution takes the autograd path."""
+    import sae_lens
+
+    from kscope.locate.attribution import plain_head
+
+    model_dir = tmp_path / "gemma"
+    g = tiny_gemma2()
+    assert plain_head(g) is None
+    g.save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    for layer in (0, 2):
+        jumprelu_sae(32, 64, f"blocks.{layer}.hook_resid_post", seed=layer).save_model(str(tmp_path / f"rel-{layer}"))
+    asked = []
+
+    def from_pretrained(release, sae_id, device="cpu", **kw):
+        asked.append((release, sae_id))
+        return sae_lens.SAE.load_from_disk(str(tmp_path / f"rel-{sae_id.split('/')[0].split('_')[1]}"), device=device)
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", from_pretrained)
+    facts = tmp_path / "facts.jsonl"
+    from kscope.facts import Fact
+
+    write_fact_file([Fact("france", "capital", "paris", ["the capital of france is", "france 's capital city is"]),
+                     Fact("spain", "language", "spanish", ["people in spain speak", "the official language of spain is"])], facts)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["sweep", "--model", str(model_dir), "--facts", str(facts), "--known-top-k", "100", "--min-known-prompts", "1",
+                            "--layers", "0,2", "--sites", "resid.post", "--sae-release", "gemma-scope-2b-pt-res-canonical",
+                            "--sae-id", "layer_{layer}/width_16k/canonical", "--ks", "1,2", "--steps", "3", "--random-draws", "1",
+                            "--measures", "delta", "--out-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    assert asked == [("gemma-scope-2b-pt-res-canonical", "layer_0/width_16k/canonical"),
+                     ("gemma-scope-2b-pt-res-canonical", "layer_2/width_16k/canonical")]
+    res = SweepResult.load(out / "sweep.json")
+    assert {c.layer for c in res.cells} == {0, 2} and all(i.source == "release" for i in res.saes.values())
+    assert all(c.feature.delta["suppress"][2].mean is not None for c in res.cells)
