@@ -68,26 +68,30 @@ def attributor(method: str, model, tok, steps: int, batch: int):
         kn = KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
         return lambda prompt, obj: kn.get_scores(prompt, " " + obj, batch_size=batch, steps=steps, pbar=False)
 
-    from kscope.locate.attribution import integrated_gradients_many
-    from kscope.model.prefix import PrefixRunner
     from kscope.facts import answer_token
+    from kscope.locate.attribution import attribution_patching, integrated_gradients_many
+    from kscope.model.prefix import PrefixRunner
     from kscope.model.sites import Site, site_dim
     from kscope.units.base import NeuronUnits
 
-    kind = "mlp.pre" if method == "kscope" else "mlp.neurons"
+    kind = "mlp.pre" if method in ("kscope", "kscope-atp") else "mlp.neurons"
     unit_sets = [NeuronUnits(Site(l, kind), site_dim(model, Site(l, kind))) for l in range(L)]
     if method == "kscope-features":
-        from kscope.units.provision import cached_sae_dir
+        from kscope.model.loading import wrap
+        from kscope.units.provision import find_cached_sae
         from kscope.units.sae import feature_units, load_sae
-        from kscope.units.training import TrainSAEConfig
 
-        d = cached_sae_dir("smollm2", Site(12, "mlp.out"), TrainSAEConfig())
+        d = find_cached_sae(wrap(model, tok, "smollm2"), Site(12, "mlp.out"))
+        if d is None:
+            raise SystemExit("no cached SAE at 12/mlp.out for smollm2: run `kscope compare` or `kscope train-sae` first")
         unit_sets = [feature_units(model, load_sae(str(d)))]
     rule = "linspace" if method == "kscope" else "right"
 
     def fn(prompt, obj):
         target, _ = answer_token(tok, obj)
         runner = PrefixRunner(model, tok(prompt).input_ids)
+        if method.endswith("atp") or method == "kscope-atp-neurons":
+            return torch.stack([s for s, _ in attribution_patching(runner, unit_sets, target)])
         return torch.stack([r[0] for r in integrated_gradients_many(runner, unit_sets, target, steps, rule)])
 
     return fn
@@ -159,15 +163,17 @@ def main() -> None:
     peak = matmul_flops()
     with tempfile.TemporaryDirectory() as tmp:
         mdir = gpt2_dir(Path(tmp), args.layers)
-        res: dict[str, list] = {"kscope": [], "library": []}
+        res: dict[str, list] = {"kscope": [], "library": [], "kscope-atp": []}
         for _ in range(args.rounds):
-            for m in ("kscope", "library"):
+            for m in ("kscope", "library", "kscope-atp"):
                 res[m].append(run(m, mdir, args))
     best = {m: min(r, key=lambda x: x["seconds"]) for m, r in res.items()}
-    k, lib = best["kscope"], best["library"]
+    k, lib, atp = best["kscope"], best["library"], best["kscope-atp"]
     rho = spearmanr(k["first_scores"], lib["first_scores"]).statistic
+    rho_atp = spearmanr(atp["first_scores"], lib["first_scores"]).statistic
     smol = resolve_model_path("smollm2")
     s_n = run("kscope-neurons", Path(smol), args)
+    s_a = run("kscope-atp-neurons", Path(smol), args)
     try:
         s_f = run("kscope-features", Path(smol), args)
     except SystemExit as e:
@@ -177,12 +183,14 @@ def main() -> None:
     print(f"  kscope   : {k['facts_per_s']:.3f} facts/s  ({k['seconds']:.1f} s)  peak RSS {k['peak_rss_mb']:.0f} MB (model loaded: {k['model_rss_mb']:.0f} MB)")
     print(f"  library  : {lib['facts_per_s']:.3f} facts/s  ({lib['seconds']:.1f} s)  peak RSS {lib['peak_rss_mb']:.0f} MB (model loaded: {lib['model_rss_mb']:.0f} MB)")
     print(f"  speed-up : {k['facts_per_s'] / lib['facts_per_s']:.2f}x   score rank correlation (first fact, all layers): {rho:.4f}")
-    for name, r in (("kscope", k), ("library", lib)):
+    print(f"  AtP      : {atp['facts_per_s']:.3f} facts/s  ({atp['seconds']:.2f} s)  peak RSS {atp['peak_rss_mb']:.0f} MB; "
+          f"{atp['facts_per_s'] / lib['facts_per_s']:.0f}x the library's IG; rank correlation with IG scores {rho_atp:.4f}")
+    for name, r in (("kscope", k), ("library", lib), ("AtP", atp)):
         rate = r["flops"] / r["seconds"]
         print(f"  {name:8} : {r['flops'] / args.facts / 1e9:6.1f} GFLOP/fact at {rate / 1e9:5.1f} GFLOP/s = {100 * rate / peak:.0f}% of this machine's "
               f"torch matmul {peak / 1e9:.1f} GFLOP/s")
-    print(f"SmolLM2-135M: neurons, all 30 layers: {s_n['facts_per_s']:.3f} facts/s ({s_n['flops'] / s_n['seconds'] / peak:.0%} of matmul peak, "
-          f"peak RSS {s_n['peak_rss_mb']:.0f} MB); "
+    print(f"SmolLM2-135M: neurons, all 30 layers: IG {s_n['facts_per_s']:.3f} facts/s ({s_n['flops'] / s_n['seconds'] / peak:.0%} of matmul peak, "
+          f"peak RSS {s_n['peak_rss_mb']:.0f} MB), AtP {s_a['facts_per_s']:.2f} facts/s ({s_a['facts_per_s'] / s_n['facts_per_s']:.0f}x); "
           f"SAE features at layer 12: {s_f['facts_per_s']:.3f} facts/s" + (f" ({s_f['note']})" if "note" in s_f else ""))
 
 

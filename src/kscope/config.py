@@ -46,9 +46,10 @@ def option(
     return field(default=None if required and default is MISSING else default, metadata=md)
 
 
-def nested(cls: type, prefix: str = "", **overrides: Any) -> Any:
-    """A sub-config; its options appear on the command line as ``--<prefix><flag>``."""
-    return field(default_factory=lambda: cls(**overrides), metadata={"nested": True, "prefix": prefix})
+def nested(cls: type, prefix: str = "", hide: Sequence[str] = (), **overrides: Any) -> Any:
+    """A sub-config; its options appear on the command line as ``--<prefix><flag>`` (fields in ``hide``, which the
+    parent sets itself, do not)."""
+    return field(default_factory=lambda: cls(**overrides), metadata={"nested": True, "prefix": prefix, "hide": tuple(hide)})
 
 
 def flag_of(f: dataclasses.Field, prefix: str = "") -> str:

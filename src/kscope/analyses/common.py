@@ -3,7 +3,7 @@ features, each fact's top units) and how a job writes its JSON and figure."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +14,7 @@ from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.model.loading import LoadedModel, ModelConfig, load_model
 from kscope.model.sites import check_layer
+from kscope.parallel import FactTask, ParallelConfig, map_facts
 from kscope.results import Result
 from kscope.units.base import Units
 from kscope.units.corpus import CorpusConfig
@@ -34,6 +35,7 @@ class AnalysisConfig(Config):
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig, steps=10)
     located: str | None = option(None, "Reuse top units from a compare/locate JSON instead of recomputing IG.")
+    parallel: ParallelConfig = nested(ParallelConfig)
     out_dir: str = option("runs", "Directory for the JSON and PNG outputs.")
 
     def validate(self) -> None:
@@ -73,14 +75,35 @@ def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
     if need_tops:
         tops = located_tops(tops_file, facts, cfg.layer) if tops_file is not None else None
         if tops is None:
-            tops = {"neuron": [], "feature": []}
-            task = progress.add_task("locating", total=len(facts))
-            for f in facts:
-                an, af = attribute_fact(lm, f, [neurons, feats], cfg.attribution)
-                tops["neuron"].append(an.top)
-                tops["feature"].append(af.top)
-                progress.advance(task)
+            cfg.parallel.validate()
+            if cfg.parallel.distributed:
+                task = FactTask(_locate_context, _locate_fact, (cfg, infos[cfg.layer].path))
+            else:
+                task = FactTask(lambda: (lm, [neurons, feats], cfg), _locate_fact)
+            keys = [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+            fp = {"model": asdict(cfg.model), "facts": keys, "layer": cfg.layer, "sae": infos[cfg.layer].key or infos[cfg.layer].path,
+                  "attribution": asdict(cfg.attribution)}
+            outcome = map_facts(task, facts, keys, cfg.parallel, Path(cfg.out_dir) / "located.json", fp, progress, "locating")
+            kept = [i for i, r in enumerate(outcome.rows) if r is not None]
+            facts = [facts[i] for i in kept]
+            tops = {"neuron": [outcome.rows[i][0] for i in kept], "feature": [outcome.rows[i][1] for i in kept]}
     return Setup(lm, facts, loaded, neurons, feats, infos[cfg.layer], tops)
+
+
+def _locate_context(cfg: AnalysisConfig, sae_path: str):
+    from kscope.model.sites import Site
+    from kscope.units.provision import neuron_units
+    from kscope.units.sae import feature_units, load_sae
+
+    lm = load_model(cfg.model)
+    site = Site(cfg.layer, cfg.feature_site)
+    return lm, [neuron_units(lm, cfg.layer), feature_units(lm.model, load_sae(sae_path, cfg.model.device), site)], cfg
+
+
+def _locate_fact(ctx, fact: Fact) -> list[list[int]]:
+    """A fact's ranked neurons and ranked features."""
+    lm, sets, cfg = ctx
+    return [a.top for a in attribute_fact(lm, fact, sets, cfg.attribution)]
 
 
 def _read_located(path: str):

@@ -35,6 +35,7 @@ from kscope.model.loading import ModelConfig, load_model
 from kscope.model.prefix import PrefixRunner
 from kscope.model.readout import last_token_activations
 from kscope.model.sites import Site, n_layers
+from kscope.parallel import FactTask, ParallelConfig, map_facts
 from kscope.plots import pyplot, save_figure
 from kscope.progress import make_progress
 from kscope.results import Result
@@ -82,6 +83,7 @@ class SweepConfig(Config):
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig, steps=10)
     interpret: InterpretConfig = nested(InterpretConfig, prefix="is-")
+    parallel: ParallelConfig = nested(ParallelConfig)
     seed: int = option(0, "Seed of the random controls and samples.", flag="sweep-seed")
     out_dir: str = option("runs/sweep", "Directory for sweep.json and the figures.")
 
@@ -168,6 +170,9 @@ class SweepResult(Result):
     config: dict
     seconds: dict[str, float]
     kscope_version: str = ""
+    failed: list[dict] = field(default_factory=list)
+    workers: dict[str, dict] = field(default_factory=dict)
+    resumed: int = 0
 
 
 def verdict(feat: Sequence[float], neur: Sequence[float], higher_is_better: bool, names=("features", "neurons")) -> Verdict:
@@ -248,11 +253,77 @@ def _rank(scores: torch.Tensor, acfg: AttributionConfig, k: int) -> list[int]:
     return rank_units(scores, refine_select(coarse_select(scores, acfg.coarse_threshold), acfg.refine_frac), k)
 
 
+@dataclass
+class _SweepContext:
+    lm: object
+    set_list: list  # (name, units)
+    cfg: "SweepConfig"
+
+
+def _sweep_context(cfg: "SweepConfig", sae_paths: dict[str, str]) -> _SweepContext:
+    """A worker's model and unit sets (SAEs loaded from their directories, or the release)."""
+    lm = load_model(cfg.model)
+    set_list = [(f"{L}/neurons", neuron_units(lm, L)) for L in cfg.layers]
+    for L in cfg.layers:
+        for s in cfg.sites:
+            site = Site(L, s)
+            sae = load_sae(cfg.sae_release, cfg.model.device, cfg.sae_id.format(layer=L)) if cfg.sae_release else \
+                load_sae(sae_paths[site.name], cfg.model.device)
+            set_list.append((f"{L}/{s}", feature_units(lm.model, sae, site)))
+    return _SweepContext(lm, set_list, cfg)
+
+
+def _key(c: tuple) -> str:
+    return "|".join(map(str, c))
+
+
+def _sweep_fact(ctx: _SweepContext, fact: Fact) -> dict:
+    """One fact: its ranked units per set and protocol, and every ΔProb condition (random controls seeded by the fact)."""
+    cfg, lm, set_list = ctx.cfg, ctx.lm, ctx.set_list
+    units_only = [u for _, u in set_list]
+    n_rank = max(max(cfg.ks), cfg.mono_units, cfg.is_units)
+    ranks: dict[str, list[list[int]]] = {}
+    if "ig" in cfg.selection:
+        scores, _ = prompt_scores(lm, fact.prompts, fact_objective(fact), units_only, cfg.attribution.steps, cfg.attribution.batch_size,
+                                  cfg.attribution.method, cfg.attribution.shortlist, cfg.attribution.max_memory)
+        ranks["ig"] = [_rank(s, cfg.attribution, n_rank) for s in scores]
+    if "activation" in cfg.selection:
+        acts = last_token_activations(lm, units_only, fact.prompts)
+        ranks["activation"] = [activation_ranking(a, u.kind == "neuron", cfg.tau, n_rank) for a, u in zip(acts, units_only)]
+    delta: dict[str, dict[str, float]] = {}
+    if "delta" in cfg.measures:
+        rng = random.Random(f"{cfg.seed}:{fact.uid}")
+        conds = [(op, k) for op in ("suppress", "enhance") for k in cfg.ks]
+        clean = condition_probs(lm, fact, units_only[0], [lambda v: v], "error")[0]
+        for proto in ranks:
+            for mode in cfg.ablation:
+                for s, (name, u) in enumerate(set_list):
+                    if mode == "reconstruction" and u.kind == "neuron":
+                        continue  # neurons have no reconstruction: the 'error' numbers serve
+                    top = ranks[proto][s]
+                    ops = [suppress(top[:k]) if op == "suppress" else enhance(top[:k]) for op, k in conds]
+                    draws = [(op, rng.sample(range(u.n_units), k)) for _ in range(cfg.random_draws) for op, k in conds]
+                    ops += [suppress(r) if op == "suppress" else enhance(r) for op, r in draws]
+                    if mode == "reconstruction":
+                        ops.append(lambda v: v)  # the reconstruction alone
+                    rel = relative_change(condition_probs(lm, fact, u, ops, mode), clean[None]).mean(1)
+                    n = len(conds)
+                    row = {_key(c): float(rel[j]) for j, c in enumerate(conds)}
+                    row.update({_key(("random",) + c): float(np.mean([rel[n + d * n + j] for d in range(cfg.random_draws)]))
+                                for j, c in enumerate(conds)})
+                    if mode == "reconstruction":
+                        row["recon"] = float(rel[-1])
+                    delta[f"{proto}|{mode}|{name}"] = row
+    return {"ranks": ranks, "delta": delta}
+
+
 def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """The sweep; writes ``<out_dir>/sweep.json`` and its figures."""
+    """The sweep; writes ``<out_dir>/sweep.json`` and its figures. The per-fact work (ranking, ΔProb) runs here
+    or on Ray workers; interpretability and monosemanticity of the chosen units run here."""
     from kscope import __version__
 
     cfg.validate()
+    cfg.parallel.validate()
     t0 = time.time()
     seconds: dict[str, float] = {}
     loaded = cfg.facts.load()
@@ -260,8 +331,6 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     bad = [L for L in [*cfg.layers, *([cfg.width_layer] if cfg.widths else [])] if L >= n_layers(lm.model)]
     if bad:
         raise KscopeError(f"unknown layer {bad[0]}: the model has layers 0..{n_layers(lm.model) - 1}")
-    kmax = max(cfg.ks)
-    rng = random.Random(cfg.seed)
     with make_progress() as progress:
         facts, _ = prepare_facts(lm, cfg.facts, loaded, progress)
         t = time.time()
@@ -269,88 +338,64 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         seconds["saes"] = time.time() - t
         set_list: list[tuple[str, Units]] = [(f"{L}/neurons", u) for L, u in neurons.items()] + \
                                             [(f"{L}/{s}", u) for (L, s), u in feats.items()]
-        units_only = [u for _, u in set_list]
-        # Rankings per fact and set, per selection protocol.
         t = time.time()
-        ranks: dict[str, list[list[list[int]]]] = {}  # protocol -> fact -> set -> ranked units
-        prompts = [p for f in facts for p in f.prompts]
-        owner = [i for i, f in enumerate(facts) for _ in f.prompts]
-        need_acts = "activation" in cfg.selection or "monosemanticity" in cfg.measures
-        last_acts = last_token_activations(lm, units_only, prompts, progress) if need_acts else None
-        if "ig" in cfg.selection:
-            task = progress.add_task(f"attribution ({cfg.attribution.method})", total=len(facts))
-            ranks["ig"] = []
-            for f in facts:
-                scores, _ = prompt_scores(lm, f.prompts, fact_objective(f), units_only, cfg.attribution.steps, cfg.attribution.batch_size,
-                                          cfg.attribution.method, cfg.attribution.shortlist, cfg.attribution.max_memory)
-                ranks["ig"].append([_rank(s, cfg.attribution, max(kmax, cfg.mono_units, cfg.is_units)) for s in scores])
-                progress.advance(task)
-        if "activation" in cfg.selection:
-            ranks["activation"] = []
-            for i in range(len(facts)):
-                rows = [j for j, o in enumerate(owner) if o == i]
-                ranks["activation"].append([activation_ranking(last_acts[s][rows], u.kind == "neuron", cfg.tau,
-                                                               max(kmax, cfg.mono_units, cfg.is_units))
-                                            for s, u in enumerate(units_only)])
-        seconds["selection"] = time.time() - t
-        # ΔProb per fact / set / protocol / condition, and random controls.
-        t = time.time()
+        if cfg.parallel.distributed:
+            task = FactTask(_sweep_context, _sweep_fact, (cfg, {n: i.path for n, i in infos.items()}))
+        else:
+            ctx = _SweepContext(lm, set_list, cfg)
+            task = FactTask(lambda: ctx, _sweep_fact)
+        keys = [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+        fp = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "parallel")} | {"facts": keys,
+                                                                                          "saes": {n: i.key or i.path for n, i in infos.items()}}
+        outcome = map_facts(task, facts, keys, cfg.parallel, Path(cfg.out_dir) / "sweep.json", fp, progress, "facts (ranking, ΔProb)")
+        kept = [i for i, r in enumerate(outcome.rows) if r is not None]
+        facts = [facts[i] for i in kept]
+        rows = [outcome.rows[i] for i in kept]
+        if not rows:
+            raise KscopeError(f"every fact failed: {outcome.failed[0]['error'] if outcome.failed else 'no facts'}")
+        seconds["per_fact"] = time.time() - t
+        protos = list(rows[0]["ranks"])
+        ranks = {p: [r["ranks"][p] for r in rows] for p in protos}
         cells: list[Cell] = []
         if "delta" in cfg.measures:
-            per: dict = {}  # (protocol, ablation, set) -> list over facts of {cond: value}
-            conds = [(op, k) for op in ("suppress", "enhance") for k in cfg.ks]
-            task = progress.add_task("ΔProb", total=len(facts) * len(ranks) * len(cfg.ablation))
-            for proto in ranks:
-                for mode in cfg.ablation:
-                    for i, f in enumerate(facts):
-                        clean = None
-                        for s, (name, u) in enumerate(set_list):
-                            if mode == "reconstruction" and u.kind == "neuron":
-                                continue  # neurons have no reconstruction: the 'error' numbers serve
-                            top = ranks[proto][i][s]
-                            ops = [suppress(top[:k]) if op == "suppress" else enhance(top[:k]) for op, k in conds]
-                            rand = [rng.sample(range(u.n_units), k) for _ in range(cfg.random_draws) for _, k in conds]
-                            ops += [suppress(r) if op == "suppress" else enhance(r)
-                                    for r, (op, _) in zip(rand, [c for _ in range(cfg.random_draws) for c in conds])]
-                            if mode == "reconstruction":
-                                ops.append(lambda v: v)  # the reconstruction alone
-                            if clean is None:
-                                clean = condition_probs(lm, f, u, [lambda v: v], "error")[0]  # identity edit: the clean model
-                            p = condition_probs(lm, f, u, ops, mode)
-                            rel = relative_change(p, clean[None]).mean(1)
-                            n = len(conds)
-                            row = {c: float(rel[j]) for j, c in enumerate(conds)}
-                            row.update({("random",) + c: float(np.mean([rel[n + d * n + j] for d in range(cfg.random_draws)]))
-                                        for j, c in enumerate(conds)})
-                            if mode == "reconstruction":
-                                row["recon"] = float(rel[-1])
-                            per.setdefault((proto, mode, name), []).append(row)
-                        progress.advance(task)
-            for proto in ranks:
+            for proto in protos:
                 for mode in cfg.ablation:
                     for L in cfg.layers:
-                        nrows = per[(proto, "error", f"{L}/neurons")]
+                        nrows = [_unkey(r["delta"][f"{proto}|error|{L}/neurons"]) for r in rows]
                         for site in cfg.sites:
-                            frows = per[(proto, mode, f"{L}/{site}")]
+                            frows = [_unkey(r["delta"][f"{proto}|{mode}|{L}/{site}"]) for r in rows]
                             cells.append(_cell(L, site, proto, mode, nrows, frows, cfg.ks))
-        seconds["delta"] = time.time() - t
-        # Interpretability score and monosemanticity of the top units.
         t = time.time()
         quality: list[QualityCell] = []
         if {"interpret", "monosemanticity"} & set(cfg.measures):
-            proto = "ig" if "ig" in ranks else "activation"
-            quality = _quality(cfg, lm, facts, set_list, ranks[proto], last_acts, owner, progress, rng)
+            prompts = [p for f in facts for p in f.prompts]
+            owner = [i for i, f in enumerate(facts) for _ in f.prompts]
+            last_acts = last_token_activations(lm, [u for _, u in set_list], prompts, progress) if "monosemanticity" in cfg.measures else None
+            quality = _quality(cfg, lm, facts, set_list, ranks["ig" if "ig" in ranks else "activation"], last_acts, owner, progress,
+                               random.Random(cfg.seed))
         seconds["quality"] = time.time() - t
         t = time.time()
         widths = _width_sweep(cfg, lm, facts, progress) if cfg.widths else []
         seconds["widths"] = time.time() - t
     seconds["total"] = time.time() - t0
     result = SweepResult(lm.name, len(facts), cfg.facts.facts or "built-in", list(cfg.layers), list(cfg.sites), cells, quality, widths,
-                         infos, asdict(cfg), seconds, __version__)
+                         infos, asdict(cfg), seconds, __version__, outcome.failed, outcome.per_worker, outcome.resumed)
     out = Path(cfg.out_dir)
     plot_sweep(result, out / "sweep.png")
     result.save(out / "sweep.json")
     return result
+
+
+def _unkey(row: dict) -> dict:
+    """JSON keys back to the tuples ``_cell`` reads: ``suppress|5`` -> ``("suppress", 5)``, ``random|suppress|5`` too."""
+    out = {}
+    for k, v in row.items():
+        if k == "recon":
+            out[k] = v
+            continue
+        parts = k.split("|")
+        out[tuple(parts[:-1]) + (int(parts[-1]),)] = v
+    return out
 
 
 def _interval_dict(rows: list[dict], conds) -> dict[str, dict[int, Interval]]:

@@ -8,6 +8,7 @@ from kscope.analyses.autointerp import InterpretJob
 from kscope.analyses.faithfulness import FaithfulnessJob
 from kscope.analyses.monosemanticity import MonosemanticityJob
 from kscope.analyses.sweep import SweepConfig
+from kscope.app.explorer import ExploreConfig
 from kscope.app.options import command, friendly
 from kscope.app.reproduce import ReproduceConfig
 from kscope.locate.compare import CompareConfig, LocateConfig
@@ -105,6 +106,12 @@ def _privacy_erase(cfg: EraseJob) -> None:
     console.print(f"wrote {cfg.out}")
 
 
+def _explore(cfg: ExploreConfig) -> None:
+    from kscope.app.explorer import build_explorer
+
+    console.print(f"wrote {build_explorer(cfg)}")
+
+
 def _reproduce(cfg: ReproduceConfig) -> None:
     from kscope.app.reproduce import run_reproduce
 
@@ -122,6 +129,7 @@ command(app, "sweep", SweepConfig, _sweep)
 command(privacy_app, "build", BuildConfig, _privacy_build)
 command(privacy_app, "erase", EraseJob, _privacy_erase)
 command(app, "reproduce", ReproduceConfig, _reproduce)
+command(app, "explore", ExploreConfig, _explore)
 
 
 @app.command("report")

@@ -51,12 +51,14 @@ def _elem_parser(f: dataclasses.Field, hint: Any) -> Callable[[str], Any]:
     return {int: parse_int, float: parse_float}.get(base, str)
 
 
-def _walk(cls: type, inst: Any, prefix: str = "", path: tuple[str, ...] = ()):
+def _walk(cls: type, inst: Any, prefix: str = "", path: tuple[str, ...] = (), hide: tuple[str, ...] = ()):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in hide:
+            continue
         value = getattr(inst, f.name)
         if f.metadata.get("nested"):
-            yield from _walk(type(value), value, prefix + f.metadata.get("prefix", ""), path + (f.name,))
+            yield from _walk(type(value), value, prefix + f.metadata.get("prefix", ""), path + (f.name,), f.metadata.get("hide", ()))
         elif f.metadata.get("cli", "help" in f.metadata):
             yield f, hints[f.name], flag_of(f, prefix), [f"--{prefix}{a}" for a in f.metadata.get("aliases", ())], path + (f.name,), value
 

@@ -330,6 +330,9 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
         out.append(("Interpretability score", interpret_table(results.interpret), "interpret.png"))
     if results.monosemanticity:
         out.append(("Monosemanticity", monosemanticity_table(results.monosemanticity), "monosemanticity.png"))
+    if results.sweep:
+        for j, tb in enumerate(sweep_tables(results.sweep)):
+            out.append((tb.title, tb, "sweep/sweep.png" if j == 0 else None))
     if results.privacy:
         if len(results.privacy) > 1:
             out.append(("Erasure across privacy models: each method's best point", privacy_runs_table(results.privacy), None))
@@ -349,13 +352,48 @@ def write_html(report_dir: Path, results) -> Path:
             parts.append(f'<img src="{fig}" alt="{html.escape(heading)}">')
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}" \
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>kscope report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    from kscope.app.explorer import CHECK
+
+    if (Path(report_dir) / "explorer" / "index.html").exists():
+        parts.insert(2, '<p><a href="explorer/index.html">Explore facts and units</a></p>')
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>kscope report</title><style>{style}</style>{CHECK}</head>"
+            f"<body>{''.join(parts)}</body></html>")
     return write_text(Path(report_dir) / "index.html", page)
+
+
+def _saes_of(results) -> dict:
+    saes = {}
+    if results.compare:
+        saes.update({i.site: i for i in results.compare.saes.values()})
+    for r in (results.faithfulness, results.interpret, results.monosemanticity):
+        if r is not None and r.sae is not None:
+            saes[r.sae.site] = r.sae
+    if results.sweep:
+        saes.update({i.site: i for i in results.sweep.saes.values()})
+    for r in results.privacy.values():
+        saes.update({f"{i.site} (privacy)": i for i in r.saes.values()})
+    return saes
+
+
+def stamp(results) -> str:
+    """What produced the tables: kscope version, model and facts, a digest of the whole config, each SAE's identity."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(results.config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    parts = []
+    for name, i in sorted(_saes_of(results).items()):
+        s = i.stats or {}
+        ev = s.get("explained_variance")
+        parts.append(f"{name} {i.key or Path(i.path).name} ({s.get('n_train_tokens', '?')} tokens, "
+                     f"EV {ev:.2f}, dead {100 * s.get('dead_fraction', 0):.0f} %)" if ev is not None else f"{name} {i.path}")
+    return (f"_kscope {results.kscope_version}; model {results.model}; {results.facts_note}; config {digest}"
+            + (f"; SAEs: {'; '.join(parts)}" if parts else "") + "_")
 
 
 def markdown(results) -> str:
     """The README's result tables from a reproduce result, stamped with what produced them."""
-    lines = [f"<!-- kscope {results.kscope_version}: model {results.model}; {results.facts_note} -->"]
+    lines = [stamp(results)]
     for heading, table, _ in stage_tables(results):
         lines += ["", f"**{heading}**", "", table.markdown()]
     return "\n".join(lines) + "\n"

@@ -13,10 +13,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from kscope.app.explorer import ExploreConfig
 from kscope.analyses.autointerp import InterpretJob, InterpretResult, run_interpret_job
 from kscope.analyses.faithfulness import FaithfulnessJob, FaithfulnessResult, run_faithfulness_job
+from kscope.analyses.sweep import SweepConfig, SweepResult
 from kscope.analyses.monosemanticity import MonosemanticityJob, MonosemanticityResult, run_monosemanticity_job
-from kscope.config import Config, nested, option
+from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
 from kscope.facts import FactConfig
 from kscope.io import check_writable, read_json, write_json
@@ -31,7 +33,8 @@ from kscope.results import Result
 from kscope.units.corpus import CorpusConfig
 from kscope.units.training import TrainSAEConfig
 
-STAGES = ("compare", "faithfulness", "interpret", "monosemanticity", "privacy-build", "privacy-erase")
+STAGES = ("compare", "faithfulness", "interpret", "monosemanticity", "explorer", "privacy-build", "privacy-erase", "sweep")
+DEFAULT_STAGES = STAGES[:-1]  # the sweep (many layers, two sites) is asked for by name
 FINGERPRINTS = ".stages.json"
 
 
@@ -44,17 +47,21 @@ class ReproduceConfig(Config):
     max_facts: int = option(60, "Known facts to study.", min=1)
     layer: int = option(12, "Layer of the neurons and the SAE.", min=0)
     out: str = option("report", "Report directory (index.html, results.json, figures).")
-    stages: list[str] = option(help="Stages to run.", factory=lambda: list(STAGES), choices=STAGES, label="stage", unique=True)
+    stages: list[str] = option(help="Stages to run (the sweep runs only when named).", factory=lambda: list(DEFAULT_STAGES), choices=STAGES,
+                               label="stage", unique=True)
+    sweep_layers: list[int] = option(help="Layers of the sweep stage.", factory=lambda: list(range(0, 28, 3)), parse=parse_layers, min=0)
     fresh: bool = option(False, "Redo stages whose results already exist (default: reuse those made with the same options).")
-    people: int = option(10, "Fictitious people for the privacy stages.", min=1)
-    privacy_seeds: list[int] = option(help="Seeds of the privacy models (people and secrets).", factory=lambda: [0])
+    privacy: PrivacyConfig = nested(PrivacyConfig, prefix="privacy-", hide=("early_stop", "seed"))
+    privacy_seeds: list[int] = option(help="Seeds of the privacy models (people and secrets); replaces --privacy-seed.",
+                                      factory=lambda: [0], unique=True)
     privacy_strengths: list[str] = option(help="Injection strengths: 'early' (stop once every secret is memorised) and/or 'full' "
-                                               "(12 epochs).", factory=lambda: ["early"], choices=("early", "full"), label="strength")
+                                               "(all --privacy-epochs).", factory=lambda: ["early"], choices=("early", "full"),
+                                          label="strength", unique=True)
     known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
     min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
-    erase: EraseConfig = nested(EraseConfig, prefix="erase-")
+    erase: EraseConfig = nested(EraseConfig, prefix="erase-", hide=("unrelated",))
 
     def validate(self) -> None:
         if self.facts is not None and not Path(self.facts).exists():
@@ -78,6 +85,7 @@ class ReproduceResult(Result):
     monosemanticity: MonosemanticityResult | None = None
     privacy_build: dict[str, BuildSummary] = field(default_factory=dict)
     privacy: dict[str, EraseResult] = field(default_factory=dict)
+    sweep: SweepResult | None = None
     kscope_version: str = ""
     config: dict = field(default_factory=dict)
 
@@ -91,7 +99,8 @@ def _files(cfg: ReproduceConfig) -> dict[str, Path]:
     """Each unit of work (a stage, or a stage of one privacy model) and the file that marks it done."""
     out = Path(cfg.out)
     files = {"compare": out / "compare.json", "faithfulness": out / "faithfulness.json",
-             "interpret": out / "interpret.json", "monosemanticity": out / "monosemanticity.json"}
+             "interpret": out / "interpret.json", "monosemanticity": out / "monosemanticity.json",
+             "explorer": out / "explorer" / "index.html", "sweep": out / "sweep" / "sweep.json"}
     for name, _, _ in privacy_runs(cfg):
         files[f"privacy-build:{name}"] = out / "privacy" / name / MANIFEST
         files[f"privacy-erase:{name}"] = out / f"privacy-{name}.json"
@@ -111,12 +120,15 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
         "faithfulness": FaithfulnessJob(**common),
         "interpret": InterpretJob(**common),
         "monosemanticity": MonosemanticityJob(**common),
+        "explorer": ExploreConfig(run_dir=str(out), model=cfg.model, corpus=cfg.corpus),
+        "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), sae_train=cfg.sae_train, corpus=cfg.corpus,
+                             out_dir=str(out / "sweep")),
     }
     for name, strength, seed in privacy_runs(cfg):
-        pcfg = PrivacyConfig(n_people=cfg.people, seed=seed, early_stop=strength == "early")
+        pcfg = replace(cfg.privacy, seed=seed, early_stop=strength == "early")
         model_dir = str(files[f"privacy-build:{name}"].parent)
         configs[f"privacy-build:{name}"] = BuildConfig(model=cfg.model, privacy=pcfg, out=model_dir)
-        configs[f"privacy-erase:{name}"] = EraseJob(model_dir=model_dir, erase=replace(cfg.erase, unrelated=cfg.erase.unrelated or cfg.facts),
+        configs[f"privacy-erase:{name}"] = EraseJob(model_dir=model_dir, erase=replace(cfg.erase, unrelated=cfg.facts),
                                                    device=cfg.model.device, cache_dir=cfg.model.cache_dir, sae_train=cfg.sae_train,
                                                    corpus=cfg.corpus, out=str(files[f"privacy-erase:{name}"]))
     return configs
@@ -144,7 +156,7 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
     done_fps: dict = read_json(fp_path) if fp_path.exists() else {}
     prints: dict[str, str] = {}
     for unit in configs:
-        upstream = {"interpret": ["compare"], "monosemanticity": ["compare"]}.get(unit, [])
+        upstream = {"interpret": ["compare"], "monosemanticity": ["compare"], "explorer": ["compare", "interpret"]}.get(unit, [])
         if unit.startswith("privacy-erase:"):
             upstream = ["privacy-build:" + unit.split(":", 1)[1]]
         prints[unit] = fingerprint(configs[unit], "".join(prints[u] for u in upstream))
@@ -173,6 +185,14 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
             run_interpret_job(scfg)
         elif stage == "monosemanticity":
             run_monosemanticity_job(scfg)
+        elif stage == "sweep":
+            from kscope.analyses.sweep import run_sweep
+
+            run_sweep(scfg)
+        elif stage == "explorer":
+            from kscope.app.explorer import build_explorer
+
+            build_explorer(scfg)
         elif stage == "privacy-build":
             if files[unit].parent.exists():
                 shutil.rmtree(files[unit].parent)
@@ -191,6 +211,8 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
     if current["compare"]:
         results.compare = CompareResult.load(files["compare"])
         results.compare.facts = []
+    if current["sweep"]:
+        results.sweep = SweepResult.load(files["sweep"])
     if current["faithfulness"]:
         results.faithfulness = FaithfulnessResult.load(files["faithfulness"])
     if current["interpret"]:

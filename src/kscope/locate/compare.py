@@ -14,9 +14,10 @@ from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import fact_probs
-from kscope.model.sites import check_layer
+from kscope.model.sites import Site, check_layer
 from kscope.progress import make_progress
-from kscope.results import Result
+from kscope.parallel import FactTask, ParallelConfig, map_facts
+from kscope.results import Result, decode, encode
 from kscope.stats import Interval
 from kscope.units.corpus import CorpusConfig
 from kscope.units.provision import SAEInfo, neuron_units, unit_sets_for_layers
@@ -35,6 +36,7 @@ class StudyConfig(Config):
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig)
+    parallel: ParallelConfig = nested(ParallelConfig)
     out: str = option("runs/locate.json", "Where to write the JSON results.")
 
     def validate(self) -> None:
@@ -131,6 +133,9 @@ class CompareResult(Result):
     seconds: float
     saes: dict[int, SAEInfo] = field(default_factory=dict)
     kscope_version: str = ""
+    failed: list[dict] = field(default_factory=list)  # facts that failed twice, with their errors
+    workers: dict[str, dict] = field(default_factory=dict)  # facts and seconds per worker
+    resumed: int = 0  # facts taken from the journal of an interrupted run
 
 
 def _ranked(cfg: StudyConfig) -> int:
@@ -139,14 +144,56 @@ def _ranked(cfg: StudyConfig) -> int:
     return max([cfg.attribution.top_k, *ks])
 
 
+@dataclass
+class _StudyContext:
+    lm: object
+    sets: list
+    cfg: StudyConfig
+
+
+def _study_context(cfg: StudyConfig, sae_paths: dict[int, str]) -> _StudyContext:
+    """What a worker process needs per fact: the model and each layer's unit sets (SAEs loaded from their directories)."""
+    from kscope.units.sae import feature_units, load_sae
+
+    lm = load_model(cfg.model)
+    sets = [(neuron_units(lm, L), feature_units(lm.model, load_sae(sae_paths[L], cfg.model.device), Site(L, cfg.feature_site))
+             if L in sae_paths else None) for L in cfg.layers]
+    return _StudyContext(lm, sets, cfg)
+
+
+def _study_fact(ctx: _StudyContext, fact: Fact) -> dict:
+    """One fact: its located units at every layer (and ΔProb of the top-k for compare), as JSON data."""
+    lm, cfg = ctx.lm, ctx.cfg
+    measure = isinstance(cfg, CompareConfig)
+    row = FactLocation(fact.uid, fact.subject, fact.relation, fact.object, lm.tokenizer.decode([fact.target_id]),
+                       fact.multi_token, fact.prompts)
+    p_clean = None
+    if measure:
+        p_clean, _ = fact_probs(lm.model, lm.tokenizer, fact)
+        row.p_clean = p_clean.tolist()
+    for neurons, feats in ctx.sets:
+        unit_sets = [u for u in (neurons, feats) if u is not None]
+        atts = attribute_fact(lm, fact, unit_sets, cfg.attribution, _ranked(cfg))
+        entry = {}
+        for units, att in zip(unit_sets, atts):
+            e = LocatedUnits(att.units, att.refined, [UnitScore(*t) for t in att.top_scores(cfg.attribution.top_k)], att.p_clean)
+            if measure:
+                e.delta_prob = fact_delta_prob(lm, fact, units, att.top, cfg.delta_prob, p_clean.numpy())
+            entry[units.kind] = e
+        row.layers[neurons.site.layer] = entry
+    return encode(row)
+
+
 def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> CompareResult:
     """Attribute every known fact at every layer; for a ``CompareConfig`` also ΔProb of the top-k units.
+    The per-fact work runs here or on Ray workers (``cfg.parallel``), journaled so it can resume.
 
     Writes ``cfg.out`` only after everything succeeded.
     """
     from kscope import __version__
 
     cfg.validate()
+    cfg.parallel.validate()
     measure = isinstance(cfg, CompareConfig)
     with_features = getattr(cfg, "features", True)
     t0 = time.time()
@@ -169,27 +216,19 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
                                                cfg.model.device, cfg.model.cache_dir, progress)
         else:
             sets, infos = [(neuron_units(lm, L), None) for L in cfg.layers], {}
-        task = progress.add_task("facts", total=len(facts))
-        rows: list[FactLocation] = []
-        for fact in facts:
-            row = FactLocation(fact.uid, fact.subject, fact.relation, fact.object, lm.tokenizer.decode([fact.target_id]),
-                               fact.multi_token, fact.prompts)
-            p_clean = None
-            if measure:
-                p_clean, _ = fact_probs(lm.model, lm.tokenizer, fact)
-                row.p_clean = p_clean.tolist()
-            for neurons, feats in sets:
-                unit_sets = [u for u in (neurons, feats) if u is not None]
-                atts = attribute_fact(lm, fact, unit_sets, cfg.attribution, _ranked(cfg))
-                entry = {}
-                for units, att in zip(unit_sets, atts):
-                    e = LocatedUnits(att.units, att.refined, [UnitScore(*t) for t in att.top_scores(cfg.attribution.top_k)], att.p_clean)
-                    if measure:
-                        e.delta_prob = fact_delta_prob(lm, fact, units, att.top, cfg.delta_prob, p_clean.numpy())
-                    entry[units.kind] = e
-                row.layers[neurons.site.layer] = entry
-            rows.append(row)
-            progress.advance(task)
+        if cfg.parallel.distributed:
+            task = FactTask(_study_context, _study_fact, (cfg, {L: i.path for L, i in infos.items()}))
+        else:
+            ctx = _StudyContext(lm, sets, cfg)
+            task = FactTask(lambda: ctx, _study_fact)
+        keys = [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+        fp = {k: v for k, v in asdict(cfg).items() if k not in ("out", "parallel")} | {"facts": keys, "saes": {L: i.key or i.path for L, i in infos.items()}}
+        outcome = map_facts(task, facts, keys, cfg.parallel, cfg.out, fp, progress)
+    rows = [decode(FactLocation, r) for r in outcome.rows if r is not None]
+    done = {r.uid for r in rows}
+    facts = [f for f in facts if f.uid in done]
+    if not rows:
+        raise KscopeError(f"every fact failed: {outcome.failed[0]['error'] if outcome.failed else 'no facts'}")
     summary: dict[int, dict[str, UnitSummary]] = {}
     for neurons, feats in sets:
         L = neurons.site.layer
@@ -207,6 +246,7 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
         model=lm.name, n_facts=len(facts), n_multi_token=n_multi,
         multi_token_note="objects of several tokens are scored by their first token" if n_multi else None,
         config=asdict(cfg), summary=summary, facts=rows, seconds=time.time() - t0, saes=infos, kscope_version=__version__,
+        failed=outcome.failed, workers=outcome.per_worker, resumed=outcome.resumed,
     )
     result.save(cfg.out)
     return result

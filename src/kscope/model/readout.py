@@ -49,6 +49,19 @@ class PromptBatch:
         return PromptBatch(self.ids[start:stop], self.mask[start:stop], self.last[start:stop])
 
 
+def logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """Logits at ``positions`` ``[batch, P]`` of each row, ``[batch, P, vocab]``: the LM head runs only there
+    (when the model's head is a plain linear map; else it runs everywhere and is gathered)."""
+    from kscope.locate.attribution import head_logits, plain_head
+
+    head = plain_head(model)
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+    if head is None:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, positions]
+    h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, positions]
+    return head_logits(head, h.reshape(-1, h.shape[-1])).view(*positions.shape, -1)
+
+
 def last_logits(
     model: nn.Module,
     batch: PromptBatch,

@@ -36,6 +36,7 @@ from kscope.privacy.editors import RuntimeFeatureEdit, WeightEdit, feature_edit,
 from kscope.privacy.inject import PrivacyManifest, read_manifest, teacher_forced
 from kscope.privacy.metrics import erased_fraction, pareto_front, perplexity, rank_of, relative_ppl_change
 from kscope.privacy.select import depn_select, kn_select
+from kscope.parallel import FactTask, ParallelConfig, map_facts
 from kscope.progress import make_progress
 from kscope.results import Result
 from kscope.stats import Interval, mean_ci
@@ -71,8 +72,14 @@ class EraseConfig(Config):
     objective: str = option("distinct", "What location attributes: 'first' (P of the secret's first token), 'whole' (log P of all "
                                         "its tokens) or 'distinct' (log P of the tokens after the prefix all secrets of its kind share).",
                             choices=("first", "whole", "distinct"))
-    specificity: bool = option(True, "Divide each unit's score by its importance on generic text (|grad x activation| of the LM "
-                                     "loss on held-in corpus text), so units every text needs are not chosen.")
+    specificity: list[str] = option(help="What makes a unit specific to the secrets: 'format' subtracts its score on the same prompts "
+                                         "about people the model was never taught (so units of the secret's format, e.g. writing a "
+                                         "phone number, are not chosen); 'generic' divides by its importance on generic text "
+                                         "(|grad x activation| of the LM loss on corpus training text). Empty: raw scores.",
+                                    factory=lambda: ["format", "generic"], choices=("format", "generic"), label="specificity",
+                                    unique=True)
+    locate_method: str = option("ig", "How units are scored: ig, atp (one forward and backward per prompt) or atp-ig.",
+                         choices=("ig", "atp", "atp-ig"), label="attribution method")
     steps: int = option(5, "IG steps.", min=1)
     depn_threshold: float = option(0.1, "DEPN: per-prompt selection at >= t x max score.", min=0.0, max=1.0)
     tau: float = option(0.5, "FeatureEdit (paper variant): zero the entries with |d dᵀ W| >= tau x max.", min=0.0, max=1.0)
@@ -101,10 +108,12 @@ class EraseJob(Config):
     cache_dir: str | None = option(None, "Cache for the default model and SAEs (default $KSCOPE_CACHE or ~/.cache/kscope).")
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
+    parallel: ParallelConfig = nested(ParallelConfig)
     out: str = option("runs/privacy.json", "JSON results.")
 
     def validate(self) -> None:
         require(self.model_dir, "--model-dir")
+        self.parallel.validate()
         if self.erase.saes and len(self.erase.saes) != len(self.erase.layers):
             raise KscopeError(f"{len(self.erase.saes)} SAE(s) given for {len(self.erase.layers)} layer(s); give one per layer")
         for s in self.erase.saes:
@@ -279,13 +288,55 @@ def _objective_facts(facts: list[Fact], tokenizer, objective: str) -> list[Fact]
     return resolve_targets(facts, tokenizer, "whole", "distinct" if objective == "distinct" else "all")
 
 
-def _score_matrices(lm, facts: Sequence[Fact], unit_sets: Sequence[Units], steps: int, progress) -> tuple[list[torch.Tensor], list[int]]:
-    """Per unit set, IG scores ``[n_prompts, n_units]`` over all edit prompts of ``facts``, and each row's fact index."""
-    task = progress.add_task("locating (IG)", total=len(facts))
-    per_fact = []
+def _locate_context(model_dir: str, device: str, cache_dir: str | None, layers: list[int], sae_paths: dict[int, str], site: str,
+                    steps: int, method: str):
+    lm = load_model(ModelConfig(model=model_dir, device=device, cache_dir=cache_dir))
+    from kscope.units.sae import load_sae
+
+    sets = [neuron_units(lm, L) for L in layers] + [feature_units(lm.model, load_sae(sae_paths[L], device), Site(L, site)) for L in layers]
+    return lm, sets, steps, method
+
+
+def _locate_fact(ctx, fact: Fact) -> list[list[list[float]]]:
+    lm, sets, steps, method = ctx
+    scores, _ = prompt_scores(lm, fact.prompts, fact_objective(fact), sets, steps, method=method)
+    return [s.tolist() for s in scores]
+
+
+def strangers_of(facts: Sequence[Fact], manifest: PrivacyManifest, seed: int) -> list[Fact]:
+    """The same prompts and secrets, about people the model was never taught (a seeded name per fact)."""
+    from dataclasses import replace as dc_replace
+
+    from kscope.privacy.dataset import FIRST, LAST
+
+    taught = {f.subject for f in manifest.private_facts()}
+    names = [f"{a} {b}" for a in FIRST for b in LAST if f"{a} {b}" not in taught]
+    rng = random.Random(f"strangers:{seed}")
+    out = []
     for f in facts:
-        per_fact.append(prompt_scores(lm, f.prompts, fact_objective(f), unit_sets, steps)[0])
-        progress.advance(task)
+        name = rng.choice(names)
+        out.append(dc_replace(f, subject=name, prompts=[p.replace(f.subject, name) for p in f.prompts], uid=f"stranger:{f.uid}"))
+    return out
+
+
+def _score_matrices(job: EraseJob, lm, facts: Sequence[Fact], unit_sets: Sequence[Units], infos: dict[int, SAEInfo],
+                    progress, journal_tag: str = "") -> tuple[list[torch.Tensor], list[int]]:
+    """Per unit set, scores ``[n_prompts, n_units]`` over all edit prompts of ``facts`` (here or on Ray workers,
+    journaled beside the output), and each row's fact index."""
+    cfg = job.erase
+    if job.parallel.distributed:
+        task = FactTask(_locate_context, _locate_fact, (job.model_dir, job.device, job.cache_dir, list(cfg.layers),
+                                                        {L: i.path for L, i in infos.items()}, cfg.feature_site, cfg.steps, cfg.locate_method))
+    else:
+        task = FactTask(lambda: (lm, list(unit_sets), cfg.steps, cfg.locate_method), _locate_fact)
+    keys = [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+    fp = {"model_dir": job.model_dir, "facts": keys, "erase": asdict(cfg), "saes": {L: i.key or i.path for L, i in infos.items()}}
+    out = Path(job.out)
+    outcome = map_facts(task, facts, keys, job.parallel, out.with_name(out.name + journal_tag) if journal_tag else out, fp, progress,
+                        f"locating {journal_tag or 'secrets'} ({cfg.locate_method})")
+    if outcome.failed:
+        raise KscopeError(f"locating failed for {outcome.failed[0]['key']}: {outcome.failed[0]['error']}")
+    per_fact = [[torch.tensor(m) for m in r] for r in outcome.rows]
     owner = [i for i, f in enumerate(facts) for _ in f.prompts]
     return [torch.cat([m[j] for m in per_fact]) for j in range(len(unit_sets))], owner
 
@@ -390,12 +441,15 @@ def erase(job: EraseJob) -> EraseResult:
         t = time.time()
         neurons = [neuron_units(lm, L) for L in cfg.layers]
         fsets = [feats[L] for L in cfg.layers]
-        scores, owner = _score_matrices(lm, erase_set, [*neurons, *fsets], cfg.steps, progress)
-        n_scores, f_scores = scores[: len(neurons)], scores[len(neurons) :]
-        if cfg.specificity:
+        scores, owner = _score_matrices(job, lm, erase_set, [*neurons, *fsets], infos, progress)
+        if "format" in cfg.specificity:
+            strangers = strangers_of(erase_set, manifest, cfg.seed)
+            fresh, _ = _score_matrices(job, lm, strangers, [*neurons, *fsets], infos, progress, journal_tag="strangers")
+            scores = [s - f.clamp_min(0) for s, f in zip(scores, fresh)]
+        if "generic" in cfg.specificity:
             g = generic_importance(lm, [*neurons, *fsets], train_texts[: cfg.generic_texts])
             scores = [s / (gi + gi.mean()).clamp_min(1e-12) for s, gi in zip(scores, g)]
-            n_scores, f_scores = scores[: len(neurons)], scores[len(neurons) :]
+        n_scores, f_scores = scores[: len(neurons)], scores[len(neurons) :]
         seconds["location"] = time.time() - t
         n_w = [u.n_units for u in neurons]
         f_w = [u.n_units for u in fsets]

@@ -107,13 +107,17 @@ def teacher_forced(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     out: list[tuple[bool, float]] = [(False, 0.0)] * len(rows)
     pad = tok.pad_token_id or 0
+    from kscope.model.readout import logits_at
+
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         ids, mask = pad_rows([rows[i][0] + rows[i][1] for i in idx], pad)
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+        width = max(len(rows[i][1]) for i in idx)
+        pos = torch.tensor([[min(len(rows[i][0]) - 1 + t, len(rows[i][0]) + len(rows[i][1]) - 2) for t in range(width)] for i in idx])
+        logits = logits_at(lm.model, ids.to(lm.device), mask.to(lm.device), pos.to(lm.device))  # [b, width, vocab]
         for j, i in enumerate(idx):
-            p, a = rows[i]
-            z = logits[j, len(p) - 1 : len(p) - 1 + len(a)].float()
+            a = rows[i][1]
+            z = logits[j, : len(a)].float()
             tgt = torch.tensor(a, device=z.device)
             out[i] = (bool((z.argmax(-1) == tgt).all()), float(z.log_softmax(-1).gather(1, tgt[:, None]).sum()))
     return out

@@ -59,12 +59,16 @@ class Corpus:
 
     def split(self) -> tuple[list[str], list[str]]:
         """``(train, heldout)`` texts: a text is held out when a seeded hash of it falls below ``heldout_frac``."""
-        train, held = [], []
-        for t in self.texts:
-            u = int(hashlib.sha256(f"{self.seed}:{t}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            (held if u < self.heldout_frac else train).append(t)
-        if not train or not held:
-            raise KscopeError(f"the corpus ({len(self.texts)} texts) is too small to hold out {self.heldout_frac:.0%}; add text")
+        if len(set(self.texts)) < 2:
+            raise KscopeError(f"the corpus ({len(self.texts)} texts) is too small to hold any text out; add text")
+        u = [int(hashlib.sha256(f"{self.seed}:{t}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for t in self.texts]
+        cut = self.heldout_frac
+        if not any(v < cut for v in u):  # a small corpus: hold out at least the text of smallest hash
+            cut = min(u) + 1e-12
+        if all(v < cut for v in u):
+            cut = max(u)
+        train = [t for t, v in zip(self.texts, u) if v >= cut]
+        held = [t for t, v in zip(self.texts, u) if v < cut]
         return train, held
 
 

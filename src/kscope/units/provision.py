@@ -198,3 +198,10 @@ def train_sae_job(cfg: TrainSAEJob) -> dict[Site, SAEInfo]:
     with make_progress() as progress:
         got = obtain_saes(lm, sites, cfg.train, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress, out_dirs=out_dirs)
     return {s: got[s][1] for s in sites}
+
+
+def find_cached_sae(lm, site: Site, cache_dir: str | None = None) -> Path | None:
+    """The most recently written cached SAE of this model at ``site``, whatever its options (benchmarks, notebooks)."""
+    root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "saes" / f"{model_slug(lm.name)}-{lm.fingerprint}"
+    found = [d for d in root.glob(f"L{site.layer}-{site.kind}-*") if (d / "cfg.json").exists()]
+    return max(found, key=lambda d: d.stat().st_mtime) if found else None

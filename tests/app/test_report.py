@@ -1,0 +1,49 @@
+"""README tables come from a run: the Markdown formatter reproduces the committed tables from a committed results.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kscope.app.cli import app
+from kscope.app.report import markdown
+from kscope.app.reproduce import ReproduceResult
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def test_markdown_reproduces_the_committed_tables():
+    res = ReproduceResult.load(DATA / "results_small.json")
+    assert markdown(res) == (DATA / "results_small.md").read_text()
+
+
+def test_report_command_prints_them_with_the_run_stamp(tmp_path):
+    (tmp_path / "results.json").write_text((DATA / "results_small.json").read_text())
+    r = CliRunner().invoke(app, ["report", "--markdown", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert r.output == (DATA / "results_small.md").read_text()
+    first = r.output.splitlines()[0]
+    assert first.startswith("_kscope ") and "config " in first and "SAEs: " in first
+
+
+def test_the_tables_carry_the_json_numbers():
+    data = json.loads((DATA / "results_small.json").read_text())
+    res = ReproduceResult.from_json(data)
+    md = markdown(res)
+    mean = data["compare"]["summary"]["1"]["neuron"]["delta_prob"]["suppress"]["10"]["mean"]
+    assert f"| 1 | suppress | 10 | {mean:+.3f} [" in md
+    erase = next(iter(data["privacy"].values()))
+    top = erase["points"][-1]  # the last point: the all-layers MLP control
+    assert top["method"] == "mlp-zero-all" and f"| mlp-zero-all | all | {top['n_units']} | {top['n_weights']} | {top['rel']:.2f} |" in md
+
+
+def test_a_result_of_another_kind_or_a_newer_version_is_refused(tmp_path):
+    data = json.loads((DATA / "results_small.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps({**data, "schema": "kscope.reproduce/99"}))
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "reads kscope.reproduce/1 and older" in r.output
+    (tmp_path / "results.json").write_text(json.dumps({**data, "schema": "kscope.compare/1"}))
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "expected a kscope reproduce result" in r.output
