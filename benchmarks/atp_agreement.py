@@ -12,7 +12,6 @@ set, then mean score), their overlap, the Spearman correlation of the mean score
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np

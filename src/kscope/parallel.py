@@ -72,6 +72,19 @@ class FactTask:
     args: tuple = ()
 
 
+def fact_task(parallel: ParallelConfig, run: Callable[[Any, Any], Any], local_context: Any, remote_setup: Callable[..., Any],
+              remote_args: tuple) -> FactTask:
+    """One process reuses the context the job already built; Ray workers build theirs with ``remote_setup(*remote_args)``."""
+    if parallel.distributed:
+        return FactTask(remote_setup, run, remote_args)
+    return FactTask(lambda: local_context, run)
+
+
+def fact_keys(facts: Sequence[Any]) -> list[str]:
+    """Journal keys: position and uid (uids alone may repeat)."""
+    return [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+
+
 @dataclass
 class Outcome:
     """Rows in fact order (None for a fact that failed), the failures, and where the time went."""

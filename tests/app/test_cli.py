@@ -102,6 +102,9 @@ def test_empty_fact_file(model_dir, tmp_path):
     assert r.exit_code == 2 and "no facts" in r.output
 
 
+CORPUS = ["--generate", "40", "--gen-len", "16"]  # the default corpus (3072 sequences) is for real models
+
+
 @pytest.fixture(scope="module")
 def tiny_sae(model_dir, tmp_path_factory):
     return _sae(model_dir, tmp_path_factory.mktemp("sae"))
@@ -112,7 +115,7 @@ def tiny_sae(model_dir, tmp_path_factory):
                                        ("monosemanticity", ["--top-units", "2"])])
 def test_analysis_commands_write_json_and_png(model_dir, fact_file, tiny_sae, tmp_path, cmd, extra):
     r = runner.invoke(app, [cmd, "--model", str(model_dir), "--facts", str(fact_file), "--layer", "1",
-                            "--sae", str(tiny_sae), "--out-dir", str(tmp_path), *extra]
+                            "--sae", str(tiny_sae), "--out-dir", str(tmp_path), *CORPUS, *extra]
                       + ([] if cmd == "faithfulness" else []), env={"KSCOPE_QUIET": "1"})
     # The random tiny model knows nothing at top-1: faithfulness etc. must say so clearly.
     assert r.exit_code == 2 and "none of the 3 facts is known" in " ".join(r.output.split())
@@ -126,7 +129,7 @@ def test_analysis_commands_write_json_and_png(model_dir, fact_file, tiny_sae, tm
 ])
 def test_analysis_commands_succeed(model_dir, fact_file, tiny_sae, tmp_path, cmd, extra, keys):
     r = runner.invoke(app, [cmd, "--model", str(model_dir), "--facts", str(fact_file), "--layer", "1", "--sae", str(tiny_sae),
-                            "--known-top-k", "100", "--min-known-prompts", "1", "--out-dir", str(tmp_path), *extra])
+                            "--known-top-k", "100", "--min-known-prompts", "1", "--out-dir", str(tmp_path), *CORPUS, *extra])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / f"{cmd}.json").read_text())
     assert keys <= set(res)

@@ -127,3 +127,19 @@ def test_corpus_split_is_stable_and_disjoint(tmp_path):
     assert not set(train) & set(held) and len(train) + len(held) == 200 and 20 < len(held) < 60
     assert Corpus(list(reversed(texts)), "test", 0.2, 0).split()[1] == list(reversed(held))  # by content, not position
     assert c.identity != Corpus(texts[:-1], "test", 0.2, 0).identity != Corpus(texts, "test", 0.2, 1).identity
+
+
+def test_generated_corpus_extends_a_shorter_cached_one(llama_lm, tmp_path):
+    """Batches carry their own seed, so 128 sequences begin with the 64 sampled before, and only 64 are sampled again."""
+    from kscope.units import corpus
+
+    calls = []
+    real = corpus.generate_texts
+    corpus.generate_texts = lambda lm, n, length, seed, start=0, progress=None: calls.append((n, start)) or real(lm, n, length, seed, start)
+    try:
+        a = corpus.cached_generation(llama_lm, 64, 6, 3, cache_dir=str(tmp_path))
+        b = corpus.cached_generation(llama_lm, 128, 6, 3, cache_dir=str(tmp_path))
+    finally:
+        corpus.generate_texts = real
+    assert calls == [(64, 0), (64, 64)] and b[:64] == a and len(b) == 128
+    assert real(llama_lm, 64, 6, 3, start=64) == b[64:]  # the same as sampling the second batch on its own

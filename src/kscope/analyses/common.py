@@ -14,7 +14,7 @@ from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.model.loading import LoadedModel, ModelConfig, load_model
 from kscope.model.sites import check_layer
-from kscope.parallel import FactTask, ParallelConfig, map_facts
+from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.results import Result
 from kscope.units.base import Units
 from kscope.units.corpus import CorpusConfig
@@ -76,11 +76,8 @@ def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
         tops = located_tops(tops_file, facts, cfg.layer) if tops_file is not None else None
         if tops is None:
             cfg.parallel.validate()
-            if cfg.parallel.distributed:
-                task = FactTask(_locate_context, _locate_fact, (cfg, infos[cfg.layer].path))
-            else:
-                task = FactTask(lambda: (lm, [neurons, feats], cfg), _locate_fact)
-            keys = [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+            task = fact_task(cfg.parallel, _locate_fact, (lm, [neurons, feats], cfg), _locate_context, (cfg, infos[cfg.layer].path))
+            keys = fact_keys(facts)
             fp = {"model": asdict(cfg.model), "facts": keys, "layer": cfg.layer, "sae": infos[cfg.layer].key or infos[cfg.layer].path,
                   "attribution": asdict(cfg.attribution)}
             outcome = map_facts(task, facts, keys, cfg.parallel, Path(cfg.out_dir) / "located.json", fp, progress, "locating")

@@ -35,7 +35,7 @@ from kscope.model.loading import ModelConfig, load_model
 from kscope.model.prefix import PrefixRunner
 from kscope.model.readout import last_token_activations
 from kscope.model.sites import Site, n_layers
-from kscope.parallel import FactTask, ParallelConfig, map_facts
+from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.plots import pyplot, save_figure
 from kscope.progress import make_progress
 from kscope.results import Result
@@ -339,12 +339,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         set_list: list[tuple[str, Units]] = [(f"{L}/neurons", u) for L, u in neurons.items()] + \
                                             [(f"{L}/{s}", u) for (L, s), u in feats.items()]
         t = time.time()
-        if cfg.parallel.distributed:
-            task = FactTask(_sweep_context, _sweep_fact, (cfg, {n: i.path for n, i in infos.items()}))
-        else:
-            ctx = _SweepContext(lm, set_list, cfg)
-            task = FactTask(lambda: ctx, _sweep_fact)
-        keys = [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+        task = fact_task(cfg.parallel, _sweep_fact, _SweepContext(lm, set_list, cfg), _sweep_context,
+                         (cfg, {n: i.path for n, i in infos.items()}))
+        keys = fact_keys(facts)
         fp = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "parallel")} | {"facts": keys,
                                                                                           "saes": {n: i.key or i.path for n, i in infos.items()}}
         outcome = map_facts(task, facts, keys, cfg.parallel, Path(cfg.out_dir) / "sweep.json", fp, progress, "facts (ranking, ΔProb)")

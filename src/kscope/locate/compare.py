@@ -16,7 +16,7 @@ from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import fact_probs
 from kscope.model.sites import Site, check_layer
 from kscope.progress import make_progress
-from kscope.parallel import FactTask, ParallelConfig, map_facts
+from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.results import Result, decode, encode
 from kscope.stats import Interval
 from kscope.units.corpus import CorpusConfig
@@ -216,12 +216,9 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
                                                cfg.model.device, cfg.model.cache_dir, progress)
         else:
             sets, infos = [(neuron_units(lm, L), None) for L in cfg.layers], {}
-        if cfg.parallel.distributed:
-            task = FactTask(_study_context, _study_fact, (cfg, {L: i.path for L, i in infos.items()}))
-        else:
-            ctx = _StudyContext(lm, sets, cfg)
-            task = FactTask(lambda: ctx, _study_fact)
-        keys = [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+        task = fact_task(cfg.parallel, _study_fact, _StudyContext(lm, sets, cfg), _study_context,
+                         (cfg, {L: i.path for L, i in infos.items()}))
+        keys = fact_keys(facts)
         fp = {k: v for k, v in asdict(cfg).items() if k not in ("out", "parallel")} | {"facts": keys, "saes": {L: i.key or i.path for L, i in infos.items()}}
         outcome = map_facts(task, facts, keys, cfg.parallel, cfg.out, fp, progress)
     rows = [decode(FactLocation, r) for r in outcome.rows if r is not None]

@@ -36,7 +36,7 @@ from kscope.privacy.editors import RuntimeFeatureEdit, WeightEdit, feature_edit,
 from kscope.privacy.inject import PrivacyManifest, read_manifest, teacher_forced
 from kscope.privacy.metrics import erased_fraction, pareto_front, perplexity, rank_of, relative_ppl_change
 from kscope.privacy.select import depn_select, kn_select
-from kscope.parallel import FactTask, ParallelConfig, map_facts
+from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.progress import make_progress
 from kscope.results import Result
 from kscope.stats import Interval, mean_ci
@@ -60,10 +60,11 @@ class EraseConfig(Config):
     controls: list[str] = option(help="Controls: random neurons / random features at every budget, and the whole MLP of the edited "
                                       "layers (then of all layers) zeroed.", factory=lambda: list(CONTROLS), choices=CONTROLS,
                                  label="control", unique=True)
-    layers: list[int] = option(help="Layers whose neurons and SAE features are located and edited: 12, 10,12 or 18-29.",
-                               factory=lambda: list(range(18, 30)), parse=parse_layers, min=0)
+    layers: list[int] = option(help="Layers whose neurons and SAE features are located and edited: 12, 10,12, 18-29 or 12-27:3 "
+                                    "(every third; the sweep's SAEs serve).", factory=lambda: list(range(12, 28, 3)), parse=parse_layers,
+                               min=0)
     neuron_budgets: list[int] = option(help="Neurons edited per point (globally over the layers); weights changed = neurons x d_model.",
-                                       factory=lambda: [30, 100, 300, 1000, 2000], min=1, unique=True)
+                                       factory=lambda: [30, 100, 300, 1000, 3000], min=1, unique=True)
     feature_budgets: list[int] = option(help="SAE features edited per point (globally over the layers).",
                                         factory=lambda: [10, 30, 100, 300, 1000], min=1, unique=True)
     feature_site: str = option("mlp.out", "Site of the SAE features: 'mlp.out' (their decoder directions are what the down "
@@ -324,12 +325,10 @@ def _score_matrices(job: EraseJob, lm, facts: Sequence[Fact], unit_sets: Sequenc
     """Per unit set, scores ``[n_prompts, n_units]`` over all edit prompts of ``facts`` (here or on Ray workers,
     journaled beside the output), and each row's fact index."""
     cfg = job.erase
-    if job.parallel.distributed:
-        task = FactTask(_locate_context, _locate_fact, (job.model_dir, job.device, job.cache_dir, list(cfg.layers),
-                                                        {L: i.path for L, i in infos.items()}, cfg.feature_site, cfg.steps, cfg.locate_method))
-    else:
-        task = FactTask(lambda: (lm, list(unit_sets), cfg.steps, cfg.locate_method), _locate_fact)
-    keys = [f"{i}:{f.uid}" for i, f in enumerate(facts)]
+    task = fact_task(job.parallel, _locate_fact, (lm, list(unit_sets), cfg.steps, cfg.locate_method), _locate_context,
+                     (job.model_dir, job.device, job.cache_dir, list(cfg.layers), {L: i.path for L, i in infos.items()},
+                      cfg.feature_site, cfg.steps, cfg.locate_method))
+    keys = fact_keys(facts)
     fp = {"model_dir": job.model_dir, "facts": keys, "erase": asdict(cfg), "saes": {L: i.key or i.path for L, i in infos.items()}}
     out = Path(job.out)
     outcome = map_facts(task, facts, keys, job.parallel, out.with_name(out.name + journal_tag) if journal_tag else out, fp, progress,

@@ -30,7 +30,7 @@ from kscope.model.sites import Site
 class CorpusConfig(Config):
     """Text the SAEs (and PCA/ICA) are fitted on: model-generated text, files, a HF dataset. Never fact prompts."""
 
-    generate: int = option(2560, "Sequences sampled from the model itself (the offline source; cached per model).", min=0)
+    generate: int = option(3072, "Sequences sampled from the model itself (the offline source; cached per model).", min=0)
     gen_len: int = option(128, "Tokens per generated sequence.", min=8)
     text_files: list[str] = option(help="Plain-text files (paragraphs split on blank lines).", factory=list, flag="text")
     dataset: str | None = option(None, "HF dataset name or path (needs it reachable).")
@@ -97,23 +97,30 @@ def hf_dataset_texts(name: str, split: str = "train", column: str = "text", limi
         raise KscopeError(f"cannot read dataset {name}: {e}") from e
 
 
-@torch.no_grad()
-def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 64, progress: Progress | None = None) -> list[str]:
-    """Sample ``n`` continuations (top-p 0.95) from the model itself: an offline activation source.
+GEN_BATCH = 64
 
-    Each batch shares one one-word opening, so no padding is needed.
+
+@torch.no_grad()
+def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progress: Progress | None = None) -> list[str]:
+    """Sample sequences ``start .. start + n - 1`` (top-p 0.95) from the model itself: an offline activation source.
+
+    Sequences come in batches of ``GEN_BATCH`` that share a one-word opening (no padding) and a seed of their own,
+    so a longer corpus begins with a shorter one (``start`` must be a multiple of ``GEN_BATCH``).
     """
     if n <= 0:
         return []
+    if start % GEN_BATCH:
+        raise ValueError(f"start must be a multiple of {GEN_BATCH}")
     tok = lm.tokenizer
     starts = ["The", "In", "A", "Many", "It", "History", "Science", "People", "Today", "When", "One", "There",
               "After", "She", "He", "We", "This", "Our", "If", "For"]
-    torch.manual_seed(seed)
     task = progress.add_task("generating text", total=n) if progress else None
     out: list[str] = []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        ids = torch.tensor([tok(starts[(i // batch) % len(starts)]).input_ids] * b, device=lm.device)
+    for i in range(start, start + n, GEN_BATCH):
+        b = min(GEN_BATCH, start + n - i)
+        k = i // GEN_BATCH
+        torch.manual_seed(seed * 1_000_003 + k)
+        ids = torch.tensor([tok(starts[k % len(starts)]).input_ids] * b, device=lm.device)
         seqs = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
                                  max_new_tokens=length, pad_token_id=tok.pad_token_id)
         out.extend(tok.decode(s_, skip_special_tokens=True) for s_ in seqs)
@@ -123,19 +130,28 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, batch: int = 64, prog
 
 
 def cached_generation(lm, n: int, length: int, seed: int, progress: Progress | None = None, cache_dir: str | None = None) -> list[str]:
-    """``generate_texts`` cached on disk per (model weights, n, length, seed): sampling is the slow part."""
+    """``generate_texts`` cached on disk per (model weights, n, length, seed): sampling is the slow part. A cached
+    shorter corpus of the same model, length and seed is extended rather than sampled again."""
     if n <= 0:
         return []
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = root / "texts" / f"{model_slug(lm.name)}-{lm.fingerprint}" / f"gen-n{n}-len{length}-s{seed}.json"
-    if path.exists():
+    root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "texts" / f"{model_slug(lm.name)}-{lm.fingerprint}"
+    path = root / f"gen-n{n}-len{length}-s{seed}-v2.json"
+
+    def read(p: Path) -> list[str] | None:
         try:
-            texts = read_json(path)
-            if isinstance(texts, list) and len(texts) == n:
-                return texts
-        except ValueError:
-            pass  # a corrupt cache file is regenerated
-    texts = generate_texts(lm, n, length, seed, progress=progress)
+            texts = read_json(p)
+            return texts if isinstance(texts, list) else None
+        except (ValueError, OSError):
+            return None  # a corrupt cache file is sampled again
+
+    if path.exists() and (texts := read(path)) is not None and len(texts) == n:
+        return texts
+    have: list[str] = []
+    for p in root.glob(f"gen-n*-len{length}-s{seed}-v2.json"):
+        m = int(p.name.split("-n", 1)[1].split("-", 1)[0])
+        if m < n and m % GEN_BATCH == 0 and m > len(have) and (texts := read(p)) is not None and len(texts) == m:
+            have = texts
+    texts = have + generate_texts(lm, n - len(have), length, seed, start=len(have), progress=progress)
     write_json(path, texts)
     return texts
 
