@@ -189,8 +189,10 @@ def main() -> None:
         rate = r["flops"] / r["seconds"]
         print(f"  {name:8} : {r['flops'] / args.facts / 1e9:6.1f} GFLOP/fact at {rate / 1e9:5.1f} GFLOP/s = {100 * rate / peak:.0f}% of this machine's "
               f"torch matmul {peak / 1e9:.1f} GFLOP/s")
-    print(f"SmolLM2-135M: neurons, all 30 layers: IG {s_n['facts_per_s']:.3f} facts/s ({s_n['flops'] / s_n['seconds'] / peak:.0%} of matmul peak, "
-          f"peak RSS {s_n['peak_rss_mb']:.0f} MB), AtP {s_a['facts_per_s']:.2f} facts/s ({s_a['facts_per_s'] / s_n['facts_per_s']:.0f}x); "
+    print(f"SmolLM2-135M: neurons, all 30 layers: IG {s_n['facts_per_s']:.3f} facts/s, {s_n['flops'] / args.facts / 1e9:.1f} GFLOP/fact "
+          f"({s_n['flops'] / s_n['seconds'] / peak:.0%} of matmul peak, peak RSS {s_n['peak_rss_mb']:.0f} MB), "
+          f"AtP {s_a['facts_per_s']:.2f} facts/s, {s_a['flops'] / args.facts / 1e9:.2f} GFLOP/fact ({s_a['facts_per_s'] / s_n['facts_per_s']:.0f}x, "
+          f"peak RSS {s_a['peak_rss_mb']:.0f} MB); "
           f"SAE features at layer 12: {s_f['facts_per_s']:.3f} facts/s" + (f" ({s_f['note']})" if "note" in s_f else ""))
 
 

@@ -10,6 +10,7 @@ to show they are the same SAEs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import tempfile
 import time
 
@@ -19,7 +20,7 @@ def main() -> None:
     ap.add_argument("--layers", default="3,9,15,21")
     ap.add_argument("--sites", default="mlp.out,resid.post")
     ap.add_argument("--tokens", type=int, default=20_000)
-    ap.add_argument("--generate", type=int, default=256)
+    ap.add_argument("--generate", type=int, default=None, help="generated sequences (default: the default corpus, cached)")
     args = ap.parse_args()
 
     from kscope.config import parse_layers, parse_list
@@ -32,7 +33,7 @@ def main() -> None:
     lm = load_model()
     sites = [Site(L, k) for L in parse_layers(args.layers) for k in parse_list(args.sites)]
     tcfg = TrainSAEConfig(max_tokens=args.tokens, epochs=1)
-    ccfg = CorpusConfig(generate=args.generate)
+    ccfg = CorpusConfig() if args.generate is None else CorpusConfig(generate=args.generate)
     build_corpus(lm, ccfg)  # generate (and cache) the text first: neither arm pays for it
     train_texts, _ = build_corpus(lm, ccfg).split()
     t = time.perf_counter()
@@ -40,10 +41,10 @@ def main() -> None:
     one_pass_collect = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
         t = time.perf_counter()
-        together = obtain_saes(lm, sites, tcfg, ccfg, cache_dir=a)
+        together = obtain_saes(lm, sites, tcfg, ccfg, out_dirs={s: Path(a) / s.name for s in sites})  # text from the cache
         t_together = time.perf_counter() - t
         t = time.perf_counter()
-        apart = {s: obtain_saes(lm, [s], tcfg, ccfg, cache_dir=b)[s] for s in sites}
+        apart = {s: obtain_saes(lm, [s], tcfg, ccfg, out_dirs={s: Path(b) / s.name})[s] for s in sites}
         t_apart = time.perf_counter() - t
     print(f"{len(sites)} SAEs ({', '.join(s.name for s in sites)}), {args.tokens} training tokens each, 1 epoch")
     print(f"  one activation pass, trained side by side : {t_together:7.1f} s")

@@ -70,3 +70,19 @@ def jumprelu_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
         sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
         sae.threshold.fill_(0.05)
     return sae
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A tiny random LLaMA and its word tokenizer saved as a model directory (what ``--model`` takes)."""
+    tiny_llama(seed).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return Path(path)
+
+
+def capital_facts():
+    """Facts over the word tokenizer's vocabulary: two capitals and a language."""
+    from kscope.facts import Fact
+
+    return [Fact("france", "capital", "paris", ["the capital of france is", "france 's capital city is"]),
+            Fact("germany", "capital", "berlin", ["the capital of germany is", "germany 's capital city is"]),
+            Fact("spain", "language", "spanish", ["people in spain speak", "the official language of spain is"])]

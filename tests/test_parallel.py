@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from kscope.app.cli import app
 from kscope.facts import Fact, write_fact_file
 from kscope.parallel import FactTask, ParallelConfig, journal_path, map_facts
-from tests.helpers import tiny_llama, word_tokenizer
+from tests.helpers import save_tiny_model
 
 runner = CliRunner()
 FACTS = [Fact("france", "capital", "paris", ["the capital of france is", "france 's capital city is"]),
@@ -28,8 +28,7 @@ FACTS = [Fact("france", "capital", "paris", ["the capital of france is", "france
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("par")
-    tiny_llama().save_pretrained(root / "model")
-    word_tokenizer().save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     write_fact_file(FACTS, root / "facts.jsonl")
     return root
 

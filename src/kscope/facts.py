@@ -328,6 +328,7 @@ def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress
     if cfg.max_facts is not None and len(kept) < cfg.max_facts:
         from kscope.progress import console
 
-        console.print(f"[yellow]note:[/] only {len(kept)} of the {len(facts)} facts are known by the model "
-                      f"(--max-facts {cfg.max_facts} asked for more)", soft_wrap=True)
+        known = "all of them are known" if len(kept) == len(facts) else f"{len(kept)} are known by the model"
+        console.print(f"[yellow]note:[/] {len(kept)} facts studied, not {cfg.max_facts} (--max-facts): the source has "
+                      f"{len(facts)} and {known}", soft_wrap=True)
     return kept, facts

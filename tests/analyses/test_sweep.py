@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from kscope.analyses.sweep import SweepResult, activation_ranking, verdict
 from kscope.app.cli import app
 from kscope.facts import write_fact_file
-from tests.helpers import jumprelu_sae, tiny_gemma2, tiny_llama, word_tokenizer
+from tests.helpers import capital_facts, jumprelu_sae, save_tiny_model, tiny_gemma2, word_tokenizer
 
 runner = CliRunner()
 CORPUS = ["the capital of france is paris", "people in spain speak spanish", "new york is a city", "history and science today",
@@ -18,16 +18,11 @@ CORPUS = ["the capital of france is paris", "people in spain speak spanish", "ne
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, request):
-    from kscope.facts import Fact
-
     root = tmp_path_factory.mktemp("sweep")
     model = root / "model"
-    tiny_llama().save_pretrained(model)
-    word_tokenizer().save_pretrained(model)
+    save_tiny_model(model)
     facts = root / "facts.jsonl"
-    write_fact_file([Fact("france", "capital", "paris", ["the capital of france is", "france 's capital city is"]),
-                     Fact("germany", "capital", "berlin", ["the capital of germany is", "germany 's capital city is"]),
-                     Fact("spain", "language", "spanish", ["people in spain speak", "the official language of spain is"])], facts)
+    write_fact_file(capital_facts(), facts)
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(CORPUS * 12))
     return {"root": root, "model": str(model), "facts": str(facts), "corpus": str(corpus)}
@@ -96,10 +91,7 @@ def test_released_jumprelu_saes_on_gemma2_through_the_release_path(tmp_path, mon
 
     monkeypatch.setattr(sae_lens.SAE, "from_pretrained", from_pretrained)
     facts = tmp_path / "facts.jsonl"
-    from kscope.facts import Fact
-
-    write_fact_file([Fact("france", "capital", "paris", ["the capital of france is", "france 's capital city is"]),
-                     Fact("spain", "language", "spanish", ["people in spain speak", "the official language of spain is"])], facts)
+    write_fact_file([capital_facts()[0], capital_facts()[2]], facts)
     out = tmp_path / "out"
     r = runner.invoke(app, ["sweep", "--model", str(model_dir), "--facts", str(facts), "--known-top-k", "100", "--min-known-prompts", "1",
                             "--layers", "0,2", "--sites", "resid.post", "--sae-release", "gemma-scope-2b-pt-res-canonical",

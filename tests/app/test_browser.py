@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kscope.app.cli import app
-from tests.helpers import tiny_llama, word_tokenizer
+from tests.helpers import save_tiny_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (apt-get install chromium)")
@@ -34,8 +34,7 @@ def check(page) -> str:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    tiny_llama().save_pretrained(root / "model")
-    word_tokenizer().save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(["the capital of france is paris", "people in spain speak spanish", "new york is a city",
                                    "history and science today", "the eiffel tower is in paris"] * 20))

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import tiny_llama, word_tokenizer
+from tests.helpers import save_tiny_model
 from kscope.app.cli import app
 from kscope.facts import write_fact_file
 
@@ -15,8 +15,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
+    save_tiny_model(d)
     return d
 
 
@@ -50,6 +49,9 @@ def test_train_sae_then_compare(model_dir, fact_file, tmp_path):
     assert s["neuron"]["site"] == "1/mlp.neurons" and s["feature"]["site"] == "1/mlp.out"
     assert set(s["neuron"]["delta_prob"]) == {"suppress", "enhance"}
     assert set(s["neuron"]["delta_prob"]["suppress"]) == {"1", "2"}
+    for kind in ("neuron", "feature"):  # the control: the same k random units of each kind, per fact
+        assert set(s[kind]["random_delta_prob"]["suppress"]) == {"1", "2"}
+        assert all(f["layers"]["1"][kind]["random_delta_prob"] for f in res["facts"])
     fact = res["facts"][0]
     assert len(fact["layers"]["1"]["neuron"]["top"]) == 10
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from kscope.app.cli import app
 from kscope.facts import write_fact_file
-from tests.helpers import tiny_llama, word_tokenizer
+from tests.helpers import capital_facts, save_tiny_model
 
 runner = CliRunner()
 
@@ -20,15 +20,11 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny model, a fact file, an SAE on 1/mlp.out, a privacy model and a located file."""
-    from kscope.facts import Fact
-
     root = tmp_path_factory.mktemp("contract")
     model = root / "model"
-    tiny_llama().save_pretrained(model)
-    word_tokenizer().save_pretrained(model)
+    save_tiny_model(model)
     facts = root / "facts.jsonl"
-    write_fact_file([Fact("france", "capital", "paris", ["the capital of france is", "france 's capital city is"]),
-                     Fact("germany", "capital", "berlin", ["the capital of germany is", "germany 's capital city is"])], facts)
+    write_fact_file(capital_facts()[:2], facts)
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(["the capital of france is paris", "people in spain speak spanish", "new york is a city",
                                    "history and science today"] * 10))
@@ -157,7 +153,7 @@ def test_fewer_known_facts_than_asked_is_said(env, tmp_path):
     r = runner.invoke(app, ["locate", *_fill(BASE, env, tmp_path), "--max-facts", "5", "--layers", "1", "--no-features",
                             "--out", str(tmp_path / "o.json")])
     assert r.exit_code == 0, r.output
-    assert "only 2 of the 2 facts are known" in " ".join(r.output.split())
+    assert "2 facts studied, not 5 (--max-facts): the source has 2 and all of them are known" in " ".join(r.output.split())
 
 
 def test_errors_are_one_unwrapped_line(env, tmp_path):

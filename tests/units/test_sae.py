@@ -130,16 +130,17 @@ def test_corpus_split_is_stable_and_disjoint(tmp_path):
 
 
 def test_generated_corpus_extends_a_shorter_cached_one(llama_lm, tmp_path):
-    """Batches carry their own seed, so 128 sequences begin with the 64 sampled before, and only 64 are sampled again."""
+    """Batches carry their own seed, so two batches begin with the one sampled before, and only one is sampled again."""
     from kscope.units import corpus
 
+    n = corpus.GEN_BATCH
     calls = []
     real = corpus.generate_texts
     corpus.generate_texts = lambda lm, n, length, seed, start=0, progress=None: calls.append((n, start)) or real(lm, n, length, seed, start)
     try:
-        a = corpus.cached_generation(llama_lm, 64, 6, 3, cache_dir=str(tmp_path))
-        b = corpus.cached_generation(llama_lm, 128, 6, 3, cache_dir=str(tmp_path))
+        a = corpus.cached_generation(llama_lm, n, 6, 3, cache_dir=str(tmp_path))
+        b = corpus.cached_generation(llama_lm, 2 * n, 6, 3, cache_dir=str(tmp_path))
     finally:
         corpus.generate_texts = real
-    assert calls == [(64, 0), (64, 64)] and b[:64] == a and len(b) == 128
-    assert real(llama_lm, 64, 6, 3, start=64) == b[64:]  # the same as sampling the second batch on its own
+    assert calls == [(n, 0), (n, n)] and b[:n] == a and len(b) == 2 * n
+    assert real(llama_lm, n, 6, 3, start=n) == b[n:]  # the same as sampling the second batch on its own

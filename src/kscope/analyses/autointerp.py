@@ -21,13 +21,12 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from kscope.analyses.common import AnalysisConfig, save_outputs, setup
+from kscope.analyses.common import AnalysisConfig, AnalysisResult, save_outputs, setup
 from kscope.config import Config, nested, option
 from kscope.model.hooks import site_activations
 from kscope.model.readout import pad_rows
 from kscope.plots import pyplot, save_figure
 from kscope.progress import make_progress
-from kscope.results import Result
 from kscope.stats import Interval, mean_ci
 from kscope.units.base import Units
 from kscope.units.corpus import build_corpus
@@ -69,15 +68,11 @@ class UnitSetIS:
 
 
 @dataclass
-class InterpretResult(Result):
+class InterpretResult(AnalysisResult):
     """Interpretability score of each fact's top neurons and top features."""
 
     kind = "interpret"
 
-    model: str
-    layer: int
-    n_facts: int
-    config: dict
     results: dict[str, UnitSetIS]
     sae: SAEInfo | None = None
 

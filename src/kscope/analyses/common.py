@@ -22,6 +22,16 @@ from kscope.units.provision import SAEInfo, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
 
 
+
+@dataclass
+class AnalysisResult(Result):
+    """What every per-unit-set analysis records first: model, layer, facts, options."""
+
+    model: str
+    layer: int
+    n_facts: int
+    config: dict
+
 @dataclass
 class AnalysisConfig(Config):
     """One layer's neurons and SAE features, the known facts, and where to write."""

@@ -16,14 +16,13 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from kscope.analyses.common import AnalysisConfig, save_outputs, setup
+from kscope.analyses.common import AnalysisConfig, AnalysisResult, save_outputs, setup
 from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
 from kscope.facts import Fact
 from kscope.model.readout import unit_activations
 from kscope.plots import pyplot, save_figure
 from kscope.progress import make_progress
-from kscope.results import Result
 from kscope.stats import Interval, mean_ci
 from kscope.units.base import Units
 from kscope.units.provision import SAEInfo
@@ -74,15 +73,11 @@ class UnitSetSeparation:
 
 
 @dataclass
-class MonosemanticityResult(Result):
+class MonosemanticityResult(AnalysisResult):
     """Related-vs-unrelated separation of each fact's top neurons and top features."""
 
     kind = "monosemanticity"
 
-    model: str
-    layer: int
-    n_facts: int
-    config: dict
     results: dict[str, UnitSetSeparation]
     sae: SAEInfo | None = None
 

@@ -58,14 +58,13 @@ class Table:
 
 
 def compare_table(res: CompareResult) -> Table:
-    t = Table(f"ΔProb, {res.n_facts} facts, {res.model}", ["layer", "op", "k", "neurons", "features"])
+    t = Table(f"ΔProb, {res.n_facts} facts, {res.model}", ["layer", "op", "k", "neurons", "random neurons", "features", "random features"])
     for L, by_kind in res.summary.items():
         n, f = by_kind.get("neuron"), by_kind.get("feature")
-        dp_n = (n.delta_prob if n else None) or {}
-        dp_f = (f.delta_prob if f else None) or {}
-        for op in dp_n or dp_f:
-            for k in (dp_n or dp_f)[op]:
-                t.rows.append([L, op, k, ci(dp_n.get(op, {}).get(k)), ci(dp_f.get(op, {}).get(k))])
+        dp = [(getattr(u, a) if u else None) or {} for u in (n, f) for a in ("delta_prob", "random_delta_prob")]
+        for op in dp[0] or dp[2]:
+            for k in (dp[0] or dp[2])[op]:
+                t.rows.append([L, op, k, *(ci(d.get(op, {}).get(k)) for d in dp)])
     return t
 
 
@@ -257,16 +256,17 @@ def plot_compare(result: CompareResult, path) -> None:
     for ax, L in zip(axes[0], layers):
         for kind, color in (("neuron", "#e6550d"), ("feature", "#3182bd")):
             s = result.summary[L].get(kind)
-            dp = (s.delta_prob if s else None) or {}
-            for op, style in (("suppress", "-"), ("enhance", "--")):
-                if op not in dp:
-                    continue
-                ks = sorted(dp[op])
-                m = [dp[op][k].mean for k in ks]
-                lo = [dp[op][k].lo if dp[op][k].lo is not None else dp[op][k].mean for k in ks]
-                hi = [dp[op][k].hi if dp[op][k].hi is not None else dp[op][k].mean for k in ks]
-                ax.plot(ks, m, style, marker="o", color=color, label=f"{kind}s, {op}")
-                ax.fill_between(ks, lo, hi, color=color, alpha=0.15)
+            for attr, marker, alpha, who in (("delta_prob", "o", 1.0, f"top {kind}s"), ("random_delta_prob", "x", 0.45, f"random {kind}s")):
+                dp = (getattr(s, attr) if s else None) or {}
+                for op, style in (("suppress", "-"), ("enhance", "--")):
+                    if op not in dp:
+                        continue
+                    ks = sorted(dp[op])
+                    m = [dp[op][k].mean for k in ks]
+                    lo = [dp[op][k].lo if dp[op][k].lo is not None else dp[op][k].mean for k in ks]
+                    hi = [dp[op][k].hi if dp[op][k].hi is not None else dp[op][k].mean for k in ks]
+                    ax.plot(ks, m, style, marker=marker, color=color, alpha=alpha, label=f"{who}, {op}")
+                    ax.fill_between(ks, lo, hi, color=color, alpha=0.15 * alpha)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("top-k units")
         ax.set_ylabel("relative ΔP(answer)")

@@ -11,7 +11,7 @@ from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, prepare_facts, resolve_targets
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
-from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
+from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob, random_delta_prob
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import fact_probs
 from kscope.model.sites import Site, check_layer
@@ -94,6 +94,7 @@ class LocatedUnits:
     top: list[UnitScore]
     p_clean: list[float]
     delta_prob: dict[str, dict[int, float]] | None = None
+    random_delta_prob: dict[str, dict[int, float]] | None = None  # the same k random units of this kind (the control)
 
 
 @dataclass
@@ -115,6 +116,7 @@ class UnitSummary:
     n_units: int
     mean_refined: float
     delta_prob: dict[str, dict[int, Interval]] | None = None
+    random_delta_prob: dict[str, dict[int, Interval]] | None = None
 
 
 @dataclass
@@ -179,6 +181,7 @@ def _study_fact(ctx: _StudyContext, fact: Fact) -> dict:
             e = LocatedUnits(att.units, att.refined, [UnitScore(*t) for t in att.top_scores(cfg.attribution.top_k)], att.p_clean)
             if measure:
                 e.delta_prob = fact_delta_prob(lm, fact, units, att.top, cfg.delta_prob, p_clean.numpy())
+                e.random_delta_prob = random_delta_prob(lm, fact, units, cfg.delta_prob, p_clean.numpy(), "compare")
             entry[units.kind] = e
         row.layers[neurons.site.layer] = entry
     return encode(row)
@@ -237,6 +240,8 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
             s = UnitSummary(units.site.name, units.n_units, sum(len(x.refined) for x in located) / len(located))
             if measure:
                 s.delta_prob = aggregate([x.delta_prob for x in located])
+                if all(x.random_delta_prob for x in located):
+                    s.random_delta_prob = aggregate([x.random_delta_prob for x in located])
             summary[L][units.kind] = s
     n_multi = sum(f.multi_token for f in facts)
     result = CompareResult(

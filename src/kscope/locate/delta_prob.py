@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +24,10 @@ class DeltaProbConfig(Config):
     ks: list[int] = option(help="Numbers of top units to intervene on.", factory=lambda: [1, 5, 10], min=1, unique=True)
     ops: list[str] = option(help="suppress (zero) and/or enhance (x2).", factory=lambda: ["suppress", "enhance"], choices=("suppress", "enhance"), label="op", unique=True)
     positions: str = option("last", "Intervene at the 'last' token (as attributed) or at 'all' tokens.", choices=("last", "all"))
+    random_draws: int = option(1, "Random unit sets of each size per fact and unit kind, measured the same way (the control); 0: none.",
+                               min=0)
+    seed: int = option(0, "Seed of the random unit sets (drawn per fact, so results do not depend on order or workers).",
+                       flag="random-seed")
 
 
 def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: DeltaProbConfig, p_clean: Sequence[float] | None = None) -> dict:
@@ -41,6 +47,17 @@ def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: Delta
             p_new, _ = fact_probs(lm.model, lm.tokenizer, fact, edits=edits, positions=cfg.positions)
             out[op][k] = float(relative_change(p_new.numpy(), np.asarray(p_clean)).mean())
     return out
+
+
+def random_delta_prob(lm, fact: Fact, units: Units, cfg: DeltaProbConfig, p_clean: Sequence[float], tag: str) -> dict | None:
+    """``fact_delta_prob`` of random units (nested sets: k units are the first k of one random draw), averaged
+    over ``cfg.random_draws`` draws seeded by the fact, the unit set and ``tag``."""
+    if cfg.random_draws == 0:
+        return None
+    rng = random.Random(f"{cfg.seed}:{fact.uid}:{units.site.name}:{tag}")
+    draws = [fact_delta_prob(lm, fact, units, rng.sample(range(units.n_units), max(cfg.ks)), cfg, p_clean)
+             for _ in range(cfg.random_draws)]
+    return {op: {k: float(np.mean([d[op][k] for d in draws])) for k in draws[0][op]} for op in draws[0]}
 
 
 def aggregate(per_fact: Sequence[dict]) -> dict:

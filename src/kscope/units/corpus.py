@@ -97,15 +97,17 @@ def hf_dataset_texts(name: str, split: str = "train", column: str = "text", limi
         raise KscopeError(f"cannot read dataset {name}: {e}") from e
 
 
-GEN_BATCH = 64
+GEN_BATCH = 256  # sequences sampled together (each batch has a seed of its own); wide batches use the CPU better
+GEN_GROUP = 64  # rows of a batch that share one opening word
 
 
 @torch.no_grad()
 def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progress: Progress | None = None) -> list[str]:
     """Sample sequences ``start .. start + n - 1`` (top-p 0.95) from the model itself: an offline activation source.
 
-    Sequences come in batches of ``GEN_BATCH`` that share a one-word opening (no padding) and a seed of their own,
-    so a longer corpus begins with a shorter one (``start`` must be a multiple of ``GEN_BATCH``).
+    Sequences come in batches of ``GEN_BATCH`` with a seed of their own, so a longer corpus begins with a shorter one
+    (``start`` must be a multiple of ``GEN_BATCH``); each ``GEN_GROUP`` rows share a one-word opening (no padding:
+    if the openings of a batch tokenize to different lengths, the batch uses its first one).
     """
     if n <= 0:
         return []
@@ -120,7 +122,10 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progr
         b = min(GEN_BATCH, start + n - i)
         k = i // GEN_BATCH
         torch.manual_seed(seed * 1_000_003 + k)
-        ids = torch.tensor([tok(starts[k % len(starts)]).input_ids] * b, device=lm.device)
+        rows = [tok(starts[(k * GEN_BATCH // GEN_GROUP + j // GEN_GROUP) % len(starts)]).input_ids for j in range(b)]
+        if len({len(r) for r in rows}) > 1:
+            rows = [rows[0]] * b
+        ids = torch.tensor(rows, device=lm.device)
         seqs = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
                                  max_new_tokens=length, pad_token_id=tok.pad_token_id)
         out.extend(tok.decode(s_, skip_special_tokens=True) for s_ in seqs)
@@ -135,7 +140,7 @@ def cached_generation(lm, n: int, length: int, seed: int, progress: Progress | N
     if n <= 0:
         return []
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "texts" / f"{model_slug(lm.name)}-{lm.fingerprint}"
-    path = root / f"gen-n{n}-len{length}-s{seed}-v2.json"
+    path = root / f"gen-n{n}-len{length}-s{seed}-v3.json"
 
     def read(p: Path) -> list[str] | None:
         try:
@@ -147,7 +152,7 @@ def cached_generation(lm, n: int, length: int, seed: int, progress: Progress | N
     if path.exists() and (texts := read(path)) is not None and len(texts) == n:
         return texts
     have: list[str] = []
-    for p in root.glob(f"gen-n*-len{length}-s{seed}-v2.json"):
+    for p in root.glob(f"gen-n*-len{length}-s{seed}-v3.json"):
         m = int(p.name.split("-n", 1)[1].split("-", 1)[0])
         if m < n and m % GEN_BATCH == 0 and m > len(have) and (texts := read(p)) is not None and len(texts) == m:
             have = texts
