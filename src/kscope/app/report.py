@@ -275,6 +275,9 @@ def plot_compare(result: CompareResult, path) -> None:
     save_figure(fig, path)
 
 
+PPL_AXIS_MAX = 10.0  # ΔPPL axis of the privacy figure ends here (+1000 %)
+
+
 def plot_privacy(result: EraseResult, path) -> None:
     """The Pareto picture: Rel and Gen against Loc and against ΔPPL, one line per method over its budgets; and
     where the located units sit, by layer."""
@@ -287,6 +290,8 @@ def plot_privacy(result: EraseResult, path) -> None:
         style = "--" if pts[0].kind == "control" else "-"
         for ax, (x, y) in zip(axes[:4], [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
             xs = [getattr(p, x) for p in pts]
+            if x == "delta_ppl":  # a brute control can multiply PPL by 1e10: draw it at the axis edge
+                xs = [None if v is None else min(v, PPL_AXIS_MAX) for v in xs]
             ys = [getattr(p, y) for p in pts]
             ax.plot([np.nan if v is None else v for v in xs], [np.nan if v is None else v for v in ys], style, marker="o",
                     color=cmap(i % 10), label=m, ms=4)
@@ -297,6 +302,8 @@ def plot_privacy(result: EraseResult, path) -> None:
         ax.set_ylim(-0.05, 1.05)
     for ax in (axes[1], axes[3]):
         ax.set_xscale("symlog", linthresh=0.05)
+        ax.set_xlim(-0.1, PPL_AXIS_MAX * 1.5)
+        ax.set_xticks([0, 0.05, 0.5, PPL_AXIS_MAX], ["0", "+5%", "+50%", f"≥+{PPL_AXIS_MAX:.0%}"])
         ax.axvline(result.target.delta_ppl, color="k", lw=0.5, ls=":")
     for ax in (axes[0], axes[2]):
         ax.axvline(result.target.loc, color="k", lw=0.5, ls=":")

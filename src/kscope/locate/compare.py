@@ -173,11 +173,13 @@ def _study_fact(ctx: _StudyContext, fact: Fact) -> dict:
     if measure:
         p_clean, _ = fact_probs(lm.model, lm.tokenizer, fact)
         row.p_clean = p_clean.tolist()
-    for neurons, feats in ctx.sets:
-        unit_sets = [u for u in (neurons, feats) if u is not None]
-        atts = attribute_fact(lm, fact, unit_sets, cfg.attribution, _ranked(cfg))
+    per_layer = [[u for u in pair if u is not None] for pair in ctx.sets]
+    flat = [u for sets in per_layer for u in sets]
+    atts = iter(attribute_fact(lm, fact, flat, cfg.attribution, _ranked(cfg)))  # every layer in one pass per prompt
+    for (neurons, _), unit_sets in zip(ctx.sets, per_layer):
         entry = {}
-        for units, att in zip(unit_sets, atts):
+        for units in unit_sets:
+            att = next(atts)
             e = LocatedUnits(att.units, att.refined, [UnitScore(*t) for t in att.top_scores(cfg.attribution.top_k)], att.p_clean)
             if measure:
                 e.delta_prob = fact_delta_prob(lm, fact, units, att.top, cfg.delta_prob, p_clean.numpy())
