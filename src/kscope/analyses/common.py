@@ -22,7 +22,6 @@ from kscope.units.provision import SAEInfo, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
 
 
-
 @dataclass
 class AnalysisResult(Result):
     """What every per-unit-set analysis records first: model, layer, facts, options."""
@@ -31,6 +30,7 @@ class AnalysisResult(Result):
     layer: int
     n_facts: int
     config: dict
+
 
 @dataclass
 class AnalysisConfig(Config):

@@ -49,11 +49,13 @@ def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: Delta
     return out
 
 
-def random_delta_prob(lm, fact: Fact, units: Units, cfg: DeltaProbConfig, p_clean: Sequence[float], tag: str) -> dict | None:
+def random_delta_prob(lm, fact: Fact, units: Units, cfg: DeltaProbConfig, p_clean: Sequence[float] | None, tag: str) -> dict | None:
     """``fact_delta_prob`` of random units (nested sets: k units are the first k of one random draw), averaged
     over ``cfg.random_draws`` draws seeded by the fact, the unit set and ``tag``."""
     if cfg.random_draws == 0:
         return None
+    if p_clean is None:  # once for all draws
+        p_clean = fact_probs(lm.model, lm.tokenizer, fact)[0].numpy()
     rng = random.Random(f"{cfg.seed}:{fact.uid}:{units.site.name}:{tag}")
     draws = [fact_delta_prob(lm, fact, units, rng.sample(range(units.n_units), max(cfg.ks)), cfg, p_clean)
              for _ in range(cfg.random_draws)]

@@ -116,13 +116,14 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progr
     tok = lm.tokenizer
     starts = ["The", "In", "A", "Many", "It", "History", "Science", "People", "Today", "When", "One", "There",
               "After", "She", "He", "We", "This", "Our", "If", "For"]
+    opening = {w: tok(w).input_ids for w in starts}
     task = progress.add_task("generating text", total=n) if progress else None
     out: list[str] = []
     for i in range(start, start + n, GEN_BATCH):
         b = min(GEN_BATCH, start + n - i)
         k = i // GEN_BATCH
         torch.manual_seed(seed * 1_000_003 + k)
-        rows = [tok(starts[(k * GEN_BATCH // GEN_GROUP + j // GEN_GROUP) % len(starts)]).input_ids for j in range(b)]
+        rows = [opening[starts[(k * GEN_BATCH // GEN_GROUP + j // GEN_GROUP) % len(starts)]] for j in range(b)]
         if len({len(r) for r in rows}) > 1:
             rows = [rows[0]] * b
         ids = torch.tensor(rows, device=lm.device)
