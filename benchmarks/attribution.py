@@ -1,17 +1,18 @@
-"""Integrated-gradients neuron attribution over all layers: kscope vs the `knowledge-neurons` library.
+"""Neuron attribution over all layers: kscope's IG and AtP vs the `knowledge-neurons` library's IG.
 
-Same randomly initialised GPT-2-small-sized model (weights do not change the cost), same facts, same
-steps and layers, same site (the library attributes GPT-2's ``c_fc`` output, kscope's ``mlp.pre``)
-and the same Riemann points (``linspace``). The library runs ``--batch-size`` steps per pass, one
-layer at a time; kscope runs all layers' steps in one pass. Each method runs in its own subprocess
-(so peak memory is its own), alternating kscope / library twice; the best time of each is used.
-Each times its facts after one untimed warm-up fact, then counts what it ran with torch's
-``FlopCounterMode`` (matmuls and attention) in a second pass, for achieved FLOP/s against this
-machine's best square-matmul FLOP/s. Also: kscope on the default SmolLM2 model (neurons over all
+Same randomly initialised GPT-2-small-sized model (weights do not change the cost), same facts and
+paraphrase prompts, same steps and layers, same site (the library attributes GPT-2's ``c_fc`` output,
+kscope's ``mlp.pre``) and the same Riemann points (``linspace``). The library runs ``--batch-size``
+steps per pass, one layer and one prompt at a time; kscope's IG runs all layers' steps in one pass per
+prompt; kscope's AtP runs a fact's prompts as one batch (one forward, one backward). Each method runs
+in its own subprocess (so peak memory is its own), alternating twice; the best time of each is used.
+Each times its facts after one untimed warm-up fact, then counts the first fact's FLOPs with torch's
+``FlopCounterMode`` (matmuls and attention), for achieved FLOP/s against this machine's best
+square-matmul FLOP/s. Also: kscope on the default SmolLM2 model (neurons over all
 layers; SAE features at layer 12 if an SAE is cached).
 
     pip install --no-deps knowledge-neurons einops   # einops comes with sae-lens already
-    python benchmarks/attribution.py --facts 4
+    python benchmarks/attribution.py --facts 4 --prompts 5
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def facts(n: int):
+def facts(n: int, prompts: int):
+    """The first ``n`` built-in facts with their first ``prompts`` paraphrases each."""
     from kscope.facts import builtin_facts
 
-    return [(f.prompts[0], f.object) for f in builtin_facts()[:n]]
+    return [(f.prompts[:prompts], f.object) for f in builtin_facts()[:n]]
 
 
 def gpt2_dir(tmp: Path, n_layer: int) -> Path:
@@ -60,13 +62,14 @@ def gpt2_dir(tmp: Path, n_layer: int) -> Path:
 
 
 def attributor(method: str, model, tok, steps: int, batch: int):
-    """``fn(prompt, obj) -> scores [n_sets, n_units]`` for one method."""
+    """``fn(prompts, obj) -> scores [n_prompts, n_sets, n_units]`` for one method (a fact's prompts)."""
     L = model.config.num_hidden_layers
     if method == "library":
         from knowledge_neurons import KnowledgeNeurons
 
         kn = KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
-        return lambda prompt, obj: kn.get_scores(prompt, " " + obj, batch_size=batch, steps=steps, pbar=False)
+        return lambda prompts, obj: torch.stack([kn.get_scores(p, " " + obj, batch_size=batch, steps=steps, pbar=False)
+                                                 for p in prompts])
 
     from kscope.facts import answer_token
     from kscope.locate.attribution import attribution_patching, integrated_gradients_many
@@ -74,7 +77,7 @@ def attributor(method: str, model, tok, steps: int, batch: int):
     from kscope.model.sites import Site, site_dim
     from kscope.units.base import NeuronUnits
 
-    kind = "mlp.pre" if method in ("kscope", "kscope-atp") else "mlp.neurons"
+    kind = "mlp.pre" if method in ("kscope", "kscope-atp", "kscope-atp-mid") else "mlp.neurons"
     unit_sets = [NeuronUnits(Site(l, kind), site_dim(model, Site(l, kind))) for l in range(L)]
     if method == "kscope-features":
         from kscope.model.loading import wrap
@@ -87,18 +90,22 @@ def attributor(method: str, model, tok, steps: int, batch: int):
         unit_sets = [feature_units(model, load_sae(str(d)))]
     rule = "linspace" if method == "kscope" else "right"
 
-    def fn(prompt, obj):
+    def fn(prompts, obj):
         target, _ = answer_token(tok, obj)
-        runner = PrefixRunner(model, tok(prompt).input_ids)
-        if method.endswith("atp") or method == "kscope-atp-neurons":
-            return torch.stack([s for s, _ in attribution_patching(runner, unit_sets, target)])
-        return torch.stack([r[0] for r in integrated_gradients_many(runner, unit_sets, target, steps, rule)])
+        ids = [tok(p).input_ids for p in prompts]
+        if method.endswith("atp") or method == "kscope-atp-neurons":  # one batched pass for the fact's prompts
+            return torch.stack([s for s, _ in attribution_patching(model, ids, unit_sets, target)], 1)
+        if "atp-mid" in method:  # IG with one midpoint step: one forward and one backward per prompt
+            return torch.stack([torch.stack([r[0] for r in integrated_gradients_many(PrefixRunner(model, i), unit_sets, target, 1, "midpoint")])
+                                for i in ids])
+        return torch.stack([torch.stack([r[0] for r in integrated_gradients_many(PrefixRunner(model, i), unit_sets, target, steps, rule)])
+                            for i in ids])
 
     return fn
 
 
-def worker(method: str, model_dir: str, n_facts: int, steps: int, batch: int) -> dict:
-    """Time ``method`` on ``n_facts`` facts after one untimed warm-up fact; then count its FLOPs in a second pass."""
+def worker(method: str, model_dir: str, n_facts: int, n_prompts: int, steps: int, batch: int) -> dict:
+    """Time ``method`` on ``n_facts`` facts after one untimed warm-up fact; then count its FLOPs on the first fact."""
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,7 +113,7 @@ def worker(method: str, model_dir: str, n_facts: int, steps: int, batch: int) ->
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     model.requires_grad_(False)
-    fs = facts(n_facts)
+    fs = facts(n_facts, n_prompts)
     attribute = attributor(method, model, tok, steps, batch)
     base_rss = rss_mb()
     attribute(*fs[0])
@@ -114,11 +121,11 @@ def worker(method: str, model_dir: str, n_facts: int, steps: int, batch: int) ->
     first_scores = [attribute(*f) for f in fs][0]
     secs = time.perf_counter() - t0
     peak = rss_mb()
-    with FlopCounterMode(display=False) as counter:
-        for f in fs:
-            attribute(*f)
-    return {"method": method, "seconds": secs, "facts_per_s": len(fs) / secs, "peak_rss_mb": peak,
-            "model_rss_mb": base_rss, "flops": counter.get_total_flops(), "first_scores": first_scores.flatten().tolist()}
+    with FlopCounterMode(display=False) as counter:  # the first fact's prompts: FLOPs barely vary between facts
+        attribute(*fs[0])
+    return {"method": method, "seconds": secs, "facts_per_s": len(fs) / secs, "prompts_per_s": sum(len(p) for p, _ in fs) / secs,
+            "peak_rss_mb": peak,
+            "model_rss_mb": base_rss, "flops_per_prompt": counter.get_total_flops() / len(fs[0][0]), "first_scores": first_scores.flatten().tolist()}
 
 
 def matmul_flops(sizes=(1024, 2048, 4096), reps: int = 5) -> float:
@@ -135,7 +142,7 @@ def matmul_flops(sizes=(1024, 2048, 4096), reps: int = 5) -> float:
 
 
 def run(method: str, model_dir: Path, args) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", method, "--model-dir", str(model_dir), "--facts", str(args.facts),
+    cmd = [sys.executable, str(HERE), "--worker", method, "--model-dir", str(model_dir), "--facts", str(args.facts), "--prompts", str(args.prompts),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -146,6 +153,7 @@ def run(method: str, model_dir: Path, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=5, help="paraphrases per fact (the built-in facts have 5)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=20, help="the library's IG steps per pass")
     ap.add_argument("--layers", type=int, default=12, help="GPT-2 layers")
@@ -154,7 +162,7 @@ def main() -> None:
     ap.add_argument("--model-dir")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model_dir, args.facts, args.steps, args.batch_size)))
+        print(json.dumps(worker(args.worker, args.model_dir, args.facts, args.prompts, args.steps, args.batch_size)))
         return
     from scipy.stats import spearmanr
 
@@ -163,38 +171,40 @@ def main() -> None:
     peak = matmul_flops()
     with tempfile.TemporaryDirectory() as tmp:
         mdir = gpt2_dir(Path(tmp), args.layers)
-        res: dict[str, list] = {"kscope": [], "library": [], "kscope-atp": []}
+        res: dict[str, list] = {"kscope": [], "library": [], "kscope-atp": [], "kscope-atp-mid": []}
         for _ in range(args.rounds):
-            for m in ("kscope", "library", "kscope-atp"):
+            for m in res:
                 res[m].append(run(m, mdir, args))
     best = {m: min(r, key=lambda x: x["seconds"]) for m, r in res.items()}
-    k, lib, atp = best["kscope"], best["library"], best["kscope-atp"]
+    k, lib, atp, mid = best["kscope"], best["library"], best["kscope-atp"], best["kscope-atp-mid"]
     rho = spearmanr(k["first_scores"], lib["first_scores"]).statistic
     rho_atp = spearmanr(atp["first_scores"], lib["first_scores"]).statistic
+    rho_mid = spearmanr(mid["first_scores"], lib["first_scores"]).statistic
     smol = resolve_model_path("smollm2")
     s_n = run("kscope-neurons", Path(smol), args)
     s_a = run("kscope-atp-neurons", Path(smol), args)
+    s_m = run("kscope-atp-mid-neurons", Path(smol), args)
     try:
         s_f = run("kscope-features", Path(smol), args)
     except SystemExit as e:
-        s_f = {"facts_per_s": float("nan"), "peak_rss_mb": float("nan"), "note": str(e)[:200]}
-    print(f"IG neuron attribution, all {args.layers} layers of a random GPT-2 (d=768), {args.facts} facts, "
-          f"{args.steps} steps, library batch {args.batch_size} (kscope: all layers' steps in one pass), {torch.get_num_threads()} threads")
-    print(f"  kscope   : {k['facts_per_s']:.3f} facts/s  ({k['seconds']:.1f} s)  peak RSS {k['peak_rss_mb']:.0f} MB (model loaded: {k['model_rss_mb']:.0f} MB)")
-    print(f"  library  : {lib['facts_per_s']:.3f} facts/s  ({lib['seconds']:.1f} s)  peak RSS {lib['peak_rss_mb']:.0f} MB (model loaded: {lib['model_rss_mb']:.0f} MB)")
-    print(f"  speed-up : {k['facts_per_s'] / lib['facts_per_s']:.2f}x   score rank correlation (first fact, all layers): {rho:.4f}")
-    print(f"  AtP      : {atp['facts_per_s']:.3f} facts/s  ({atp['seconds']:.2f} s)  peak RSS {atp['peak_rss_mb']:.0f} MB; "
-          f"{atp['facts_per_s'] / lib['facts_per_s']:.0f}x the library's IG; rank correlation with IG scores {rho_atp:.4f}")
-    for name, r in (("kscope", k), ("library", lib), ("AtP", atp)):
-        rate = r["flops"] / r["seconds"]
-        print(f"  {name:8} : {r['flops'] / args.facts / 1e9:6.1f} GFLOP/fact at {rate / 1e9:5.1f} GFLOP/s = {100 * rate / peak:.0f}% of this machine's "
-              f"torch matmul {peak / 1e9:.1f} GFLOP/s")
-    print(f"SmolLM2-135M: neurons, all 30 layers: IG {s_n['facts_per_s']:.3f} facts/s, {s_n['flops'] / args.facts / 1e9:.1f} GFLOP/fact "
-          f"({s_n['flops'] / s_n['seconds'] / peak:.0%} of matmul peak, peak RSS {s_n['peak_rss_mb']:.0f} MB), "
-          f"AtP {s_a['facts_per_s']:.2f} facts/s, {s_a['flops'] / args.facts / 1e9:.2f} GFLOP/fact ({s_a['facts_per_s'] / s_n['facts_per_s']:.0f}x, "
-          f"peak RSS {s_a['peak_rss_mb']:.0f} MB); "
-          f"SAE features at layer 12: {s_f['facts_per_s']:.3f} facts/s" + (f" ({s_f['note']})" if "note" in s_f else ""))
-
+        s_f = {"prompts_per_s": float("nan"), "peak_rss_mb": float("nan"), "note": str(e)[:200]}
+    print(f"Neuron attribution, all {args.layers} layers of a random GPT-2 (d=768), {args.facts} facts x {args.prompts} prompts, "
+          f"IG {args.steps} steps, library batch {args.batch_size} (kscope IG: all layers' steps in one pass; AtP: a fact's prompts "
+          f"in one pass), {torch.get_num_threads()} threads")
+    for name, r in (("kscope IG", k), ("library", lib), ("kscope AtP", atp), ("atp-mid", mid)):
+        rate = r["flops_per_prompt"] * r["prompts_per_s"]
+        print(f"  {name:10} : {r['prompts_per_s']:7.3f} prompts/s ({r['seconds']:6.2f} s)  {r['prompts_per_s'] / lib['prompts_per_s']:6.1f}x the library  "
+              f"{r['flops_per_prompt'] / 1e9:6.1f} GFLOP/prompt at {rate / 1e9:5.1f} GFLOP/s = {100 * rate / peak:3.0f}% of matmul peak "
+              f"{peak / 1e9:.0f} GFLOP/s  peak RSS {r['peak_rss_mb']:.0f} MB (model loaded {r['model_rss_mb']:.0f} MB)")
+    print(f"  score rank correlation with the library (first fact, all layers): kscope IG {rho:.4f}, AtP {rho_atp:.4f}, "
+          f"atp-mid {rho_mid:.4f}")
+    print(f"SmolLM2-135M, neurons of all 30 layers: IG {s_n['prompts_per_s']:.3f} prompts/s, {s_n['flops_per_prompt'] / 1e9:.1f} GFLOP/prompt "
+          f"({s_n['flops_per_prompt'] * s_n['prompts_per_s'] / peak:.0%} of matmul peak, peak RSS {s_n['peak_rss_mb']:.0f} MB); "
+          f"AtP {s_a['prompts_per_s']:.2f} prompts/s, {s_a['flops_per_prompt'] / 1e9:.2f} GFLOP/prompt "
+          f"({s_a['prompts_per_s'] / s_n['prompts_per_s']:.0f}x IG, peak RSS {s_a['peak_rss_mb']:.0f} MB); "
+          f"atp-mid {s_m['prompts_per_s']:.2f} prompts/s, {s_m['flops_per_prompt'] / 1e9:.2f} GFLOP/prompt "
+          f"({s_m['prompts_per_s'] / s_n['prompts_per_s']:.0f}x IG); "
+          f"SAE features at layer 12 (IG): {s_f['prompts_per_s']:.3f} prompts/s" + (f" ({s_f['note']})" if "note" in s_f else ""))
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """End-to-end CLI on a tiny model saved to disk (loaded by local path, like any HF model)."""
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -144,6 +145,7 @@ def test_analysis_commands_succeed(model_dir, fact_file, tiny_sae, tmp_path, cmd
 
 
 def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
+    cwd = os.getcwd()
     out = tmp_path / "report"
     args = ["reproduce", "--model", str(model_dir), "--layer", "1", "--out", str(out), "--known-top-k", "100",
             "--min-known-prompts", "1", "--sae-tokens", "400", "--generate", "40", "--gen-len", "16", "--sae-expansion", "2",
@@ -158,6 +160,12 @@ def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "done, resumed" in r.output
     assert (out / "compare.json").stat().st_mtime_ns == stamp
+    os.chdir(tmp_path)  # the same directory spelled relatively is the same run
+    try:
+        r = runner.invoke(app, [a if a != str(out) else "report" for a in args])
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0 and "options changed" not in r.output and (out / "compare.json").stat().st_mtime_ns == stamp
     r = runner.invoke(app, ["reproduce", "--model", str(model_dir), "--out", str(out), "--stages", "everything"])
     assert r.exit_code == 2 and "unknown stage" in r.output
     # Other facts: compare runs again (it is not reused under the new options), and so do the stages that read it.

@@ -199,10 +199,16 @@ def test_atp_equals_ig_with_one_step_and_autograd_grad_times_activation(lm, whol
     runner, obj = _whole(lm, start=1) if whole else (PrefixRunner(lm.model, lm.tokenizer("the capital of france is").input_ids),
                                                      lm.tokenizer(" paris", add_special_tokens=False).input_ids[0])
     sets = [NeuronUnits(Site(layer, kind), site_dim(lm.model, Site(layer, kind))) for layer in (0, 2) for kind in ("mlp.neurons", "mlp.out")]
-    atp = attribution_patching(runner, sets, obj)
+    # One right-padded batch: a shorter and a longer prompt around the one checked against IG and autograd.
+    others = [lm.tokenizer(p).input_ids for p in ("paris is in", "the capital of france is a city whose name is")]
+    batch = attribution_patching(lm.model, [others[0], lm.tokenizer("the capital of france is").input_ids, others[1]], sets, obj)
+    atp = [(sc[1], float(v[1])) for sc, v in batch]
     ig1 = integrated_gradients_many(runner, sets, obj, steps=1)
     for (a, f), (s, f1, _) in zip(atp, ig1):
         assert torch.allclose(a, s, atol=1e-6, rtol=1e-4) and abs(f - f1) < 1e-5
+    alone = attribution_patching(lm.model, [others[1]], sets, obj)
+    for (sb, vb), (sa, va) in zip(batch, alone):  # padding after a row changes nothing in it
+        assert torch.allclose(sb[2], sa[0], atol=1e-6, rtol=1e-4) and abs(float(vb[2] - va[0])) < 1e-5
     # Plain autograd on one full forward: grad of the objective w.r.t. each site's activation, times it, summed
     # over the positions from the prompt's last token on.
     from kscope.locate.objectives import Objective
@@ -241,6 +247,20 @@ def test_atp_is_exact_on_a_linear_toy():
     assert torch.allclose(one, u * w, atol=1e-6) and torch.allclose(many, one, atol=1e-6)
 
 
+def test_midpoint_step_is_exact_on_a_quadratic_where_the_endpoint_is_not():
+    """f quadratic: its gradient is linear along the path, so one midpoint step (atp-mid) is IG exactly; AtP is not."""
+    from kscope.locate.attribution import riemann_ig
+
+    torch.manual_seed(0)
+    u, A, w = torch.rand(6), torch.randn(6, 6), torch.randn(6)
+    f = lambda x: 0.5 * ((x @ A) * x).sum(-1) + x @ w  # noqa: E731
+    exact, _ = riemann_ig(u, f, steps=400, batch_size=401)
+    mid, _ = riemann_ig(u, f, steps=1, batch_size=2, rule="midpoint")
+    end, _ = riemann_ig(u, f, steps=1, batch_size=2)
+    assert torch.allclose(mid, exact, atol=1e-3) and not torch.allclose(end, exact, atol=1e-2)
+    assert abs(float(mid.sum()) - float(f(u[None]) - f(torch.zeros(1, 6)))) < 1e-4  # complete
+
+
 def _planted(llama_lm):
     """Neuron j of layer 1 alone writes the answer: its output weights are the answer's unembedding, scaled up."""
     import copy
@@ -260,7 +280,7 @@ def _planted(llama_lm):
     return lm, ids, target, j
 
 
-@pytest.mark.parametrize("method", ["ig", "atp", "atp-ig"])
+@pytest.mark.parametrize("method", ["ig", "atp", "atp-mid", "atp-ig"])
 def test_every_method_ranks_a_planted_unit_first(llama_lm, method):
     from kscope.locate.attribution import prompt_scores
 

@@ -81,3 +81,39 @@ def test_unknown_layer_and_kind_are_clear_errors(lm):
     assert Site.parse("3/mlp.neurons") == Site(3, "mlp.neurons")
     with pytest.raises(KscopeError):
         Site.parse("layer three")
+
+
+def _forwards(lm):
+    """Plain, padded-batch and KV-cached forwards, as the privacy observer makes them."""
+    from kscope.model.prefix import continuation_nlls
+
+    ids = _ids(lm)
+    rows = [lm.tokenizer(t).input_ids for t in ("the capital of france is paris", "the capital of france is rome",
+                                                  "the capital of france is a city")]
+    return lm.model(ids).logits, torch.tensor(continuation_nlls(lm.model, ids.shape[1], rows))
+
+
+def test_block_replay_repeats_forwards_from_a_middle_block(lm):
+    from kscope.model.hooks import BlockReplay, ReplayMismatch
+
+    replay = BlockReplay(lm.model, 1)
+    with replay.recording():
+        logits, nlls = _forwards(lm)
+    n_layers = lm.model.config.num_hidden_layers
+    with replay.replaying():
+        assert lm.model.config.num_hidden_layers == n_layers - 1
+        r_logits, r_nlls = _forwards(lm)
+    assert lm.model.config.num_hidden_layers == n_layers and len(replay.states) > 1
+    assert torch.allclose(r_logits, logits, atol=1e-5) and torch.allclose(r_nlls, nlls, atol=1e-5)
+    # An edit at or above the start block acts as in a full forward; the recorded states stay the unedited ones.
+    edit = {Site(1, "mlp.out"): lambda x: 3 * x}
+    with hooked(lm.model, edit):
+        e_logits, e_nlls = _forwards(lm)
+        with replay.replaying():
+            re_logits, re_nlls = _forwards(lm)
+    assert not torch.allclose(e_logits, logits, atol=1e-3)
+    assert torch.allclose(re_logits, e_logits, atol=1e-5) and torch.allclose(re_nlls, e_nlls, atol=1e-5)
+    # Forwards that differ from the recording are refused, and the model is whole again afterwards.
+    with pytest.raises(ReplayMismatch), replay.replaying():
+        lm.model(_ids(lm, "paris"))
+    assert torch.allclose(lm.model(_ids(lm)).logits, logits, atol=1e-6)

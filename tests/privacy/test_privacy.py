@@ -234,3 +234,21 @@ def test_teacher_forced_match_equals_greedy_generation(llama_lm):
         assert greedy_matches(lm, [prompt], " ".join(words)) == [True]
         wrong = words[:-1] + [next(w for w in ("paris", "berlin") if w != words[-1])]
         assert greedy_matches(lm, [prompt, prompt], " ".join(wrong)) == [False, False]
+
+
+def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_model):
+    """Observations of edits at blocks >= 1 replayed from block 1 equal full forwards; an edit below falls back."""
+    from kscope.model.loading import load_model
+    from kscope.privacy.erase import Observer, _objective_facts
+
+    _, out, _ = privacy_model
+    lm = load_model(model=str(out))
+    facts = _objective_facts(read_manifest(out).private_facts(), lm.tokenizer, "distinct")
+    obs = Observer(lm, facts[:6], facts[6:], facts[6:8], CORPUS[:3], 5, replay_from=1)
+    base = obs.baseline()
+    assert obs.replay_ok and len(obs.replay.states) >= 3
+    for layer in (1, 2, 0):
+        units = [(layer, n) for n in range(down_proj_weight(lm.model, layer).shape[1])]
+        with WeightEdit("zero", zero_columns(lm.model, units)).applied(lm.model):
+            fast, full = obs.observe(lowest_edited=layer), obs._observe()
+        assert fast == full and fast != base

@@ -148,6 +148,7 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
     from kscope import __version__
 
     cfg.validate()
+    cfg = replace(cfg, out=str(Path(cfg.out).resolve()))  # one spelling per directory, so fingerprints match across spellings
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = _files(cfg)

@@ -30,7 +30,7 @@ from kscope.model.sites import n_layers
 from kscope.units.base import Units
 
 
-METHODS = ("ig", "atp", "atp-ig")
+METHODS = ("ig", "atp", "atp-mid", "atp-ig")
 
 
 @dataclass
@@ -38,8 +38,10 @@ class AttributionConfig(Config):
     """How units are scored: integrated gradients, attribution patching, or AtP shortlisting checked by IG."""
 
     method: str = option("ig", "ig: integrated gradients (steps passes); atp: attribution patching, gradient x activation from one "
-                               "forward and one backward (baseline 0, as IG); atp-ig: AtP shortlists the --shortlist best units of "
-                               "each unit set and IG, moving only those along its path, scores them (the rest score 0).",
+                               "forward and one backward (baseline 0, as IG); atp-mid: the gradient taken halfway along IG's path "
+                               "(IG with one midpoint step: one forward and one backward, two rows per layer); atp-ig: AtP shortlists "
+                               "the --shortlist best units of each unit set and IG, moving only those along its path, scores them "
+                               "(the rest score 0).",
                          choices=METHODS, label="attribution method")
     steps: int = option(20, "IG steps m (Riemann sum).", min=1)
     shortlist: int = option(50, "atp-ig: units per unit set that AtP passes on to IG.", min=1)
@@ -98,12 +100,15 @@ def ig_alphas(steps: int, rule: str = "right") -> tuple[torch.Tensor, int]:
     """Points to evaluate and the index the Riemann sum starts at (point 0 is always alpha = 0).
 
     ``right``: ``0, 1/m, ..., 1`` summing ``k = 1..m`` (Dai et al.); ``linspace``: ``m`` points
-    ``linspace(0, 1, m)`` all summed, as the EleutherAI ``knowledge-neurons`` library does.
+    ``linspace(0, 1, m)`` all summed, as the EleutherAI ``knowledge-neurons`` library does; ``midpoint``:
+    ``(k - 1/2)/m`` summing ``k = 1..m`` (with ``m = 1``: the gradient halfway along the path, ``atp-mid``).
     """
     if rule == "right":
         return torch.arange(0, steps + 1) / steps, 1
     if rule == "linspace":
         return torch.linspace(0, 1, steps), 0
+    if rule == "midpoint":
+        return torch.cat([torch.zeros(1), (torch.arange(steps) + 0.5) / steps]), 1
     raise ValueError(f"unknown IG rule {rule!r}")
 
 
@@ -282,23 +287,43 @@ def rank_units(scores: torch.Tensor, refined: Sequence[int], k: int) -> list[int
     return (first + rest)[:k]
 
 
-def attribution_patching(runner: PrefixRunner, unit_sets: Sequence[Units], target: int | Objective) -> list[tuple[torch.Tensor, float]]:
+def attribution_patching(model, prompts: Sequence[Sequence[int]], unit_sets: Sequence[Units], target: int | Objective,
+                         max_rows: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """AtP (Nanda 2023; Kramár et al. 2024): ``score_i = sum_positions grad_i(x) * (u_i - 0)`` for every unit of
-    every set from one forward and one backward, all layers at once; plus the objective ``f(x)``.
-    Equals IG with one (right-endpoint) step."""
+    every set, all layers at once; equals IG with one (right-endpoint) step.
+
+    ``prompts``: token ids of prompts that share ``target``. They run ``max_rows`` at a time as one right-padded
+    batch (a causal model never attends to the padding after a row's tokens), one forward and one backward
+    per batch, so the weights are read twice per batch rather than per prompt. Positions scored: each
+    prompt's last token and the answer's teacher-forced continuation, as in IG.
+    Returns per set ``(scores [n_prompts, n_units], objective [n_prompts])``."""
     obj = as_objective(target)
-    model = runner.model
     head = plain_head(model)
-    edits, leaves = gradient_taps(unit_sets)
-    with torch.enable_grad(), hooked(model, edits):
-        if head is not None:
-            h = runner.grown([], head=False, continuation=obj.continuation)
-            value, dh = obj.value_grad(head, h, head_logits)
-            grads = torch.autograd.grad(h, [leaves[j] for j in range(len(unit_sets))], dh)
-        else:
-            value = obj.value(runner.grown([], continuation=obj.continuation))
-            grads = torch.autograd.grad(value.sum(), [leaves[j] for j in range(len(unit_sets))])
-    return [((leaves[j][0].float() * g[0].float()).sum(0).detach(), float(value[0])) for j, g in enumerate(grads)]
+    device = next(model.parameters()).device
+    out: list[tuple[list, list]] = [([], []) for _ in unit_sets]
+    for a in range(0, len(prompts), max_rows):
+        rows = [list(p) + obj.continuation for p in prompts[a : a + max_rows]]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        first = torch.tensor([len(p) - 1 for p in prompts[a : a + max_rows]], device=device)
+        pos = first[:, None] + torch.arange(obj.length, device=device)  # [rows, length]
+        edits, leaves = gradient_taps(unit_sets, pos)
+        with torch.enable_grad(), hooked(model, edits):
+            if head is not None:
+                h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+                h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+                value, dh = obj.value_grad(head, h, head_logits)
+                grads = torch.autograd.grad(h, [leaves[j] for j in range(len(unit_sets))], dh)
+            else:
+                logits = model(input_ids=ids, use_cache=False).logits
+                value = obj.value(logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])))
+                grads = torch.autograd.grad(value.sum(), [leaves[j] for j in range(len(unit_sets))])
+        for j, g in enumerate(grads):
+            out[j][0].append((leaves[j].float() * g.float()).sum(1).detach())
+            out[j][1].append(value.detach().float())
+    return [(torch.cat(s), torch.cat(v)) for s, v in out]
 
 
 def rows_for_memory(model, obj: Objective, max_memory_mb: float) -> int:
@@ -317,28 +342,32 @@ def prompt_scores(lm, prompts: Sequence[str], target: int | Objective, unit_sets
                   max_rows: int = 1024, method: str = "ig", shortlist: int = 50,
                   max_memory: float | None = None) -> tuple[list[torch.Tensor], list[float]]:
     """Scores ``[n_prompts, n_units]`` per unit set (one prefix run and shared passes per prompt), and the
-    objective (``P(answer)`` by default) per prompt. ``method``: ``ig``, ``atp`` or ``atp-ig``."""
+    objective (``P(answer)`` by default) per prompt. ``method``: one of ``METHODS``."""
     per_set: list[list[torch.Tensor]] = [[] for _ in unit_sets]
     p_clean: list[float] = []
     obj = as_objective(target)
     if max_memory is not None:
         max_rows = min(max_rows, rows_for_memory(lm.model, obj, max_memory))
-    for prompt in prompts:
-        runner = PrefixRunner(lm.model, lm.tokenizer(prompt).input_ids)
-        if method == "atp":
-            results = [(sc, f, float("nan")) for sc, f in attribution_patching(runner, unit_sets, obj)]
-        elif method == "atp-ig":
-            atp = attribution_patching(runner, unit_sets, obj)
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}")
+    ids = [lm.tokenizer(p).input_ids for p in prompts]
+    if method == "atp":
+        atp = attribution_patching(lm.model, ids, unit_sets, obj)
+        return [sc.cpu() for sc, _ in atp], [float(v) for v in atp[0][1]]
+    atp = attribution_patching(lm.model, ids, unit_sets, obj) if method == "atp-ig" else None
+    for i, prompt_ids in enumerate(ids):
+        runner = PrefixRunner(lm.model, prompt_ids)
+        masks = None
+        if atp is not None:
             masks = []
             for sc, _ in atp:
-                m = torch.zeros(sc.shape[0], dtype=torch.bool)
-                m[sc.topk(min(shortlist, sc.shape[0])).indices.cpu()] = True
+                m = torch.zeros(sc.shape[1], dtype=torch.bool)
+                m[sc[i].topk(min(shortlist, sc.shape[1])).indices.cpu()] = True
                 masks.append(m)
-            results = integrated_gradients_many(runner, unit_sets, obj, steps, max_rows=max_rows, masks=masks)
-        elif method == "ig":
-            results = integrated_gradients_many(runner, unit_sets, obj, steps, max_rows=max_rows)
+        if method == "atp-mid":
+            results = integrated_gradients_many(runner, unit_sets, obj, 1, "midpoint", max_rows=max_rows)
         else:
-            raise ValueError(f"unknown attribution method {method!r}")
+            results = integrated_gradients_many(runner, unit_sets, obj, steps, max_rows=max_rows, masks=masks)
         for j, (sc, _, _) in enumerate(results):
             per_set[j].append(sc.cpu())
         p_clean.append(results[0][1])
@@ -358,11 +387,12 @@ def attribute_fact(lm, fact: Fact, unit_sets: Sequence[Units], cfg: AttributionC
     return out
 
 
-def gradient_taps(unit_sets: Sequence[Units]) -> tuple[dict, dict[int, torch.Tensor]]:
+def gradient_taps(unit_sets: Sequence[Units], positions: torch.Tensor | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
     """Site edits that leave every activation unchanged but expose each unit set's activations as a leaf
     tensor ``u``: the site output becomes ``x + decode(u) - decode(u).detach()``, so ``d loss / d u`` is
     the exact gradient at that site (through every later layer) and nothing upstream changes.
-    Returns ``(edits, leaves)``; ``leaves[j]`` (``[batch, seq, n_units]``) fills at each forward."""
+    ``positions`` (``[batch, p]``): tap only these positions of each row; ``None``: every position.
+    Returns ``(edits, leaves)``; ``leaves[j]`` (``[batch, seq or p, n_units]``) fills at each forward."""
     leaves: dict[int, torch.Tensor] = {}
     by_site: dict = {}
     for j, u in enumerate(unit_sets):
@@ -371,11 +401,14 @@ def gradient_taps(unit_sets: Sequence[Units]) -> tuple[dict, dict[int, torch.Ten
     def make(taps):
         def edit(x):
             out = x
+            idx = None if positions is None else positions.to(x.device)[..., None].expand(-1, -1, x.shape[-1])
+            xs = x.detach() if idx is None else x.detach().gather(1, idx)
             for j, units in taps:
-                u = units.encode(x.detach()).detach().requires_grad_(True)
+                u = units.encode(xs).detach().requires_grad_(True)
                 leaves[j] = u
                 rec = units.decode(u)
-                out = out + (rec - rec.detach()).to(x.dtype)
+                delta = (rec - rec.detach()).to(x.dtype)
+                out = out + delta if idx is None else out.scatter_add(1, idx, delta)
             return out
 
         return edit

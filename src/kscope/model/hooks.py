@@ -148,3 +148,75 @@ def site_activations(
             handle.remove()
         out = {s: cap[s].detach() for s in sites}
     return out
+
+
+class ReplayMismatch(RuntimeError):
+    """A replayed forward did not match the recorded sequence (count or shape)."""
+
+
+class BlockReplay:
+    """Repeated forwards that start at block ``start``.
+
+    ``recording()``: each forward stores the hidden states entering block ``start``. ``replaying()``: the
+    blocks below ``start`` are taken out of the model (their layer indices, the config's layer count
+    and layer types follow, so KV caches fit), and the k-th forward's block ``start`` gets the k-th
+    stored states. Valid only while nothing below ``start`` changes and the forwards repeat in order
+    with the same shapes (a mismatch raises ``ReplayMismatch``); callers check one replay against its
+    recording before trusting it.
+    """
+
+    def __init__(self, model: nn.Module, start: int):
+        self.model, self.start = model, start
+        self.states: list[torch.Tensor] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self.states = []
+
+        def pre(_mod, args, kwargs):
+            self.states.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        handle = decoder_layers(self.model)[self.start].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        layers = decoder_layers(self.model)
+        parent, name = next((m, n) for m in self.model.modules() for n, c in m.named_children() if c is layers)
+        kept = list(layers)[self.start :]
+        indexed = [(m, m.layer_idx) for block in kept for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        cfg = self.model.config
+        n_cfg, types = cfg.num_hidden_layers, getattr(cfg, "layer_types", None)
+        k = 0
+
+        def pre(_mod, args, kwargs):
+            nonlocal k
+            h = args[0] if args else kwargs["hidden_states"]
+            if k >= len(self.states) or self.states[k].shape != h.shape:
+                raise ReplayMismatch(f"forward {k}: nothing recorded of shape {tuple(h.shape)}")
+            s = self.states[k].to(h.dtype)
+            k += 1
+            return ((s, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": s})
+
+        handle = kept[0].register_forward_pre_hook(pre, with_kwargs=True)
+        setattr(parent, name, nn.ModuleList(kept))
+        for m, i in indexed:
+            m.layer_idx = i - self.start
+        cfg.num_hidden_layers = n_cfg - self.start
+        if isinstance(types, list):
+            cfg.layer_types = types[self.start :]
+        try:
+            yield
+            if k != len(self.states):
+                raise ReplayMismatch(f"{k} forwards replayed, {len(self.states)} recorded")
+        finally:
+            handle.remove()
+            setattr(parent, name, layers)
+            for m, i in indexed:
+                m.layer_idx = i
+            cfg.num_hidden_layers = n_cfg
+            if isinstance(types, list):
+                cfg.layer_types = types

@@ -25,9 +25,9 @@ from kscope.config import Config, nested, option, parse_layers, require
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
 from kscope.io import check_writable
-from kscope.locate.attribution import gradient_taps, prompt_scores
+from kscope.locate.attribution import METHODS as ATTRIBUTION_METHODS, gradient_taps, plain_head, prompt_scores
 from kscope.locate.objectives import fact_objective
-from kscope.model.hooks import hooked
+from kscope.model.hooks import BlockReplay, ReplayMismatch, hooked
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.prefix import continuation_nlls
 from kscope.model.sites import Site, down_proj_weight, n_layers
@@ -79,8 +79,8 @@ class EraseConfig(Config):
                                          "(|grad x activation| of the LM loss on corpus training text). Empty: raw scores.",
                                     factory=lambda: ["format", "generic"], choices=("format", "generic"), label="specificity",
                                     unique=True)
-    locate_method: str = option("ig", "How units are scored: ig, atp (one forward and backward per prompt) or atp-ig.",
-                         choices=("ig", "atp", "atp-ig"), label="attribution method")
+    locate_method: str = option("ig", "How units are scored: ig, atp (one forward and backward per prompt), atp-mid (its gradient "
+                                      "halfway along IG's path) or atp-ig.", choices=ATTRIBUTION_METHODS, label="attribution method")
     steps: int = option(5, "IG steps.", min=1)
     depn_threshold: float = option(0.1, "DEPN: per-prompt selection at >= t x max score.", min=0.0, max=1.0)
     tau: float = option(0.5, "FeatureEdit (paper variant): zero the entries with |d dᵀ W| >= tau x max.", min=0.0, max=1.0)
@@ -198,6 +198,7 @@ class EraseResult(Result):
     sae_fit: list[SAEFit] = field(default_factory=list)
     located: dict[str, dict[int, int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    replay_from: int = 0  # observations of edits at blocks >= this ran from it (0: every forward ran in full)
 
     def best(self, method: str) -> ErasurePoint | None:
         """The method's point with the highest Rel + Gen among those with Loc >= 0.9 and ΔPPL <= 5 %, else its highest-Rel point."""
@@ -220,11 +221,18 @@ class _Obs:
 
 
 class Observer:
-    """What every editor is judged on, tokenised once and measured in batched teacher-forced passes."""
+    """What every editor is judged on, tokenised once and measured in batched teacher-forced passes.
+
+    ``replay_from``: edits never touch the blocks below this one, so after ``baseline()`` has recorded the
+    hidden states entering it (and checked that a replay reproduces the baseline exactly), observations
+    of edits at or above it run only the blocks from it on."""
 
     def __init__(self, lm, erase: Sequence[Fact], keep: Sequence[Fact], unrelated: Sequence[Fact], ppl_texts: Sequence[str],
-                 n_candidates: int):
+                 n_candidates: int, replay_from: int = 0):
         self.lm = lm
+        self.replay = BlockReplay(lm.model, replay_from) if replay_from > 0 else None
+        self.replay_ok = False
+        plain_head(lm.model)  # its one-time check runs a forward: not in the recording
         self.groups: list[tuple[str, list[list[tuple[str, str]]]]] = [
             ("rel", [[(p, f.object) for p in f.prompts] for f in erase]),
             ("gen", [[(p, f.object) for p in f.heldout_prompts] for f in erase]),
@@ -242,8 +250,28 @@ class Observer:
             n_prompt = len(lm.tokenizer(prompt).input_ids)
             self.cands.append((n_prompt, [lm.tokenizer(prompt + " " + c).input_ids for c in cs], cs.index(f.object), f.relation))
 
+    def baseline(self) -> _Obs:
+        """The unedited observation; records the states for replay and keeps replay only if it reproduces this."""
+        if self.replay is None:
+            return self._observe()
+        with self.replay.recording():
+            base = self._observe()
+        try:
+            with self.replay.replaying():
+                self.replay_ok = self._observe() == base
+        except ReplayMismatch:
+            self.replay_ok = False
+        return base
+
+    def observe(self, lowest_edited: int = 0) -> _Obs:
+        """An observation of the model as it is now; ``lowest_edited``: the lowest block any active edit touches."""
+        if self.replay_ok and lowest_edited >= self.replay.start:
+            with self.replay.replaying():
+                return self._observe()
+        return self._observe()
+
     @torch.no_grad()
-    def observe(self) -> _Obs:
+    def _observe(self) -> _Obs:
         flat = [pair for _, g in self.groups for rows in g for pair in rows]
         res = teacher_forced(self.lm, flat)
         out, i = {}, 0
@@ -465,8 +493,8 @@ def erase(job: EraseJob) -> EraseResult:
         ranked["random-features"] = _to_units(rng.sample(range(F.shape[1]), max_fb), f_w, cfg.layers)
         # observation
         t = time.time()
-        obs = Observer(lm, erase_set, keep, unrelated, ppl_texts, cfg.candidates)
-        base = obs.observe()
+        obs = Observer(lm, erase_set, keep, unrelated, ppl_texts, cfg.candidates, replay_from=min(cfg.layers))
+        base = obs.baseline()
         clean = {L: down_proj_weight(lm.model, L).clone() for L in range(L_model)}
         plan: list[tuple[str, str, int]] = []
         for m in cfg.methods:
@@ -485,7 +513,7 @@ def erase(job: EraseJob) -> EraseResult:
             units, editor = _editor(lm, method, budget, ranked, feats, cfg, L_model)
             n_weights = editor.n_weights(lm.model) if isinstance(editor, WeightEdit) else 0
             with editor.applied(lm.model):
-                row = obs.compare(base, obs.observe())
+                row = obs.compare(base, obs.observe(min((L for L, _ in units), default=L_model)))
             for L in range(L_model):
                 if not torch.equal(down_proj_weight(lm.model, L), clean[L]):
                     raise RuntimeError(f"{method}: restore was not exact at layer {L}")
@@ -513,6 +541,7 @@ def erase(job: EraseJob) -> EraseResult:
         n_erased=len(erase_set), n_kept_private=len(keep), n_unrelated=len(unrelated), points=points, frontier=frontier,
         reach_target=[i for i, p in enumerate(points) if target.met(p)], target=target, saes=infos, sae_fit=fit,
         located={k: dict(sorted(v.items())) for k, v in located.items()}, seconds=seconds,
+        replay_from=obs.replay.start if obs.replay_ok else 0,
     )
     result.save(job.out)
     return result
