@@ -53,6 +53,7 @@ def test_train_sae_then_compare(model_dir, fact_file, tmp_path):
     for kind in ("neuron", "feature"):  # the control: the same k random units of each kind, per fact
         assert set(s[kind]["random_delta_prob"]["suppress"]) == {"1", "2"}
         assert all(f["layers"]["1"][kind]["random_delta_prob"] for f in res["facts"])
+        assert s[kind]["all_delta_prob"]["mean"] < 0  # the positive control: the whole unit set suppressed
     fact = res["facts"][0]
     assert len(fact["layers"]["1"]["neuron"]["top"]) == 10
 

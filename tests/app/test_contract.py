@@ -77,6 +77,7 @@ CASES = [
     ("erase not a privacy dir", ["privacy", "erase", "--model-dir", "{model}"], "privacy build"),
     ("erase unknown method", ["privacy", "erase", "--model-dir", "{model}", "--method", "lobotomy"], "unknown method 'lobotomy'"),
     ("reproduce unknown stage", ["reproduce", "--stages", "everything", "--out", "{tmp}/r"], "unknown stage 'everything'"),
+    ("reproduce bad privacy run", ["reproduce", "--privacy-runs", "mid-s0", "--out", "{tmp}/r"], "privacy run 'mid-s0'"),
 ]
 
 

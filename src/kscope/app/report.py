@@ -65,6 +65,8 @@ def compare_table(res: CompareResult) -> Table:
         for op in dp[0] or dp[2]:
             for k in (dp[0] or dp[2])[op]:
                 t.rows.append([L, op, k, *(ci(d.get(op, {}).get(k)) for d in dp)])
+        if any(u and u.all_delta_prob for u in (n, f)):  # the positive control: every unit of the kind suppressed
+            t.rows.append([L, "suppress", "all", ci(n.all_delta_prob if n else None), "–", ci(f.all_delta_prob if f else None), "–"])
     return t
 
 
@@ -136,7 +138,8 @@ def privacy_curve_table(res: EraseResult) -> Table:
 def privacy_runs_table(runs: dict[str, EraseResult]) -> Table:
     """Per method, its best point on each privacy model (seed x injection strength)."""
     names = list(runs)
-    t = Table("Best point per method and privacy model (Rel / Gen / Loc / ΔPPL at the budget)", ["method", *names])
+    t = Table("Best point per method and privacy model (Rel / Gen / Loc / ΔPPL at the budget)",
+              ["method", *(f"{n} ({runs[n].build.get('epochs_run')} epochs)" for n in names)])
     methods = list(dict.fromkeys(p.method for r in runs.values() for p in r.points))
     for m in methods:
         row = [m]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -57,6 +58,8 @@ class ReproduceConfig(Config):
     privacy_strengths: list[str] = option(help="Injection strengths: 'early' (stop once every secret is memorised) and/or 'full' "
                                                "(all --privacy-epochs).", factory=lambda: ["early"], choices=("early", "full"),
                                           label="strength", unique=True)
+    privacy_runs: list[str] = option(help="Privacy models to make, as STRENGTH-sSEED (e.g. early-s0,early-s1,full-s0); default: every "
+                                          "--privacy-strengths x --privacy-seeds.", factory=list, label="privacy run", unique=True)
     known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
     min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
@@ -67,6 +70,9 @@ class ReproduceConfig(Config):
         if self.facts is not None and not Path(self.facts).exists():
             raise KscopeError(f"fact source {self.facts} does not exist")
         check_writable(self.out, directory=True)
+        for name in self.privacy_runs:
+            if not re.fullmatch(r"(early|full)-s\d+", name):
+                raise KscopeError(f"privacy run {name!r}: expected STRENGTH-sSEED with STRENGTH early or full, e.g. early-s0")
 
 
 @dataclass
@@ -92,6 +98,8 @@ class ReproduceResult(Result):
 
 def privacy_runs(cfg: ReproduceConfig) -> list[tuple[str, str, int]]:
     """``(name, strength, seed)`` of each privacy model."""
+    if cfg.privacy_runs:
+        return [(name, name.split("-s")[0], int(name.split("-s")[1])) for name in cfg.privacy_runs]
     return [(f"{st}-s{sd}", st, sd) for st in cfg.privacy_strengths for sd in cfg.privacy_seeds]
 
 

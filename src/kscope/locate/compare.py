@@ -11,14 +11,14 @@ from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, prepare_facts, resolve_targets
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
-from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob, random_delta_prob
+from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob, random_delta_prob, whole_set_delta_prob
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import fact_probs
 from kscope.model.sites import Site, check_layer
 from kscope.progress import make_progress
 from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.results import Result, decode, encode
-from kscope.stats import Interval
+from kscope.stats import Interval, mean_ci
 from kscope.units.corpus import CorpusConfig
 from kscope.units.provision import SAEInfo, neuron_units, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
@@ -95,6 +95,7 @@ class LocatedUnits:
     p_clean: list[float]
     delta_prob: dict[str, dict[int, float]] | None = None
     random_delta_prob: dict[str, dict[int, float]] | None = None  # the same k random units of this kind (the control)
+    all_delta_prob: float | None = None  # every unit of the set suppressed (the positive control)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class UnitSummary:
     mean_refined: float
     delta_prob: dict[str, dict[int, Interval]] | None = None
     random_delta_prob: dict[str, dict[int, Interval]] | None = None
+    all_delta_prob: Interval | None = None
 
 
 @dataclass
@@ -184,6 +186,7 @@ def _study_fact(ctx: _StudyContext, fact: Fact) -> dict:
             if measure:
                 e.delta_prob = fact_delta_prob(lm, fact, units, att.top, cfg.delta_prob, p_clean.numpy())
                 e.random_delta_prob = random_delta_prob(lm, fact, units, cfg.delta_prob, p_clean.numpy(), "compare")
+                e.all_delta_prob = whole_set_delta_prob(lm, fact, units, cfg.delta_prob, p_clean.numpy())
             entry[units.kind] = e
         row.layers[neurons.site.layer] = entry
     return encode(row)
@@ -244,6 +247,8 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
                 s.delta_prob = aggregate([x.delta_prob for x in located])
                 if all(x.random_delta_prob for x in located):
                     s.random_delta_prob = aggregate([x.random_delta_prob for x in located])
+                if all(x.all_delta_prob is not None for x in located):
+                    s.all_delta_prob = mean_ci([x.all_delta_prob for x in located])
             summary[L][units.kind] = s
     n_multi = sum(f.multi_token for f in facts)
     result = CompareResult(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -60,6 +60,13 @@ def random_delta_prob(lm, fact: Fact, units: Units, cfg: DeltaProbConfig, p_clea
     draws = [fact_delta_prob(lm, fact, units, rng.sample(range(units.n_units), max(cfg.ks)), cfg, p_clean)
              for _ in range(cfg.random_draws)]
     return {op: {k: float(np.mean([d[op][k] for d in draws])) for k in draws[0][op]} for op in draws[0]}
+
+
+def whole_set_delta_prob(lm, fact: Fact, units: Units, cfg: DeltaProbConfig, p_clean: Sequence[float] | None = None) -> float:
+    """The positive control: ΔProb with every unit of the set suppressed (neurons: the whole MLP output of the
+    layer; features: the SAE's whole reconstruction, leaving its error term), at ``cfg.positions``."""
+    n = units.n_units
+    return fact_delta_prob(lm, fact, units, range(n), replace(cfg, ks=[n], ops=["suppress"]), p_clean)["suppress"][n]
 
 
 def aggregate(per_fact: Sequence[dict]) -> dict:
