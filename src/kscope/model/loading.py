@@ -206,9 +206,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     cfg = getattr(model, "config", None)
     if cfg is not None:
         h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            flat = p.detach().reshape(-1).float().cpu()
-            h.update(f"{name}{tuple(p.shape)}{float(flat.sum()):.6e}".encode())
-            h.update(flat[:16].numpy().tobytes() + flat[-16:].numpy().tobytes())
+    # A float32 sum depends on how many threads reduce it: fix their number (2, what the caches were keyed
+    # with), so a worker with one thread finds the same caches.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            for name, p in model.state_dict().items():
+                flat = p.detach().reshape(-1).float().cpu()
+                h.update(f"{name}{tuple(p.shape)}{float(flat.sum()):.6e}".encode())
+                h.update(flat[:16].numpy().tobytes() + flat[-16:].numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
     return h.hexdigest()[:16]
