@@ -26,6 +26,7 @@ from kscope.facts import Fact
 from kscope.locate.objectives import Objective, fact_objective
 from kscope.model.hooks import hooked
 from kscope.model.prefix import PrefixRunner
+from kscope.model.readout import pad_rows
 from kscope.model.sites import n_layers
 from kscope.units.base import Units
 
@@ -302,11 +303,8 @@ def attribution_patching(model, prompts: Sequence[Sequence[int]], unit_sets: Seq
     device = next(model.parameters()).device
     out: list[tuple[list, list]] = [([], []) for _ in unit_sets]
     for a in range(0, len(prompts), max_rows):
-        rows = [list(p) + obj.continuation for p in prompts[a : a + max_rows]]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ids, _ = pad_rows([list(p) + obj.continuation for p in prompts[a : a + max_rows]], 0)  # causal: the mask is not needed
+        ids = ids.to(device)
         first = torch.tensor([len(p) - 1 for p in prompts[a : a + max_rows]], device=device)
         pos = first[:, None] + torch.arange(obj.length, device=device)  # [rows, length]
         edits, leaves = gradient_taps(unit_sets, pos)
