@@ -176,3 +176,13 @@ def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["compare"]["n_facts"] == 2 and "up to 2 known facts" in res["facts_note"]
     assert "faithfulness" not in res or res["faithfulness"] is None  # made under the old options: not reported as current
+
+
+def test_reproduce_hands_the_sweep_its_protocols_and_widths(tmp_path):
+    from kscope.app.reproduce import ReproduceConfig, stage_configs
+
+    cfg = ReproduceConfig(out=str(tmp_path), layer=9, sweep_selection=["ig", "activation"], sweep_ablation=["reconstruction"],
+                          sweep_widths=[1, 8])
+    sweep = stage_configs(cfg)["sweep"]
+    assert (sweep.selection, sweep.ablation, sweep.widths, sweep.width_layer) == (["ig", "activation"], ["reconstruction"], [1, 8], 9)
+    assert stage_configs(ReproduceConfig(out=str(tmp_path)))["sweep"].widths == []

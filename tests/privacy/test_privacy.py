@@ -193,7 +193,7 @@ def test_located_neurons_erase_and_random_ones_do_not(privacy_model, tmp_path):
     before = _file_hash(weights)
     res_path = tmp_path / "privacy.json"
     r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0-2", "--neuron-budgets", "8,64",
-                            "--feature-budgets", "4,16", "--steps", "3", "--text", str(corpus), "--generate", "0",
+                            "--feature-budgets", "4,16", "--locate-method", "ig", "--steps", "3", "--text", str(corpus), "--generate", "0",
                             "--sae-max-tokens", "600", "--sae-expansion", "2", "--sae-k", "4", "--ppl-texts", "2",
                             "--generic-texts", "4", "--max-unrelated", "5", "--out", str(res_path)])
     assert r.exit_code == 0, r.output
@@ -252,3 +252,16 @@ def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_mod
         with WeightEdit("zero", zero_columns(lm.model, units)).applied(lm.model):
             fast, full = obs.observe(lowest_edited=layer), obs._observe()
         assert fast == full and fast != base
+
+
+def test_text_nll_in_one_batch_equals_each_text_on_its_own(llama_lm):
+    from kscope.privacy.erase import text_nll
+
+    rows = [llama_lm.tokenizer(t).input_ids for t in ("paris is a city", "the cat sat on the mat and the dog", "rome is old")]
+    total, n = 0.0, 0
+    for ids in rows:
+        x = torch.tensor([ids])
+        total += float(llama_lm.model(input_ids=x, labels=x).loss) * (len(ids) - 1)
+        n += len(ids) - 1
+    got = text_nll(llama_lm, rows)
+    assert got[1] == n and abs(got[0] - total) < 1e-3 * max(1.0, abs(total))

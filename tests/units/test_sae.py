@@ -144,3 +144,26 @@ def test_generated_corpus_extends_a_shorter_cached_one(llama_lm, tmp_path):
         corpus.generate_texts = real
     assert calls == [(n, 0), (n, n)] and b[:n] == a and len(b) == 2 * n
     assert real(llama_lm, n, 6, 3, start=n) == b[n:]  # the same as sampling the second batch on its own
+
+
+def test_outlier_rule_drops_only_massive_rows():
+    from kscope.units.training import outlier_mask
+
+    x = torch.randn(1000, 8)
+    x[[3, 500]] *= 1000  # two attention-sink-like rows
+    keep = outlier_mask(x, 10.0)
+    assert (~keep).nonzero().flatten().tolist() == [3, 500]
+    assert outlier_mask(x, 0.0).all()
+
+
+def test_sites_with_unequal_rows_train_side_by_side_and_see_the_same_rows_where_they_can():
+    """Outlier removal leaves sites with different row counts; each still gets full batches, and two sites with
+    the same rows get the same batch at every step."""
+    from kscope.units.training import _SharedBatches
+
+    a, b, c = torch.arange(40.).view(20, 2), torch.arange(40.).view(20, 2) + 100, torch.arange(34.).view(17, 2)
+    data = _SharedBatches({"a": a, "b": b, "c": c}, batch=8, seed=0, device="cpu")
+    for _ in range(10):
+        got = next(data)
+        assert {h: t.shape[0] for h, t in got.items()} == {"a": 8, "b": 8, "c": 8}
+        assert torch.equal(got["a"] + 100, got["b"])

@@ -51,6 +51,13 @@ class ReproduceConfig(Config):
     stages: list[str] = option(help="Stages to run (the sweep runs only when named).", factory=lambda: list(DEFAULT_STAGES), choices=STAGES,
                                label="stage", unique=True)
     sweep_layers: list[int] = option(help="Layers of the sweep stage.", factory=lambda: list(range(0, 28, 3)), parse=parse_layers, min=0)
+    sweep_selection: list[str] = option(help="Sweep: how top units are chosen, 'ig' and/or 'activation' (the paper's protocol).",
+                                        factory=lambda: ["ig"], choices=("ig", "activation"), label="selection protocol", unique=True)
+    sweep_widths: list[int] = option(help="Sweep: SAE widths (x site width) of a width sweep at --layer, e.g. 1,4,8; empty: none.",
+                                     factory=list, min=1, unique=True)
+    sweep_ablation: list[str] = option(help="Sweep: features ablated with the SAE 'error' term kept and/or by 'reconstruction' (the "
+                                            "paper's protocol).", factory=lambda: ["error"], choices=("error", "reconstruction"),
+                                       label="ablation protocol", unique=True)
     fresh: bool = option(False, "Redo stages whose results already exist (default: reuse those made with the same options).")
     privacy: PrivacyConfig = nested(PrivacyConfig, prefix="privacy-", hide=("early_stop", "seed"))
     privacy_seeds: list[int] = option(help="Seeds of the privacy models (people and secrets); replaces --privacy-seed.",
@@ -129,7 +136,9 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
         "interpret": InterpretJob(**common),
         "monosemanticity": MonosemanticityJob(**common),
         "explorer": ExploreConfig(run_dir=str(out), model=cfg.model, corpus=cfg.corpus),
-        "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), sae_train=cfg.sae_train, corpus=cfg.corpus,
+        "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), selection=list(cfg.sweep_selection),
+                             ablation=list(cfg.sweep_ablation), widths=list(cfg.sweep_widths), width_layer=cfg.layer,
+                             sae_train=cfg.sae_train, corpus=cfg.corpus,
                              out_dir=str(out / "sweep")),
     }
     for name, strength, seed in privacy_runs(cfg):

@@ -30,6 +30,7 @@ from kscope.locate.objectives import fact_objective
 from kscope.model.hooks import BlockReplay, ReplayMismatch, hooked
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.prefix import continuation_nlls
+from kscope.model.readout import pad_rows
 from kscope.model.sites import Site, down_proj_weight, n_layers
 from kscope.privacy.dataset import candidates
 from kscope.privacy.editors import RuntimeFeatureEdit, WeightEdit, feature_edit, projection_removal, zero_columns
@@ -79,8 +80,8 @@ class EraseConfig(Config):
                                          "(|grad x activation| of the LM loss on corpus training text). Empty: raw scores.",
                                     factory=lambda: ["format", "generic"], choices=("format", "generic"), label="specificity",
                                     unique=True)
-    locate_method: str = option("ig", "How units are scored: ig, atp (one forward and backward per prompt), atp-mid (its gradient "
-                                      "halfway along IG's path) or atp-ig.", choices=ATTRIBUTION_METHODS, label="attribution method")
+    locate_method: str = option("atp-mid", "How units are scored: atp-mid (the gradient halfway along IG's path, one forward and "
+                                      "backward per prompt; its top-10 neurons are IG's in 96-99 % of cases), ig (--steps), atp or atp-ig.", choices=ATTRIBUTION_METHODS, label="attribution method")
     steps: int = option(5, "IG steps.", min=1)
     depn_threshold: float = option(0.1, "DEPN: per-prompt selection at >= t x max score.", min=0.0, max=1.0)
     tau: float = option(0.5, "FeatureEdit (paper variant): zero the entries with |d dᵀ W| >= tau x max.", min=0.0, max=1.0)
@@ -220,6 +221,18 @@ class _Obs:
     ppl: float
 
 
+@torch.no_grad()
+def text_nll(lm, rows: Sequence[Sequence[int]]) -> tuple[float, int]:
+    """Summed next-token NLL of token ``rows`` and the number of tokens scored, in one right-padded batch."""
+    if not rows:
+        return 0.0, 0
+    ids, mask = pad_rows(rows, lm.tokenizer.pad_token_id or 0)
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    logp = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+    return float(nll.sum()), int(mask[:, 1:].sum())
+
+
 class Observer:
     """What every editor is judged on, tokenised once and measured in batched teacher-forced passes.
 
@@ -289,12 +302,7 @@ class Observer:
             nll = continuation_nlls(self.lm.model, n_prompt, rows)
             ranks.append(rank_of(nll[j], nll))
             sizes.append(len(rows))
-        nll_sum, n_tok = 0.0, 0
-        for ids in self.ppl_ids:
-            x = torch.tensor([ids], device=self.lm.device)
-            loss = self.lm.model(input_ids=x, labels=x, use_cache=False).loss
-            nll_sum += float(loss) * (len(ids) - 1)
-            n_tok += len(ids) - 1
+        nll_sum, n_tok = text_nll(self.lm, self.ppl_ids)
         return _Obs(out["rel"], out["gen"], out["keep"], out["unrel"], logp_rows, ranks, sizes, perplexity(nll_sum, n_tok))
 
     def compare(self, base: _Obs, now: _Obs) -> dict:

@@ -82,7 +82,7 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
             losses.append(total / steps_per_epoch)
             if cfg.early_stop:
                 model.eval()
-                done = all(all(greedy_matches(lm, f.prompts, f.object)) for f in facts)
+                done = all(ok for ok, _ in teacher_forced(lm, [(p, f.object) for f in facts for p in f.prompts]))  # one batched pass
                 model.train()
                 if done:
                     if progress:

@@ -25,7 +25,7 @@ from kscope.model.sites import Site, check_layer, site_dim
 from kscope.units.base import FeatureUnits, NeuronUnits
 from kscope.units.corpus import Corpus, CorpusConfig, build_corpus, collect_activations
 from kscope.units.sae import evaluate_sae, feature_units, load_sae, save_sae
-from kscope.units.training import TrainSAEConfig, check_width, train_saes
+from kscope.units.training import TrainSAEConfig, check_width, outlier_mask, train_saes
 
 
 @dataclass
@@ -113,6 +113,11 @@ def obtain_saes(
         acts = collect_activations(lm, missing, train_texts, tcfg.max_tokens, ccfg.seq_len, progress=progress, dtype=store)
         n_held = max(2048, int(tcfg.max_tokens * ccfg.heldout_frac / (1 - ccfg.heldout_frac)))
         held = collect_activations(lm, missing, held_texts, n_held, ccfg.seq_len, progress=progress)
+        dropped = {}
+        for s in missing:
+            keep, keep_held = outlier_mask(acts[s], tcfg.outlier_factor), outlier_mask(held[s], tcfg.outlier_factor)
+            dropped[s] = (int((~keep).sum()), int((~keep_held).sum()))
+            acts[s], held[s] = acts[s][keep], held[s][keep_held]
         task = progress.add_task(f"training {len(missing)} SAE(s)", total=1) if progress else None
         trained = train_saes(acts, tcfg, lm.name, device)
         if progress:
@@ -122,6 +127,7 @@ def obtain_saes(
         for s in missing:
             stats = evaluate_sae(trained[s], held[s]).to_dict()
             stats["n_train_tokens"] = int(acts[s].shape[0])
+            stats["n_outliers_dropped"] = {"train": dropped[s][0], "heldout": dropped[s][1]}
             meta = {"site": s.name, "model": lm.name, "model_fingerprint": lm.fingerprint, "key": keys[s],
                     "train": asdict(tcfg), "corpus": corpus_meta, "stats": stats}
             save_sae(trained[s], dirs[s], meta)
