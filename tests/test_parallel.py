@@ -46,7 +46,7 @@ def test_driver_killed_part_way_resumes_to_the_uninterrupted_result(files, tmp_p
     env = {**os.environ, "KSCOPE_QUIET": "1", "OMP_NUM_THREADS": "1", "KSCOPE_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-c", "import torch; torch.set_num_threads(1); from kscope.app.cli import main; main()"]
     whole, part = tmp_path / "whole.json", tmp_path / "part.json"
-    extra = ["--generate", "24", "--gen-len", "16", "--sae-max-tokens", "300", "--sae-expansion", "2"]
+    extra = ["--generate", "24", "--gen-len", "16", "--sae-max-tokens", "300", "--sae-expansion", "2", "--sae-k", "32"]
     r = subprocess.run(cmd + _compare(files, whole, *extra)[0:], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run(cmd + _compare(files, part, *extra), env={**env, "KSCOPE_TEST_DIE_AFTER": "2"}, capture_output=True, text=True)
@@ -114,7 +114,7 @@ def test_dead_worker_is_replaced_and_a_failing_fact_is_reported(ray_cluster, tmp
 
 
 def test_two_workers_give_the_single_process_result(ray_cluster, files, tmp_path):
-    extra = ["--generate", "24", "--gen-len", "16", "--sae-max-tokens", "300", "--sae-expansion", "2", "--threads-per-worker", "1"]
+    extra = ["--generate", "24", "--gen-len", "16", "--sae-max-tokens", "300", "--sae-expansion", "2", "--sae-k", "32", "--threads-per-worker", "1"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -41,7 +41,7 @@ def report(tmp_path_factory):
     out = root / "report"
     r = runner.invoke(app, ["reproduce", "--model", str(root / "model"), "--layer", "1", "--out", str(out), "--known-top-k", "100",
                             "--min-known-prompts", "1", "--sae-tokens", "400", "--generate", "0", "--text", str(corpus),
-                            "--sae-expansion", "2", "--stages", "compare,interpret,monosemanticity,explorer"])
+                            "--sae-expansion", "2", "--sae-k", "32", "--stages", "compare,interpret,monosemanticity,explorer"])
     assert r.exit_code == 0, r.output
     return out
 

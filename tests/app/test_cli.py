@@ -149,7 +149,7 @@ def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
     cwd = os.getcwd()
     out = tmp_path / "report"
     args = ["reproduce", "--model", str(model_dir), "--layer", "1", "--out", str(out), "--known-top-k", "100",
-            "--min-known-prompts", "1", "--sae-tokens", "400", "--generate", "40", "--gen-len", "16", "--sae-expansion", "2",
+            "--min-known-prompts", "1", "--sae-tokens", "400", "--generate", "40", "--gen-len", "16", "--sae-expansion", "2", "--sae-k", "32",
             "--stages", "compare,faithfulness,interpret,monosemanticity"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output

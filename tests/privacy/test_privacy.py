@@ -193,7 +193,7 @@ def test_located_neurons_erase_and_random_ones_do_not(privacy_model, tmp_path):
     before = _file_hash(weights)
     res_path = tmp_path / "privacy.json"
     r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0-2", "--neuron-budgets", "8,64",
-                            "--feature-budgets", "4,16", "--locate-method", "ig", "--steps", "3", "--text", str(corpus), "--generate", "0",
+                            "--feature-budgets", "4,16", "--steps", "3", "--text", str(corpus), "--generate", "0",
                             "--sae-max-tokens", "600", "--sae-expansion", "2", "--sae-k", "4", "--ppl-texts", "2",
                             "--generic-texts", "4", "--max-unrelated", "5", "--out", str(res_path)])
     assert r.exit_code == 0, r.output
