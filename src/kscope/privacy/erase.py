@@ -80,8 +80,8 @@ class EraseConfig(Config):
                                          "(|grad x activation| of the LM loss on corpus training text). Empty: raw scores.",
                                     factory=lambda: ["format", "generic"], choices=("format", "generic"), label="specificity",
                                     unique=True)
-    locate_method: str = option("ig", "How units are scored: ig (--steps), atp-mid (the gradient halfway along IG's path: 40 % "
-                                      "less location time, but DEPN's erasure was weaker with it), atp or atp-ig.", choices=ATTRIBUTION_METHODS, label="attribution method")
+    locate_method: str = option("ig", "How units are scored: ig (--steps), atp-mid (the gradient halfway along IG's path: half "
+                                      "the location time, but DEPN's erasure was weaker with it), atp or atp-ig.", choices=ATTRIBUTION_METHODS, label="attribution method")
     steps: int = option(5, "IG steps.", min=1)
     depn_threshold: float = option(0.1, "DEPN: per-prompt selection at >= t x max score.", min=0.0, max=1.0)
     tau: float = option(0.5, "FeatureEdit (paper variant): zero the entries with |d dᵀ W| >= tau x max.", min=0.0, max=1.0)
