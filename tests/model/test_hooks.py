@@ -117,4 +117,3 @@ def test_block_replay_repeats_forwards_from_a_middle_block(lm):
     with pytest.raises(ReplayMismatch), replay.replaying():
         lm.model(_ids(lm, "paris"))
     assert torch.allclose(lm.model(_ids(lm)).logits, logits, atol=1e-6)
-

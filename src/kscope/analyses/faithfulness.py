@@ -27,7 +27,7 @@ from kscope.results import Result
 from kscope.stats import Interval, mean_ci
 from kscope.units.base import Units
 from kscope.units.corpus import build_corpus, collect_activations
-from kscope.units.training import outlier_mask
+from kscope.units.training import drop_outliers
 from kscope.units.decompositions import ica_units, pca_units, random_units
 from kscope.units.provision import SAEInfo
 
@@ -190,7 +190,7 @@ def run_faithfulness_job(cfg: FaithfulnessJob) -> FaithfulnessResult:
         train_texts, held_texts = corpus.split()
         fit = collect_activations(s.lm, s.features.site, train_texts, cfg.faithfulness.fit_tokens, cfg.corpus.seq_len, progress=progress)
         ev = collect_activations(s.lm, s.features.site, held_texts, cfg.faithfulness.eval_tokens, cfg.corpus.seq_len, progress=progress)
-        fit, ev = fit[outlier_mask(fit, cfg.sae_train.outlier_factor)], ev[outlier_mask(ev, cfg.sae_train.outlier_factor)]  # the SAEs' rule
+        (fit, _), (ev, _) = drop_outliers(fit, cfg.sae_train.outlier_factor), drop_outliers(ev, cfg.sae_train.outlier_factor)  # the SAEs' rule
         rows, n_eval, secs = run_faithfulness(s.lm, s.features, fit, ev, s.facts, cfg.faithfulness, progress)
     same = (s.sae.corpus or {}).get("identity") == corpus.identity
     note = (f"{n_eval} tokens of the corpus's held-out texts ({corpus.sources}); PCA/ICA fitted on its training texts; "

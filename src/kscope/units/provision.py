@@ -25,7 +25,7 @@ from kscope.model.sites import Site, check_layer, site_dim
 from kscope.units.base import FeatureUnits, NeuronUnits
 from kscope.units.corpus import Corpus, CorpusConfig, build_corpus, collect_activations
 from kscope.units.sae import evaluate_sae, feature_units, load_sae, save_sae
-from kscope.units.training import TrainSAEConfig, check_width, outlier_mask, train_saes
+from kscope.units.training import TrainSAEConfig, check_width, drop_outliers, train_saes
 
 
 @dataclass
@@ -115,9 +115,8 @@ def obtain_saes(
         held = collect_activations(lm, missing, held_texts, n_held, ccfg.seq_len, progress=progress)
         dropped = {}
         for s in missing:
-            keep, keep_held = outlier_mask(acts[s], tcfg.outlier_factor), outlier_mask(held[s], tcfg.outlier_factor)
-            dropped[s] = (int((~keep).sum()), int((~keep_held).sum()))
-            acts[s], held[s] = acts[s][keep], held[s][keep_held]
+            (acts[s], n_train), (held[s], n_held) = drop_outliers(acts[s], tcfg.outlier_factor), drop_outliers(held[s], tcfg.outlier_factor)
+            dropped[s] = (n_train, n_held)
         task = progress.add_task(f"training {len(missing)} SAE(s)", total=1) if progress else None
         trained = train_saes(acts, tcfg, lm.name, device)
         if progress:

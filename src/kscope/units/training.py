@@ -45,6 +45,12 @@ def outlier_mask(acts: torch.Tensor, factor: float) -> torch.Tensor:
     return norms <= factor * norms.median()
 
 
+def drop_outliers(acts: torch.Tensor, factor: float) -> tuple[torch.Tensor, int]:
+    """``acts`` without its outlier rows (``outlier_mask``), and how many were dropped."""
+    keep = outlier_mask(acts, factor)
+    return acts[keep], int((~keep).sum())
+
+
 class _SharedBatches(Iterator[dict[str, torch.Tensor]]):
     """Endless shuffled minibatches, one activation tensor per hook (a SAELens multi-hook DataProvider). Each hook
     has its own order from the same seed, so hooks with the same number of rows see the same rows at every step."""
