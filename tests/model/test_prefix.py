@@ -70,6 +70,7 @@ def _full_nlls(model, n_prompt, rows):
     [[2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 8], [2, 3, 4, 5, 9, 10, 11]],  # shared tokens after the prompt, ragged
     [[2, 3, 4, 5], [2, 3, 4, 6, 7], [2, 3, 4, 8]],  # differ right after the prompt
     [[2, 3, 9, 5], [2, 4, 4, 6, 7]],  # differ inside the prompt
+    [[2, 3, 4, 5, a, b, c] for a in (6, 7, 8) for b in (6, 9) for c in (10, 11, 12)],  # a tree: levels span batches
 ])
 def test_continuation_nlls_equal_scoring_each_row(lm, rows):
     n_prompt = 3
@@ -95,3 +96,20 @@ def test_grown_batch_with_a_continuation_equals_full_forwards(lm):
     assert out.shape[:2] == (4, 1 + len(cont))
     assert torch.allclose(out, full.expand_as(out), atol=1e-5)
     assert torch.allclose(runner.logits(2, cont), full.expand(2, -1, -1), atol=1e-5)
+
+
+def test_continuation_nlls_many_equal_scoring_each_set_alone(lm):
+    """Sets of different prompt lengths share padded passes; each row's NLL is its own full forward's."""
+    from kscope.model.prefix import continuation_nlls_many
+
+    sets = [
+        (3, [[2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 8], [2, 3, 4, 5, 9, 10, 11]]),
+        (5, [[7, 2, 3, 4, 8, 5, a, b] for a in (6, 7, 8) for b in (6, 9, 10)]),  # a tree below a longer prompt
+        (2, [[9, 4, 5], [9, 4, 6]]),  # nothing to forward below the prompt
+        (2, [[3, 5, 7, 2], [6, 5, 7, 2, 2]]),  # differ inside the prompt
+    ]
+    with torch.no_grad():
+        ref = [_full_nlls(lm.model, n, rows) for n, rows in sets]
+    got = continuation_nlls_many(lm.model, sets, batch_size=4)
+    for r, g in zip(ref, got):
+        assert g == pytest.approx(r, abs=1e-4)

@@ -345,7 +345,8 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
             out.append((tb.title, tb, "sweep/sweep.png" if j == 0 else None))
     if results.privacy:
         if len(results.privacy) > 1:
-            out.append(("Erasure across privacy models: each method's best point", privacy_runs_table(results.privacy), None))
+            out.append(("Erasure across privacy models: each method's best point (Rel / Gen / Loc / ΔPPL @ budget; highest "
+                        "Rel + Gen with Loc ≥ 0.9 and ΔPPL ≤ 5 %, else highest Rel)", privacy_runs_table(results.privacy), None))
         for name, res in results.privacy.items():
             out.append((f"Privacy erasure, {name}: each method at its best budget", privacy_table(res), f"privacy-{name}.png"))
             out.append((f"Privacy erasure, {name}: every budget", privacy_curve_table(res), None))

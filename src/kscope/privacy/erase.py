@@ -29,7 +29,7 @@ from kscope.locate.attribution import METHODS as ATTRIBUTION_METHODS, gradient_t
 from kscope.locate.objectives import fact_objective
 from kscope.model.hooks import BlockReplay, ReplayMismatch, hooked
 from kscope.model.loading import ModelConfig, load_model
-from kscope.model.prefix import continuation_nlls
+from kscope.model.prefix import continuation_nlls_many
 from kscope.model.readout import pad_rows
 from kscope.model.sites import Site, down_proj_weight, n_layers
 from kscope.privacy.dataset import candidates
@@ -45,7 +45,7 @@ from kscope.units.base import FeatureUnits, Units
 from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, collect_activations
 from kscope.units.provision import SAEInfo, neuron_units, obtain_saes
 from kscope.units.sae import feature_units
-from kscope.units.training import TrainSAEConfig
+from kscope.units.training import TrainSAEConfig, drop_outliers
 
 NEURON_METHODS = ("depn", "kn-erase")
 FEATURE_METHODS = ("feature-edit", "feature-project", "runtime-zero", "runtime-negative")
@@ -297,11 +297,9 @@ class Observer:
                     logp_rows.append(float(np.mean([lp for _, lp in res[i : i + len(rows)]])))
                 i += len(rows)
             out[name] = lists
-        ranks, sizes = [], []
-        for n_prompt, rows, j, _ in self.cands:
-            nll = continuation_nlls(self.lm.model, n_prompt, rows)
-            ranks.append(rank_of(nll[j], nll))
-            sizes.append(len(rows))
+        nlls = continuation_nlls_many(self.lm.model, [(n_prompt, rows) for n_prompt, rows, _, _ in self.cands])
+        ranks = [rank_of(nll[j], nll) for nll, (_, _, j, _) in zip(nlls, self.cands)]
+        sizes = [len(rows) for _, rows, _, _ in self.cands]
         nll_sum, n_tok = text_nll(self.lm, self.ppl_ids)
         return _Obs(out["rel"], out["gen"], out["keep"], out["unrel"], logp_rows, ranks, sizes, perplexity(nll_sum, n_tok))
 
@@ -408,11 +406,17 @@ def _to_units(idx: Sequence[int], widths: Sequence[int], layers: Sequence[int]) 
     return out
 
 
-def _sae_fit(lm, feats: dict[int, FeatureUnits], erase: Sequence[Fact], held_texts: Sequence[str], source_lm=None) -> list[SAEFit]:
-    """Explained variance of each SAE on this model's activations: held-out corpus text, and the secrets' positions."""
+def _sae_fit(lm, feats: dict[int, FeatureUnits], erase: Sequence[Fact], held_texts: Sequence[str], outlier_factor: float,
+             source_lm=None) -> list[SAEFit]:
+    """Explained variance of each SAE on this model's activations: held-out corpus text (its massive-activation
+    tokens left out, as in SAE training), and the secrets' positions."""
     sites = [f.site for f in feats.values()]
-    gen = collect_activations(lm, sites, held_texts, 4096)
-    src = collect_activations(source_lm, sites, held_texts, 4096) if source_lm is not None else None
+
+    def held(model) -> dict[Site, torch.Tensor]:
+        return {s: drop_outliers(a, outlier_factor)[0] for s, a in collect_activations(model, sites, held_texts, 4096).items()}
+
+    gen = held(lm)
+    src = held(source_lm) if source_lm is not None else None
     priv: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
     from kscope.model.hooks import site_activations
 
@@ -469,7 +473,7 @@ def erase(job: EraseJob) -> EraseResult:
         feats = {s.layer: feature_units(lm.model, got[s][0], s) for s in sites}
         infos = {s.layer: got[s][1] for s in sites}
         train_texts, held_texts = build_corpus(owner_lm, job.corpus, progress, job.cache_dir).split()
-        fit = _sae_fit(lm, feats, erase_set, held_texts, base_lm if owner_lm is base_lm else None)
+        fit = _sae_fit(lm, feats, erase_set, held_texts, job.sae_train.outlier_factor, base_lm if owner_lm is base_lm else None)
         del base_lm, owner_lm
         seconds["saes"] = time.time() - t
         # location
