@@ -180,7 +180,7 @@ def _grouped_nlls(model, sets: list[tuple[int, list[list[int]]]], batch_size: in
             (_, rows), sh = sets[s], shared[s]
             paths = list(dict.fromkeys(tuple(r[sh:-1]) for r in rows if len(r) - sh - 1 > depth))  # tokens to forward
             heads = list(dict.fromkeys(p[: depth + 1] for p in paths))
-            if 2 * len(heads) > len(paths):
+            if not paths or 2 * len(heads) > len(paths):  # nothing left to forward, or little branching: run whole
                 whole += [(s, p) for p in paths]
                 branching.discard(s)
             else:
