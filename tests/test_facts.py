@@ -103,3 +103,14 @@ def test_builtin_facts_are_wellformed():
     assert len(facts) >= 20
     assert len({f.relation for f in facts}) >= 3
     assert all(len(f.prompts) >= 2 for f in facts)
+
+
+def test_split_prompts_alternates_and_refuses_a_single_prompt():
+    from kscope.facts import split_prompts
+
+    f = Fact("france", "capital", "paris", ["a", "b", "c", "d", "e"])
+    sel, meas = split_prompts(f, True)
+    assert sel.prompts == ["a", "c", "e"] and meas.prompts == ["b", "d"] and sel.uid == meas.uid == f.uid
+    assert split_prompts(f, False) == (f, f)
+    with pytest.raises(KscopeError, match="at least 2 prompts"):
+        split_prompts(Fact("x", "r", "y", ["only"]), True)

@@ -152,6 +152,16 @@ def load_pararel(
     return out
 
 
+def split_prompts(fact: Fact, holdout: bool) -> tuple[Fact, Fact]:
+    """``(select, measure)`` views of a fact. With ``holdout`` units are chosen on the even-numbered prompts
+    (0, 2, ...) and measured on the odd-numbered ones, so no prompt does both; without, both are the whole fact."""
+    if not holdout:
+        return fact, fact
+    if len(fact.prompts) < 2:
+        raise KscopeError(f"fact {fact.uid}: a held-out split needs at least 2 prompts, it has {len(fact.prompts)}")
+    return replace(fact, prompts=fact.prompts[0::2]), replace(fact, prompts=fact.prompts[1::2])
+
+
 def load_fact_file(path: str | Path) -> list[Fact]:
     """Facts from JSONL: ``{"subject", "relation", "object", "prompts": [...], "heldout_prompts"?: [...]}``."""
     path = Path(path)

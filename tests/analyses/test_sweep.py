@@ -59,6 +59,7 @@ def test_sweep_writes_every_cell_with_controls(files, tmp_path):
         assert c.verdicts["suppress"][3].says in ("features better", "neurons better", "no difference")
         assert c.random_feature.delta["suppress"][3].n == 3 and c.random_neuron.delta["enhance"][1].n == 3
         assert (c.recon_only is not None) == (c.ablation == "reconstruction")
+        assert c.all_neuron is not None and c.all_feature is not None and c.all_feature.n == 3
     e = [c for c in res.cells if c.ablation == "error" and c.selection == "ig"]
     rc = [c for c in res.cells if c.ablation == "reconstruction" and c.selection == "ig"]
     # neurons have no reconstruction: both protocols report the same neuron numbers
@@ -103,3 +104,60 @@ def test_released_jumprelu_saes_on_gemma2_through_the_release_path(tmp_path, mon
     res = SweepResult.load(out / "sweep.json")
     assert {c.layer for c in res.cells} == {0, 2} and all(i.source == "release" for i in res.saes.values())
     assert all(c.feature.delta["suppress"][2].mean is not None for c in res.cells)
+
+
+@pytest.mark.parametrize("holdout", [True, False])
+def test_units_are_chosen_on_prompts_they_are_never_measured_on(files, tmp_path, monkeypatch, holdout):
+    """A spy on selection (IG) and measurement (ΔProb): held out, the two prompt sets of a fact are disjoint and
+    cover it; in-sample (--no-holdout) they are the same."""
+    import kscope.analyses.sweep as sweep
+
+    chosen, measured = [], {}
+    real_scores, real_probs = sweep.prompt_scores, sweep.condition_probs
+
+    def spy_scores(lm, prompts, obj, *a, **kw):
+        chosen.append(set(prompts))
+        return real_scores(lm, prompts, obj, *a, **kw)
+
+    def spy_probs(lm, fact, *a, **kw):
+        measured.setdefault(fact.uid, set()).update(fact.prompts)
+        return real_probs(lm, fact, *a, **kw)
+
+    monkeypatch.setattr(sweep, "prompt_scores", spy_scores)
+    monkeypatch.setattr(sweep, "condition_probs", spy_probs)
+    facts = tmp_path / "facts.jsonl"
+    write_fact_file([*capital_facts()[:2], sweep.Fact("italy", "language", "italian",
+                                                      ["the official language of italy is", "people in italy speak",
+                                                       "in italy people speak"])], facts)
+    r = runner.invoke(app, ["sweep", "--model", files["model"], "--facts", str(facts), "--known-top-k", "100",
+                            "--min-known-prompts", "1", "--layers", "1", "--sites", "mlp.out", "--measures", "delta", "--ks", "1",
+                            "--steps", "2", "--random-draws", "1", "--generate", "0", "--text", files["corpus"],
+                            "--sae-max-tokens", "400", "--sae-expansion", "2", "--sae-k", "4", "--out-dir", str(tmp_path / "s"),
+                            *([] if holdout else ["--no-holdout"])])
+    assert r.exit_code == 0, r.output
+    loaded = {f.uid: f for f in sweep.FactConfig(facts=str(facts)).load()}
+    assert set(measured) == set(loaded)
+    for uid, f in loaded.items():
+        sel, meas = set().union(*(c for c in chosen if c <= set(f.prompts))), measured[uid]
+        if holdout:
+            assert not sel & meas and sel | meas == set(f.prompts)
+        else:
+            assert sel == meas == set(f.prompts)
+
+
+def test_positive_control_matches_compares_whole_set_control(lm, facts):
+    """The sweep's 'all' condition (every neuron suppressed at the answer position) equals compare's positive control,
+    which is computed by a different path (delta_prob with every unit as the top k)."""
+    from kscope.analyses.sweep import condition_probs
+    from kscope.facts import resolve_targets
+    from kscope.locate.delta_prob import DeltaProbConfig, whole_set_delta_prob
+    from kscope.stats import relative_change
+    from kscope.units.base import suppress
+    from kscope.units.provision import neuron_units
+
+    fact = resolve_targets(facts, lm.tokenizer)[0]
+    units = neuron_units(lm, 1)
+    p = condition_probs(lm, fact, units, [lambda v: v, suppress(range(units.n_units))], "error")
+    ours = float(relative_change(p[1], p[0]).mean())
+    assert abs(ours) > 1e-3  # the control moves the answer at all
+    assert ours == pytest.approx(whole_set_delta_prob(lm, fact, units, DeltaProbConfig()), abs=1e-5)

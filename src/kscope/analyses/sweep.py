@@ -4,7 +4,9 @@ For every layer and site (``mlp.out``, ``resid.post``): each known fact's top un
 (kscope's default; ``--method atp`` or ``atp-ig`` too) or by activation at the last token (the
 paper, as it is summarised); their ΔProb under suppression / enhancement is measured with the SAE
 error term kept (kscope's default) or with the site replaced by the SAE reconstruction (the paper's
-protocol, as summarised); random units of each kind at the same k are the control. Per fact the
+protocol, as summarised); random units of each kind at the same k are the control, every unit of the
+kind suppressed the positive control. Units are chosen on half of each fact's paraphrases and measured on
+the other half (``--no-holdout``: on the same ones, as the paper does). Per fact the
 paired difference features − neurons gives a verdict per cell: features better, neurons better, or
 no difference (95 % interval of the mean difference excludes 0 or not). The top units' sign-oriented
 interpretability score and their monosemanticity AUROC are compared the same way. A width sweep at
@@ -26,7 +28,7 @@ from kscope.analyses.autointerp import InterpretConfig, TokenExplainer, interpre
 from kscope.analyses.monosemanticity import auroc
 from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, prepare_facts
+from kscope.facts import Fact, FactConfig, prepare_facts, split_prompts
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, coarse_select, prompt_scores, rank_units, refine_select
 from kscope.locate.objectives import fact_objective
@@ -66,6 +68,9 @@ class SweepConfig(Config):
     ablation: list[str] = option(help="How features are ablated: 'error' (SAE error term kept) and/or 'reconstruction' (the site "
                                       "replaced by the SAE's reconstruction, error dropped).", factory=lambda: ["error"],
                                  choices=("error", "reconstruction"), label="ablation protocol", unique=True)
+    holdout: bool = option(True, "Choose each fact's units on its even-numbered paraphrases and measure ΔProb and monosemanticity on "
+                                 "the others, so no prompt both selects and evaluates; --no-holdout: the same prompts do both "
+                                 "(in-sample, the paper's protocol). Facts with one prompt are left out of a held-out sweep.")
     tau: float = option(0.5, "Activation selection: eligible units fire at >= tau x the fact's strongest unit.", min=0.0, max=1.0)
     ks: list[int] = option(help="Numbers of top units intervened on.", factory=lambda: [1, 5, 10], min=1, unique=True)
     random_draws: int = option(3, "Random unit sets of each size per fact (the control).", min=1)
@@ -127,6 +132,8 @@ class Cell:
     verdicts: dict[str, dict[int, Verdict]] = field(default_factory=dict)  # op -> k -> features vs neurons
     vs_random: dict[str, dict[str, dict[int, Verdict]]] = field(default_factory=dict)  # kind -> op -> k -> top vs random
     recon_only: Interval | None = None  # ΔProb of the reconstruction with nothing suppressed
+    all_neuron: Interval | None = None  # positive control: every neuron of the layer suppressed
+    all_feature: Interval | None = None  # positive control: every feature suppressed (under this cell's ablation)
 
 
 @dataclass
@@ -282,13 +289,14 @@ def _sweep_fact(ctx: _SweepContext, fact: Fact) -> dict:
     cfg, lm, set_list = ctx.cfg, ctx.lm, ctx.set_list
     units_only = [u for _, u in set_list]
     n_rank = max(max(cfg.ks), cfg.mono_units, cfg.is_units)
+    select, fact = split_prompts(fact, cfg.holdout)  # ``fact`` keeps only the prompts ΔProb is measured on
     ranks: dict[str, list[list[int]]] = {}
     if "ig" in cfg.selection:
-        scores, _ = prompt_scores(lm, fact.prompts, fact_objective(fact), units_only, cfg.attribution.steps, cfg.attribution.batch_size,
+        scores, _ = prompt_scores(lm, select.prompts, fact_objective(fact), units_only, cfg.attribution.steps, cfg.attribution.batch_size,
                                   cfg.attribution.method, cfg.attribution.shortlist, cfg.attribution.max_memory)
         ranks["ig"] = [_rank(s, cfg.attribution, n_rank) for s in scores]
     if "activation" in cfg.selection:
-        acts = last_token_activations(lm, units_only, fact.prompts)
+        acts = last_token_activations(lm, units_only, select.prompts)
         ranks["activation"] = [activation_ranking(a, u.kind == "neuron", cfg.tau, n_rank) for a, u in zip(acts, units_only)]
     delta: dict[str, dict[str, float]] = {}
     if "delta" in cfg.measures:
@@ -304,6 +312,7 @@ def _sweep_fact(ctx: _SweepContext, fact: Fact) -> dict:
                     ops = [suppress(top[:k]) if op == "suppress" else enhance(top[:k]) for op, k in conds]
                     draws = [(op, rng.sample(range(u.n_units), k)) for _ in range(cfg.random_draws) for op, k in conds]
                     ops += [suppress(r) if op == "suppress" else enhance(r) for op, r in draws]
+                    ops.append(suppress(range(u.n_units)))  # the positive control: every unit of the set
                     if mode == "reconstruction":
                         ops.append(lambda v: v)  # the reconstruction alone
                     rel = relative_change(condition_probs(lm, fact, u, ops, mode), clean[None]).mean(1)
@@ -311,6 +320,7 @@ def _sweep_fact(ctx: _SweepContext, fact: Fact) -> dict:
                     row = {_key(c): float(rel[j]) for j, c in enumerate(conds)}
                     row.update({_key(("random",) + c): float(np.mean([rel[n + d * n + j] for d in range(cfg.random_draws)]))
                                 for j, c in enumerate(conds)})
+                    row["all"] = float(rel[n + cfg.random_draws * n])
                     if mode == "reconstruction":
                         row["recon"] = float(rel[-1])
                     delta[f"{proto}|{mode}|{name}"] = row
@@ -333,6 +343,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         raise KscopeError(f"unknown layer {bad[0]}: the model has layers 0..{n_layers(lm.model) - 1}")
     with make_progress() as progress:
         facts, _ = prepare_facts(lm, cfg.facts, loaded, progress)
+        if cfg.holdout:
+            facts = _splittable(facts)
         t = time.time()
         neurons, feats, infos = _sets(cfg, lm, progress)
         seconds["saes"] = time.time() - t
@@ -365,8 +377,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         t = time.time()
         quality: list[QualityCell] = []
         if {"interpret", "monosemanticity"} & set(cfg.measures):
-            prompts = [p for f in facts for p in f.prompts]
-            owner = [i for i, f in enumerate(facts) for _ in f.prompts]
+            measured = [split_prompts(f, cfg.holdout)[1] for f in facts]
+            prompts = [p for f in measured for p in f.prompts]
+            owner = [i for i, f in enumerate(measured) for _ in f.prompts]
             last_acts = last_token_activations(lm, [u for _, u in set_list], prompts, progress) if "monosemanticity" in cfg.measures else None
             quality = _quality(cfg, lm, facts, set_list, ranks["ig" if "ig" in ranks else "activation"], last_acts, owner, progress,
                                random.Random(cfg.seed))
@@ -383,11 +396,23 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     return result
 
 
+def _splittable(facts: list[Fact]) -> list[Fact]:
+    """The facts a held-out split can use (at least 2 prompts); says how many are left out, refuses if none is left."""
+    kept = [f for f in facts if len(f.prompts) >= 2]
+    if not kept:
+        raise KscopeError("no fact has 2 known prompts for the held-out split (--holdout); use --no-holdout or more paraphrases")
+    if len(kept) < len(facts):
+        from kscope.progress import console
+
+        console.print(f"[yellow]note:[/] {len(facts) - len(kept)} facts with one known prompt are left out of the held-out sweep")
+    return kept
+
+
 def _unkey(row: dict) -> dict:
     """JSON keys back to the tuples ``_cell`` reads: ``suppress|5`` -> ``("suppress", 5)``, ``random|suppress|5`` too."""
     out = {}
     for k, v in row.items():
-        if k == "recon":
+        if k in ("recon", "all"):
             out[k] = v
             continue
         parts = k.split("|")
@@ -418,6 +443,8 @@ def _cell(L: int, site: str, proto: str, mode: str, nrows: list[dict], frows: li
                                                                                 ("top units", "random units"))
     if mode == "reconstruction":
         cell.recon_only = mean_ci([r["recon"] for r in frows])
+    if all("all" in r for r in nrows + frows):
+        cell.all_neuron, cell.all_feature = mean_ci([r["all"] for r in nrows]), mean_ci([r["all"] for r in frows])
     return cell
 
 
@@ -486,7 +513,8 @@ def _width_sweep(cfg: SweepConfig, lm, facts, progress) -> list[WidthPoint]:
         conds = [(op, k) for op in ("suppress", "enhance") for k in cfg.ks]
         rows: list[list[dict]] = [[] for _ in sites]
         for f in facts:
-            scores, _ = prompt_scores(lm, f.prompts, fact_objective(f), units, cfg.attribution.steps, cfg.attribution.batch_size,
+            select, f = split_prompts(f, cfg.holdout)
+            scores, _ = prompt_scores(lm, select.prompts, fact_objective(f), units, cfg.attribution.steps, cfg.attribution.batch_size,
                                       cfg.attribution.method, cfg.attribution.shortlist)
             for j, u in enumerate(units):
                 top = _rank(scores[j], cfg.attribution, max(cfg.ks))

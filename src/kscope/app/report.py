@@ -172,12 +172,16 @@ def sweep_verdict_table(res: SweepResult, selection: str | None = None, ablation
     """Per site and layer: ΔProb of the top-k features vs neurons (mean over facts), the paired verdict, and the random controls."""
     selection = selection or res.config["selection"][0]
     k = max(res.config["ks"])
-    t = Table(f"{op} top-{k}: features vs neurons ({res.n_facts} facts, {res.facts}; selection {selection}, ablation {ablation})",
-              ["site", "layer", "neurons", "features", "random neurons", "random features", "features − neurons", "verdict"])
+    held = "held-out prompts" if res.config.get("holdout") else "in-sample"
+    t = Table(f"{op} top-{k}: features vs neurons ({res.n_facts} facts, {res.facts}; selection {selection}, ablation {ablation}, "
+              f"{held}; 'all': every unit of the kind suppressed)",
+              ["site", "layer", "neurons", "features", "random neurons", "random features", "all neurons", "all features",
+               "features − neurons", "verdict"])
     for c in sorted((c for c in res.cells if c.selection == selection and c.ablation == ablation), key=lambda c: (c.site, c.layer)):
         v = c.verdicts[op][k]
         t.rows.append([c.site, c.layer, ci(c.neuron.delta[op][k]), ci(c.feature.delta[op][k]), ci(c.random_neuron.delta[op][k]),
-                       ci(c.random_feature.delta[op][k]), ci(v.diff), v.says])
+                       ci(c.random_feature.delta[op][k]), ci(c.all_neuron) if op == "suppress" else "–",
+                       ci(c.all_feature) if op == "suppress" else "–", ci(v.diff), v.says])
     return t
 
 

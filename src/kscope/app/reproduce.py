@@ -58,6 +58,8 @@ class ReproduceConfig(Config):
     sweep_ablation: list[str] = option(help="Sweep: features ablated with the SAE 'error' term kept and/or by 'reconstruction' (the "
                                             "paper's protocol).", factory=lambda: ["error"], choices=("error", "reconstruction"),
                                        label="ablation protocol", unique=True)
+    sweep_holdout: bool = option(True, "Sweep: choose units on half of each fact's paraphrases and measure on the other half; "
+                                       "--no-sweep-holdout: in-sample, the paper's protocol.")
     fresh: bool = option(False, "Redo stages whose results already exist (default: reuse those made with the same options).")
     privacy: PrivacyConfig = nested(PrivacyConfig, prefix="privacy-", hide=("early_stop", "seed"))
     privacy_seeds: list[int] = option(help="Seeds of the privacy models (people and secrets); replaces --privacy-seed.",
@@ -138,6 +140,7 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
         "explorer": ExploreConfig(run_dir=str(out), model=cfg.model, corpus=cfg.corpus),
         "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), selection=list(cfg.sweep_selection),
                              ablation=list(cfg.sweep_ablation), widths=list(cfg.sweep_widths), width_layer=cfg.layer,
+                             holdout=cfg.sweep_holdout,
                              sae_train=cfg.sae_train, corpus=cfg.corpus,
                              out_dir=str(out / "sweep")),
     }
