@@ -152,6 +152,25 @@ def load_pararel(
     return out
 
 
+def holdout_option():
+    """The ``--holdout/--no-holdout`` option of every job that chooses units and then measures them."""
+    return option(True, "Choose each fact's units on its even-numbered paraphrases and measure them on the others, so no "
+                        "prompt both selects and evaluates; --no-holdout: the same prompts do both (in-sample, the paper's "
+                        "protocol). Facts with one known prompt are left out of a held-out run.")
+
+
+def splittable(facts: Sequence[Fact]) -> list[Fact]:
+    """The facts a held-out split can use (at least 2 prompts); says how many are left out, refuses if none is left."""
+    kept = [f for f in facts if len(f.prompts) >= 2]
+    if not kept:
+        raise KscopeError("no fact has 2 known prompts for the held-out split; use --no-holdout or more paraphrases")
+    if len(kept) < len(facts):
+        from kscope.progress import console
+
+        console.print(f"[yellow]note:[/] {len(facts) - len(kept)} facts with one known prompt are left out (--holdout)")
+    return kept
+
+
 def split_prompts(fact: Fact, holdout: bool) -> tuple[Fact, Fact]:
     """``(select, measure)`` views of a fact. With ``holdout`` units are chosen on the even-numbered prompts
     (0, 2, ...) and measured on the odd-numbered ones, so no prompt does both; without, both are the whole fact."""

@@ -35,7 +35,7 @@ def _sae(model_dir, tmp_path):
     return out
 
 
-def test_train_sae_then_compare(model_dir, fact_file, tmp_path):
+def test_train_sae_then_compare(model_dir, fact_file, facts, tmp_path):
     sae = _sae(model_dir, tmp_path)
     assert (sae / "cfg.json").exists()
     out = tmp_path / "cmp.json"
@@ -56,6 +56,31 @@ def test_train_sae_then_compare(model_dir, fact_file, tmp_path):
         assert s[kind]["all_delta_prob"]["mean"] < 0  # the positive control: the whole unit set suppressed
     fact = res["facts"][0]
     assert len(fact["layers"]["1"]["neuron"]["top"]) == 10
+    by_uid = {f.uid: f for f in facts}
+    for f in res["facts"]:  # held out: chosen on prompts 0, 2, ...; measured on 1, 3, ...
+        given = by_uid[f["uid"]]
+        assert f["selected_on"] == given.prompts[0::2] and f["prompts"] == given.prompts[1::2]
+        assert len(f["p_clean"]) == len(f["prompts"])
+
+
+def test_analyses_reuse_located_units_only_when_chosen_on_the_same_prompts(facts):
+    """An analysis takes a compare result's units only if they were chosen on its selection prompts: a held-out
+    compare serves a held-out analysis, an in-sample one (or a locate run) does not."""
+    from types import SimpleNamespace as NS
+
+    from kscope.analyses.common import located_tops
+    from kscope.facts import split_prompts
+
+    def result(selected_on):
+        return NS(facts=[NS(uid=f.uid, prompts=f.prompts, selected_on=sel(f),
+                            layers={1: {"neuron": NS(top=[NS(unit=3)]), "feature": NS(top=[NS(unit=4)])}})
+                         for f in facts for sel in [selected_on]])
+
+    held = [split_prompts(f, True)[0] for f in facts]
+    assert located_tops(result(lambda f: f.prompts[0::2]), held, 1) == {"neuron": [[3]] * 3, "feature": [[4]] * 3}
+    assert located_tops(result(lambda f: f.prompts), held, 1) is None
+    assert located_tops(result(lambda f: f.prompts), facts, 1) is not None
+    assert located_tops(result(lambda f: None), facts, 1) is not None  # older results: chosen on their prompts
 
 
 def test_locate_single_fact(model_dir, tmp_path):
@@ -143,6 +168,29 @@ def test_analysis_commands_succeed(model_dir, fact_file, tiny_sae, tmp_path, cmd
         assert res["decompositions"]["pca"]["l0"] <= res["decompositions"]["feature"]["l0"] + 1
     else:
         assert set(res["results"]) == {"neuron", "feature"}
+
+
+def test_monosemanticity_tests_units_on_prompts_they_were_not_chosen_on(model_dir, fact_file, facts, tiny_sae, tmp_path, monkeypatch):
+    import kscope.analyses.common as common
+    import kscope.analyses.monosemanticity as mono
+
+    chosen, related = [], {}
+    real_attr, real_mono = common.attribute_fact, mono.unit_monosemanticity
+    monkeypatch.setattr(common, "attribute_fact", lambda lm, fact, *a, **k: chosen.append(set(fact.prompts)) or real_attr(lm, fact, *a, **k))
+
+    def spy_mono(lm, fs, *a, **k):
+        related.update({f.uid: set(f.prompts) for f in fs})
+        return real_mono(lm, fs, *a, **k)
+
+    monkeypatch.setattr(mono, "unit_monosemanticity", spy_mono)
+    r = runner.invoke(app, ["monosemanticity", "--model", str(model_dir), "--facts", str(fact_file), "--layer", "1", "--sae",
+                            str(tiny_sae), "--known-top-k", "100", "--min-known-prompts", "1", "--out-dir", str(tmp_path), *CORPUS,
+                            "--top-units", "2"])
+    assert r.exit_code == 0, r.output
+    assert set(related) == {f.uid for f in facts}
+    for f in facts:
+        sel = set().union(*(c for c in chosen if c <= set(f.prompts)))
+        assert sel and not sel & related[f.uid] and sel | related[f.uid] == set(f.prompts)
 
 
 def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):

@@ -9,7 +9,7 @@ from typing import Callable
 
 from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, prepare_facts
+from kscope.facts import Fact, FactConfig, holdout_option, prepare_facts, split_prompts, splittable
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.model.loading import LoadedModel, ModelConfig, load_model
@@ -38,6 +38,7 @@ class AnalysisConfig(Config):
 
     model: ModelConfig = nested(ModelConfig)
     facts: FactConfig = nested(FactConfig, max_facts=60)
+    holdout: bool = holdout_option()
     layer: int = option(12, "Layer to analyse.", min=0)
     feature_site: str = option("mlp.out", "Site kind of the SAE features.", flag="site", choices=("mlp.out", "resid.post", "mlp.neurons"), label="site kind")
     sae: str | None = option(None, "SAELens SAE directory; default: train (and cache) one.")
@@ -62,7 +63,7 @@ class AnalysisConfig(Config):
 @dataclass
 class Setup:
     lm: LoadedModel
-    facts: list[Fact]
+    facts: list[Fact]  # with --holdout, each fact's measurement prompts only (its units were chosen on the others)
     loaded: list[Fact]
     neurons: Units
     features: Units
@@ -78,23 +79,27 @@ def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
     lm = load_model(cfg.model)
     check_layer(lm.model, cfg.layer)
     facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress)
+    if cfg.holdout:
+        facts = splittable(facts)
+    select = [split_prompts(f, cfg.holdout)[0] for f in facts]
     sets, infos = unit_sets_for_layers(lm, [cfg.layer], cfg.feature_site, [cfg.sae] if cfg.sae else None, cfg.sae_train,
                                        cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress)
     (neurons, feats), = sets
     tops: dict = {}
     if need_tops:
-        tops = located_tops(tops_file, facts, cfg.layer) if tops_file is not None else None
+        tops = located_tops(tops_file, select, cfg.layer) if tops_file is not None else None
         if tops is None:
             cfg.parallel.validate()
             task = fact_task(cfg.parallel, _locate_fact, (lm, [neurons, feats], cfg), _locate_context, (cfg, infos[cfg.layer].path))
-            keys = fact_keys(facts)
+            keys = fact_keys(select)
             fp = {"model": asdict(cfg.model), "facts": keys, "layer": cfg.layer, "sae": infos[cfg.layer].key or infos[cfg.layer].path,
-                  "attribution": asdict(cfg.attribution)}
-            outcome = map_facts(task, facts, keys, cfg.parallel, Path(cfg.out_dir) / "located.json", fp, progress, "locating")
+                  "attribution": asdict(cfg.attribution), "holdout": cfg.holdout}
+            outcome = map_facts(task, select, keys, cfg.parallel, Path(cfg.out_dir) / "located.json", fp, progress, "locating")
             kept = [i for i, r in enumerate(outcome.rows) if r is not None]
             facts = [facts[i] for i in kept]
             tops = {"neuron": [outcome.rows[i][0] for i in kept], "feature": [outcome.rows[i][1] for i in kept]}
-    return Setup(lm, facts, loaded, neurons, feats, infos[cfg.layer], tops)
+    measured = [split_prompts(f, cfg.holdout)[1] for f in facts]
+    return Setup(lm, measured, loaded, neurons, feats, infos[cfg.layer], tops)
 
 
 def _locate_context(cfg: AnalysisConfig, sae_path: str):
@@ -120,9 +125,10 @@ def _read_located(path: str):
 
 
 def located_tops(res, facts, layer: int) -> dict | None:
-    """Ranked units per fact from a compare/locate result; None if it does not cover these facts."""
+    """Ranked units per fact from a compare/locate result; None if it does not cover these facts or chose its units
+    on other prompts than ``facts`` hold (``facts``: the selection views)."""
     by_uid = {r.uid: r for r in res.facts}
-    if not all(f.uid in by_uid and layer in by_uid[f.uid].layers and {"neuron", "feature"} <= set(by_uid[f.uid].layers[layer])
+    if not all(f.uid in by_uid and (by_uid[f.uid].selected_on or by_uid[f.uid].prompts) == f.prompts and layer in by_uid[f.uid].layers and {"neuron", "feature"} <= set(by_uid[f.uid].layers[layer])
                for f in facts):
         return None
     return {kind: [[u.unit for u in by_uid[f.uid].layers[layer][kind].top] for f in facts] for kind in ("neuron", "feature")}

@@ -28,7 +28,7 @@ from kscope.analyses.autointerp import InterpretConfig, TokenExplainer, interpre
 from kscope.analyses.monosemanticity import auroc
 from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, prepare_facts, split_prompts
+from kscope.facts import Fact, FactConfig, holdout_option, prepare_facts, split_prompts, splittable
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, coarse_select, prompt_scores, rank_units, refine_select
 from kscope.locate.objectives import fact_objective
@@ -68,9 +68,7 @@ class SweepConfig(Config):
     ablation: list[str] = option(help="How features are ablated: 'error' (SAE error term kept) and/or 'reconstruction' (the site "
                                       "replaced by the SAE's reconstruction, error dropped).", factory=lambda: ["error"],
                                  choices=("error", "reconstruction"), label="ablation protocol", unique=True)
-    holdout: bool = option(True, "Choose each fact's units on its even-numbered paraphrases and measure ΔProb and monosemanticity on "
-                                 "the others, so no prompt both selects and evaluates; --no-holdout: the same prompts do both "
-                                 "(in-sample, the paper's protocol). Facts with one prompt are left out of a held-out sweep.")
+    holdout: bool = holdout_option()
     tau: float = option(0.5, "Activation selection: eligible units fire at >= tau x the fact's strongest unit.", min=0.0, max=1.0)
     ks: list[int] = option(help="Numbers of top units intervened on.", factory=lambda: [1, 5, 10], min=1, unique=True)
     random_draws: int = option(3, "Random unit sets of each size per fact (the control).", min=1)
@@ -344,7 +342,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     with make_progress() as progress:
         facts, _ = prepare_facts(lm, cfg.facts, loaded, progress)
         if cfg.holdout:
-            facts = _splittable(facts)
+            facts = splittable(facts)
         t = time.time()
         neurons, feats, infos = _sets(cfg, lm, progress)
         seconds["saes"] = time.time() - t
@@ -394,18 +392,6 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     plot_sweep(result, out / "sweep.png")
     result.save(out / "sweep.json")
     return result
-
-
-def _splittable(facts: list[Fact]) -> list[Fact]:
-    """The facts a held-out split can use (at least 2 prompts); says how many are left out, refuses if none is left."""
-    kept = [f for f in facts if len(f.prompts) >= 2]
-    if not kept:
-        raise KscopeError("no fact has 2 known prompts for the held-out split (--holdout); use --no-holdout or more paraphrases")
-    if len(kept) < len(facts):
-        from kscope.progress import console
-
-        console.print(f"[yellow]note:[/] {len(facts) - len(kept)} facts with one known prompt are left out of the held-out sweep")
-    return kept
 
 
 def _unkey(row: dict) -> dict:

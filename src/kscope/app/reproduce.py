@@ -21,7 +21,7 @@ from kscope.analyses.sweep import SweepConfig, SweepResult
 from kscope.analyses.monosemanticity import MonosemanticityJob, MonosemanticityResult, run_monosemanticity_job
 from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.facts import FactConfig
+from kscope.facts import FactConfig, holdout_option
 from kscope.io import check_writable, read_json, write_json
 from kscope.locate.attribution import AttributionConfig
 from kscope.locate.compare import CompareConfig, CompareResult, run_study
@@ -58,8 +58,6 @@ class ReproduceConfig(Config):
     sweep_ablation: list[str] = option(help="Sweep: features ablated with the SAE 'error' term kept and/or by 'reconstruction' (the "
                                             "paper's protocol).", factory=lambda: ["error"], choices=("error", "reconstruction"),
                                        label="ablation protocol", unique=True)
-    sweep_holdout: bool = option(True, "Sweep: choose units on half of each fact's paraphrases and measure on the other half; "
-                                       "--no-sweep-holdout: in-sample, the paper's protocol.")
     fresh: bool = option(False, "Redo stages whose results already exist (default: reuse those made with the same options).")
     privacy: PrivacyConfig = nested(PrivacyConfig, prefix="privacy-", hide=("early_stop", "seed"))
     privacy_seeds: list[int] = option(help="Seeds of the privacy models (people and secrets); replaces --privacy-seed.",
@@ -69,6 +67,7 @@ class ReproduceConfig(Config):
                                           label="strength", unique=True)
     privacy_runs: list[str] = option(help="Privacy models to make, as STRENGTH-sSEED (e.g. early-s0,early-s1,full-s0); default: every "
                                           "--privacy-strengths x --privacy-seeds.", factory=list, label="privacy run", unique=True)
+    holdout: bool = holdout_option()
     known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
     min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
@@ -129,10 +128,10 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
     out = Path(cfg.out)
     files = _files(cfg)
     facts = FactConfig(facts=cfg.facts, max_facts=cfg.max_facts, known_top_k=cfg.known_top_k, min_known_prompts=cfg.min_known_prompts)
-    common = dict(model=cfg.model, facts=facts, layer=cfg.layer, located=str(files["compare"]), out_dir=str(out),
+    common = dict(model=cfg.model, facts=facts, holdout=cfg.holdout, layer=cfg.layer, located=str(files["compare"]), out_dir=str(out),
                   attribution=AttributionConfig(steps=10), sae_train=cfg.sae_train, corpus=cfg.corpus)
     configs: dict[str, Config] = {
-        "compare": CompareConfig(model=cfg.model, facts=facts, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train,
+        "compare": CompareConfig(model=cfg.model, facts=facts, holdout=cfg.holdout, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train,
                                  corpus=cfg.corpus),
         "faithfulness": FaithfulnessJob(**common),
         "interpret": InterpretJob(**common),
@@ -140,7 +139,7 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
         "explorer": ExploreConfig(run_dir=str(out), model=cfg.model, corpus=cfg.corpus),
         "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), selection=list(cfg.sweep_selection),
                              ablation=list(cfg.sweep_ablation), widths=list(cfg.sweep_widths), width_layer=cfg.layer,
-                             holdout=cfg.sweep_holdout,
+                             holdout=cfg.holdout,
                              sae_train=cfg.sae_train, corpus=cfg.corpus,
                              out_dir=str(out / "sweep")),
     }

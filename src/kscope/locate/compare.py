@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, prepare_facts, resolve_targets
+from kscope.facts import Fact, FactConfig, holdout_option, prepare_facts, resolve_targets, split_prompts, splittable
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob, random_delta_prob, whole_set_delta_prob
@@ -74,6 +74,7 @@ class CompareConfig(StudyConfig):
     """Neurons vs SAE features: locate each known fact with IG, then ΔProb of suppressing/enhancing its top-k units."""
 
     facts: FactConfig = nested(FactConfig, max_facts=60)
+    holdout: bool = holdout_option()
     delta_prob: DeltaProbConfig = nested(DeltaProbConfig)
     out: str = option("runs/compare.json", "Where to write the JSON results.")
 
@@ -106,9 +107,10 @@ class FactLocation:
     object: str
     target_token: str
     multi_token: bool
-    prompts: list[str]
+    prompts: list[str]  # the prompts ΔProb is measured on (p_clean is per prompt)
     layers: dict[int, dict[str, LocatedUnits]] = field(default_factory=dict)
     p_clean: list[float] | None = None
+    selected_on: list[str] | None = None  # the prompts the units were chosen on (the same ones unless --holdout)
 
 
 @dataclass
@@ -169,15 +171,16 @@ def _study_fact(ctx: _StudyContext, fact: Fact) -> dict:
     """One fact: its located units at every layer (and ΔProb of the top-k for compare), as JSON data."""
     lm, cfg = ctx.lm, ctx.cfg
     measure = isinstance(cfg, CompareConfig)
+    select, fact = split_prompts(fact, measure and cfg.holdout)  # ``fact`` keeps the prompts ΔProb is measured on
     row = FactLocation(fact.uid, fact.subject, fact.relation, fact.object, lm.tokenizer.decode([fact.target_id]),
-                       fact.multi_token, fact.prompts)
+                       fact.multi_token, fact.prompts, selected_on=select.prompts)
     p_clean = None
     if measure:
         p_clean, _ = fact_probs(lm.model, lm.tokenizer, fact)
         row.p_clean = p_clean.tolist()
     per_layer = [[u for u in pair if u is not None] for pair in ctx.sets]
     flat = [u for sets in per_layer for u in sets]
-    atts = iter(attribute_fact(lm, fact, flat, cfg.attribution, _ranked(cfg)))  # every layer in one pass per prompt
+    atts = iter(attribute_fact(lm, select, flat, cfg.attribution, _ranked(cfg)))  # every layer in one pass per prompt
     for (neurons, _), unit_sets in zip(ctx.sets, per_layer):
         entry = {}
         for units in unit_sets:
@@ -219,6 +222,8 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
     with make_progress() as progress:
         if facts is None:
             facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress)
+        if measure and cfg.holdout:
+            facts = splittable(facts)
         if with_features:
             sets, infos = unit_sets_for_layers(lm, cfg.layers, cfg.feature_site, cfg.saes or None, tcfg, cfg.corpus,
                                                cfg.model.device, cfg.model.cache_dir, progress)
