@@ -515,7 +515,8 @@ def _width_sweep(cfg: SweepConfig, lm, facts, progress) -> list[WidthPoint]:
 
 
 def plot_sweep(result: SweepResult, path) -> None:
-    """Each measure against layer: one line per unit kind and site, 95 % bands; random units dashed."""
+    """Each measure against layer: one line per unit kind and site, 95 % bands; random units dashed or dotted, every
+    unit suppressed (the positive control) dash-dotted."""
     plt = pyplot()
     cells = [c for c in result.cells if c.selection == result.config["selection"][0] and c.ablation == "error"]
     k = max(result.config["ks"])
@@ -539,10 +540,14 @@ def plot_sweep(result: SweepResult, path) -> None:
         xs = [c.layer for c in nc]
         line(ax, xs, [c.neuron.delta[op][k] for c in nc], colors["neuron"], "neurons")
         line(ax, xs, [c.random_neuron.delta[op][k] for c in nc], colors["neuron"], "random neurons", "--")
+        if op == "suppress" and all(c.all_neuron for c in nc):  # the positive control
+            line(ax, xs, [c.all_neuron for c in nc], colors["neuron"], "all neurons", "-.")
         for site in result.sites:
             sc = sorted((c for c in cells if c.site == site), key=lambda c: c.layer)
             line(ax, [c.layer for c in sc], [c.feature.delta[op][k] for c in sc], colors.get(site, "k"), f"features {site}")
             line(ax, [c.layer for c in sc], [c.random_feature.delta[op][k] for c in sc], colors.get(site, "k"), f"random {site}", ":")
+            if op == "suppress" and all(c.all_feature for c in sc):
+                line(ax, [c.layer for c in sc], [c.all_feature for c in sc], colors.get(site, "k"), f"all {site}", "-.")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("layer")
         ax.set_title(title)

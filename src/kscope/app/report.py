@@ -213,6 +213,26 @@ def sweep_band_table(res: SweepResult) -> Table:
     return t
 
 
+def sweep_protocol_table(res: SweepResult, op: str = "suppress") -> Table:
+    """Per site and layer, features − neurons under every selection x ablation protocol of the run, and what the
+    reconstruction alone does (the part of a reconstruction-ablation effect that is not the features')."""
+    k = max(res.config["ks"])
+    protos = [(sel, abl) for sel in res.config["selection"] for abl in res.config["ablation"]]
+    recon = "reconstruction" in res.config["ablation"]
+    t = Table(f"{op} top-{k}, features − neurons under each protocol (selection, ablation; {res.n_facts} facts, {res.facts})",
+              ["site", "layer", *[f"{sel}, {abl}" for sel, abl in protos], *(["reconstruction alone"] if recon else [])])
+    by = {(c.site, c.layer, c.selection, c.ablation): c for c in res.cells}
+    for site, layer in sorted({(c.site, c.layer) for c in res.cells}):
+        row = [site, layer]
+        for sel, abl in protos:
+            v = by[(site, layer, sel, abl)].verdicts[op][k]
+            row.append(f"{ci(v.diff, '+.2f')} {v.says}")
+        if recon:
+            row.append(ci(by[(site, layer, res.config["selection"][0], "reconstruction")].recon_only, "+.2f"))
+        t.rows.append(row)
+    return t
+
+
 def sweep_quality_table(res: SweepResult) -> Table:
     t = Table("Interpretability score and monosemanticity AUROC of the top units", ["site", "layer", "IS neurons", "IS features",
                                                                                       "IS verdict", "AUROC neurons", "AUROC features",
@@ -243,10 +263,9 @@ def sweep_sae_table(res: SweepResult) -> Table:
 
 
 def sweep_tables(res: SweepResult) -> list[Table]:
-    out = [sweep_band_table(res)]
-    for sel in res.config["selection"]:
-        for abl in res.config["ablation"]:
-            out.append(sweep_verdict_table(res, sel, abl, "suppress"))
+    out = [sweep_band_table(res), sweep_verdict_table(res, res.config["selection"][0], res.config["ablation"][0], "suppress")]
+    if len(res.config["selection"]) * len(res.config["ablation"]) > 1:
+        out.append(sweep_protocol_table(res))
     if res.quality:
         out.append(sweep_quality_table(res))
     if res.widths:
