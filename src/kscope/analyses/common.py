@@ -128,8 +128,13 @@ def located_tops(res, facts, layer: int) -> dict | None:
     """Ranked units per fact from a compare/locate result; None if it does not cover these facts or chose its units
     on other prompts than ``facts`` hold (``facts``: the selection views)."""
     by_uid = {r.uid: r for r in res.facts}
-    if not all(f.uid in by_uid and (by_uid[f.uid].selected_on or by_uid[f.uid].prompts) == f.prompts and layer in by_uid[f.uid].layers and {"neuron", "feature"} <= set(by_uid[f.uid].layers[layer])
-               for f in facts):
+
+    def covers(f) -> bool:
+        r = by_uid.get(f.uid)
+        return (r is not None and (r.selected_on or r.prompts) == f.prompts and layer in r.layers
+                and {"neuron", "feature"} <= set(r.layers[layer]))
+
+    if not all(covers(f) for f in facts):
         return None
     return {kind: [[u.unit for u in by_uid[f.uid].layers[layer][kind].top] for f in facts] for kind in ("neuron", "feature")}
 
