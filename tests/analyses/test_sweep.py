@@ -66,6 +66,7 @@ def test_sweep_writes_every_cell_with_controls(files, tmp_path):
     assert [c.neuron.delta["suppress"][3].mean for c in e] == [c.neuron.delta["suppress"][3].mean for c in rc]
     assert len(res.quality) == 4 and all(q.is_feature is not None and q.auroc_neuron is not None for q in res.quality)
     assert {(w.site, w.expansion) for w in res.widths} == {(s, x) for s in ("mlp.out", "resid.post") for x in (1, 2)}
+    assert all(w.random_delta["suppress"][3].n == 3 and w.all_delta.n == 3 for w in res.widths)  # controls at every width
     assert set(res.saes) == {"0/mlp.out", "0/resid.post", "2/mlp.out", "2/resid.post"}
     assert all(i.stats and i.stats["n_train_tokens"] > 0 for i in res.saes.values())
 

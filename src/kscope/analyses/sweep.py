@@ -155,6 +155,8 @@ class WidthPoint:
     n_features: int
     explained_variance: float | None
     delta: dict[str, dict[int, Interval]]
+    random_delta: dict[str, dict[int, Interval]] | None = None  # random features of this SAE at the same k
+    all_delta: Interval | None = None  # positive control: every feature suppressed
 
 
 @dataclass
@@ -299,30 +301,41 @@ def _sweep_fact(ctx: _SweepContext, fact: Fact) -> dict:
     delta: dict[str, dict[str, float]] = {}
     if "delta" in cfg.measures:
         rng = random.Random(f"{cfg.seed}:{fact.uid}")
-        conds = [(op, k) for op in ("suppress", "enhance") for k in cfg.ks]
         clean = condition_probs(lm, fact, units_only[0], [lambda v: v], "error")[0]
         for proto in ranks:
             for mode in cfg.ablation:
                 for s, (name, u) in enumerate(set_list):
                     if mode == "reconstruction" and u.kind == "neuron":
                         continue  # neurons have no reconstruction: the 'error' numbers serve
-                    top = ranks[proto][s]
-                    ops = [suppress(top[:k]) if op == "suppress" else enhance(top[:k]) for op, k in conds]
-                    draws = [(op, rng.sample(range(u.n_units), k)) for _ in range(cfg.random_draws) for op, k in conds]
-                    ops += [suppress(r) if op == "suppress" else enhance(r) for op, r in draws]
-                    ops.append(suppress(range(u.n_units)))  # the positive control: every unit of the set
-                    if mode == "reconstruction":
-                        ops.append(lambda v: v)  # the reconstruction alone
-                    rel = relative_change(condition_probs(lm, fact, u, ops, mode), clean[None]).mean(1)
-                    n = len(conds)
-                    row = {_key(c): float(rel[j]) for j, c in enumerate(conds)}
-                    row.update({_key(("random",) + c): float(np.mean([rel[n + d * n + j] for d in range(cfg.random_draws)]))
-                                for j, c in enumerate(conds)})
-                    row["all"] = float(rel[n + cfg.random_draws * n])
-                    if mode == "reconstruction":
-                        row["recon"] = float(rel[-1])
-                    delta[f"{proto}|{mode}|{name}"] = row
+                    delta[f"{proto}|{mode}|{name}"] = _measure(lm, fact, u, ranks[proto][s], cfg, rng, mode, clean)
     return {"ranks": ranks, "delta": delta}
+
+
+def _conds(ks: Sequence[int]) -> list[tuple[str, int]]:
+    """The ΔProb conditions: suppress and enhance at every k."""
+    return [(op, k) for op in ("suppress", "enhance") for k in ks]
+
+
+def _measure(lm, fact: Fact, u: Units, top: Sequence[int], cfg: SweepConfig, rng: random.Random, mode: str,
+             clean: np.ndarray) -> dict[str, float]:
+    """ΔProb of one unit set on one fact, as JSON keys: the top-k ops, the mean of ``cfg.random_draws`` random sets per
+    op and k (the control), every unit suppressed (``all``, the positive control) and, under reconstruction
+    ablation, the reconstruction alone (``recon``). All conditions are rows of one batched pass per prompt."""
+    conds = _conds(cfg.ks)
+    ops = [suppress(top[:k]) if op == "suppress" else enhance(top[:k]) for op, k in conds]
+    draws = [(op, rng.sample(range(u.n_units), k)) for _ in range(cfg.random_draws) for op, k in conds]
+    ops += [suppress(r) if op == "suppress" else enhance(r) for op, r in draws]
+    ops.append(suppress(range(u.n_units)))
+    if mode == "reconstruction":
+        ops.append(lambda v: v)
+    rel = relative_change(condition_probs(lm, fact, u, ops, mode), clean[None]).mean(1)
+    n = len(conds)
+    row = {_key(c): float(rel[j]) for j, c in enumerate(conds)}
+    row.update({_key(("random",) + c): float(np.mean([rel[n + d * n + j] for d in range(cfg.random_draws)])) for j, c in enumerate(conds)})
+    row["all"] = float(rel[n + cfg.random_draws * n])
+    if mode == "reconstruction":
+        row["recon"] = float(rel[-1])
+    return row
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
@@ -413,9 +426,14 @@ def _interval_dict(rows: list[dict], conds) -> dict[str, dict[int, Interval]]:
     return out
 
 
+def _random_rows(rows: list[dict], conds) -> list[dict]:
+    """Each row's random-control values under the keys ``_interval_dict`` reads."""
+    return [{c: r[("random",) + c] for c in conds} for r in rows]
+
+
 def _cell(L: int, site: str, proto: str, mode: str, nrows: list[dict], frows: list[dict], ks: Sequence[int]) -> Cell:
-    conds = [(op, k) for op in ("suppress", "enhance") for k in ks]
-    rand = lambda rows: [{c: r[("random",) + c] for c in conds} for r in rows]  # noqa: E731
+    conds = _conds(ks)
+    rand = lambda rows: _random_rows(rows, conds)  # noqa: E731
     cell = Cell(L, site, proto, mode, KindStats(_interval_dict(nrows, conds)), KindStats(_interval_dict(frows, conds)),
                 KindStats(_interval_dict(rand(nrows), conds)), KindStats(_interval_dict(rand(frows), conds)))
     for op, k in conds:
@@ -486,7 +504,7 @@ def _quality(cfg, lm, facts, set_list, ranks, last_acts, owner, progress, rng) -
 
 def _width_sweep(cfg: SweepConfig, lm, facts, progress) -> list[WidthPoint]:
     """At ``width_layer``: SAEs of each width per site (trained together per width), IG-selected top-k features,
-    ΔProb of suppressing / enhancing them (error term kept)."""
+    ΔProb of suppressing / enhancing them (error term kept), beside random features and every feature suppressed."""
     from dataclasses import replace
 
     out = []
@@ -496,21 +514,21 @@ def _width_sweep(cfg: SweepConfig, lm, facts, progress) -> list[WidthPoint]:
         sites = [Site(L, s) for s in cfg.sites]
         got = obtain_saes(lm, sites, tcfg, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress)
         units = [feature_units(lm.model, got[s][0], s) for s in sites]
-        conds = [(op, k) for op in ("suppress", "enhance") for k in cfg.ks]
+        conds = _conds(cfg.ks)
         rows: list[list[dict]] = [[] for _ in sites]
         for f in facts:
             select, f = split_prompts(f, cfg.holdout)
+            rng = random.Random(f"{cfg.seed}:width{exp}:{f.uid}")
             scores, _ = prompt_scores(lm, select.prompts, fact_objective(f), units, cfg.attribution.steps, cfg.attribution.batch_size,
                                       cfg.attribution.method, cfg.attribution.shortlist)
             for j, u in enumerate(units):
                 top = _rank(scores[j], cfg.attribution, max(cfg.ks))
-                ops = [suppress(top[:k]) if op == "suppress" else enhance(top[:k]) for op, k in conds]
                 clean = condition_probs(lm, f, u, [lambda v: v], "error")[0]
-                rel = relative_change(condition_probs(lm, f, u, ops, "error"), clean[None]).mean(1)
-                rows[j].append({c: float(rel[i]) for i, c in enumerate(conds)})
+                rows[j].append(_unkey(_measure(lm, f, u, top, cfg, rng, "error", clean)))
         for j, s in enumerate(sites):
             stats = got[s][1].stats or {}
-            out.append(WidthPoint(s.kind, exp, units[j].n_units, stats.get("explained_variance"), _interval_dict(rows[j], conds)))
+            out.append(WidthPoint(s.kind, exp, units[j].n_units, stats.get("explained_variance"), _interval_dict(rows[j], conds),
+                                  _interval_dict(_random_rows(rows[j], conds), conds), mean_ci([r["all"] for r in rows[j]])))
     return out
 
 
@@ -573,6 +591,9 @@ def plot_sweep(result: SweepResult, path) -> None:
         for site in result.sites:
             pts = sorted((w for w in result.widths if w.site == site), key=lambda w: w.expansion)
             line(ax, [w.expansion for w in pts], [w.delta["suppress"][k] for w in pts], colors.get(site, "k"), f"features {site}")
+            if all(w.random_delta for w in pts):
+                line(ax, [w.expansion for w in pts], [w.random_delta["suppress"][k] for w in pts], colors.get(site, "k"),
+                     f"random {site}", ":")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("SAE width (x site width)")
         ax.set_title(f"top-{k} suppressed vs width, layer {result.config['width_layer']}")

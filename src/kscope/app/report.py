@@ -245,11 +245,12 @@ def sweep_quality_table(res: SweepResult) -> Table:
 
 def sweep_width_table(res: SweepResult) -> Table:
     k = max(res.config["ks"])
-    t = Table(f"Width sweep at layer {res.config['width_layer']}", ["site", "width", "features", "explained var.",
-                                                                     f"suppress top-{k}", f"enhance top-{k}"])
+    t = Table(f"Width sweep at layer {res.config['width_layer']} (random: random features of the same SAE; all: every feature "
+              "suppressed)", ["site", "width", "features", "explained var.", f"suppress top-{k}", f"enhance top-{k}",
+                              f"random suppress {k}", "all features"])
     for w in sorted(res.widths, key=lambda w: (w.site, w.expansion)):
         t.rows.append([w.site, f"{w.expansion}x", w.n_features, fmt(w.explained_variance, ".3f"), ci(w.delta["suppress"][k]),
-                       ci(w.delta["enhance"][k])])
+                       ci(w.delta["enhance"][k]), ci(w.random_delta["suppress"][k]) if w.random_delta else "–", ci(w.all_delta)])
     return t
 
 
