@@ -72,9 +72,9 @@ def test_analyses_reuse_located_units_only_when_chosen_on_the_same_prompts(facts
     from kscope.facts import split_prompts
 
     def result(selected_on):
-        return NS(facts=[NS(uid=f.uid, prompts=f.prompts, selected_on=sel(f),
+        return NS(facts=[NS(uid=f.uid, prompts=f.prompts, selected_on=selected_on(f),
                             layers={1: {"neuron": NS(top=[NS(unit=3)]), "feature": NS(top=[NS(unit=4)])}})
-                         for f in facts for sel in [selected_on]])
+                         for f in facts])
 
     held = [split_prompts(f, True)[0] for f in facts]
     assert located_tops(result(lambda f: f.prompts[0::2]), held, 1) == {"neuron": [[3]] * 3, "feature": [[4]] * 3}
