@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import kscope  # noqa: F401  first: it sets MKL's reproducible mode before torch loads MKL
 import pytest
 import torch
 

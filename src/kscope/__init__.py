@@ -9,7 +9,11 @@ The public API is re-exported here (imported on first use, so ``import kscope`` 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Before torch loads MKL: matrix products whose digits do not depend on the thread count (kscope.numerics).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.2.0"
 

@@ -420,8 +420,9 @@ def stamp(results) -> str:
     for name, i in sorted(_saes_of(results).items()):
         s = i.stats or {}
         ev = s.get("explained_variance")
+        weights = f", weights {i.weights}" if i.weights else ""
         parts.append(f"{name} {i.key or Path(i.path).name} ({s.get('n_train_tokens', '?')} tokens, "
-                     f"EV {ev:.2f}, dead {100 * s.get('dead_fraction', 0):.0f} %)" if ev is not None else f"{name} {i.path}")
+                     f"EV {ev:.2f}, dead {100 * s.get('dead_fraction', 0):.0f} %{weights})" if ev is not None else f"{name} {i.path}")
     return (f"_kscope {results.kscope_version}; model {results.model}; {results.facts_note}; config {digest}"
             + (f"; SAEs: {'; '.join(parts)}" if parts else "") + "_")
 

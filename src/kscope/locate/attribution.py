@@ -14,7 +14,6 @@ blocks below it forward and backward; and dP/dlogits is written in closed form, 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -24,6 +23,7 @@ from torch import nn
 from kscope.config import Config, option
 from kscope.facts import Fact
 from kscope.locate.objectives import Objective, fact_objective
+from kscope.model.head import head_logits, plain_head
 from kscope.model.hooks import hooked
 from kscope.model.prefix import PrefixRunner
 from kscope.model.readout import pad_rows
@@ -52,39 +52,6 @@ class AttributionConfig(Config):
     coarse_threshold: float = option(0.2, "Coarse selection: keep units scoring >= t x the prompt's max score.", min=0.0, max=1.0)
     refine_frac: float = option(0.5, "Refinement: keep units selected on >= this fraction of a fact's prompts.", min=0.0, max=1.0)
     top_k: int = option(10, "Units reported per fact.", min=1)
-
-
-_PLAIN_HEAD: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def plain_head(model) -> nn.Linear | None:
-    """The LM head if ``logits == head(base_model(x))`` exactly (no soft-capping or scaling after it); checked once per model."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or model.base_model is model:
-        return None
-    if getattr(getattr(model, "config", None), "final_logit_softcapping", None):  # Gemma 2: tanh after the head
-        return None
-    if model not in _PLAIN_HEAD:
-        ids = torch.arange(3, device=head.weight.device)[None]
-        with torch.no_grad():
-            full = model(input_ids=ids, use_cache=False).logits
-            ours = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
-        _PLAIN_HEAD[model] = full.shape == ours.shape and bool(torch.allclose(full, ours, rtol=1e-4, atol=1e-5))
-    return head if _PLAIN_HEAD[model] else None
-
-
-def head_logits(head: nn.Linear, h: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """``head(h)`` ``[rows, vocab]``; on CPU in vocabulary slices of ``chunk`` rows of the weight,
-    which runs ~15-30 % faster than one ``h @ W.T`` with a large vocabulary (measured, 2 cores)."""
-    if h.device.type != "cpu":
-        return head(h)
-    w = head.weight
-    out = h.new_empty(h.shape[0], w.shape[0])
-    for i in range(0, w.shape[0], chunk):
-        torch.mm(h, w[i : i + chunk].T, out=out[:, i : i + chunk])
-    if head.bias is not None:
-        out += head.bias
-    return out
 
 
 def answer_prob_grad(head: nn.Linear, h: torch.Tensor, target_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -196,26 +196,14 @@ def model_slug(name: str) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's architecture and weights (every tensor's shape, sum and edge values):
-    caches of things a model's activations shape (SAEs, generated text) are keyed by it, so a rebuilt
-    model with the same path does not reuse them."""
+    """A short hash of a model's architecture, config and every weight's bytes: caches of things a model's
+    activations shape (SAEs, generated text) are keyed by it, so a rebuilt model with the same path does not
+    reuse them. Bytes, not sums, so it does not depend on the thread count."""
     import hashlib
     import json
 
-    h = hashlib.sha256(type(model).__name__.encode())
+    from kscope.numerics import tensor_hash
+
     cfg = getattr(model, "config", None)
-    if cfg is not None:
-        h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    # A float32 sum depends on how many threads reduce it: fix their number (2, what the caches were keyed
-    # with), so a worker with one thread finds the same caches.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            for name, p in model.state_dict().items():
-                flat = p.detach().reshape(-1).float().cpu()
-                h.update(f"{name}{tuple(p.shape)}{float(flat.sum()):.6e}".encode())
-                h.update(flat[:16].numpy().tobytes() + flat[-16:].numpy().tobytes())
-    finally:
-        torch.set_num_threads(threads)
-    return h.hexdigest()[:16]
+    text = type(model).__name__ + (json.dumps(cfg.to_dict(), sort_keys=True, default=str) if cfg is not None else "")
+    return hashlib.sha256((text + tensor_hash(model.state_dict())).encode()).hexdigest()[:16]

@@ -8,6 +8,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from kscope.model.head import head_logits, plain_head
 from kscope.model.hooks import EditFn, at_positions, hooked, site_activations
 from kscope.model.sites import Site
 
@@ -52,8 +53,6 @@ class PromptBatch:
 def logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
     """Logits at ``positions`` ``[batch, P]`` of each row, ``[batch, P, vocab]``: the LM head runs only there
     (when the model's head is a plain linear map; else it runs everywhere and is gathered)."""
-    from kscope.locate.attribution import head_logits, plain_head
-
     head = plain_head(model)
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
     if head is None:

@@ -25,8 +25,9 @@ from kscope.config import Config, nested, option, parse_layers, require
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
 from kscope.io import check_writable
-from kscope.locate.attribution import METHODS as ATTRIBUTION_METHODS, gradient_taps, plain_head, prompt_scores
+from kscope.locate.attribution import METHODS as ATTRIBUTION_METHODS, gradient_taps, prompt_scores
 from kscope.locate.objectives import fact_objective
+from kscope.model.head import plain_head
 from kscope.model.hooks import BlockReplay, ReplayMismatch, hooked
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.prefix import continuation_nlls_many

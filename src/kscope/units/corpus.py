@@ -23,6 +23,7 @@ from kscope.io import read_json, write_json
 from kscope.model.hooks import site_activations
 from kscope.model.loading import default_cache_dir, model_slug
 from kscope.model.readout import pad_rows
+from kscope.model.sampling import sample
 from kscope.model.sites import Site
 
 
@@ -97,17 +98,19 @@ def hf_dataset_texts(name: str, split: str = "train", column: str = "text", limi
         raise KscopeError(f"cannot read dataset {name}: {e}") from e
 
 
+GEN_VERSION = "v4"  # bumped whenever the sampler changes what it writes: cached text of older code is not reused
 GEN_BATCH = 256  # sequences sampled together (each batch has a seed of its own); wide batches use the CPU better
 GEN_GROUP = 64  # rows of a batch that share one opening word
 
 
 @torch.no_grad()
 def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progress: Progress | None = None) -> list[str]:
-    """Sample sequences ``start .. start + n - 1`` (top-p 0.95) from the model itself: an offline activation source.
+    """Sample sequences ``start .. start + n - 1`` (top-k 50, top-p 0.95: ``generate``'s distribution, drawn by
+    ``kscope.model.sampling``) from the model itself: an offline activation source.
 
-    Sequences come in batches of ``GEN_BATCH`` with a seed of their own, so a longer corpus begins with a shorter one
-    (``start`` must be a multiple of ``GEN_BATCH``); each ``GEN_GROUP`` rows share a one-word opening (no padding:
-    if the openings of a batch tokenize to different lengths, the batch uses its first one).
+    Sequences come in batches of ``GEN_BATCH`` with a generator seeded of their own, so a longer corpus begins with a
+    shorter one (``start`` must be a multiple of ``GEN_BATCH``); each ``GEN_GROUP`` rows share a one-word opening (no
+    padding: if the openings of a batch tokenize to different lengths, the batch uses its first one).
     """
     if n <= 0:
         return []
@@ -122,13 +125,12 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progr
     for i in range(start, start + n, GEN_BATCH):
         b = min(GEN_BATCH, start + n - i)
         k = i // GEN_BATCH
-        torch.manual_seed(seed * 1_000_003 + k)
         rows = [opening[starts[(k * GEN_BATCH // GEN_GROUP + j // GEN_GROUP) % len(starts)]] for j in range(b)]
         if len({len(r) for r in rows}) > 1:
             rows = [rows[0]] * b
         ids = torch.tensor(rows, device=lm.device)
-        seqs = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
-                                 max_new_tokens=length, pad_token_id=tok.pad_token_id)
+        seqs = sample(lm.model, ids, length, torch.Generator().manual_seed(seed * 1_000_003 + k), eos=tok.eos_token_id,
+                      pad=tok.pad_token_id if tok.pad_token_id is not None else 0)
         out.extend(tok.decode(s_, skip_special_tokens=True) for s_ in seqs)
         if progress:
             progress.advance(task, b)
@@ -141,7 +143,7 @@ def cached_generation(lm, n: int, length: int, seed: int, progress: Progress | N
     if n <= 0:
         return []
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "texts" / f"{model_slug(lm.name)}-{lm.fingerprint}"
-    path = root / f"gen-n{n}-len{length}-s{seed}-v3.json"
+    path = root / f"gen-n{n}-len{length}-s{seed}-{GEN_VERSION}.json"
 
     def read(p: Path) -> list[str] | None:
         try:
@@ -153,7 +155,7 @@ def cached_generation(lm, n: int, length: int, seed: int, progress: Progress | N
     if path.exists() and (texts := read(path)) is not None and len(texts) == n:
         return texts
     have: list[str] = []
-    for p in root.glob(f"gen-n*-len{length}-s{seed}-v3.json"):
+    for p in root.glob(f"gen-n*-len{length}-s{seed}-{GEN_VERSION}.json"):
         m = int(p.name.split("-n", 1)[1].split("-", 1)[0])
         if m < n and m % GEN_BATCH == 0 and m > len(have) and (texts := read(p)) is not None and len(texts) == m:
             have = texts

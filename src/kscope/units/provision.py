@@ -25,7 +25,8 @@ from kscope.model.sites import Site, check_layer, site_dim
 from kscope.units.base import FeatureUnits, NeuronUnits
 from kscope.units.corpus import Corpus, CorpusConfig, build_corpus, collect_activations
 from kscope.units.sae import evaluate_sae, feature_units, load_sae, save_sae
-from kscope.units.training import TrainSAEConfig, check_width, drop_outliers, train_saes
+from kscope.numerics import numerics_info, tensor_hash
+from kscope.units.training import TRAINING_VERSION, TrainSAEConfig, check_width, drop_outliers, train_saes
 
 
 @dataclass
@@ -38,6 +39,7 @@ class SAEInfo:
     stats: dict | None = None
     corpus: dict | None = None
     key: str | None = None
+    weights: str | None = None  # hash of the SAE's weights (kscope.numerics.tensor_hash): tells two SAEs of one key apart
 
     def summary(self) -> str:
         s = self.stats or {}
@@ -49,9 +51,9 @@ class SAEInfo:
 
 
 def sae_key(fingerprint: str, site: Site, tcfg: TrainSAEConfig, corpus: Corpus, seq_len: int) -> str:
-    """Hash of everything that shapes a trained SAE."""
+    """Hash of everything that shapes a trained SAE, the version of the training code included."""
     text = json.dumps({"model": fingerprint, "site": site.name, "arch": "topk", "train": asdict(tcfg),
-                       "corpus": corpus.identity, "seq_len": seq_len}, sort_keys=True)
+                       "corpus": corpus.identity, "seq_len": seq_len, "code": TRAINING_VERSION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -60,10 +62,30 @@ def cached_sae_dir(lm, site: Site, tcfg: TrainSAEConfig, key: str, cache_dir: st
     return root / "saes" / f"{model_slug(lm.name)}-{lm.fingerprint}" / f"L{site.layer}-{site.kind}-x{tcfg.expansion}-k{tcfg.k}-{key}"
 
 
-def _info(site: Site, path: Path | str, source: str) -> SAEInfo:
+def weights_hash(sae) -> str:
+    return tensor_hash(sae.state_dict())
+
+
+def _info(site: Site, path: Path | str, source: str, sae=None) -> SAEInfo:
     meta = Path(path) / "kscope.json"
     extra = read_json(meta) if meta.exists() else {}
-    return SAEInfo(site.name, str(path), source, extra.get("stats"), extra.get("corpus"), extra.get("key"))
+    return SAEInfo(site.name, str(path), source, extra.get("stats"), extra.get("corpus"), extra.get("key"),
+                   weights_hash(sae) if sae is not None else extra.get("weights"))
+
+
+def _cached(path: Path, device: str):
+    """The SAE cached at ``path`` if its weights hash to what its ``kscope.json`` promises, else None (with a note)."""
+    if not ((path / "cfg.json").exists() and (path / "kscope.json").exists()):
+        return None
+    sae = load_sae(str(path), device)
+    want = read_json(path / "kscope.json").get("weights")
+    if want != weights_hash(sae):
+        from kscope.progress import console
+
+        console.print(f"[yellow]note:[/] cached SAE {path.name} does not hash to what its key promises "
+                      f"({want or 'no hash recorded'}): training it again", soft_wrap=True)
+        return None
+    return sae
 
 
 def _load_given(lm, path: str, site: Site, device: str):
@@ -72,7 +94,7 @@ def _load_given(lm, path: str, site: Site, device: str):
     if feats.site != site:
         raise KscopeError(f"SAE {path} was trained on {feats.site.name}, not on {site.name}; pass --site {feats.site.kind} "
                           f"and its layer, or another SAE")
-    return sae, _info(site, path, "given")
+    return sae, _info(site, path, "given", sae)
 
 
 def obtain_saes(
@@ -103,14 +125,16 @@ def obtain_saes(
     dirs = {s: (out_dirs or {}).get(s) or cached_sae_dir(lm, s, tcfg, keys[s], cache_dir) for s in todo}
     missing = []
     for s in todo:
-        if out_dirs is None and (dirs[s] / "cfg.json").exists() and (dirs[s] / "kscope.json").exists():
-            out[s] = (load_sae(str(dirs[s]), device), _info(s, dirs[s], "cached"))
+        sae = _cached(dirs[s], device) if out_dirs is None else None
+        if sae is not None:
+            out[s] = (sae, _info(s, dirs[s], "cached", sae))
         else:
             missing.append(s)
     if missing:
         train_texts, held_texts = corpus.split()
-        store = torch.bfloat16 if len(missing) > 4 else torch.float32  # many sites x 300k tokens: halve the memory
-        acts = collect_activations(lm, missing, train_texts, tcfg.max_tokens, ccfg.seq_len, progress=progress, dtype=store)
+        # bfloat16 halves the memory of many sites x 300k tokens; one dtype whatever the number of sites, so an SAE
+        # does not depend on which others are trained beside it
+        acts = collect_activations(lm, missing, train_texts, tcfg.max_tokens, ccfg.seq_len, progress=progress, dtype=torch.bfloat16)
         n_held = max(2048, int(tcfg.max_tokens * ccfg.heldout_frac / (1 - ccfg.heldout_frac)))
         held = collect_activations(lm, missing, held_texts, n_held, ccfg.seq_len, progress=progress)
         dropped = {}
@@ -127,10 +151,12 @@ def obtain_saes(
             stats = evaluate_sae(trained[s], held[s]).to_dict()
             stats["n_train_tokens"] = int(acts[s].shape[0])
             stats["n_outliers_dropped"] = {"train": dropped[s][0], "heldout": dropped[s][1]}
-            meta = {"site": s.name, "model": lm.name, "model_fingerprint": lm.fingerprint, "key": keys[s],
-                    "train": asdict(tcfg), "corpus": corpus_meta, "stats": stats}
+            meta = {"site": s.name, "model": lm.name, "model_fingerprint": lm.fingerprint, "key": keys[s], "code": TRAINING_VERSION,
+                    "weights": weights_hash(trained[s]), "numerics": numerics_info(device), "train": asdict(tcfg),
+                    "corpus": corpus_meta, "stats": stats}
             save_sae(trained[s], dirs[s], meta)
-            out[s] = (load_sae(str(dirs[s]), device), _info(s, dirs[s], "trained"))
+            sae = load_sae(str(dirs[s]), device)
+            out[s] = (sae, _info(s, dirs[s], "trained", sae))
     return out
 
 

@@ -4,6 +4,7 @@ collects with its hooks (SAELens' runner needs a TransformerLens model, which GG
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import tempfile
 from dataclasses import dataclass
@@ -79,17 +80,50 @@ def check_width(cfg: TrainSAEConfig, d_in: int) -> None:
                           "lower k or raise the expansion")
 
 
+TRAINING_VERSION = 2
+"""Bumped whenever the training code changes what it produces: part of every SAE cache key, so a cached SAE
+from older code never answers for newer code."""
+
+
+def site_seed(seed: int, site: Site) -> int:
+    """The seed of one site's SAE: its initialisation does not depend on which SAEs are trained beside it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{site.name}".encode()).digest()[:4], "little")
+
+
+def batch_and_steps(cfg: TrainSAEConfig, n_rows: int) -> tuple[int, int]:
+    """Batch size and steps of a site's SAE with ``n_rows`` training rows: ``epochs`` passes over its own rows."""
+    batch = min(cfg.batch_tokens, n_rows)
+    return batch, max(1, math.ceil(cfg.epochs * n_rows / batch))
+
+
 def train_saes(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name: str, device: str = "cpu") -> dict[Site, object]:
     """Train one SAELens TopK SAE per site, side by side (SAELens' ``MultiSAETrainer``: every step feeds each
     SAE a batch of its site's activations ``[n_site, d]``, the same tokens where the sites keep the same rows);
-    returns the inference SAEs. Outliers (``cfg.outlier_factor``) are assumed removed already."""
+    returns the inference SAEs. Outliers (``cfg.outlier_factor``) are assumed removed already.
+
+    Each SAE depends only on its own site's activations and the options: its seed, its data order, its
+    ``b_dec`` and the number of steps are its own, so training it alone or beside others gives the same
+    weights, bit for bit on CPU (``kscope.numerics``)."""
+    groups: dict[tuple[int, int], dict[Site, torch.Tensor]] = {}
+    for site, a in acts.items():  # SAEs of the same batch and steps train in lockstep
+        groups.setdefault(batch_and_steps(cfg, a.shape[0]), {})[site] = a
+    out: dict[Site, object] = {}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for (batch, steps), part in groups.items():
+            out.update(_train_group(part, cfg, model_name, device, batch, steps))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    return {site: out[site] for site in acts}
+
+
+def _train_group(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name: str, device: str, batch: int,
+                 steps: int) -> dict[Site, object]:
     from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
-    torch.manual_seed(cfg.seed)
-    n = min(a.shape[0] for a in acts.values())
-    batch = min(cfg.batch_tokens, n)
     saes, hooks = {}, {}
     for site, a in acts.items():
         check_width(cfg, a.shape[1])
@@ -97,11 +131,13 @@ def train_saes(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name: 
                                      aux_loss_coefficient=cfg.aux_coef)
         tcfg.metadata.hook_name = site.hook_name
         tcfg.metadata.model_name = model_name
+        torch.manual_seed(site_seed(cfg.seed, site))
         sae = TopKTrainingSAE(tcfg)
         with torch.no_grad():  # b_dec at the data mean: a cheap stand-in for the geometric median
-            sae.b_dec.copy_(a[: min(n, 65536)].float().mean(0).to(sae.b_dec.device))
+            head = a[:65536].double()
+            mean = torch.ones(1, head.shape[0], dtype=torch.float64) @ head / head.shape[0]  # a product: no thread-split sum
+            sae.b_dec.copy_(mean[0].to(sae.b_dec.device, sae.b_dec.dtype))
         saes[site.name], hooks[site.name] = sae, site.hook_name
-    steps = max(1, math.ceil(cfg.epochs * n / batch))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch,
         train_batch_size_samples=batch,

@@ -1,0 +1,67 @@
+"""Batched ancestral sampling with a KV cache: the SAE corpus is text the model writes itself.
+
+``generate`` in transformers samples from the same distribution (top-k, then top-p over the
+renormalised top-k), but spends most of a CPU's time outside the matrix products. Here each step
+is one forward of one token per row over the cache, the head runs only at that token in
+vocabulary slices, and sampling looks at the top-k tokens alone (``torch.topk``, no sort of the
+vocabulary). Draws come from an explicit ``torch.Generator`` as one uniform number per row and step,
+inverted through the cumulative distribution: the text depends on the seed, not on the thread count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kscope.model.head import head_logits, plain_head
+from kscope.model.prefix import _cache_kw, _out_cache
+
+
+def warped_probs(logits: torch.Tensor, top_k: int = 50, top_p: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution of ``generate(do_sample=True, top_k, top_p)`` at temperature 1: the ``top_k`` most
+    likely tokens, renormalised, then the smallest prefix of them whose mass reaches ``top_p`` (a token is kept when
+    the mass of the tokens ranked above it is below ``top_p``; the first always is). ``logits``: ``[rows, vocab]``.
+    Returns ``(probs [rows, k], token ids [rows, k])``, most likely first, zero past each row's nucleus."""
+    vals, idx = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)
+    p = vals.softmax(-1)
+    above = p.cumsum(-1) - p  # mass of the more likely tokens
+    p = torch.where(above < top_p, p, torch.zeros_like(p))
+    p[:, 0] = torch.where(p[:, 0] > 0, p[:, 0], torch.ones_like(p[:, 0]))
+    return p / p.sum(-1, keepdim=True), idx
+
+
+def draw(probs: torch.Tensor, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from ``warped_probs``: the first whose cumulative probability exceeds a uniform draw."""
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64).to(probs.device)
+    cum = probs.double().cumsum(-1)
+    pick = (cum <= u * cum[:, -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)
+    return idx.gather(1, pick[:, None])[:, 0]
+
+
+@torch.no_grad()
+def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top_k: int = 50, top_p: float = 0.95,
+           eos: int | None = None, pad: int = 0) -> torch.Tensor:
+    """``ids`` ``[rows, prompt]`` (no padding) followed by up to ``n_new`` sampled tokens; a row that samples ``eos`` is
+    filled with ``pad`` after it, and sampling stops once every row has (as ``generate`` does)."""
+    head = plain_head(model)
+    rows = ids.shape[0]
+    out = [ids]
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    cache, step_ids = None, ids
+    kw = _cache_kw(model)
+    for _ in range(n_new):
+        if head is not None:
+            o = model.base_model(input_ids=step_ids, use_cache=True, **{kw: cache})
+            logits = head_logits(head, o.last_hidden_state[:, -1])
+        else:
+            o = model(input_ids=step_ids, use_cache=True, **{kw: cache})
+            logits = o.logits[:, -1]
+        cache = _out_cache(o)
+        nxt = draw(*warped_probs(logits, top_k, top_p), generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out.append(nxt[:, None])
+        if eos is not None:
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+        step_ids = nxt[:, None]
+    return torch.cat(out, 1)
