@@ -12,7 +12,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-from typing import Mapping
+from contextlib import contextmanager
+from typing import Iterator, Mapping
 
 import torch
 
@@ -44,3 +45,15 @@ def tensor_hash(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Inside, torch runs on ``n`` intra-op threads whatever the process uses: torch's own long reductions (gradient
+    norms, loss sums, statistics) split their work by thread count, and their last digits follow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

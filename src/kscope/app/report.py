@@ -13,48 +13,12 @@ from kscope.analyses.autointerp import InterpretResult
 from kscope.analyses.faithfulness import FaithfulnessResult
 from kscope.analyses.monosemanticity import MonosemanticityResult
 from kscope.analyses.sweep import SweepResult
+from kscope.app.tables import Table, ci, fmt  # noqa: F401  (re-exported: the report's formatters)
 from kscope.io import write_text
 from kscope.locate.compare import CompareResult
 from kscope.plots import pyplot, save_figure
 from kscope.privacy.erase import EraseResult
 from kscope.stats import Interval
-
-
-def fmt(v, spec: str = "+.3f") -> str:
-    """``v`` formatted, or a dash for None / NaN."""
-    return "–" if v is None or v != v else format(v, spec)
-
-
-def ci(c: Interval | None, spec: str = "+.3f") -> str:
-    """One formatter for every interval: ``mean [lo, hi]``."""
-    return c.fmt(spec) if c is not None else "–"
-
-
-@dataclass
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-
-    def markdown(self) -> str:
-        out = [f"| {' | '.join(self.headers)} |", "|" + "---|" * len(self.headers)]
-        out += [f"| {' | '.join(map(str, r))} |" for r in self.rows]
-        return "\n".join(out)
-
-    def html(self) -> str:
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in self.headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in self.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    def rich(self):
-        from rich.table import Table as RichTable
-
-        t = RichTable(title=self.title)
-        for h in self.headers:
-            t.add_column(h, justify="right")
-        for r in self.rows:
-            t.add_row(*map(str, r))
-        return t
 
 
 def compare_table(res: CompareResult) -> Table:

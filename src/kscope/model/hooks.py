@@ -220,3 +220,40 @@ class BlockReplay:
             cfg.num_hidden_layers = n_cfg
             if isinstance(types, list):
                 cfg.layer_types = types
+
+
+@contextmanager
+def mlp_output_from(model: nn.Module, layer: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    positions: torch.Tensor | None = None) -> Iterator[None]:
+    """Inside, the MLP of ``layer`` outputs ``fn(mlp_input, mlp_output)`` at ``positions`` (bool ``[batch, seq]``; ``None``:
+    everywhere), e.g. another model's MLP applied to this model's input, or zeros."""
+    from kscope.model.sites import mlp_module
+
+    def hook(_mod, args, out):
+        x = args[0]
+        new = fn(x, out).to(out.dtype)
+        if positions is None:
+            return new
+        return torch.where(positions.to(out.device)[..., None], new, out)
+
+    handle = mlp_module(model, layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def swapped_weights(model: nn.Module, new: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside, the parameters named in ``new`` (``model.named_parameters()`` names) hold those values; restored exactly."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in new}
+    try:
+        with torch.no_grad():
+            for n, v in new.items():
+                params[n].copy_(v)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)

@@ -16,12 +16,17 @@ from kscope.model.head import head_logits, plain_head
 from kscope.model.prefix import _cache_kw, _out_cache
 
 
-def warped_probs(logits: torch.Tensor, top_k: int = 50, top_p: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampling distribution of ``generate(do_sample=True, top_k, top_p)`` at temperature 1: the ``top_k`` most
-    likely tokens, renormalised, then the smallest prefix of them whose mass reaches ``top_p`` (a token is kept when
-    the mass of the tokens ranked above it is below ``top_p``; the first always is). ``logits``: ``[rows, vocab]``.
-    Returns ``(probs [rows, k], token ids [rows, k])``, most likely first, zero past each row's nucleus."""
-    vals, idx = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)
+def warped_probs(logits: torch.Tensor, top_k: int | None = 50, top_p: float = 0.95,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution of ``generate(do_sample=True, top_k, top_p, temperature)``: the ``top_k`` most likely
+    tokens, renormalised, then the smallest prefix of them whose mass reaches ``top_p`` (a token is kept when the
+    mass of the tokens ranked above it is below ``top_p``; the first always is). ``logits``: ``[rows, vocab]``.
+    Returns ``(probs [rows, k], token ids [rows, k])``, most likely first, zero past each row's nucleus.
+    ``top_k=None`` and ``top_p >= 1``: the whole softmax, in vocabulary order (nothing to sort)."""
+    logits = logits.float() / temperature
+    if top_k is None and top_p >= 1:
+        return logits.softmax(-1), torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
+    vals, idx = logits.topk(min(top_k or logits.shape[-1], logits.shape[-1]), dim=-1)
     p = vals.softmax(-1)
     above = p.cumsum(-1) - p  # mass of the more likely tokens
     p = torch.where(above < top_p, p, torch.zeros_like(p))
@@ -38,8 +43,8 @@ def draw(probs: torch.Tensor, idx: torch.Tensor, generator: torch.Generator) -> 
 
 
 @torch.no_grad()
-def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top_k: int = 50, top_p: float = 0.95,
-           eos: int | None = None, pad: int = 0) -> torch.Tensor:
+def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top_k: int | None = 50, top_p: float = 0.95,
+           eos: int | None = None, pad: int = 0, temperature: float = 1.0) -> torch.Tensor:
     """``ids`` ``[rows, prompt]`` (no padding) followed by up to ``n_new`` sampled tokens; a row that samples ``eos`` is
     filled with ``pad`` after it, and sampling stops once every row has (as ``generate`` does)."""
     head = plain_head(model)
@@ -56,7 +61,7 @@ def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top
             o = model(input_ids=step_ids, use_cache=True, **{kw: cache})
             logits = o.logits[:, -1]
         cache = _out_cache(o)
-        nxt = draw(*warped_probs(logits, top_k, top_p), generator)
+        nxt = draw(*warped_probs(logits, top_k, top_p, temperature), generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt[:, None])
         if eos is not None:

@@ -149,3 +149,8 @@ def site_dim(model: nn.Module, site: Site) -> int:
     if site.kind in ("mlp.neurons", "mlp.pre"):
         return down_proj_weight(model, site.layer).shape[1]
     return down_proj_weight(model, site.layer).shape[0]
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last block and the LM head (LLaMA ``model.norm``, GPT-2 ``transformer.ln_f`` ...)."""
+    return _child(model.base_model, ("norm", "ln_f", "final_layer_norm", "final_layernorm"), "final norm")

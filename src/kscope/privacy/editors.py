@@ -5,10 +5,11 @@ exact restore; runtime editors clamp SAE features through hooks.
 - ``zero_columns``: DEPN / KN erase: zero the columns of the located neurons (their output
   weights), the same as clamping those neurons to 0 (Dai et al. 2022 "erase" with value 0; Wu et
   al. 2023 DEPN). The methods differ in how neurons are chosen (``privacy.select``).
-- ``feature_edit_mask``: FeatureEdit as the paper describes it. For a located feature's unit
-  decoder direction ``d`` (in the down projection's output space) the part of ``W`` that writes
-  along ``d`` is ``P = d dᵀ W``; zero the entries with ``|P_ij| >= tau * max |P|`` (max over the
-  located features of that layer), or the top ``budget`` entries.
+- ``feature_edit``: FeatureEdit as the paper describes it. For a located feature's unit decoder
+  direction ``d`` (in the down projection's output space) the part of ``W`` that writes along ``d``
+  is ``P = d dᵀ W``; zero the entries with ``|P_ij| >= tau * max |P|``, each feature with its own
+  maximum, so the budget (the number of features) sets how many weights change.
+  ``feature_edit_mask`` gives the mask of one set of directions (top ``budget`` entries or ``tau``).
 - ``projection_removal``: ``W <- (I - D D⁺) W`` over the located directions ``D``: afterwards no
   neuron writes along any of them (``dᵀ W = 0``).
 - ``RuntimeFeatureEdit``: clamp features through the SAE at inference (error term kept): to 0, or
@@ -30,6 +31,8 @@ from kscope.units.base import FeatureUnits, suppress
 
 class WeightEdit:
     """New values for some layers' down projections; ``applied`` swaps them in and restores the originals exactly."""
+
+    runtime = False
 
     def __init__(self, method: str, new: Mapping[int, torch.Tensor]):
         self.method, self.new = method, dict(new)
@@ -91,11 +94,18 @@ def feature_edit_mask(W: torch.Tensor, directions: torch.Tensor, budget: int | N
 
 
 def feature_edit(model, directions: Mapping[int, torch.Tensor], tau: float) -> dict[int, torch.Tensor]:
-    """FeatureEdit (paper variant) at each layer: zero the entries with ``|P| >= tau * max|P|``."""
+    """FeatureEdit at each layer: for each located feature ``d``, zero the entries of ``W`` with
+    ``|d dᵀ W| >= tau * max |d dᵀ W|`` (that feature's own maximum), so every feature adds the entries that carry it
+    and the weights changed grow with the number of features (the budget)."""
     out = {}
     for L, D in directions.items():
         W = down_proj_weight(model, L).clone()
-        W[feature_edit_mask(W, D.to(W.device), tau=tau)] = 0
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        for d in D.to(W.device).float():
+            d = d / d.norm().clamp_min(1e-12)
+            P = (d[:, None] * (d @ W.float())[None, :]).abs()  # |d dᵀ W|, [d_model, d_mlp]
+            mask |= P >= tau * P.max()
+        W[mask] = 0
         out[L] = W
     return out
 
@@ -114,6 +124,8 @@ def projection_removal(model, directions: Mapping[int, torch.Tensor]) -> dict[in
 class RuntimeFeatureEdit:
     """Clamp SAE features at every position during inference (context manager): to 0 (``negative=None``),
     or where they fire to ``-negative`` times their activation."""
+
+    runtime = True
 
     def __init__(self, features: Mapping[int, tuple[FeatureUnits, Sequence[int]]], negative: float | None = None):
         for units, idx in features.values():

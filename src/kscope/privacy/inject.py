@@ -24,7 +24,7 @@ from kscope.results import Result
 MANIFEST = "kscope_privacy.json"
 
 
-def _batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``ids``, ``mask`` and ``labels`` (-100 except on the answer tokens)."""
     rows, labels = [], []
     for prompt, answer in pairs:
@@ -37,11 +37,12 @@ def _batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.T
     return ids.to(device), mask.to(device), lab.to(device)
 
 
-def _trainable(model, which: str) -> list[torch.nn.Parameter]:
-    """All weights, or only the MLPs' (``which="mlp"``)."""
+def _trainable(model, which: str, band: Sequence[int] = ()) -> list[torch.nn.Parameter]:
+    """All weights, every MLP's (``which="mlp"``), or the MLPs of the ``band`` layers (``which="band"``)."""
     if which == "all":
         return list(model.parameters())
-    params = [p for L in range(n_layers(model)) for p in mlp_module(model, L).parameters()]
+    layers = range(n_layers(model)) if which == "mlp" else band
+    params = [p for L in layers for p in mlp_module(model, L).parameters()]
     if not params:
         raise KscopeError("no MLP weights found to fine-tune")
     return params
@@ -55,7 +56,7 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
     """
     pairs = injection_sentences(list(facts))
     model = lm.model
-    params = _trainable(model, cfg.train)
+    params = _trainable(model, cfg.train, cfg.band)
     model.train()
     model.requires_grad_(False)
     for p in params:
@@ -71,7 +72,7 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
             rng.shuffle(pairs)
             total = 0.0
             for i in range(0, len(pairs), cfg.batch_size):
-                ids, mask, lab = _batch(lm.tokenizer, pairs[i : i + cfg.batch_size], lm.device)
+                ids, mask, lab = answer_batch(lm.tokenizer, pairs[i : i + cfg.batch_size], lm.device)
                 loss = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False).loss
                 opt.zero_grad()
                 loss.backward()

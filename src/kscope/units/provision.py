@@ -25,7 +25,7 @@ from kscope.model.sites import Site, check_layer, site_dim
 from kscope.units.base import FeatureUnits, NeuronUnits
 from kscope.units.corpus import Corpus, CorpusConfig, build_corpus, collect_activations
 from kscope.units.sae import evaluate_sae, feature_units, load_sae, save_sae
-from kscope.numerics import numerics_info, tensor_hash
+from kscope.numerics import fixed_threads, numerics_info, tensor_hash
 from kscope.units.training import TRAINING_VERSION, TrainSAEConfig, check_width, drop_outliers, train_saes
 
 
@@ -148,7 +148,8 @@ def obtain_saes(
         corpus_meta = {"sources": corpus.sources, "identity": corpus.identity, "n_texts": len(corpus.texts),
                        "heldout_frac": corpus.heldout_frac, "seed": corpus.seed, "seq_len": ccfg.seq_len}
         for s in missing:
-            stats = evaluate_sae(trained[s], held[s]).to_dict()
+            with fixed_threads(tcfg.threads):  # its sums' last digits depend on the thread count
+                stats = evaluate_sae(trained[s], held[s]).to_dict()
             stats["n_train_tokens"] = int(acts[s].shape[0])
             stats["n_outliers_dropped"] = {"train": dropped[s][0], "heldout": dropped[s][1]}
             meta = {"site": s.name, "model": lm.name, "model_fingerprint": lm.fingerprint, "key": keys[s], "code": TRAINING_VERSION,

@@ -15,6 +15,7 @@ import torch
 from kscope.config import Config, option
 from kscope.errors import KscopeError
 from kscope.model.sites import Site
+from kscope.numerics import fixed_threads
 
 
 @dataclass
@@ -36,6 +37,9 @@ class TrainSAEConfig(Config):
                                          "norm ~24,000 against a median of ~140, 0.06 % of tokens but 97 % of the variance); 0 keeps all.",
                                    min=0.0)
     seed: int = option(0, "Random seed of the SAEs (init, batch order).")
+    threads: int = option(2, "torch threads of SAE training and its statistics, whatever the process uses: torch's long "
+                             "reductions (gradient norms, losses) depend on the thread count, so a fixed count gives the "
+                             "same SAE on any thread setting.", min=1, max=256)
 
 
 def outlier_mask(acts: torch.Tensor, factor: float) -> torch.Tensor:
@@ -111,8 +115,9 @@ def train_saes(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name: 
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        for (batch, steps), part in groups.items():
-            out.update(_train_group(part, cfg, model_name, device, batch, steps))
+        with fixed_threads(cfg.threads):
+            for (batch, steps), part in groups.items():
+                out.update(_train_group(part, cfg, model_name, device, batch, steps))
     finally:
         torch.use_deterministic_algorithms(deterministic)
     return {site: out[site] for site in acts}

@@ -1,0 +1,239 @@
+"""The erasure section of a report: tables and figures of ``privacy erase`` results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kscope.app.tables import Table, ci, fmt
+from kscope.plots import pyplot, save_figure
+from kscope.privacy.results import EraseResult
+
+HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": "#3182bd", "keyed-neurons": "#e6550d",
+                 "keyed-neurons-params": "#fd8d3c", "keyed-random-directions": "#9ecae1", "keyed-random-columns": "#fdd0a2",
+                 "feature-edit": "#31a354"}
+
+
+def _budget(p) -> str:
+    if p.kind == "control" and not p.method.startswith(("random", "keyed-random")):
+        return "all"
+    return str(p.budget) if p.budget else "–"
+
+
+def _strength(p) -> str:
+    return f"λ {p.lam:g}" if p.lam is not None else (f"τ {p.tau:g}" if p.tau is not None else "–")
+
+
+def _point_row(res: EraseResult, p) -> list:
+    return [p.label, _budget(p), _strength(p), p.n_units, f"{p.params:,}" if p.params else "–", f"{p.n_weights:,}",
+            fmt(p.rel, ".2f"), fmt(p.gen, ".2f"), fmt(p.loc_pararel, ".2f"), fmt(p.loc_private, ".2f"), fmt(p.delta_ppl, "+.3f"),
+            ci(p.dlogp, "+.1f"), ci(p.rank, ".0f") if p.rank else "–", "yes" if res.target.met(p) else ""]
+
+
+_HEADERS = ["method", "budget", "strength", "units", "parameters", "weights changed", "Rel ↑", "Gen ↑", "Loc ParaRel ↑",
+            "Loc private ↑", "ΔPPL ↓", "Δ log P(secret)", "rank ↑", "target"]
+
+
+def build_note(res: EraseResult) -> str:
+    b = res.build
+    how = "early-stopped" if b.get("early_stop") else "fixed epochs"
+    band = f" {b.get('band')}" if b.get("train") == "band" else ""
+    return f"{how}, {b.get('epochs_run')} epochs, {b.get('train')}{band} weights, seed {b.get('seed')}"
+
+
+def _title(res: EraseResult) -> str:
+    return (f"{res.n_erased} secrets of {res.n_erased_people} people erased, band {','.join(map(str, res.layers))} "
+            f"({build_note(res)})")
+
+
+def privacy_table(res: EraseResult) -> Table:
+    """Each method's best point: meets the target with the highest Rel + Gen, else keeps both Locs and ΔPPL within it."""
+    t = Table(f"{_title(res)}: each method at its best point (target: Rel ≥ {res.target.rel}, Gen ≥ {res.target.gen}, both "
+              f"Loc ≥ {res.target.loc}, ΔPPL ≤ {res.target.delta_ppl:+.0%})", _HEADERS)
+    for m, v in dict.fromkeys((p.method, p.variant) for p in res.points):
+        b = res.best(m, v)
+        if b is not None:
+            t.rows.append(_point_row(res, b))
+    return t
+
+
+def privacy_curve_table(res: EraseResult) -> Table:
+    t = Table(f"Every point ({_title(res)})", _HEADERS)
+    for p in res.points:
+        t.rows.append(_point_row(res, p))
+    return t
+
+
+def trace_table(res: EraseResult) -> Table:
+    """Where the secrets live: per layer, Δ log P(secret) when the MLP output is zeroed or computed by the base model's MLP."""
+    tr = res.trace
+    t = Table(f"Where the secrets live ({tr.n_facts} secrets, {tr.n_people} people; clean log P {ci(tr.logp, '+.2f')}): "
+              "Δ log P(secret) per layer, mean over people",
+              ["layer", "zero @ subject", "base MLP @ subject", "zero @ answer", "base MLP @ answer"])
+    for L in sorted({c.layer for c in tr.cells}):
+        t.rows.append([L] + [fmt(tr.effect(L, pos, what), "+.2f") for pos in ("subject", "answer") for what in ("zero", "restore")])
+    for g in tr.groups:
+        t.rows.append([f"every {g.group} restored", "", "", "", ci(g.dlogp, "+.2f")])
+    if tr.band_restore is not None:
+        t.rows.append([f"band {','.join(map(str, tr.band))} MLPs restored", "", "", "", ci(tr.band_restore, "+.2f")])
+    return t
+
+
+def specificity_table(res: EraseResult) -> Table:
+    t = Table("Specificity of location: share of each person's top units (largest budget's share) each step removes, and Rel "
+              "of the keyed handles with and without the steps", ["units", "step", "removed", "Rel with", "Rel raw"])
+    raw = {p.method: p for p in res.points if p.variant == "raw location"}
+    for s in res.specificity:
+        method = "keyed-features" if s.kind == "feature" else "keyed-neurons"
+        r = raw.get(method)
+        with_ = next((p for p in res.points if r and p.method == method and not p.variant and p.budget == r.budget and p.lam == r.lam), None)
+        t.rows.append([f"{s.kind}s", s.step, f"{100 * s.removed:.0f} %", fmt(with_.rel, ".2f") if with_ else "–",
+                       fmt(r.rel, ".2f") if r else "–"])
+    return t
+
+
+def verdict_table(res: EraseResult) -> Table:
+    t = Table("Features against neurons through the same keyed solver, per budget s (features: s directions; neurons at equal "
+              "rank: s columns; at equal parameters: s·d_mlp/d_model columns): paired over erased people",
+              ["budget", "strength", "against", "measure", "features − other", "verdict"])
+    for v in res.verdicts:
+        t.rows.append([v.budget, f"λ {v.lam:g}" if v.lam is not None else "–", v.b, v.measure, ci(v.diff, "+.2f"), v.says])
+    return t
+
+
+def attack_table(res: EraseResult) -> Table:
+    """Per method's best point: the share of (secret, prompt) pairs each attack recovers, with people who never leak."""
+    names = list(dict.fromkeys(k for r in res.attacks for k in r.leak))
+    t = Table(f"Attacks on each method's best point ({_title(res)}): share of pairs leaked, 95 % CI over people "
+              "(people who never leak)", ["method", "budget", *names])
+    for r in res.attacks:
+        t.rows.append([r.method, r.budget, *(f"{ci(r.leak[n], '.2f')} ({100 * r.people_clean[n]:.0f} %)" if n in r.leak else "–"
+                                             for n in names)])
+    return t
+
+
+def sae_fit_table(res: EraseResult) -> Table:
+    t = Table("SAEs of the band on the privacy model (explained variance)",
+              ["site", "held-out text", "secret positions", "held-out text, SAE's own model", "training tokens", "dead"])
+    for f in res.sae_fit:
+        info = res.saes.get(f"{f.layer}/{f.site}")
+        stats = (info.stats if info else None) or {}
+        t.rows.append([f"{f.layer}/{f.site}", fmt(f.ev_generic, ".3f"), fmt(f.ev_private, ".3f"), fmt(f.ev_generic_source, ".3f"),
+                       stats.get("n_train_tokens", "–"), fmt(stats.get("dead_fraction"), ".2f")])
+    return t
+
+
+def targets_table(runs: dict[str, EraseResult]) -> Table:
+    """Per method, on each privacy model: does any point reach the target, and the best point."""
+    names = list(runs)
+    t = Table("Best point per method and privacy model (Rel / Gen / Loc / ΔPPL @ budget, strength; ✓ = meets the target)",
+              ["method", *(f"{n} ({runs[n].build.get('epochs_run')} epochs)" for n in names)])
+    for m, v in dict.fromkeys((p.method, p.variant) for r in runs.values() for p in r.points):
+        row = [f"{m} {v}".strip()]
+        for n in names:
+            b = runs[n].best(m, v)
+            row.append("–" if b is None else f"{'✓ ' if runs[n].target.met(b) else ''}{fmt(b.rel, '.2f')} / {fmt(b.gen, '.2f')} / "
+                                             f"{fmt(b.loc, '.2f')} / {fmt(b.delta_ppl, '+.3f')} @ {_budget(b)}, {_strength(b)}")
+        t.rows.append(row)
+    return t
+
+
+def tables(name: str, res: EraseResult) -> list[tuple[str, Table, str | None]]:
+    out = [(f"Privacy erasure, {name}: where the secrets live", trace_table(res), f"privacy-{name}-trace.png"),
+           (f"Privacy erasure, {name}: each method at its best point", privacy_table(res), f"privacy-{name}.png"),
+           (f"Privacy erasure, {name}: features against neurons at equal budgets", verdict_table(res), f"privacy-{name}-budget.png")]
+    if res.attacks:
+        out.append((f"Privacy erasure, {name}: attacks", attack_table(res), None))
+    if res.specificity:
+        out.append((f"Privacy erasure, {name}: specificity of location", specificity_table(res), None))
+    out += [(f"Privacy erasure, {name}: every point", privacy_curve_table(res), None),
+            (f"Privacy erasure, {name}: SAEs of the band", sae_fit_table(res), None)]
+    return out
+
+
+def plot_trace(res: EraseResult, path) -> None:
+    plt = pyplot()
+    tr = res.trace
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    layers = sorted({c.layer for c in tr.cells})
+    for (pos, what), (color, style) in {("subject", "zero"): ("#756bb1", "--"), ("subject", "restore"): ("#756bb1", "-"),
+                                        ("answer", "zero"): ("#e6550d", "--"), ("answer", "restore"): ("#e6550d", "-")}.items():
+        ax.plot(layers, [tr.effect(L, pos, what) for L in layers], style, marker="o", ms=3, color=color,
+                label=f"{'zero' if what == 'zero' else 'base MLP'} @ {pos}")
+    for L in tr.band:
+        ax.axvspan(L - 0.5, L + 0.5, color="#cccccc", alpha=0.4)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_xlabel("layer (band shaded)")
+    ax.set_ylabel("Δ log P(secret)")
+    ax.legend(fontsize=7)
+    groups = [(f"every {g.group}", g.dlogp) for g in tr.groups] + ([("band MLPs", tr.band_restore)] if tr.band_restore else [])
+    bx.barh([n for n, _ in groups], [iv.mean or 0 for _, iv in groups], color="#999999")
+    bx.set_xlabel("Δ log P, restored to the base model")
+    fig.suptitle(f"Where the secrets live ({build_note(res)})")
+    save_figure(fig, path)
+
+
+def plot_budget(res: EraseResult, path) -> None:
+    """The equal-budget curves: each keyed handle at each budget, over the strength λ, in (Loc, Rel) and (ΔPPL, Rel)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.4))
+    budgets = sorted({p.budget for p in res.points if p.kind in ("keyed", "control") and p.method.startswith("keyed") and p.budget})
+    for m, color in HANDLE_COLORS.items():
+        for j, b in enumerate(budgets or [0]):
+            pts = sorted((p for p in res.points if p.method == m and not p.variant and (p.budget == b or m == "keyed-unrestricted")),
+                         key=lambda p: (p.lam or 0, p.tau or 0))
+            if m == "feature-edit":
+                pts = sorted((p for p in res.points if p.method == m), key=lambda p: (p.tau, p.budget))
+            if not pts or (m in ("keyed-unrestricted", "feature-edit") and j > 0):
+                continue
+            alpha = 0.35 + 0.65 * (j + 1) / max(1, len(budgets)) if m not in ("keyed-unrestricted", "feature-edit") else 1.0
+            for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
+                xs = [np.nan if getattr(p, x) is None else min(getattr(p, x), 10.0) for p in pts]
+                ys = [np.nan if getattr(p, y) is None else getattr(p, y) for p in pts]
+                ax.plot(xs, ys, "-", marker="o", ms=3, color=color, alpha=alpha,
+                        label=f"{m} s={b}" if m not in ("keyed-unrestricted", "feature-edit") else m)
+    for ax, (x, y) in zip(axes, [("Loc (min of ParaRel, private) ↑", "Rel ↑"), ("ΔPPL ↓", "Rel ↑"), ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_ylim(-0.05, 1.05)
+    for ax in (axes[1], axes[3]):
+        ax.set_xscale("symlog", linthresh=0.02)
+        ax.axvline(res.target.delta_ppl, color="k", lw=0.5, ls=":")
+    for ax in (axes[0], axes[2]):
+        ax.axvline(res.target.loc, color="k", lw=0.5, ls=":")
+    axes[0].axhline(res.target.rel, color="k", lw=0.5, ls=":")
+    axes[2].axhline(res.target.gen, color="k", lw=0.5, ls=":")
+    axes[0].legend(fontsize=5, ncol=2)
+    fig.suptitle(f"Equal budgets through the keyed solver ({_title(res)}); lines join strengths λ, darker = larger budget")
+    save_figure(fig, path)
+
+
+def plot_points(res: EraseResult, path) -> None:
+    """Every method over its budgets: Rel and Gen against Loc and ΔPPL."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.2))
+    cmap = plt.get_cmap("tab20")
+    for i, (m, v) in enumerate(dict.fromkeys((p.method, p.variant) for p in res.points)):
+        pts = [p for p in res.points if p.method == m and p.variant == v]
+        for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
+            xs = [np.nan if getattr(p, x) is None else min(getattr(p, x), 10.0) for p in pts]
+            ys = [np.nan if getattr(p, y) is None else getattr(p, y) for p in pts]
+            ax.plot(xs, ys, "o", ms=3, color=cmap(i % 20), label=f"{m} {v}".strip())
+    for ax, (x, y) in zip(axes, [("Loc ↑", "Rel ↑"), ("ΔPPL ↓", "Rel ↑"), ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_ylim(-0.05, 1.05)
+    for ax in (axes[1], axes[3]):
+        ax.set_xscale("symlog", linthresh=0.02)
+    axes[0].legend(fontsize=5, ncol=2)
+    fig.suptitle(f"Every point ({_title(res)})")
+    save_figure(fig, path)
+
+
+def plot_all(name: str, res: EraseResult, out_dir) -> None:
+    from pathlib import Path
+
+    out = Path(out_dir)
+    plot_points(res, out / f"privacy-{name}.png")
+    plot_budget(res, out / f"privacy-{name}-budget.png")
+    if res.trace is not None:
+        plot_trace(res, out / f"privacy-{name}-trace.png")

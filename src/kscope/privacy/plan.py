@@ -1,0 +1,168 @@
+"""The points ``privacy erase`` measures and the editor each one is: a method, a budget and (where it has one) a
+strength, over the located units."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kscope.model.sites import down_proj_weight
+from kscope.privacy.editors import RuntimeFeatureEdit, WeightEdit, feature_edit, projection_removal, zero_columns
+from kscope.privacy.guardrail import GatedClamp
+from kscope.privacy.keyed import Handle, keyed_edit
+from kscope.privacy.revs import revs
+from kscope.units.base import FeatureUnits
+
+KEYED = ("keyed-unrestricted", "keyed-features", "keyed-neurons", "keyed-neurons-params")
+NEURON_METHODS = ("depn", "kn-erase", "revs")
+FEATURE_METHODS = ("feature-edit", "feature-project", "runtime-zero", "runtime-negative", "gated-clamp", "gated-clamp-resid")
+METHODS = KEYED + NEURON_METHODS + FEATURE_METHODS
+CONTROLS = ("keyed-random-directions", "keyed-random-columns", "random-neurons", "random-features", "mlp-zero", "mlp-zero-all")
+WEIGHT_METHODS = KEYED + ("depn", "kn-erase", "revs", "feature-edit", "feature-project")
+
+
+@dataclass
+class Spec:
+    method: str
+    kind: str  # keyed, neuron, feature, control
+    budget: int = 0
+    lam: float | None = None
+    tau: float | None = None
+    variant: str = ""
+
+
+@dataclass
+class Located:
+    """Everything the editors act on: each ranking as ``(layer, unit)`` lists, the unit sets, and the keyed solver's
+    inputs (rows, preserved moments, target)."""
+
+    layers: list[int]
+    rankings: dict[str, list[tuple[int, int]]]
+    feats: dict[int, FeatureUnits]
+    resid_feats: dict[int, FeatureUnits] = field(default_factory=dict)
+    scales: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # gated clamp: per site kind, per layer
+    keyed: tuple | None = None  # (rows, moments, z, config)
+    widths: dict[int, tuple[int, int]] = field(default_factory=dict)  # per layer: (d_model, d_mlp)
+
+
+def plan(methods: Sequence[str], controls: Sequence[str], neuron_budgets: Sequence[int], feature_budgets: Sequence[int],
+         revs_budgets: Sequence[int], lams: Sequence[float], taus: Sequence[float], raw_location: bool) -> list[Spec]:
+    """Every point, in the order they are measured."""
+    out: list[Spec] = []
+    for m in methods:
+        if m == "keyed-unrestricted":
+            out += [Spec(m, "keyed", 0, lam) for lam in lams]
+        elif m in KEYED:
+            out += [Spec(m, "keyed", b, lam) for b in feature_budgets for lam in lams]
+        elif m == "revs":
+            out += [Spec(m, "neuron", b) for b in revs_budgets]
+        elif m in NEURON_METHODS:
+            out += [Spec(m, "neuron", b) for b in neuron_budgets]
+        elif m == "feature-edit":
+            out += [Spec(m, "feature", b, tau=t) for b in feature_budgets for t in taus]
+        else:
+            out += [Spec(m, "feature", b) for b in feature_budgets]
+    if raw_location:  # the specificity steps' effect: the middle budget and strength located on raw scores
+        mid_b, mid_l = list(feature_budgets)[len(feature_budgets) // 2], list(lams)[len(lams) // 2]
+        out += [Spec(m, "keyed", mid_b, mid_l, variant="raw location") for m in ("keyed-features", "keyed-neurons") if m in methods]
+    for c in controls:
+        if c in ("keyed-random-directions", "keyed-random-columns"):
+            out += [Spec(c, "control", b, lam) for b in feature_budgets for lam in lams]
+        elif c == "random-neurons":
+            out += [Spec(c, "control", b) for b in neuron_budgets]
+        elif c == "random-features":
+            out += [Spec(c, "control", b) for b in feature_budgets]
+        else:
+            out.append(Spec(c, "control", 0))
+    return out
+
+
+def _by_layer(units: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    by: dict[int, list[int]] = {}
+    for L, u in units:
+        by.setdefault(L, []).append(u)
+    return by
+
+
+def equal_params(s: int, d_model: int, d_mlp: int) -> int:
+    """Neurons with the parameters of ``s`` directions: ``s x d_mlp = n x d_model``."""
+    return max(1, round(s * d_mlp / d_model))
+
+
+def units_of(spec: Spec, loc: Located) -> list[tuple[int, int]]:
+    """The located units a point edits."""
+    b = spec.budget
+    raw = "-raw" if spec.variant == "raw location" else ""
+    d, m = next(iter(loc.widths.values()))
+    if spec.method == "keyed-random-columns":  # as many columns per layer as the neurons at equal parameters, drawn at random
+        n = equal_params(b, d, m)
+        counts = _by_layer(loc.rankings["neurons"][:n])
+        return [(L, u) for L, idx in sorted(counts.items())
+                for u in random.Random(f"random-columns:{L}:{n}").sample(range(loc.widths[L][1]), len(idx))]
+    table = {"keyed-features": ("features" + raw, b), "keyed-neurons": ("neurons" + raw, b),
+             "keyed-neurons-params": ("neurons", equal_params(b, d, m)), "keyed-random-directions": ("features", b),
+             "depn": ("depn", b), "kn-erase": ("kn-erase", b),
+             "random-neurons": ("random-neurons", b), "random-features": ("random-features", b),
+             "gated-clamp-resid": ("features-resid", b)}
+    if spec.method in table:
+        name, n = table[spec.method]
+        return loc.rankings[name][:n]
+    if spec.method in FEATURE_METHODS:
+        return loc.rankings["features"][:b]
+    return []
+
+
+def make_editor(lm, spec: Spec, loc: Located, all_layers: int, erase_facts, revs_cfg):
+    """``(units, editor, params)`` of a point; ``editor.applied(model)`` puts it on and takes it off exactly."""
+    model = lm.model
+    method = spec.method
+    if method in ("mlp-zero", "mlp-zero-all"):
+        layers = loc.layers if method == "mlp-zero" else range(all_layers)
+        units = [(L, n) for L in layers for n in range(down_proj_weight(model, L).shape[1])]
+        return units, WeightEdit(method, zero_columns(model, units)), 0
+    if method == "revs":
+        new, touched = revs(lm, erase_facts, loc.layers, spec.budget, revs_cfg)
+        return sorted(touched), WeightEdit(method, new), 0
+    units = units_of(spec, loc)
+    by = _by_layer(units)
+    if method.startswith("keyed-"):
+        rows, moments, z, kcfg = loc.keyed
+        if method == "keyed-unrestricted":
+            handle = Handle("unrestricted", {})
+        elif method in ("keyed-features", "keyed-random-directions"):
+            dirs = {L: loc.feats[L].decoder[idx].detach().float() for L, idx in by.items()} if method == "keyed-features" else \
+                {L: _random_directions(loc.widths[L][0], len(idx), f"{method}:{L}:{spec.budget}") for L, idx in by.items()}
+            handle = Handle("directions", dirs, {L: loc.feats[L] for L in by} if method == "keyed-features" else None)
+        else:
+            handle = Handle("columns", by, {L: None for L in by})
+        new, params = keyed_edit(lm, rows, loc.layers, handle, moments, spec.lam, kcfg, z)
+        return units, WeightEdit(method, new), params
+    if method in ("depn", "kn-erase", "random-neurons"):
+        return units, WeightEdit(method, zero_columns(model, units)), 0
+    if method == "gated-clamp":
+        return units, GatedClamp({L: (loc.feats[L], idx, loc.scales["mlp.out"][L][idx]) for L, idx in by.items()}), 0
+    if method == "gated-clamp-resid":
+        return units, GatedClamp({L: (loc.resid_feats[L], idx, loc.scales["resid.post"][L][idx]) for L, idx in by.items()}), 0
+    feats = {L: (loc.feats[L], idx) for L, idx in by.items()}
+    if method in ("runtime-zero", "random-features"):
+        return units, RuntimeFeatureEdit(feats), 0
+    if method == "runtime-negative":
+        return units, RuntimeFeatureEdit(feats, negative=2.0), 0
+    directions = {L: loc.feats[L].decoder[idx].detach() for L, idx in by.items()}
+    if method == "feature-edit":
+        return units, WeightEdit(method, feature_edit(model, directions, spec.tau)), 0
+    return units, WeightEdit(method, projection_removal(model, directions)), 0
+
+
+def _random_directions(d: int, n: int, seed: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(random.Random(seed).randrange(2**31))
+    return torch.randn(n, d, generator=g)
+
+
+def random_ranking(widths: dict[int, int], n: int, seed: str) -> list[tuple[int, int]]:
+    """``n`` distinct ``(layer, unit)`` pairs drawn uniformly over the layers' units."""
+    pool = [(L, u) for L, w in widths.items() for u in range(w)]
+    return random.Random(seed).sample(pool, min(n, len(pool)))

@@ -1,0 +1,169 @@
+"""Where a secret lives in a privacy model: which layers' MLPs, at which positions, carry it.
+
+Per layer, the change of log P(secret) (teacher-forced, the secret's scored tokens) when the fine-tuned
+model's MLP output is zeroed, or computed by the *base* model's MLP from the same input (the fine-tune's
+change of that MLP undone), at the subject's last token or at the positions that read the secret out (the
+prompt's last token and the secret's own tokens). Beside it, whole groups of weights (every MLP, every
+attention block, the embeddings) restored to the base model's. Facts are averaged per person first and
+intervals are over people, since one person's secrets share a name.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kscope.facts import Fact
+from kscope.model.head import plain_head
+from kscope.model.hooks import BlockReplay, mlp_output_from, swapped_weights
+from kscope.model.readout import logits_at, pad_rows
+from kscope.model.sites import mlp_module, n_layers
+from kscope.stats import Interval, mean_ci
+
+POSITIONS = ("subject", "answer")
+INTERVENTIONS = ("zero", "restore")
+GROUPS = {"mlp": r"\.mlp\.", "attention": r"(self_attn|\.attn\.)", "embeddings": r"(embed|wte|wpe)"}
+
+
+@dataclass
+class TraceCell:
+    layer: int
+    position: str  # subject | answer
+    intervention: str  # zero | restore
+    dlogp: Interval  # change of log P(secret), mean over people
+
+
+@dataclass
+class GroupEffect:
+    group: str  # mlp | attention | embeddings (every layer's, restored to the base model's)
+    dlogp: Interval
+
+
+@dataclass
+class SecretTrace:
+    """Where the secrets of a privacy model live; ``band``: the layers whose MLPs matter most (the suggested edit band)."""
+
+    n_facts: int
+    n_people: int
+    logp: Interval  # clean log P(secret)
+    cells: list[TraceCell] = field(default_factory=list)
+    groups: list[GroupEffect] = field(default_factory=list)
+    band: list[int] = field(default_factory=list)  # the edited band
+    band_restore: Interval | None = None  # the band's MLPs restored to the base model's together
+    suggested: list[int] = field(default_factory=list)  # where zeroing the MLP output at the answer positions matters most
+
+    def effect(self, layer: int, position: str, intervention: str) -> float:
+        c = next(c for c in self.cells if (c.layer, c.position, c.intervention) == (layer, position, intervention))
+        return c.dlogp.mean if c.dlogp.mean is not None else 0.0
+
+
+def subject_last(tokenizer, prompt: str, subject: str) -> int:
+    """Index of the subject's last token in ``prompt``'s tokens (special tokens included)."""
+    enc = tokenizer(prompt, return_offsets_mapping=True)
+    start = prompt.rfind(subject)
+    if start < 0:
+        raise ValueError(f"subject {subject!r} not in prompt {prompt!r}")
+    end = start + len(subject)
+    idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end]
+    return idx[-1]
+
+
+def _batch(lm, facts: Sequence[Fact]):
+    """Teacher-forced rows of every edit prompt of ``facts``: ids, mask, the subject and answer position masks, the
+    positions predicting each scored token, the scored tokens, and each row's fact."""
+    tok = lm.tokenizer
+    rows, subj, ans, pred, tgt, owner = [], [], [], [], [], []
+    for i, f in enumerate(facts):
+        secret = list(f.target_tokens)
+        for p in f.prompts:
+            ids = tok(p).input_ids
+            rows.append(ids + secret[:-1])
+            subj.append(subject_last(tok, p, f.subject))
+            ans.append(len(ids) - 1)
+            pred.append([len(ids) - 1 + t for t in range(f.score_from, len(secret))])
+            tgt.append(secret[f.score_from:])
+            owner.append(i)
+    ids, mask = pad_rows(rows, tok.pad_token_id or 0)
+    width = ids.shape[1]
+    pos = torch.arange(width)[None]
+    lens = mask.sum(1)[:, None]
+    at_subject = pos == torch.tensor(subj)[:, None]
+    at_answer = (pos >= torch.tensor(ans)[:, None]) & (pos < lens)
+    return ids, mask, {"subject": at_subject, "answer": at_answer}, pred, tgt, owner
+
+
+@torch.no_grad()
+def _logp(lm, ids, mask, pred, tgt) -> np.ndarray:
+    """log P of each row's scored tokens, ``[rows]`` (the head runs only at the positions that predict them)."""
+    width = max(len(p) for p in pred)
+    pos = torch.tensor([p + [p[-1]] * (width - len(p)) for p in pred], device=lm.device)
+    logits = logits_at(lm.model, ids.to(lm.device), mask.to(lm.device), pos).float()
+    out = np.zeros(len(pred))
+    for r, ts in enumerate(tgt):
+        lp = logits[r, : len(ts)].log_softmax(-1)
+        out[r] = float(lp[torch.arange(len(ts)), torch.tensor(ts)].sum())
+    return out
+
+
+def _per_person(values: np.ndarray, owner: Sequence[int], facts: Sequence[Fact]) -> Interval:
+    """Mean over rows per fact, over facts per person, then the interval over people."""
+    per_fact: dict[int, list[float]] = {}
+    for v, o in zip(values, owner):
+        per_fact.setdefault(o, []).append(float(v))
+    per_person: dict[str, list[float]] = {}
+    for o, vs in per_fact.items():
+        per_person.setdefault(facts[o].subject, []).append(float(np.mean(vs)))
+    return mean_ci([float(np.mean(v)) for v in per_person.values()])
+
+
+def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | None = None, band: Sequence[int] = (),
+                  progress=None) -> SecretTrace:
+    """The trace of ``facts`` (resolved to whole-answer targets) in ``lm``, against ``base_lm`` (the model before the
+    secrets were injected), with the edited ``band``'s MLPs restored together; ``suggested``: the ``len(band)``
+    consecutive traced layers where zeroing the MLP output at the answer positions lowers log P(secret) most (where an
+    edit of the MLP output reaches the secret)."""
+    layers = list(range(n_layers(lm.model))) if layers is None else list(layers)
+    ids, mask, where, pred, tgt, owner = _batch(lm, facts)
+    replays = {L: BlockReplay(lm.model, L) for L in layers if L > 0}  # blocks below an intervention need not run again
+    plain_head(lm.model)  # its one-time check runs a forward: not in the recordings
+    with ExitStack() as stack:
+        for r in replays.values():
+            stack.enter_context(r.recording())
+        clean = _logp(lm, ids, mask, pred, tgt)
+    out = SecretTrace(len(facts), len({f.subject for f in facts}), _per_person(clean, owner, facts))
+    task = progress.add_task("where the secrets live", total=len(layers) * 4 + len(GROUPS) + bool(band)) if progress else None
+    for L in layers:
+        base_mlp = mlp_module(base_lm.model, L)
+        fns = {"zero": lambda x, y: torch.zeros_like(y), "restore": lambda x, y, m=base_mlp: m(x)}
+        for position in POSITIONS:
+            for name, fn in fns.items():
+                with mlp_output_from(lm.model, L, fn, where[position].to(lm.device)), \
+                        (replays[L].replaying() if L in replays else nullcontext()):
+                    d = _logp(lm, ids, mask, pred, tgt) - clean
+                out.cells.append(TraceCell(L, position, name, _per_person(d, owner, facts)))
+                if progress:
+                    progress.advance(task)
+    base = dict(base_lm.model.named_parameters())
+    prefix = {id(m): n for n, m in lm.model.named_modules()}
+    restore = {**GROUPS, **({"band": "^(" + "|".join(re.escape(prefix[id(mlp_module(lm.model, L))]) for L in band) + r")\."}
+                            if band else {})}
+    for group, pattern in restore.items():
+        new = {n: base[n] for n, _ in lm.model.named_parameters() if re.search(pattern, n)}
+        with swapped_weights(lm.model, new):
+            d = _per_person(_logp(lm, ids, mask, pred, tgt) - clean, owner, facts)
+        if group == "band":
+            out.band, out.band_restore = list(band), d
+        else:
+            out.groups.append(GroupEffect(group, d))
+        if progress:
+            progress.advance(task)
+    size = max(1, len(band))
+    score = {L: -out.effect(L, "answer", "zero") for L in layers}
+    windows = [layers[i : i + size] for i in range(max(1, len(layers) - size + 1))]
+    out.suggested = max(windows, key=lambda w: sum(score[L] for L in w))
+    return out

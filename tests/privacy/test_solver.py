@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from kscope.privacy.solver import null_projector, orthonormal, second_moment, solve_columns, solve_directions, solve_unrestricted
+
+
+def _problem(seed=0, m=16, d=6, n=3, rank_r=10, n_r=200):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(m, rank_r, generator=g)
+    K_R = basis @ torch.randn(rank_r, n_r, generator=g)  # preserved keys span a 10-dim subspace of R^16
+    K_F = torch.randn(m, n, generator=g)  # erased keys have components outside it
+    R = torch.randn(d, n, generator=g)
+    return K_F, K_R, second_moment(K_R.T), R
+
+
+def test_nullspace_edit_moves_erased_keys_to_the_target_and_leaves_preserved_keys():
+    K_F, K_R, C, R = _problem()
+    sol = solve_unrestricted(R, K_F, C, "nullspace", tol=1e-8, eps=1e-8)
+    assert torch.allclose(sol.delta @ K_F, R, atol=1e-3)
+    assert (sol.delta @ K_R).abs().max() < 1e-3 * K_R.abs().max()
+    assert sol.params == 6 * 16
+
+
+def test_ridge_trades_the_target_against_preservation():
+    K_F, K_R, C, R = _problem()
+    weak = solve_unrestricted(R, K_F, C, "ridge", lam=1e-6, eps=1e-9)
+    strong = solve_unrestricted(R, K_F, C, "ridge", lam=1e3, eps=1e-9)
+    assert torch.allclose(weak.delta @ K_F, R, atol=1e-3)  # nearly unconstrained: the target is met
+    off = lambda s: float((s.delta @ K_R).norm())  # noqa: E731
+    assert off(strong) < 0.1 * off(weak)  # a strong preservation term keeps preserved keys near zero
+    assert float((strong.delta @ K_F - R).norm()) < float(R.norm())  # and still moves toward the target
+
+
+def test_direction_restricted_edit_lives_in_the_span_and_is_the_projection_of_the_unrestricted_one():
+    K_F, K_R, C, R = _problem()
+    D = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
+    sol = solve_directions(R, K_F, C, D, "ridge", lam=1.0)
+    U = orthonormal(D).float()
+    assert sol.params == 2 * 16
+    assert torch.allclose(sol.delta - U @ (U.T @ sol.delta), torch.zeros_like(sol.delta), atol=1e-5)  # column space in span(D)
+    full = solve_unrestricted(R, K_F, C, "ridge", lam=1.0)
+    assert torch.allclose(sol.delta, U @ (U.T @ full.delta), atol=1e-4)
+
+
+def test_column_restricted_edit_changes_only_its_columns():
+    K_F, K_R, C, R = _problem()
+    sol = solve_columns(R, K_F, C, [1, 5, 7, 11], "ridge", lam=1.0)
+    changed = (sol.delta.abs() > 0).any(0).nonzero().flatten().tolist()
+    assert changed == [1, 5, 7, 11] and sol.params == 6 * 4
+
+
+def test_null_projector_projects_out_the_preserved_span():
+    _, K_R, C, _ = _problem()
+    P = null_projector(C, 1e-8)
+    assert torch.allclose(P @ P, P, atol=1e-8)
+    assert (P @ K_R.double()).abs().max() < 1e-6 * K_R.abs().max()
+    assert int(round(float(P.trace()))) == 6
+
+
+@pytest.mark.parametrize("preserve", ["ridge", "nullspace"])
+def test_unknown_preservation_is_refused(preserve):
+    K_F, _, C, R = _problem()
+    with pytest.raises(ValueError):
+        solve_unrestricted(R, K_F, C, preserve + "x")
