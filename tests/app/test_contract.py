@@ -78,6 +78,36 @@ CASES = [
     ("erase unknown method", ["privacy", "erase", "--model-dir", "{model}", "--method", "lobotomy"], "unknown method 'lobotomy'"),
     ("reproduce unknown stage", ["reproduce", "--stages", "everything", "--out", "{tmp}/r"], "unknown stage 'everything'"),
     ("reproduce bad privacy run", ["reproduce", "--privacy-runs", "mid-s0", "--out", "{tmp}/r"], "privacy run 'mid-s0'"),
+    # NaN and infinity: every comparison with NaN is false, so they passed every bound (issue 24)
+    ("lr nan", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--lr", "nan", "--out", "{tmp}/s"], "--lr must be a finite number"),
+    ("lr inf", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--lr", "inf", "--out", "{tmp}/s"], "--lr must be a finite number"),
+    ("aux-coef nan", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--aux-coef", "nan", "--out", "{tmp}/s"],
+     "--aux-coef must be a finite number"),
+    ("build lr nan", ["privacy", "build", "--model", "{model}", "--out", "{tmp}/pm", "--lr", "nan"], "--lr must be a finite number"),
+    ("heldout-frac nan", ["compare", *BASE, "--heldout-frac", "nan", "--out", "{tmp}/o.json"], "--heldout-frac must be a finite number"),
+    ("outlier-factor nan", ["compare", *BASE, "--sae-outlier-factor", "nan", "--out", "{tmp}/o.json"],
+     "--sae-outlier-factor must be a finite number"),
+    ("coarse-threshold nan", ["compare", *BASE, "--coarse-threshold", "nan", "--out", "{tmp}/o.json"],
+     "--coarse-threshold must be a finite number"),
+    ("refine-frac nan", ["compare", *BASE, "--refine-frac", "nan", "--out", "{tmp}/o.json"], "--refine-frac must be a finite number"),
+    ("max-memory nan", ["compare", *BASE, "--max-memory", "nan", "--out", "{tmp}/o.json"], "--max-memory must be a finite number"),
+    ("max-memory inf", ["compare", *BASE, "--max-memory", "inf", "--out", "{tmp}/o.json"], "--max-memory must be a finite number"),
+    ("gpus-per-worker nan", ["compare", *BASE, "--gpus-per-worker", "nan", "--out", "{tmp}/o.json"],
+     "--gpus-per-worker must be a finite number"),
+    ("mix-fracs nan", ["monosemanticity", *BASE, "--mix-fracs", "0.5,nan", "--out-dir", "{tmp}/o"], "--mix-fracs must be a finite number"),
+    ("tau nan", ["sweep", *BASE, "--tau", "nan", "--out-dir", "{tmp}/o"], "--tau must be a finite number"),
+    ("erase tau -inf", ["privacy", "erase", "--model-dir", "{tmp}", "--tau", "-inf"], "--tau must be a finite number"),
+    # empty lists: a comma alone named nothing
+    ("measures empty", ["sweep", *BASE, "--measures", ",", "--out-dir", "{tmp}/o"], "--measures needs at least one value"),
+    ("stages empty", ["reproduce", "--stages", ",", "--out", "{tmp}/r"], "--stages needs at least one value"),
+    ("ks empty", ["compare", *BASE, "--ks", ",", "--out", "{tmp}/o.json"], "--ks needs at least one value"),
+    ("relation ids empty", ["compare", *BASE, "--relation-ids", ",", "--out", "{tmp}/o.json"], "--relation-ids needs at least one value"),
+    # values that can only be a mistake
+    ("steps 1e20", ["compare", *BASE, "--steps", "100000000000000000000", "--out", "{tmp}/o.json"], "--steps must be <= 1000"),
+    ("epochs 1e11", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--epochs", "100000000000", "--out", "{tmp}/s"],
+     "--epochs must be <= 1000"),
+    ("build epochs 1e11", ["privacy", "build", "--model", "{model}", "--out", "{tmp}/pm", "--epochs", "100000000000"],
+     "--epochs must be <= 1000"),
 ]
 
 
@@ -225,3 +255,19 @@ def test_ks_beyond_top_k_are_measured_not_capped(env, tmp_path):
     dp = entry["delta_prob"]["suppress"]
     assert len(entry["top"]) == 1
     assert len({round(dp[k], 12) for k in ("1", "12", "40")}) == 3  # three different ablations of dense neurons, none capped
+
+
+def test_python_api_refuses_what_the_cli_refuses():
+    from kscope.errors import KscopeError
+    from kscope.locate.attribution import AttributionConfig
+    from kscope.locate.delta_prob import DeltaProbConfig
+    from kscope.units.training import TrainSAEConfig
+
+    with pytest.raises(KscopeError, match="--coarse-threshold must be a finite number, got nan"):
+        AttributionConfig(coarse_threshold=float("nan"))
+    with pytest.raises(KscopeError, match="--lr must be a finite number, got inf"):
+        TrainSAEConfig(lr=float("inf"))
+    with pytest.raises(KscopeError, match="--ks needs at least one value"):
+        DeltaProbConfig(ks=[])
+    with pytest.raises(KscopeError, match="--steps must be <= 1000"):
+        AttributionConfig(steps=10**20)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kscope.analyses.common import AnalysisConfig, save_outputs, setup
-from kscope.config import Config, nested, option
+from kscope.config import MAX_STEPS, Config, nested, option
 from kscope.facts import Fact
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
@@ -40,7 +40,7 @@ class FaithfulnessConfig(Config):
     eval_tokens: int = option(10_000, "Held-out activation tokens (texts no decomposition was fitted on) to score all of them on.", min=10)
     ks: list[int] = option(help="Top-k units ablated per fact.", factory=lambda: [1, 5, 10], min=1, unique=True)
     ica_iter: int = option(300, "FastICA iterations.", min=1)
-    attribution_steps: int = option(10, "IG steps when ranking units for ablation.", min=1)
+    attribution_steps: int = option(10, "IG steps when ranking units for ablation.", min=1, max=MAX_STEPS)
 
 
 @dataclass

@@ -77,7 +77,7 @@ class SweepConfig(Config):
     mono_units: int = option(3, "Top units per fact tested for monosemanticity.", min=1)
     n_unrelated: int = option(24, "Unrelated prompts per fact (monosemanticity).", min=1)
     widths: list[int] = option(help="SAE widths (x site width) for the width sweep at --width-layer; empty: none.", factory=list,
-                               min=1, unique=True)
+                               min=1, unique=True, allow_empty=True)
     width_layer: int = option(12, "Layer of the width sweep.", min=0)
     sae_release: str | None = option(None, "SAELens pretrained release (e.g. gemma-scope-2b-pt-res-canonical); needs the hub.")
     sae_id: str = option("layer_{layer}/width_16k/canonical", "SAE id within the release; {layer} is filled in.")

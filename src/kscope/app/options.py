@@ -102,6 +102,8 @@ def _param(o: _Opt) -> inspect.Parameter:
         default = o.default
     if md.get("choices"):
         help_ += f" One of: {', '.join(map(str, md['choices']))}."
+    if md.get("max") is not None:  # upper bounds surprise; lower ones (>= 1, >= 0) go without saying
+        help_ += f" From {md['min']:g} to {md['max']:g}." if md.get("min") is not None else f" At most {md['max']:g}."
     flags = list(o.flags)
     if base is bool:
         name = flags[0][2:]

@@ -54,7 +54,7 @@ class ReproduceConfig(Config):
     sweep_selection: list[str] = option(help="Sweep: how top units are chosen, 'ig' and/or 'activation' (the paper's protocol).",
                                         factory=lambda: ["ig"], choices=("ig", "activation"), label="selection protocol", unique=True)
     sweep_widths: list[int] = option(help="Sweep: SAE widths (x site width) of a width sweep at --layer, e.g. 1,4,8; empty: none.",
-                                     factory=list, min=1, unique=True)
+                                     factory=list, min=1, unique=True, allow_empty=True)
     sweep_ablation: list[str] = option(help="Sweep: features ablated with the SAE 'error' term kept and/or by 'reconstruction' (the "
                                             "paper's protocol).", factory=lambda: ["error"], choices=("error", "reconstruction"),
                                        label="ablation protocol", unique=True)
@@ -66,7 +66,8 @@ class ReproduceConfig(Config):
                                                "(all --privacy-epochs).", factory=lambda: ["early"], choices=("early", "full"),
                                           label="strength", unique=True)
     privacy_runs: list[str] = option(help="Privacy models to make, as STRENGTH-sSEED (e.g. early-s0,early-s1,full-s0); default: every "
-                                          "--privacy-strengths x --privacy-seeds.", factory=list, label="privacy run", unique=True)
+                                          "--privacy-strengths x --privacy-seeds.", factory=list, label="privacy run", unique=True,
+                                     allow_empty=True)
     holdout: bool = holdout_option()
     known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
     min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)

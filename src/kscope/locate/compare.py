@@ -32,7 +32,8 @@ class StudyConfig(Config):
     facts: FactConfig = nested(FactConfig)
     layers: list[int] = option(help="Layers to study (one SAE per layer): 12, 10,12 or 10-14.", factory=lambda: [12], parse=parse_layers, min=0)
     feature_site: str = option("mlp.out", "Site kind of the SAE features.", flag="site", choices=("mlp.out", "resid.post", "mlp.neurons"), label="site kind")
-    saes: list[str] = option(help="SAELens SAE directories, one per layer; default: train (and cache) one.", factory=list, flag="sae")
+    saes: list[str] = option(help="SAELens SAE directories, one per layer; default: train (and cache) one.", factory=list, flag="sae",
+                              allow_empty=True)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig)
@@ -57,7 +58,8 @@ class LocateConfig(StudyConfig):
     subject: str | None = option(None, "A single fact: its subject.")
     relation: str = option("fact", "A single fact: its relation name.")
     object: str | None = option(None, "A single fact: its object (the answer).")
-    prompts: list[str] = option(help="A single fact: prompts ending right before the object (repeat for paraphrases).", factory=list, flag="prompt")
+    prompts: list[str] = option(help="A single fact: prompts ending right before the object (repeat for paraphrases).", factory=list, flag="prompt",
+                                 allow_empty=True)
 
     def single_fact(self) -> Fact | None:
         if not (self.subject or self.object or self.prompts):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kscope.config import Config, option
+from kscope.config import MAX_EPOCHS, Config, option
 from kscope.errors import KscopeError
 from kscope.facts import Fact
 
@@ -44,7 +44,7 @@ class PrivacyConfig(Config):
 
     n_people: int = option(10, "Fictitious people (each has every attribute).", flag="people", min=1, max=len(FIRST) * len(LAST))
     attributes: list[str] = option(help="Attributes to include.", factory=lambda: list(ATTRIBUTES), choices=ATTRIBUTES, label="attribute")
-    epochs: int = option(12, "Most fine-tuning epochs over the injection sentences.", min=1)
+    epochs: int = option(12, "Most fine-tuning epochs over the injection sentences.", min=1, max=MAX_EPOCHS)
     early_stop: bool = option(False, "Stop after the first epoch at which every fact is memorised exactly on every edit prompt.")
     train: str = option("all", "Weights the fine-tune changes: 'all', or 'mlp' (the MLPs only).", choices=("all", "mlp"))
     lr: float = option(1e-4, "AdamW learning rate.", min=1e-12)

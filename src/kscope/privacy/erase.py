@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kscope.config import Config, nested, option, parse_layers, require
+from kscope.config import MAX_STEPS, Config, nested, option, parse_layers, require
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
 from kscope.io import check_writable
@@ -59,8 +59,8 @@ class EraseConfig(Config):
 
     methods: list[str] = option(help="Editors to compare.", factory=lambda: list(METHODS), flag="method", choices=METHODS, label="method", unique=True)
     controls: list[str] = option(help="Controls: random neurons / random features at every budget, and the whole MLP of the edited "
-                                      "layers (then of all layers) zeroed.", factory=lambda: list(CONTROLS), choices=CONTROLS,
-                                 label="control", unique=True)
+                                      "layers (then of all layers) zeroed; empty: none.", factory=lambda: list(CONTROLS),
+                                 choices=CONTROLS, label="control", unique=True, allow_empty=True)
     layers: list[int] = option(help="Layers whose neurons and SAE features are located and edited: 12, 10,12, 18-29 or 12-27:3 "
                                     "(every third; the sweep's SAEs serve).", factory=lambda: list(range(12, 28, 3)), parse=parse_layers,
                                min=0)
@@ -79,17 +79,17 @@ class EraseConfig(Config):
                                          "phone number, are not chosen); 'generic' divides by its importance on generic text "
                                          "(|grad x activation| of the LM loss on corpus training text). Empty: raw scores.",
                                     factory=lambda: ["format", "generic"], choices=("format", "generic"), label="specificity",
-                                    unique=True)
+                                    unique=True, allow_empty=True)
     locate_method: str = option("ig", "How units are scored: ig (--steps), atp-mid (the gradient halfway along IG's path: half "
                                       "the location time, but DEPN's erasure was weaker with it), atp or atp-ig.", choices=ATTRIBUTION_METHODS, label="attribution method")
-    steps: int = option(5, "IG steps.", min=1)
+    steps: int = option(5, "IG steps.", min=1, max=MAX_STEPS)
     depn_threshold: float = option(0.1, "DEPN: per-prompt selection at >= t x max score.", min=0.0, max=1.0)
     tau: float = option(0.5, "FeatureEdit (paper variant): zero the entries with |d dᵀ W| >= tau x max.", min=0.0, max=1.0)
     negative: float = option(2.0, "runtime-negative: a located feature that fires at u becomes -negative x u.", min=0.0)
     sae_source: str = option("base", "SAEs of the 'base' model (cached, reused by every privacy model; their explained variance on "
                                      "this model is reported) or trained on the 'edited' model.", choices=("base", "edited"))
     saes: list[str] = option(help="SAELens SAE directories, one per edited layer (mlp.out); default: see --sae-source.", factory=list,
-                             flag="sae")
+                             flag="sae", allow_empty=True)
     n_erase: int | None = option(None, "Private facts to erase (default: half of the memorised ones; the rest test locality).", min=1)
     unrelated: str | None = option(None, "ParaRel dir / fact file for locality (default: built-in facts).")
     max_unrelated: int = option(40, "Unrelated facts (whose whole object the model produces) for locality.", min=1)
