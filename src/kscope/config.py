@@ -35,6 +35,7 @@ def option(
     unique: bool = False,
     allow_empty: bool = False,
     finite: bool = True,
+    reads: bool = False,
     label: str | None = None,
     cli: bool = True,
 ) -> Any:
@@ -45,11 +46,12 @@ def option(
     makes the option mandatory on the command line (the field's default is then ``None``);
     ``unique`` refuses a list that repeats a value; a list must hold a value unless ``allow_empty``
     (an empty list then means something, said in the help); a float must be finite (no NaN, no
-    infinity) unless ``finite=False``; ``label`` names one value in messages ("unknown method 'x'").
+    infinity) unless ``finite=False``; ``reads`` marks a path the command reads (outputs may not touch it);
+    ``label`` names one value in messages ("unknown method 'x'").
     """
     md = {"help": help, "flag": flag, "aliases": tuple(aliases), "parse": parse, "min": min, "max": max,
           "choices": tuple(choices) if choices is not None else None, "required": required, "unique": unique,
-          "allow_empty": allow_empty, "finite": finite, "label": label, "cli": cli}
+          "allow_empty": allow_empty, "finite": finite, "reads": reads, "label": label, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=md)
     return field(default=None if required and default is MISSING else default, metadata=md)
@@ -97,6 +99,18 @@ class Config:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if "help" in f.metadata:
                 check_value(f, getattr(self, f.name), flag_of(f))
+
+    def reads(self) -> list[str]:
+        """The files and directories this config names as inputs (options declared ``reads=True``, nested configs
+        included): no output may be one of them or lie inside one."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Config):
+                out += value.reads()
+            elif f.metadata.get("reads") and value:
+                out += [value] if isinstance(value, str) else list(value)
+        return out
 
 
 def parse_list(text: str) -> list[str]:

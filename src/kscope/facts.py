@@ -49,7 +49,7 @@ class Fact:
 class FactConfig(Config):
     """Which facts to use and how to filter them."""
 
-    facts: str | None = option(None, "ParaRel directory or .jsonl fact file; default: the built-in set.")
+    facts: str | None = option(None, "ParaRel directory or .jsonl fact file; default: the built-in set.", reads=True)
     relations: list[str] | None = option(None, "ParaRel relation ids to keep (e.g. P36,P103); ParaRel only.", flag="relation-ids")
     max_facts: int | None = option(None, "Keep at most this many known facts.", min=1)
     max_per_relation: int = option(50, "ParaRel facts sampled per relation before filtering.", min=1)

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kscope.app.cli import app
+from kscope.errors import KscopeError
 from kscope.facts import write_fact_file
 from tests.helpers import capital_facts, save_tiny_model
 
@@ -102,6 +103,20 @@ CASES = [
     ("stages empty", ["reproduce", "--stages", ",", "--out", "{tmp}/r"], "--stages needs at least one value"),
     ("ks empty", ["compare", *BASE, "--ks", ",", "--out", "{tmp}/o.json"], "--ks needs at least one value"),
     ("relation ids empty", ["compare", *BASE, "--relation-ids", ",", "--out", "{tmp}/o.json"], "--relation-ids needs at least one value"),
+    # an output never lies inside, or is, an input (compare --out once wrote its JSON over the SAE's weights)
+    ("out in the sae", ["compare", *BASE, "--layers", "1", "--sae", "{sae}", "--out", "{sae}/sae_weights.safetensors"], "lies inside the input directory"),
+    ("out in the model", ["compare", *BASE, "--out", "{model}/config.json"], "lies inside the input directory"),
+    ("locate out in the model", ["locate", *BASE, "--out", "{model}/tokenizer.json"], "lies inside the input directory"),
+    ("out is the corpus", ["compare", *BASE, "--text", "{corpus}", "--out", "{corpus}"], "is also an input"),
+    ("out-dir in the sae", ["faithfulness", *BASE, "--layer", "1", "--sae", "{sae}", "--out-dir", "{sae}/o"], "lies inside the input"),
+    ("sweep out-dir in the model", ["sweep", *BASE, "--out-dir", "{model}/sweep"], "lies inside the input directory"),
+    ("train-sae out in the model", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--out", "{model}/sae"],
+     "lies inside the input directory"),
+    ("build out in the model", ["privacy", "build", "--model", "{model}", "--out", "{model}/pm"], "lies inside the input directory"),
+    ("erase out in the model dir", ["privacy", "erase", "--model-dir", "{model}", "--out", "{model}/e.json"],
+     "lies inside the input directory"),
+    ("reproduce out is the model", ["reproduce", "--model", "{model}", "--out", "{model}"], "is also an input"),
+    ("reproduce out in the model", ["reproduce", "--model", "{model}", "--out", "{model}/report"], "lies inside the input directory"),
     # values that can only be a mistake
     ("steps 1e20", ["compare", *BASE, "--steps", "100000000000000000000", "--out", "{tmp}/o.json"], "--steps must be <= 1000"),
     ("epochs 1e11", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--epochs", "100000000000", "--out", "{tmp}/s"],
@@ -120,6 +135,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, tmp_path, name, ar
     assert len(lines) == 1 and fragment in lines[0], r.output
     assert _files(tmp_path) in ([], [tmp_path / "cache"]) or not any(p.suffix == ".json" for p in tmp_path.rglob("*"))
     assert _files(env["root"]) == before
+
+
+def test_an_output_directory_may_hold_inputs_but_not_overwrite_them(env, tmp_path):
+    """A run directory holds the results its later stages read; a file the command writes there may not be an input."""
+    import shutil
+
+    facts = tmp_path / "faithfulness.json"  # a fact file that faithfulness --out-dir would write over
+    shutil.copy(env["facts"], facts)
+    r = runner.invoke(app, ["faithfulness", *_fill(BASE, env, tmp_path)[:2], "--facts", str(facts), "--out-dir", str(tmp_path)])
+    assert r.exit_code == 2 and f"writing {facts} would overwrite the input" in r.output, r.output
+    from kscope.app.reproduce import ReproduceConfig
+
+    ReproduceConfig(facts=env["facts"], out=str(env["root"])).validate()  # the facts beside the report: fine
+    with pytest.raises(KscopeError, match="would overwrite the input"):
+        ReproduceConfig(facts=str(facts), out=str(tmp_path), stages=["faithfulness"]).validate()
 
 
 def _corrupt(env, tmp_path, how):
@@ -258,7 +288,6 @@ def test_ks_beyond_top_k_are_measured_not_capped(env, tmp_path):
 
 
 def test_python_api_refuses_what_the_cli_refuses():
-    from kscope.errors import KscopeError
     from kscope.locate.attribution import AttributionConfig
     from kscope.locate.delta_prob import DeltaProbConfig
     from kscope.units.training import TrainSAEConfig

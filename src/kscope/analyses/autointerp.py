@@ -80,6 +80,7 @@ class InterpretResult(AnalysisResult):
 @dataclass
 class InterpretJob(AnalysisConfig):
     """Interpretability score of the top fact neurons vs top fact features (offline token proxy, or an LLM)."""
+    output_name = "interpret"
 
     interpret: InterpretConfig = nested(InterpretConfig)
     per_fact: int = option(1, "Top units per fact to score.", min=1)
@@ -270,4 +271,4 @@ def run_interpret_job(cfg: InterpretJob) -> InterpretResult:
             results[kind] = score_units(s.lm, units, idx, texts, cfg.interpret)
             progress.advance(task)
     result = InterpretResult(s.lm.name, cfg.layer, len(s.facts), asdict(cfg.interpret), results, s.sae)
-    return save_outputs(cfg.out_dir, "interpret", result, lambda path: plot_interpretability(results, path))
+    return save_outputs(cfg.out_dir, cfg.output_name, result, lambda path: plot_interpretability(results, path))

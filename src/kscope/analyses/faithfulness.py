@@ -83,6 +83,7 @@ class FaithfulnessResult(Result):
 @dataclass
 class FaithfulnessJob(AnalysisConfig):
     """SAE vs PCA vs ICA vs random directions: reconstruction, knowledge preservation, top-k ablation ΔProb."""
+    output_name = "faithfulness"
 
     faithfulness: FaithfulnessConfig = nested(FaithfulnessConfig)
 
@@ -198,4 +199,4 @@ def run_faithfulness_job(cfg: FaithfulnessJob) -> FaithfulnessResult:
                if same else "the SAE was not trained on this corpus, so whether it saw these tokens is unknown"))
     result = FaithfulnessResult(s.lm.name, cfg.layer, s.features.site.name, len(s.facts), n_eval, asdict(cfg.faithfulness),
                                 rows, secs, s.sae, note)
-    return save_outputs(cfg.out_dir, "faithfulness", result, lambda path: plot_faithfulness(result, path))
+    return save_outputs(cfg.out_dir, cfg.output_name, result, lambda path: plot_faithfulness(result, path))

@@ -95,7 +95,11 @@ class SweepConfig(Config):
             raise KscopeError(f"fact source {self.facts.facts} does not exist")
         if self.sae_release and self.sae_dirs:
             raise KscopeError("give --sae-release or --sae-dirs, not both")
-        check_writable(self.out_dir, directory=True)
+        check_writable(self.out_dir, self.reads(), directory=True, writes=["sweep.json", "sweep.png"])
+
+    def reads(self) -> list[str]:
+        dirs = [self.sae_dirs.format(layer=L, site=s) for L in self.layers for s in self.sites] if self.sae_dirs else []
+        return super().reads() + dirs
 
 
 @dataclass

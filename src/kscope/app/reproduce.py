@@ -44,7 +44,7 @@ class ReproduceConfig(Config):
     """The whole study: ΔProb, faithfulness, interpretability, monosemanticity, privacy erasure -> <out>/index.html."""
 
     model: ModelConfig = nested(ModelConfig)
-    facts: str | None = option(None, "ParaRel dir or fact file; default: the built-in facts.")
+    facts: str | None = option(None, "ParaRel dir or fact file; default: the built-in facts.", reads=True)
     max_facts: int = option(60, "Known facts to study.", min=1)
     layer: int = option(12, "Layer of the neurons and the SAE.", min=0)
     out: str = option("report", "Report directory (index.html, results.json, figures).")
@@ -78,7 +78,7 @@ class ReproduceConfig(Config):
     def validate(self) -> None:
         if self.facts is not None and not Path(self.facts).exists():
             raise KscopeError(f"fact source {self.facts} does not exist")
-        check_writable(self.out, directory=True)
+        check_writable(self.out, self.reads(), directory=True, writes=_written(self), flag="--out")
         for name in self.privacy_runs:
             if not re.fullmatch(r"(early|full)-s\d+", name):
                 raise KscopeError(f"privacy run {name!r}: expected STRENGTH-sSEED with STRENGTH early or full, e.g. early-s0")
@@ -122,6 +122,18 @@ def _files(cfg: ReproduceConfig) -> dict[str, Path]:
         files[f"privacy-build:{name}"] = out / "privacy" / name / MANIFEST
         files[f"privacy-erase:{name}"] = out / f"privacy-{name}.json"
     return files
+
+
+def _written(cfg: ReproduceConfig) -> list[str]:
+    """What a run writes or replaces under ``--out``: each stage's result and figure, the directories of the explorer,
+    the sweep and the privacy models, and the report."""
+    out = Path(cfg.out)
+    names = {"results.json", "index.html", FINGERPRINTS, "explorer", "sweep", "privacy"}
+    for path in _files(cfg).values():
+        rel = path.relative_to(out)
+        if len(rel.parts) == 1:
+            names |= {str(rel), str(rel.with_suffix(".png"))}
+    return sorted(names)
 
 
 def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:

@@ -33,7 +33,7 @@ class StudyConfig(Config):
     layers: list[int] = option(help="Layers to study (one SAE per layer): 12, 10,12 or 10-14.", factory=lambda: [12], parse=parse_layers, min=0)
     feature_site: str = option("mlp.out", "Site kind of the SAE features.", flag="site", choices=("mlp.out", "resid.post", "mlp.neurons"), label="site kind")
     saes: list[str] = option(help="SAELens SAE directories, one per layer; default: train (and cache) one.", factory=list, flag="sae",
-                              allow_empty=True)
+                              allow_empty=True, reads=True)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig)
@@ -47,7 +47,7 @@ class StudyConfig(Config):
         for sae in self.saes:
             if not Path(sae).is_dir():
                 raise KscopeError(f"SAE directory {sae} does not exist")
-        check_writable(self.out, inputs=[self.facts.facts])
+        check_writable(self.out, self.reads())
 
 
 @dataclass

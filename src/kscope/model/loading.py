@@ -41,6 +41,12 @@ class ModelConfig(Config):
         super().__post_init__()
         check_device(self.device)
 
+    def reads(self) -> list[str]:
+        """The model's directory: the packaged default's cache, or a local path (a hub id names none)."""
+        if self.model.lower() in _ALIASES:
+            return [str(_default_dir(self.cache_dir))]
+        return [self.model] if Path(self.model).expanduser().exists() else []
+
 
 def check_device(device: str) -> None:
     """Refuse a device torch cannot parse, or a GPU that is not there."""
@@ -95,10 +101,13 @@ def gguf_dir() -> Path:
     return path
 
 
+def _default_dir(cache_dir: str | Path | None) -> Path:
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "smollm2-135m-instruct"
+
+
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     """Directory of the dequantized default model, created from the GGUF file on first use."""
-    target = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = target / "smollm2-135m-instruct"
+    target = _default_dir(cache_dir)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     src = gguf_dir()

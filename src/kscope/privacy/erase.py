@@ -89,9 +89,9 @@ class EraseConfig(Config):
     sae_source: str = option("base", "SAEs of the 'base' model (cached, reused by every privacy model; their explained variance on "
                                      "this model is reported) or trained on the 'edited' model.", choices=("base", "edited"))
     saes: list[str] = option(help="SAELens SAE directories, one per edited layer (mlp.out); default: see --sae-source.", factory=list,
-                             flag="sae", allow_empty=True)
+                             flag="sae", allow_empty=True, reads=True)
     n_erase: int | None = option(None, "Private facts to erase (default: half of the memorised ones; the rest test locality).", min=1)
-    unrelated: str | None = option(None, "ParaRel dir / fact file for locality (default: built-in facts).")
+    unrelated: str | None = option(None, "ParaRel dir / fact file for locality (default: built-in facts).", reads=True)
     max_unrelated: int = option(40, "Unrelated facts (whose whole object the model produces) for locality.", min=1)
     ppl_texts: int = option(16, "Held-out texts the base model generates (seed 1234) for perplexity.", min=1)
     generic_texts: int = option(24, "Corpus training texts for the specificity weights.", min=1)
@@ -104,7 +104,7 @@ class EraseJob(Config):
     """Locate privacy neurons / features across layers and compare erasure editors at several budgets, with controls:
     Rel, Gen, Loc, ΔPPL, exposure, Δlog P and rank of the secret."""
 
-    model_dir: str | None = option(help="A directory made by `kscope privacy build`.", required=True)
+    model_dir: str | None = option(help="A directory made by `kscope privacy build`.", required=True, reads=True)
     erase: EraseConfig = nested(EraseConfig)
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1 ...")
     cache_dir: str | None = option(None, "Cache for the default model and SAEs (default $KSCOPE_CACHE or ~/.cache/kscope).")
@@ -123,7 +123,7 @@ class EraseJob(Config):
                 raise KscopeError(f"SAE directory {s} does not exist")
         if self.erase.unrelated is not None and not Path(self.erase.unrelated).exists():
             raise KscopeError(f"fact source {self.erase.unrelated} does not exist")
-        check_writable(self.out, inputs=[self.model_dir])
+        check_writable(self.out, self.reads())
 
 
 @dataclass
