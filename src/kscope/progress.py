@@ -10,6 +10,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
+def note(message: str) -> None:
+    """A ``note:`` line on stderr: something left out or changed that the user should know of."""
+    console.print(f"[yellow]note:[/] {message}", soft_wrap=True)
+
+
 def make_progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),

@@ -117,6 +117,8 @@ CASES = [
      "lies inside the input directory"),
     ("reproduce out is the model", ["reproduce", "--model", "{model}", "--out", "{model}"], "is also an input"),
     ("reproduce out in the model", ["reproduce", "--model", "{model}", "--out", "{model}/report"], "lies inside the input directory"),
+    ("single fact that asks nothing", ["locate", "--model", "{model}", "--subject", "france", "--object", "paris", "--prompt",
+                                       "the capital of france is paris", "--layers", "1", "--out", "{tmp}/o.json"], "cannot be studied"),
     # values that can only be a mistake
     ("steps 1e20", ["compare", *BASE, "--steps", "100000000000000000000", "--out", "{tmp}/o.json"], "--steps must be <= 1000"),
     ("epochs 1e11", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--epochs", "100000000000", "--out", "{tmp}/s"],
@@ -208,6 +210,45 @@ def test_fact_file_problems_name_the_line(env, tmp_path):
     s.write_text('{"subject": "x", "relation": "r", "object": "paris", "prompts": ["a"], "heldout_prompts": "the capital"}\n')
     r = runner.invoke(app, ["compare", "--model", env["model"], "--facts", str(s), "--out", str(tmp_path / "o.json")])
     assert r.exit_code == 2 and "'heldout_prompts' must be a list of strings" in r.output
+
+
+def _row(subject, obj, prompts, relation="capital", uid=None):
+    return {"subject": subject, "relation": relation, "object": obj, "prompts": prompts} | ({"uid": uid} if uid else {})
+
+
+FRANCE = _row("france", "paris", ["the capital of france is", "france 's capital city is"])
+FACT_CASES = [
+    # name, fact rows, note fragment, (subject, object, prompts) of the facts studied. Policy: a fact or prompt that cannot
+    # be studied is left out with a note naming it; the run goes on with the others.
+    ("repeated fact", [FRANCE, FRANCE], "1 repeated facts are left out: france -> paris (capital)", [("france", "paris", 2)]),
+    ("repeated uid", [_row("france", "paris", ["the capital of france is"], uid="a"),
+                      _row("germany", "berlin", ["the capital of germany is"], uid="a")], "repeated facts are left out: germany",
+     [("france", "paris", 1)]),
+    ("two objects, one subject", [FRANCE, _row("france", "rome", ["the capital of france is"])], None,
+     [("france", "paris", 2), ("france", "rome", 1)]),
+    ("unknown object token", [FRANCE, _row("spain", "zzzunknown", ["the capital of spain is"])],
+     "facts whose object holds the unknown token '<unk>' are left out: spain -> zzzunknown", [("france", "paris", 2)]),
+    ("prompt ends with its object", [_row("france", "paris", ["the capital of france is paris .", "the capital of france is"]),
+                                     _row("spain", "madrid", ["spain 's capital city is madrid"])],
+     "2 prompts that already end with their object are left out", [("france", "paris", 1)]),
+    ("prompt beyond the context", [_row("france", "paris", ["the capital of france is", "the " * 70 + "capital of france is"])],
+     "do not fit the model's context of 64 tokens", [("france", "paris", 1)]),
+]
+
+
+@pytest.mark.parametrize("name,rows,fragment,studied", FACT_CASES, ids=[c[0] for c in FACT_CASES])
+def test_facts_that_cannot_be_studied_are_left_out_with_a_note(env, tmp_path, name, rows, fragment, studied):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o.json"
+    r = runner.invoke(app, ["locate", "--model", env["model"], "--facts", str(path), "--known-top-k", "100", "--min-known-prompts", "1",
+                            "--steps", "2", "--layers", "1", "--no-features", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    notes = " ".join(r.output.split())
+    assert fragment is None and "left out" not in notes or fragment in notes, r.output
+    res = json.loads(out.read_text())
+    assert sorted((f["subject"], f["object"], len(f["prompts"])) for f in res["facts"]) == studied
+    assert len({f["uid"] for f in res["facts"]}) == len(res["facts"])
 
 
 def test_fewer_known_facts_than_asked_is_said(env, tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, holdout_option, prepare_facts, resolve_targets, split_prompts, splittable
+from kscope.facts import (Fact, FactConfig, asking, context_length, holdout_option, prepare_facts, resolve_targets, split_prompts,
+                          splittable)
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob, random_delta_prob, whole_set_delta_prob
@@ -216,9 +217,10 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
         check_layer(lm.model, layer)
     single = cfg.single_fact() if isinstance(cfg, LocateConfig) else None
     if single is not None:
-        facts = resolve_targets([single], lm.tokenizer, "error" if cfg.facts.multi_token == "first" else cfg.facts.multi_token)
+        facts = resolve_targets(asking([single]), lm.tokenizer, "error" if cfg.facts.multi_token == "first" else cfg.facts.multi_token,
+                                context=context_length(lm.model))
         if not facts:
-            raise KscopeError(f"target {single.object!r} is not one token")
+            raise KscopeError(f"the fact {single.subject} -> {single.object} cannot be studied (see the note above)")
         loaded = facts
     tcfg = cfg.sae_train
     with make_progress() as progress:
