@@ -119,6 +119,10 @@ CASES = [
     ("reproduce out in the model", ["reproduce", "--model", "{model}", "--out", "{model}/report"], "lies inside the input directory"),
     ("single fact that asks nothing", ["locate", "--model", "{model}", "--subject", "france", "--object", "paris", "--prompt",
                                        "the capital of france is paris", "--layers", "1", "--out", "{tmp}/o.json"], "cannot be studied"),
+    ("llm url unreachable", ["interpret", *BASE, "--layer", "1", "--sae", "{sae}", "--llm-url", "http://127.0.0.1:9/v1", "--out-dir",
+                             "{tmp}/o"], "--llm-url http://127.0.0.1:9/v1: nothing answers at 127.0.0.1:9"),
+    ("llm url malformed", ["interpret", *BASE, "--layer", "1", "--sae", "{sae}", "--llm-url", "localhost:8000", "--out-dir", "{tmp}/o"],
+     "--llm-url 'localhost:8000' is not an http(s) URL"),
     # values that can only be a mistake
     ("steps 1e20", ["compare", *BASE, "--steps", "100000000000000000000", "--out", "{tmp}/o.json"], "--steps must be <= 1000"),
     ("epochs 1e11", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--epochs", "100000000000", "--out", "{tmp}/s"],
@@ -135,7 +139,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, tmp_path, name, ar
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0], r.output
-    assert _files(tmp_path) in ([], [tmp_path / "cache"]) or not any(p.suffix == ".json" for p in tmp_path.rglob("*"))
+    assert [p for p in _files(tmp_path) if p.parts[0] != "cache"] == []
     assert _files(env["root"]) == before
 
 
@@ -341,3 +345,10 @@ def test_python_api_refuses_what_the_cli_refuses():
         DeltaProbConfig(ks=[])
     with pytest.raises(KscopeError, match="--steps must be <= 1000"):
         AttributionConfig(steps=10**20)
+
+
+def test_llm_explainer_failure_mid_run_is_one_error():
+    from kscope.analyses.autointerp import LLMExplainer
+
+    with pytest.raises(KscopeError, match="the LLM explainer at http://127.0.0.1:9/v1/chat/completions failed"):
+        LLMExplainer("http://127.0.0.1:9/v1", "m", timeout=3).explain([["a"]], [[1.0]])

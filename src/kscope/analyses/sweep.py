@@ -85,7 +85,7 @@ class SweepConfig(Config):
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig, steps=10)
-    interpret: InterpretConfig = nested(InterpretConfig, prefix="is-")
+    interpret: InterpretConfig = nested(InterpretConfig, prefix="is-", hide=("llm_url", "llm_model"))  # the token explainer only
     parallel: ParallelConfig = nested(ParallelConfig)
     seed: int = option(0, "Seed of the random controls and samples.", flag="sweep-seed")
     out_dir: str = option("runs/sweep", "Directory for sweep.json and the figures.")

