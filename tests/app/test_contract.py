@@ -33,7 +33,12 @@ def env(tmp_path_factory):
     r = runner.invoke(app, ["train-sae", "--model", str(model), "--site", "1/mlp.out", "--out", str(sae), "--expansion", "2",
                             "--k", "4", "--max-tokens", "300", "--generate", "0", "--text", str(corpus), "--epochs", "1"])
     assert r.exit_code == 0, r.output
-    return {"root": root, "model": str(model), "facts": str(facts), "sae": str(sae), "corpus": str(corpus)}
+    run = root / "run"
+    r = runner.invoke(app, ["compare", "--model", str(model), "--facts", str(facts), "--known-top-k", "100", "--min-known-prompts", "1",
+                            "--steps", "2", "--layers", "1", "--sae", str(sae), "--generate", "0", "--text", str(corpus),
+                            "--out", str(run / "compare.json")])
+    assert r.exit_code == 0, r.output
+    return {"root": root, "model": str(model), "facts": str(facts), "sae": str(sae), "corpus": str(corpus), "run": str(run)}
 
 
 def _fill(args, env, tmp):
@@ -123,6 +128,8 @@ CASES = [
                              "{tmp}/o"], "--llm-url http://127.0.0.1:9/v1: nothing answers at 127.0.0.1:9"),
     ("llm url malformed", ["interpret", *BASE, "--layer", "1", "--sae", "{sae}", "--llm-url", "localhost:8000", "--out-dir", "{tmp}/o"],
      "--llm-url 'localhost:8000' is not an http(s) URL"),
+    ("explore with another model", ["explore", "--run-dir", "{run}", "--model", "{sae}"], "was made with"),
+    ("explore a run with no compare.json", ["explore", "--run-dir", "{tmp}"], "holds no compare.json"),
     # values that can only be a mistake
     ("steps 1e20", ["compare", *BASE, "--steps", "100000000000000000000", "--out", "{tmp}/o.json"], "--steps must be <= 1000"),
     ("epochs 1e11", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--epochs", "100000000000", "--out", "{tmp}/s"],
@@ -156,6 +163,24 @@ def test_an_output_directory_may_hold_inputs_but_not_overwrite_them(env, tmp_pat
     ReproduceConfig(facts=env["facts"], out=str(env["root"])).validate()  # the facts beside the report: fine
     with pytest.raises(KscopeError, match="would overwrite the input"):
         ReproduceConfig(facts=str(facts), out=str(tmp_path), stages=["faithfulness"]).validate()
+
+
+def test_explore_uses_the_runs_model_corpus_and_saes(env, tmp_path, monkeypatch):
+    """explore once sampled 3,072 x 128 tokens from the model whatever corpus the run had (356 s on a tiny model)."""
+    import shutil
+
+    import kscope.app.explorer as explorer
+
+    run = tmp_path / "run"
+    shutil.copytree(env["run"], run)
+    used = []
+    real = explorer.build_corpus
+    monkeypatch.setattr(explorer, "build_corpus", lambda lm, cfg, *a: used.append((lm.name, cfg)) or real(lm, cfg, *a))
+    r = runner.invoke(app, ["explore", "--run-dir", str(run), "--contexts", "2"])
+    assert r.exit_code == 0, r.output
+    (name, corpus), = used
+    assert name == env["model"] and corpus.generate == 0 and corpus.text_files == [env["corpus"]]
+    assert (run / "explorer" / "index.html").exists() and list((run / "explorer" / "units").glob("L1-feature-*.html"))
 
 
 def _corrupt(env, tmp_path, how):

@@ -149,7 +149,7 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
         "faithfulness": FaithfulnessJob(**common),
         "interpret": InterpretJob(**common),
         "monosemanticity": MonosemanticityJob(**common),
-        "explorer": ExploreConfig(run_dir=str(out), model=cfg.model, corpus=cfg.corpus),
+        "explorer": ExploreConfig(run_dir=str(out), runtime=cfg.model),
         "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), selection=list(cfg.sweep_selection),
                              ablation=list(cfg.sweep_ablation), widths=list(cfg.sweep_widths), width_layer=cfg.layer,
                              holdout=cfg.holdout,

@@ -132,6 +132,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return reachable("huggingface.co", 443, timeout)
 
 
+def same_model(a: str, b: str) -> bool:
+    """Do two ``--model`` values name one model (the packaged default however spelled, one directory, one hub id)?"""
+    if a.lower() in _ALIASES or b.lower() in _ALIASES:
+        return a.lower() in _ALIASES and b.lower() in _ALIASES
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
+
+
 def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     """A local directory for ``name``: the packaged default, a directory, or a hub id (cached, or reachable)."""
     if name.lower() in _ALIASES:
