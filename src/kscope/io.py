@@ -57,7 +57,11 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The JSON in ``path``; a missing, unreadable or malformed file is a ``KscopeError`` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise KscopeError(f"cannot read {path}: {e}") from None
 
 
 def _alive(pid: int) -> bool:

@@ -130,6 +130,13 @@ CASES = [
      "--llm-url 'localhost:8000' is not an http(s) URL"),
     ("explore with another model", ["explore", "--run-dir", "{run}", "--model", "{sae}"], "was made with"),
     ("explore a run with no compare.json", ["explore", "--run-dir", "{tmp}"], "holds no compare.json"),
+    ("device mps without it", ["compare", *BASE, "--device", "mps", "--out", "{tmp}/o.json"], "no MPS device"),
+    ("sae release unknown", ["sweep", *BASE, "--sae-release", "no-such-release", "--out-dir", "{tmp}/o"],
+     "is not a SAELens pretrained release"),
+    ("sae release offline", ["sweep", *BASE, "--sae-release", "gemma-scope-2b-pt-res-canonical", "--out-dir", "{tmp}/o"],
+     "not in the Hugging Face cache, and the hub is unreachable"),
+    ("reproduce refused by a stage", ["reproduce", "--model", "{model}", "--layer", "7", "--stages", "compare", "--out", "{tmp}/r"],
+     "unknown layer 7"),
     # values that can only be a mistake
     ("steps 1e20", ["compare", *BASE, "--steps", "100000000000000000000", "--out", "{tmp}/o.json"], "--steps must be <= 1000"),
     ("epochs 1e11", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--epochs", "100000000000", "--out", "{tmp}/s"],
@@ -195,6 +202,8 @@ def _corrupt(env, tmp_path, how):
         (d / "sae_weights.safetensors").unlink()
     elif how == "cfg":
         (d / "cfg.json").write_text("{not json")
+    elif how == "meta":
+        (d / "kscope.json").write_text("{not json")
     elif how == "d_in":
         cfg = json.loads((d / "cfg.json").read_text())
         cfg["metadata"]["hook_name"] = "blocks.1.mlp.hook_post"  # 64 wide, the SAE reads 32
@@ -203,12 +212,24 @@ def _corrupt(env, tmp_path, how):
 
 
 @pytest.mark.parametrize("how,fragment", [("truncated", "cannot load SAE"), ("missing", "has no weights"),
-                                          ("cfg", "cannot load SAE"), ("d_in", "does not match")])
+                                          ("cfg", "cannot load SAE"), ("d_in", "does not match"), ("meta", "kscope.json: Expecting")])
 def test_corrupt_sae(env, tmp_path, how, fragment):
     d = _corrupt(env, tmp_path, how)
     r = runner.invoke(app, ["compare", *_fill(BASE, env, tmp_path), "--layers", "1", "--sae", str(d), "--out", str(tmp_path / "o.json")])
     assert r.exit_code == 2 and fragment in r.output, r.output
     assert not (tmp_path / "o.json").exists()
+
+
+def test_faithfulness_takes_no_located_units(env, tmp_path):
+    """faithfulness ranks every decomposition's units itself: --located was accepted and ignored."""
+    from kscope.analyses.faithfulness import FaithfulnessJob
+
+    r = runner.invoke(app, ["faithfulness", *_fill(BASE, env, tmp_path), "--located", str(env["run"]) + "/compare.json",
+                            "--out-dir", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "No such option: --located" in r.output, r.output
+    with pytest.raises(KscopeError, match="reads no located units"):
+        FaithfulnessJob(located=str(env["run"]) + "/compare.json").validate()
+    assert not (tmp_path / "o").exists()
 
 
 def test_corrupt_manifest_and_located_file(env, tmp_path):

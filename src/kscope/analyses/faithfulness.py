@@ -17,6 +17,7 @@ import torch
 
 from kscope.analyses.common import AnalysisConfig, save_outputs, setup
 from kscope.config import MAX_STEPS, Config, nested, option
+from kscope.errors import KscopeError
 from kscope.facts import Fact
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
@@ -86,6 +87,13 @@ class FaithfulnessJob(AnalysisConfig):
     output_name = "faithfulness"
 
     faithfulness: FaithfulnessConfig = nested(FaithfulnessConfig)
+    located: str | None = option(None, "Not read: faithfulness ranks every decomposition's units itself.", cli=False)
+
+    def validate(self) -> None:
+        if self.located:
+            raise KscopeError("faithfulness ranks the units of every decomposition (PCA, ICA, random too) itself; it reads no "
+                              "located units: leave located out")
+        super().validate()
 
 
 def reconstruction_scores(units: Units, acts: torch.Tensor, batch: int = 4096) -> dict:

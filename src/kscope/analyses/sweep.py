@@ -45,7 +45,7 @@ from kscope.stats import Interval, mean_ci, paired_test, relative_change
 from kscope.units.base import Units, enhance, suppress
 from kscope.units.corpus import CorpusConfig, build_corpus
 from kscope.units.provision import SAEInfo, neuron_units, obtain_saes
-from kscope.units.sae import feature_units, load_sae
+from kscope.units.sae import check_release, feature_units, load_sae
 from kscope.units.training import TrainSAEConfig
 
 MEASURES = ("delta", "interpret", "monosemanticity")
@@ -95,6 +95,8 @@ class SweepConfig(Config):
             raise KscopeError(f"fact source {self.facts.facts} does not exist")
         if self.sae_release and self.sae_dirs:
             raise KscopeError("give --sae-release or --sae-dirs, not both")
+        if self.sae_release:
+            check_release(self.sae_release)
         check_writable(self.out_dir, self.reads(), directory=True, writes=["sweep.json", "sweep.png"])
 
     def reads(self) -> list[str]:

@@ -146,7 +146,7 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
     configs: dict[str, Config] = {
         "compare": CompareConfig(model=cfg.model, facts=facts, holdout=cfg.holdout, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train,
                                  corpus=cfg.corpus),
-        "faithfulness": FaithfulnessJob(**common),
+        "faithfulness": FaithfulnessJob(**(common | {"located": None})),  # it ranks its decompositions' units itself
         "interpret": InterpretJob(**common),
         "monosemanticity": MonosemanticityJob(**common),
         "explorer": ExploreConfig(run_dir=str(out), runtime=cfg.model),
@@ -181,8 +181,7 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
 
     cfg.validate()
     cfg = replace(cfg, out=str(Path(cfg.out).resolve()))  # one spelling per directory, so fingerprints match across spellings
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # made by the first stage that writes, so a run refused before any work leaves nothing
     files = _files(cfg)
     configs = stage_configs(cfg)
     fp_path = out / FINGERPRINTS
@@ -205,8 +204,8 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
             continue
         t0 = time.time()
         scfg = configs[unit]
-        done_fps.pop(unit, None)
-        write_json(fp_path, done_fps)
+        if done_fps.pop(unit, None) is not None:  # a result replaced halfway must not pass for one of the old options
+            write_json(fp_path, done_fps)
         stage = _stage(unit)
         if stage == "compare":
             from kscope.app.report import plot_compare

@@ -60,7 +60,11 @@ def check_device(device: str) -> None:
             raise KscopeError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise KscopeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps", "xpu"):
+    elif dev.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise KscopeError(f"--device {device}: this torch build or machine has no {dev.type.upper()} device; use --device cpu")
+    elif dev.type != "cpu":
         raise KscopeError(f"--device {device}: kscope runs on cpu or cuda")
 
 
