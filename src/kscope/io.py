@@ -85,8 +85,8 @@ def clean_stale(out: str | Path) -> None:
 
 @contextmanager
 def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
-    """Yield a temp directory beside ``out``; on success it becomes ``out`` (replacing it if
-    ``replace``), on error it is removed, so ``out`` is never half-written."""
+    """Yield a temp directory beside ``out``; on success everything in it gets the modes the umask gives and it becomes
+    ``out`` (replacing it if ``replace``), on error it is removed, so ``out`` is never half-written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
@@ -94,6 +94,10 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
     honour_umask(tmp, directory=True)
     try:
         yield tmp
+        for d, dirs, files in os.walk(tmp):  # writers such as safetensors and save_pretrained make 0600 files
+            for name in dirs + files:
+                if not os.path.islink(os.path.join(d, name)):
+                    honour_umask(os.path.join(d, name), directory=name in dirs)
         if out.exists():
             if not replace:
                 raise FileExistsError(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -336,11 +337,23 @@ def test_results_honour_the_umask(tmp_path):
         save_figure(fig, tmp_path / "f.png")
         with atomic_dir(tmp_path / "d") as d:
             (d / "x").write_text("x")
+            os.close(os.open(d / "weights", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors and save_pretrained write
+            (d / "sub").mkdir(mode=0o700)
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "f.png").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "d" / "weights").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d" / "sub").stat().st_mode) == 0o755
+
+
+def test_a_trained_sae_honours_the_umask(env):
+    """SAELens wrote sae_weights.safetensors 0600 whatever the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (Path(env["sae"]) / "sae_weights.safetensors", Path(env["sae"]) / "cfg.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
 
 
 def test_stale_temp_dirs_of_killed_writers_are_removed(tmp_path):
