@@ -36,6 +36,7 @@ def option(
     allow_empty: bool = False,
     finite: bool = True,
     reads: bool = False,
+    output: str | None = None,
     label: str | None = None,
     cli: bool = True,
 ) -> Any:
@@ -51,7 +52,7 @@ def option(
     """
     md = {"help": help, "flag": flag, "aliases": tuple(aliases), "parse": parse, "min": min, "max": max,
           "choices": tuple(choices) if choices is not None else None, "required": required, "unique": unique,
-          "allow_empty": allow_empty, "finite": finite, "reads": reads, "label": label, "cli": cli}
+          "allow_empty": allow_empty, "finite": finite, "reads": reads, "output": output, "label": label, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=md)
     return field(default=None if required and default is MISSING else default, metadata=md)

@@ -49,7 +49,7 @@ class AnalysisConfig(Config):
     attribution: AttributionConfig = nested(AttributionConfig, steps=10)
     located: str | None = option(None, "Reuse top units from a compare/locate JSON instead of recomputing IG.", reads=True)
     parallel: ParallelConfig = nested(ParallelConfig)
-    out_dir: str = option("runs", "Directory for the JSON and PNG outputs.")
+    out_dir: str = option("runs", "Directory for the JSON and PNG outputs.", output="dir")
 
     def validate(self) -> None:
         """Checks of the file system, before any model work."""

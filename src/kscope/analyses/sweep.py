@@ -88,7 +88,7 @@ class SweepConfig(Config):
     interpret: InterpretConfig = nested(InterpretConfig, prefix="is-", hide=("llm_url", "llm_model"))  # the token explainer only
     parallel: ParallelConfig = nested(ParallelConfig)
     seed: int = option(0, "Seed of the random controls and samples.", flag="sweep-seed")
-    out_dir: str = option("runs/sweep", "Directory for sweep.json and the figures.")
+    out_dir: str = option("runs/sweep", "Directory for sweep.json and the figures.", output="dir")
 
     def validate(self) -> None:
         if self.facts.facts is not None and not Path(self.facts.facts).exists():

@@ -43,7 +43,8 @@ class ExploreConfig(Config):
     """Build a static HTML explorer of a run directory (made by `kscope reproduce` or `kscope compare --out DIR/compare.json`),
     from the run's own model, SAEs and corpus."""
 
-    run_dir: str | None = option(help="Run directory holding compare.json (and, if present, interpret.json and figures).", required=True)
+    run_dir: str | None = option(help="Run directory holding compare.json (and, if present, interpret.json and figures).", required=True,
+                                 output="dir")
     units_per_fact: int = option(5, "Top neurons and features per fact and layer to give a page.", min=1)
     contexts: int = option(8, "Top-activating contexts shown per unit.", min=1)
     model: str | None = option(None, "The run's model (default: the one its compare.json names); another model is refused.")

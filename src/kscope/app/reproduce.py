@@ -47,7 +47,7 @@ class ReproduceConfig(Config):
     facts: str | None = option(None, "ParaRel dir or fact file; default: the built-in facts.", reads=True)
     max_facts: int = option(60, "Known facts to study.", min=1)
     layer: int = option(12, "Layer of the neurons and the SAE.", min=0)
-    out: str = option("report", "Report directory (index.html, results.json, figures).")
+    out: str = option("report", "Report directory (index.html, results.json, figures).", output="dir")
     stages: list[str] = option(help="Stages to run (the sweep runs only when named).", factory=lambda: list(DEFAULT_STAGES), choices=STAGES,
                                label="stage", unique=True)
     sweep_layers: list[int] = option(help="Layers of the sweep stage.", factory=lambda: list(range(0, 28, 3)), parse=parse_layers, min=0)

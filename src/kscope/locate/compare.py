@@ -39,7 +39,7 @@ class StudyConfig(Config):
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig)
     parallel: ParallelConfig = nested(ParallelConfig)
-    out: str = option("runs/locate.json", "Where to write the JSON results.")
+    out: str = option("runs/locate.json", "Where to write the JSON results.", output="file")
 
     def validate(self) -> None:
         """Checks of the file system, before any model work."""
@@ -79,7 +79,7 @@ class CompareConfig(StudyConfig):
     facts: FactConfig = nested(FactConfig, max_facts=60)
     holdout: bool = holdout_option()
     delta_prob: DeltaProbConfig = nested(DeltaProbConfig)
-    out: str = option("runs/compare.json", "Where to write the JSON results.")
+    out: str = option("runs/compare.json", "Where to write the JSON results.", output="file")
 
 
 @dataclass

@@ -111,7 +111,7 @@ class EraseJob(Config):
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     parallel: ParallelConfig = nested(ParallelConfig)
-    out: str = option("runs/privacy.json", "JSON results.")
+    out: str = option("runs/privacy.json", "JSON results.", output="file")
 
     def validate(self) -> None:
         require(self.model_dir, "--model-dir")

@@ -215,7 +215,7 @@ class BuildConfig(Config):
 
     model: ModelConfig = nested(ModelConfig)
     privacy: PrivacyConfig = nested(PrivacyConfig)
-    out: str | None = option(help="New directory for the fine-tuned model (never an existing one).", required=True)
+    out: str | None = option(help="New directory for the fine-tuned model (never an existing one).", required=True, output="dir")
 
 
 def build(cfg: BuildConfig) -> PrivacyManifest:

@@ -173,7 +173,7 @@ class TrainSAEJob(Config):
     train: TrainSAEConfig = nested(TrainSAEConfig)
     corpus: CorpusConfig = nested(CorpusConfig)
     out: str | None = option(None, "Directory for the SAEs (one sub-directory L<layer>-<kind> each); default: kscope's SAE cache, "
-                                   "where compare / sweep / analyses find them.")
+                                   "where compare / sweep / analyses find them.", output="dir")
     site: str | None = option(None, "A single LAYER/KIND (or SAELens hook name) instead of --layers/--sites; with --out, the SAE is "
                                     "written to --out itself.")
 
