@@ -9,11 +9,15 @@ same checks run when a config is built in Python (``Config.__post_init__``), so 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import MISSING, field
 from typing import Any, Callable, Sequence
 
 from kscope.errors import KscopeError
+
+MAX_STEPS = 1000  # IG steps: beyond this the Riemann sum has long converged; a larger value is a typo that costs hours
+MAX_EPOCHS = 1000  # training epochs (SAEs, privacy injection), for the same reason
 
 
 def option(
@@ -29,6 +33,10 @@ def option(
     choices: Sequence[Any] | None = None,
     required: bool = False,
     unique: bool = False,
+    allow_empty: bool = False,
+    finite: bool = True,
+    reads: bool = False,
+    output: str | None = None,
     label: str | None = None,
     cli: bool = True,
 ) -> Any:
@@ -37,10 +45,14 @@ def option(
     ``parse`` turns one command-line string into the value (list fields: each comma-separated
     item); ``min``/``max``/``choices`` check the value (each element of a list); ``required``
     makes the option mandatory on the command line (the field's default is then ``None``);
-    ``unique`` refuses a list that repeats a value; ``label`` names one value in messages ("unknown method 'x'").
+    ``unique`` refuses a list that repeats a value; a list must hold a value unless ``allow_empty``
+    (an empty list then means something, said in the help); a float must be finite (no NaN, no
+    infinity) unless ``finite=False``; ``reads`` marks a path the command reads (outputs may not touch it);
+    ``label`` names one value in messages ("unknown method 'x'").
     """
     md = {"help": help, "flag": flag, "aliases": tuple(aliases), "parse": parse, "min": min, "max": max,
-          "choices": tuple(choices) if choices is not None else None, "required": required, "unique": unique, "label": label, "cli": cli}
+          "choices": tuple(choices) if choices is not None else None, "required": required, "unique": unique,
+          "allow_empty": allow_empty, "finite": finite, "reads": reads, "output": output, "label": label, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=md)
     return field(default=None if required and default is MISSING else default, metadata=md)
@@ -57,15 +69,21 @@ def flag_of(f: dataclasses.Field, prefix: str = "") -> str:
 
 
 def check_value(f: dataclasses.Field, value: Any, flag: str) -> None:
-    """Raise ``KscopeError`` if ``value`` breaks the field's declared ``min``/``max``/``choices``."""
+    """Raise ``KscopeError`` if ``value`` breaks the field's declared checks: a finite number, a non-empty list without
+    repeats, ``min``/``max``/``choices``. NaN must be refused first: every comparison with it is false."""
     md = f.metadata
     if value is None:
         return
-    items = value if isinstance(value, (list, tuple)) else [value]
+    is_list = isinstance(value, (list, tuple))
+    items = value if is_list else [value]
+    if is_list and not items and not md.get("allow_empty"):
+        raise KscopeError(f"{flag} needs at least one value")
     if md.get("unique") and len(set(items)) < len(items):
         dup = next(v for v in items if items.count(v) > 1)
         raise KscopeError(f"{flag}: {dup!r} is given twice")
     for v in items:
+        if isinstance(v, float) and md.get("finite", True) and not math.isfinite(v):
+            raise KscopeError(f"{flag} must be a finite number, got {v}")
         if md.get("choices") is not None and v not in md["choices"]:
             what = md.get("label") or f"{flag} value"
             raise KscopeError(f"unknown {what} {v!r}; choose from {', '.join(map(str, md['choices']))}")
@@ -82,6 +100,18 @@ class Config:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if "help" in f.metadata:
                 check_value(f, getattr(self, f.name), flag_of(f))
+
+    def reads(self) -> list[str]:
+        """The files and directories this config names as inputs (options declared ``reads=True``, nested configs
+        included): no output may be one of them or lie inside one."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Config):
+                out += value.reads()
+            elif f.metadata.get("reads") and value:
+                out += [value] if isinstance(value, str) else list(value)
+        return out
 
 
 def parse_list(text: str) -> list[str]:

@@ -8,10 +8,11 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from kscope.config import Config, option
 from kscope.errors import KscopeError
+from kscope.progress import note
 
 
 @dataclass
@@ -44,12 +45,16 @@ class Fact:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """``subject -> object (relation)``, as notes and errors name a fact."""
+        return f"{self.subject} -> {self.object} ({self.relation})"
+
 
 @dataclass
 class FactConfig(Config):
     """Which facts to use and how to filter them."""
 
-    facts: str | None = option(None, "ParaRel directory or .jsonl fact file; default: the built-in set.")
+    facts: str | None = option(None, "ParaRel directory or .jsonl fact file; default: the built-in set.", reads=True)
     relations: list[str] | None = option(None, "ParaRel relation ids to keep (e.g. P36,P103); ParaRel only.", flag="relation-ids")
     max_facts: int | None = option(None, "Keep at most this many known facts.", min=1)
     max_per_relation: int = option(50, "ParaRel facts sampled per relation before filtering.", min=1)
@@ -165,9 +170,7 @@ def splittable(facts: Sequence[Fact]) -> list[Fact]:
     if not kept:
         raise KscopeError("no fact has 2 known prompts for the held-out split; use --no-holdout or more paraphrases")
     if len(kept) < len(facts):
-        from kscope.progress import console
-
-        console.print(f"[yellow]note:[/] {len(facts) - len(kept)} facts with one known prompt are left out (--holdout)")
+        note(f"{len(facts) - len(kept)} facts with one known prompt are left out (--holdout)")
     return kept
 
 
@@ -239,9 +242,64 @@ def load_facts(source: str | None, relations: Sequence[str] | None = None, max_p
             raise KscopeError(f"no facts of relation(s) {', '.join(sorted(missing))} in {source or 'the built-in set'} "
                               f"(it has {', '.join(have[:12])}{' ...' if len(have) > 12 else ''})")
         facts = [f for f in facts if f.relation in set(relations)]
+    facts = asking(distinct(facts))
     if not facts:
         raise KscopeError("the fact set is empty")
     return facts
+
+
+def _left_out(what: str, names: Sequence[str]) -> None:
+    if names:
+        note(f"{len(names)} {what} left out: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+
+
+def distinct(facts: Sequence[Fact]) -> list[Fact]:
+    """``facts`` without repeats (the same uid, or the same subject, relation and object), the first kept; a note names
+    those left out. Facts that share only the uid made up for them (one subject and relation, two objects) are both kept,
+    the later one with its object added to its uid."""
+    seen_uid: set[str] = set()
+    seen: set[tuple[str, str, str]] = set()
+    out, dropped = [], []
+    for f in facts:
+        triple = (f.subject.strip(), f.relation.strip(), f.object.strip())
+        if f.uid in seen_uid and f.uid == f"{f.relation}:{f.subject}" and triple not in seen:
+            f = replace(f, uid=f"{f.uid}:{f.object}")
+        if f.uid in seen_uid or triple in seen:
+            dropped.append(f.describe())
+            continue
+        seen_uid.add(f.uid)
+        seen.add(triple)
+        out.append(f)
+    _left_out("repeated facts are", dropped)
+    return out
+
+
+def _ends_with(prompt: str, obj: str) -> bool:
+    """Does ``prompt`` end with the word(s) ``obj`` (case and a final full stop aside)?"""
+    p, o = prompt.rstrip(" .").lower(), obj.strip().lower()
+    return p.endswith(o) and (len(p) == len(o) or not p[-len(o) - 1].isalnum())
+
+
+def _prune_prompts(facts: Sequence[Fact], bad: Callable[[Fact, str], bool], what: str) -> list[Fact]:
+    """``facts`` without the prompts for which ``bad(fact, prompt)`` holds, and without the facts left with no prompt;
+    notes name what was left out."""
+    out, dropped, emptied = [], [], []
+    for f in facts:
+        prompts, held = [p for p in f.prompts if not bad(f, p)], [p for p in f.heldout_prompts if not bad(f, p)]
+        dropped += [repr(p) for p in f.prompts + f.heldout_prompts if p not in prompts + held]
+        if prompts:
+            out.append(replace(f, prompts=prompts, heldout_prompts=held))
+        else:
+            emptied.append(f.describe())
+    _left_out(f"prompts that {what} are", dropped)
+    _left_out(f"facts with no prompt left (they {what}) are", emptied)
+    return out
+
+
+def asking(facts: Sequence[Fact]) -> list[Fact]:
+    """``facts`` whose prompts ask for the object: a prompt that already ends with it is left out (a fact with none
+    left too)."""
+    return _prune_prompts(facts, lambda f, p: _ends_with(p, f.object), "already end with their object")
 
 
 def write_fact_file(facts: Sequence[Fact], path: str | Path) -> None:
@@ -259,16 +317,33 @@ def answer_token(tokenizer, obj: str) -> tuple[int, bool]:
     return ids[0], len(ids) > 1
 
 
-def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first", answer_tokens: str = "all") -> list[Fact]:
+def _too_long(tokenizer, prompt: str, n_answer: int, context: int) -> bool:
+    """Does ``prompt`` followed by ``n_answer`` answer tokens overflow ``context`` tokens?"""
+    if len(prompt.encode()) + 2 + n_answer <= context:  # a token holds at least a byte; 2 for BOS/EOS
+        return False
+    return len(tokenizer(prompt).input_ids) + n_answer > context
+
+
+def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first", answer_tokens: str = "all",
+                    context: int | None = None) -> list[Fact]:
     """Set each fact's answer tokens; handle multi-token objects per ``multi_token``.
 
     ``whole`` scores every token of the object (``answer_tokens="distinct"``: only those after the
-    token prefix shared by all objects of the fact's relation in ``facts``).
+    token prefix shared by all objects of the fact's relation in ``facts``). A fact whose object holds the
+    tokenizer's unknown token is left out (the answer would be scored as that token), and so is a prompt that with
+    its answer does not fit in ``context`` tokens (and a fact with no prompt left), each with a note.
     """
     if multi_token not in ("first", "whole", "skip", "error"):
         raise KscopeError(f"multi_token must be first, whole, skip or error, not {multi_token!r}")
     out = []
     tokens = {f.uid: tokenizer(" " + f.object.strip(), add_special_tokens=False).input_ids for f in facts}
+    unk = tokenizer.unk_token_id
+    unknown = [f for f in facts if unk is not None and unk in tokens[f.uid]]
+    _left_out(f"facts whose object holds the unknown token {tokenizer.unk_token!r} are", [f.describe() for f in unknown])
+    facts = [f for f in facts if f not in unknown]
+    if context:
+        facts = _prune_prompts(facts, lambda f, p: _too_long(tokenizer, p, len(tokens[f.uid]), context),
+                               f"do not fit the model's context of {context} tokens with their answer")
     shared: dict[str, int] = {}
     if multi_token == "whole" and answer_tokens == "distinct":
         from kscope.locate.objectives import shared_prefix
@@ -277,6 +352,7 @@ def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first"
         for f in facts:
             by_rel.setdefault(f.relation, []).append(tokens[f.uid])
         shared = {r: shared_prefix(rows) if len(rows) > 1 else 0 for r, rows in by_rel.items()}
+    skipped = []
     for f in facts:
         ids = tokens[f.uid]
         if not ids:
@@ -285,11 +361,13 @@ def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first"
         if multi and multi_token == "error":
             raise KscopeError(f"target {f.object!r} of fact {f.uid} is not one token ({len(ids)} tokens)")
         if multi and multi_token == "skip":
+            skipped.append(f.describe())
             continue
         f.target_id, f.multi_token = ids[0], multi
         if multi_token == "whole":
             f.target_tokens, f.score_from = list(ids), shared.get(f.relation, 0)
         out.append(f)
+    _left_out("facts whose object is several tokens are (--multi-token skip)", skipped)
     return out
 
 
@@ -315,6 +393,11 @@ def _ranks(lm, part: Sequence[Fact], cfg: FactConfig, batch_size: int) -> list[t
     return out
 
 
+def context_length(model) -> int | None:
+    """The most positions ``model`` takes (None when its config does not say)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128, progress=None) -> list[Fact]:
     """Keep facts the model knows: the answer is in the top ``known_top_k`` on at least
     ``min_known_prompts`` prompts. Unknown prompts are dropped from kept facts.
@@ -322,7 +405,7 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
     With ``max_facts``, facts are visited in a seeded random order (so relations mix) and scoring
     stops once enough are kept.
     """
-    facts = resolve_targets(facts, lm.tokenizer, cfg.multi_token, cfg.answer_tokens)
+    facts = resolve_targets(facts, lm.tokenizer, cfg.multi_token, cfg.answer_tokens, context_length(lm.model))
     if cfg.max_facts is not None:
         facts = random.Random(cfg.seed).sample(facts, len(facts))
     task = progress.add_task("known facts", total=len(facts)) if progress is not None else None
@@ -355,9 +438,6 @@ def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress
             f"on >= {cfg.min_known_prompts} prompts); loosen --known-top-k / --min-known-prompts"
         )
     if cfg.max_facts is not None and len(kept) < cfg.max_facts:
-        from kscope.progress import console
-
         known = "all of them are known" if len(kept) == len(facts) else f"{len(kept)} are known by the model"
-        console.print(f"[yellow]note:[/] {len(kept)} facts studied, not {cfg.max_facts} (--max-facts): the source has "
-                      f"{len(facts)} and {known}", soft_wrap=True)
+        note(f"{len(kept)} facts studied, not {cfg.max_facts} (--max-facts): the source has {len(facts)} and {known}")
     return kept, facts

@@ -57,7 +57,11 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The JSON in ``path``; a missing, unreadable or malformed file is a ``KscopeError`` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise KscopeError(f"cannot read {path}: {e}") from None
 
 
 def _alive(pid: int) -> bool:
@@ -81,8 +85,8 @@ def clean_stale(out: str | Path) -> None:
 
 @contextmanager
 def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
-    """Yield a temp directory beside ``out``; on success it becomes ``out`` (replacing it if
-    ``replace``), on error it is removed, so ``out`` is never half-written."""
+    """Yield a temp directory beside ``out``; on success everything in it gets the modes the umask gives and it becomes
+    ``out`` (replacing it if ``replace``), on error it is removed, so ``out`` is never half-written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
@@ -90,6 +94,10 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
     honour_umask(tmp, directory=True)
     try:
         yield tmp
+        for d, dirs, files in os.walk(tmp):  # writers such as safetensors and save_pretrained make 0600 files
+            for name in dirs + files:
+                if not os.path.islink(os.path.join(d, name)):
+                    honour_umask(os.path.join(d, name), directory=name in dirs)
         if out.exists():
             if not replace:
                 raise FileExistsError(out)
@@ -99,19 +107,35 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_writable(path: str | Path | None, inputs: Sequence[str | Path | None] = (), directory: bool = False) -> None:
-    """Refuse, before any work, an output that is one of the ``inputs``, of the wrong kind, or not writable."""
+def check_writable(path: str | Path | None, inputs: Sequence[str | Path | None] = (), directory: bool = False,
+                   writes: Sequence[str] = (), flag: str | None = None) -> None:
+    """Refuse, before any work, an output of the wrong kind, not writable, or that would touch an input.
+
+    The output may not be one of the ``inputs`` nor lie inside an input directory. ``writes`` names what a directory
+    output writes or replaces (relative to it; ``"."`` for the directory itself): none of those may be an input or hold
+    one. An input inside an output directory is otherwise fine (a run directory holds the results its later stages read).
+    """
     if path is None:
         return
     p = Path(path)
-    flag = "--out-dir" if directory else "--out"
-    for i in inputs:
-        if i is not None and Path(i).exists() and p.exists() and p.resolve() == Path(i).resolve():
-            raise KscopeError(f"{flag} {path} is also an input; choose another path")
+    flag = flag or ("--out-dir" if directory else "--out")
     if directory and p.exists() and not p.is_dir():
         raise KscopeError(f"{flag} {path} is a file, not a directory")
     if not directory and p.is_dir():
         raise KscopeError(f"{flag} {path} is a directory; give a file path")
+    out = p.expanduser().resolve()
+    targets = [out, *((out / w).resolve() for w in writes)]
+    for i in inputs:
+        if i is None or str(i) == "":
+            continue
+        src = Path(i).expanduser().resolve()
+        if out == src:
+            raise KscopeError(f"{flag} {path} is also an input; choose another path")
+        if src.is_dir() and src in out.parents:
+            raise KscopeError(f"{flag} {path} lies inside the input directory {i}; choose another path")
+        for t in targets[1:]:
+            if t == src or t in src.parents:
+                raise KscopeError(f"{flag} {path}: writing {t} would overwrite the input {i}; choose another path")
     anc = p if directory else p.parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from kscope.config import Config, option
 from kscope.errors import KscopeError
+from kscope.net import reachable
 
 
 @dataclass
@@ -49,10 +49,8 @@ class ParallelConfig(Config):
             host, _, port = self.ray_address.replace("ray://", "").rpartition(":")
             if not host or not port.isdigit():
                 raise KscopeError(f"--ray-address {self.ray_address!r}: give host:port")
-            try:
-                socket.create_connection((host, int(port)), timeout=3).close()
-            except OSError:
-                raise KscopeError(f"--ray-address {self.ray_address}: no Ray cluster answers there") from None
+            if not reachable(host, int(port)):
+                raise KscopeError(f"--ray-address {self.ray_address}: no Ray cluster answers there")
         elif self.gpus_per_worker:
             import torch
 

@@ -86,10 +86,7 @@ class Result:
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
-        try:
-            data = read_json(path)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise KscopeError(f"cannot read {path}: {e}") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise KscopeError(f"{path} is not a kscope {cls.kind} result")
         try:

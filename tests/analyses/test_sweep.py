@@ -92,6 +92,12 @@ def test_released_jumprelu_saes_on_gemma2_through_the_release_path(tmp_path, mon
         return sae_lens.SAE.load_from_disk(str(tmp_path / f"rel-{sae_id.split('/')[0].split('_')[1]}"), device=device)
 
     monkeypatch.setattr(sae_lens.SAE, "from_pretrained", from_pretrained)
+    import huggingface_hub.constants as hub
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    repo = get_pretrained_saes_directory()["gemma-scope-2b-pt-res-canonical"].repo_id
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "hf" / f"models--{repo.replace('/', '--')}" / "snapshots").mkdir(parents=True)  # as if in the local cache
     facts = tmp_path / "facts.jsonl"
     write_fact_file([capital_facts()[0], capital_facts()[2]], facts)
     out = tmp_path / "out"

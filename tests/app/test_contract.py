@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from kscope.app.cli import app
+from kscope.errors import KscopeError
 from kscope.facts import write_fact_file
 from tests.helpers import capital_facts, save_tiny_model
 
@@ -32,7 +34,12 @@ def env(tmp_path_factory):
     r = runner.invoke(app, ["train-sae", "--model", str(model), "--site", "1/mlp.out", "--out", str(sae), "--expansion", "2",
                             "--k", "4", "--max-tokens", "300", "--generate", "0", "--text", str(corpus), "--epochs", "1"])
     assert r.exit_code == 0, r.output
-    return {"root": root, "model": str(model), "facts": str(facts), "sae": str(sae), "corpus": str(corpus)}
+    run = root / "run"
+    r = runner.invoke(app, ["compare", "--model", str(model), "--facts", str(facts), "--known-top-k", "100", "--min-known-prompts", "1",
+                            "--steps", "2", "--layers", "1", "--sae", str(sae), "--generate", "0", "--text", str(corpus),
+                            "--out", str(run / "compare.json")])
+    assert r.exit_code == 0, r.output
+    return {"root": root, "model": str(model), "facts": str(facts), "sae": str(sae), "corpus": str(corpus), "run": str(run)}
 
 
 def _fill(args, env, tmp):
@@ -78,6 +85,65 @@ CASES = [
     ("erase unknown method", ["privacy", "erase", "--model-dir", "{model}", "--method", "lobotomy"], "unknown method 'lobotomy'"),
     ("reproduce unknown stage", ["reproduce", "--stages", "everything", "--out", "{tmp}/r"], "unknown stage 'everything'"),
     ("reproduce bad privacy run", ["reproduce", "--privacy-runs", "mid-s0", "--out", "{tmp}/r"], "privacy run 'mid-s0'"),
+    # NaN and infinity: every comparison with NaN is false, so they passed every bound (issue 24)
+    ("lr nan", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--lr", "nan", "--out", "{tmp}/s"], "--lr must be a finite number"),
+    ("lr inf", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--lr", "inf", "--out", "{tmp}/s"], "--lr must be a finite number"),
+    ("aux-coef nan", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--aux-coef", "nan", "--out", "{tmp}/s"],
+     "--aux-coef must be a finite number"),
+    ("build lr nan", ["privacy", "build", "--model", "{model}", "--out", "{tmp}/pm", "--lr", "nan"], "--lr must be a finite number"),
+    ("heldout-frac nan", ["compare", *BASE, "--heldout-frac", "nan", "--out", "{tmp}/o.json"], "--heldout-frac must be a finite number"),
+    ("outlier-factor nan", ["compare", *BASE, "--sae-outlier-factor", "nan", "--out", "{tmp}/o.json"],
+     "--sae-outlier-factor must be a finite number"),
+    ("coarse-threshold nan", ["compare", *BASE, "--coarse-threshold", "nan", "--out", "{tmp}/o.json"],
+     "--coarse-threshold must be a finite number"),
+    ("refine-frac nan", ["compare", *BASE, "--refine-frac", "nan", "--out", "{tmp}/o.json"], "--refine-frac must be a finite number"),
+    ("max-memory nan", ["compare", *BASE, "--max-memory", "nan", "--out", "{tmp}/o.json"], "--max-memory must be a finite number"),
+    ("max-memory inf", ["compare", *BASE, "--max-memory", "inf", "--out", "{tmp}/o.json"], "--max-memory must be a finite number"),
+    ("gpus-per-worker nan", ["compare", *BASE, "--gpus-per-worker", "nan", "--out", "{tmp}/o.json"],
+     "--gpus-per-worker must be a finite number"),
+    ("mix-fracs nan", ["monosemanticity", *BASE, "--mix-fracs", "0.5,nan", "--out-dir", "{tmp}/o"], "--mix-fracs must be a finite number"),
+    ("tau nan", ["sweep", *BASE, "--tau", "nan", "--out-dir", "{tmp}/o"], "--tau must be a finite number"),
+    ("erase tau -inf", ["privacy", "erase", "--model-dir", "{tmp}", "--tau", "-inf"], "--tau must be a finite number"),
+    # empty lists: a comma alone named nothing
+    ("measures empty", ["sweep", *BASE, "--measures", ",", "--out-dir", "{tmp}/o"], "--measures needs at least one value"),
+    ("stages empty", ["reproduce", "--stages", ",", "--out", "{tmp}/r"], "--stages needs at least one value"),
+    ("ks empty", ["compare", *BASE, "--ks", ",", "--out", "{tmp}/o.json"], "--ks needs at least one value"),
+    ("relation ids empty", ["compare", *BASE, "--relation-ids", ",", "--out", "{tmp}/o.json"], "--relation-ids needs at least one value"),
+    # an output never lies inside, or is, an input (compare --out once wrote its JSON over the SAE's weights)
+    ("out in the sae", ["compare", *BASE, "--layers", "1", "--sae", "{sae}", "--out", "{sae}/sae_weights.safetensors"], "lies inside the input directory"),
+    ("out in the model", ["compare", *BASE, "--out", "{model}/config.json"], "lies inside the input directory"),
+    ("locate out in the model", ["locate", *BASE, "--out", "{model}/tokenizer.json"], "lies inside the input directory"),
+    ("out is the corpus", ["compare", *BASE, "--text", "{corpus}", "--out", "{corpus}"], "is also an input"),
+    ("out-dir in the sae", ["faithfulness", *BASE, "--layer", "1", "--sae", "{sae}", "--out-dir", "{sae}/o"], "lies inside the input"),
+    ("sweep out-dir in the model", ["sweep", *BASE, "--out-dir", "{model}/sweep"], "lies inside the input directory"),
+    ("train-sae out in the model", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--out", "{model}/sae"],
+     "lies inside the input directory"),
+    ("build out in the model", ["privacy", "build", "--model", "{model}", "--out", "{model}/pm"], "lies inside the input directory"),
+    ("erase out in the model dir", ["privacy", "erase", "--model-dir", "{model}", "--out", "{model}/e.json"],
+     "lies inside the input directory"),
+    ("reproduce out is the model", ["reproduce", "--model", "{model}", "--out", "{model}"], "is also an input"),
+    ("reproduce out in the model", ["reproduce", "--model", "{model}", "--out", "{model}/report"], "lies inside the input directory"),
+    ("single fact that asks nothing", ["locate", "--model", "{model}", "--subject", "france", "--object", "paris", "--prompt",
+                                       "the capital of france is paris", "--layers", "1", "--out", "{tmp}/o.json"], "cannot be studied"),
+    ("llm url unreachable", ["interpret", *BASE, "--layer", "1", "--sae", "{sae}", "--llm-url", "http://127.0.0.1:9/v1", "--out-dir",
+                             "{tmp}/o"], "--llm-url http://127.0.0.1:9/v1: nothing answers at 127.0.0.1:9"),
+    ("llm url malformed", ["interpret", *BASE, "--layer", "1", "--sae", "{sae}", "--llm-url", "localhost:8000", "--out-dir", "{tmp}/o"],
+     "--llm-url 'localhost:8000' is not an http(s) URL"),
+    ("explore with another model", ["explore", "--run-dir", "{run}", "--model", "{sae}"], "was made with"),
+    ("explore a run with no compare.json", ["explore", "--run-dir", "{tmp}"], "holds no compare.json"),
+    ("device mps without it", ["compare", *BASE, "--device", "mps", "--out", "{tmp}/o.json"], "no MPS device"),
+    ("sae release unknown", ["sweep", *BASE, "--sae-release", "no-such-release", "--out-dir", "{tmp}/o"],
+     "is not a SAELens pretrained release"),
+    ("sae release offline", ["sweep", *BASE, "--sae-release", "gemma-scope-2b-pt-res-canonical", "--out-dir", "{tmp}/o"],
+     "not in the Hugging Face cache, and the hub is unreachable"),
+    ("reproduce refused by a stage", ["reproduce", "--model", "{model}", "--layer", "7", "--stages", "compare", "--out", "{tmp}/r"],
+     "unknown layer 7"),
+    # values that can only be a mistake
+    ("steps 1e20", ["compare", *BASE, "--steps", "100000000000000000000", "--out", "{tmp}/o.json"], "--steps must be <= 1000"),
+    ("epochs 1e11", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--epochs", "100000000000", "--out", "{tmp}/s"],
+     "--epochs must be <= 1000"),
+    ("build epochs 1e11", ["privacy", "build", "--model", "{model}", "--out", "{tmp}/pm", "--epochs", "100000000000"],
+     "--epochs must be <= 1000"),
 ]
 
 
@@ -88,8 +154,41 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, tmp_path, name, ar
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0], r.output
-    assert _files(tmp_path) in ([], [tmp_path / "cache"]) or not any(p.suffix == ".json" for p in tmp_path.rglob("*"))
+    assert [p for p in _files(tmp_path) if p.parts[0] != "cache"] == []
     assert _files(env["root"]) == before
+
+
+def test_an_output_directory_may_hold_inputs_but_not_overwrite_them(env, tmp_path):
+    """A run directory holds the results its later stages read; a file the command writes there may not be an input."""
+    import shutil
+
+    facts = tmp_path / "faithfulness.json"  # a fact file that faithfulness --out-dir would write over
+    shutil.copy(env["facts"], facts)
+    r = runner.invoke(app, ["faithfulness", *_fill(BASE, env, tmp_path)[:2], "--facts", str(facts), "--out-dir", str(tmp_path)])
+    assert r.exit_code == 2 and f"writing {facts} would overwrite the input" in r.output, r.output
+    from kscope.app.reproduce import ReproduceConfig
+
+    ReproduceConfig(facts=env["facts"], out=str(env["root"])).validate()  # the facts beside the report: fine
+    with pytest.raises(KscopeError, match="would overwrite the input"):
+        ReproduceConfig(facts=str(facts), out=str(tmp_path), stages=["faithfulness"]).validate()
+
+
+def test_explore_uses_the_runs_model_corpus_and_saes(env, tmp_path, monkeypatch):
+    """explore once sampled 3,072 x 128 tokens from the model whatever corpus the run had (356 s on a tiny model)."""
+    import shutil
+
+    import kscope.app.explorer as explorer
+
+    run = tmp_path / "run"
+    shutil.copytree(env["run"], run)
+    used = []
+    real = explorer.build_corpus
+    monkeypatch.setattr(explorer, "build_corpus", lambda lm, cfg, *a: used.append((lm.name, cfg)) or real(lm, cfg, *a))
+    r = runner.invoke(app, ["explore", "--run-dir", str(run), "--contexts", "2"])
+    assert r.exit_code == 0, r.output
+    (name, corpus), = used
+    assert name == env["model"] and corpus.generate == 0 and corpus.text_files == [env["corpus"]]
+    assert (run / "explorer" / "index.html").exists() and list((run / "explorer" / "units").glob("L1-feature-*.html"))
 
 
 def _corrupt(env, tmp_path, how):
@@ -104,6 +203,8 @@ def _corrupt(env, tmp_path, how):
         (d / "sae_weights.safetensors").unlink()
     elif how == "cfg":
         (d / "cfg.json").write_text("{not json")
+    elif how == "meta":
+        (d / "kscope.json").write_text("{not json")
     elif how == "d_in":
         cfg = json.loads((d / "cfg.json").read_text())
         cfg["metadata"]["hook_name"] = "blocks.1.mlp.hook_post"  # 64 wide, the SAE reads 32
@@ -112,12 +213,24 @@ def _corrupt(env, tmp_path, how):
 
 
 @pytest.mark.parametrize("how,fragment", [("truncated", "cannot load SAE"), ("missing", "has no weights"),
-                                          ("cfg", "cannot load SAE"), ("d_in", "does not match")])
+                                          ("cfg", "cannot load SAE"), ("d_in", "does not match"), ("meta", "kscope.json: Expecting")])
 def test_corrupt_sae(env, tmp_path, how, fragment):
     d = _corrupt(env, tmp_path, how)
     r = runner.invoke(app, ["compare", *_fill(BASE, env, tmp_path), "--layers", "1", "--sae", str(d), "--out", str(tmp_path / "o.json")])
     assert r.exit_code == 2 and fragment in r.output, r.output
     assert not (tmp_path / "o.json").exists()
+
+
+def test_faithfulness_takes_no_located_units(env, tmp_path):
+    """faithfulness ranks every decomposition's units itself: --located was accepted and ignored."""
+    from kscope.analyses.faithfulness import FaithfulnessJob
+
+    r = runner.invoke(app, ["faithfulness", *_fill(BASE, env, tmp_path), "--located", str(env["run"]) + "/compare.json",
+                            "--out-dir", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "No such option: --located" in r.output, r.output
+    with pytest.raises(KscopeError, match="reads no located units"):
+        FaithfulnessJob(located=str(env["run"]) + "/compare.json").validate()
+    assert not (tmp_path / "o").exists()
 
 
 def test_corrupt_manifest_and_located_file(env, tmp_path):
@@ -148,6 +261,45 @@ def test_fact_file_problems_name_the_line(env, tmp_path):
     s.write_text('{"subject": "x", "relation": "r", "object": "paris", "prompts": ["a"], "heldout_prompts": "the capital"}\n')
     r = runner.invoke(app, ["compare", "--model", env["model"], "--facts", str(s), "--out", str(tmp_path / "o.json")])
     assert r.exit_code == 2 and "'heldout_prompts' must be a list of strings" in r.output
+
+
+def _row(subject, obj, prompts, relation="capital", uid=None):
+    return {"subject": subject, "relation": relation, "object": obj, "prompts": prompts} | ({"uid": uid} if uid else {})
+
+
+FRANCE = _row("france", "paris", ["the capital of france is", "france 's capital city is"])
+FACT_CASES = [
+    # name, fact rows, note fragment, (subject, object, prompts) of the facts studied. Policy: a fact or prompt that cannot
+    # be studied is left out with a note naming it; the run goes on with the others.
+    ("repeated fact", [FRANCE, FRANCE], "1 repeated facts are left out: france -> paris (capital)", [("france", "paris", 2)]),
+    ("repeated uid", [_row("france", "paris", ["the capital of france is"], uid="a"),
+                      _row("germany", "berlin", ["the capital of germany is"], uid="a")], "repeated facts are left out: germany",
+     [("france", "paris", 1)]),
+    ("two objects, one subject", [FRANCE, _row("france", "rome", ["the capital of france is"])], None,
+     [("france", "paris", 2), ("france", "rome", 1)]),
+    ("unknown object token", [FRANCE, _row("spain", "zzzunknown", ["the capital of spain is"])],
+     "facts whose object holds the unknown token '<unk>' are left out: spain -> zzzunknown", [("france", "paris", 2)]),
+    ("prompt ends with its object", [_row("france", "paris", ["the capital of france is paris .", "the capital of france is"]),
+                                     _row("spain", "madrid", ["spain 's capital city is madrid"])],
+     "2 prompts that already end with their object are left out", [("france", "paris", 1)]),
+    ("prompt beyond the context", [_row("france", "paris", ["the capital of france is", "the " * 70 + "capital of france is"])],
+     "do not fit the model's context of 64 tokens", [("france", "paris", 1)]),
+]
+
+
+@pytest.mark.parametrize("name,rows,fragment,studied", FACT_CASES, ids=[c[0] for c in FACT_CASES])
+def test_facts_that_cannot_be_studied_are_left_out_with_a_note(env, tmp_path, name, rows, fragment, studied):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o.json"
+    r = runner.invoke(app, ["locate", "--model", env["model"], "--facts", str(path), "--known-top-k", "100", "--min-known-prompts", "1",
+                            "--steps", "2", "--layers", "1", "--no-features", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    notes = " ".join(r.output.split())
+    assert fragment is None and "left out" not in notes or fragment in notes, r.output
+    res = json.loads(out.read_text())
+    assert sorted((f["subject"], f["object"], len(f["prompts"])) for f in res["facts"]) == studied
+    assert len({f["uid"] for f in res["facts"]}) == len(res["facts"])
 
 
 def test_fewer_known_facts_than_asked_is_said(env, tmp_path):
@@ -185,11 +337,23 @@ def test_results_honour_the_umask(tmp_path):
         save_figure(fig, tmp_path / "f.png")
         with atomic_dir(tmp_path / "d") as d:
             (d / "x").write_text("x")
+            os.close(os.open(d / "weights", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors and save_pretrained write
+            (d / "sub").mkdir(mode=0o700)
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "f.png").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "d" / "weights").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d" / "sub").stat().st_mode) == 0o755
+
+
+def test_a_trained_sae_honours_the_umask(env):
+    """SAELens wrote sae_weights.safetensors 0600 whatever the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (Path(env["sae"]) / "sae_weights.safetensors", Path(env["sae"]) / "cfg.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
 
 
 def test_stale_temp_dirs_of_killed_writers_are_removed(tmp_path):
@@ -225,3 +389,25 @@ def test_ks_beyond_top_k_are_measured_not_capped(env, tmp_path):
     dp = entry["delta_prob"]["suppress"]
     assert len(entry["top"]) == 1
     assert len({round(dp[k], 12) for k in ("1", "12", "40")}) == 3  # three different ablations of dense neurons, none capped
+
+
+def test_python_api_refuses_what_the_cli_refuses():
+    from kscope.locate.attribution import AttributionConfig
+    from kscope.locate.delta_prob import DeltaProbConfig
+    from kscope.units.training import TrainSAEConfig
+
+    with pytest.raises(KscopeError, match="--coarse-threshold must be a finite number, got nan"):
+        AttributionConfig(coarse_threshold=float("nan"))
+    with pytest.raises(KscopeError, match="--lr must be a finite number, got inf"):
+        TrainSAEConfig(lr=float("inf"))
+    with pytest.raises(KscopeError, match="--ks needs at least one value"):
+        DeltaProbConfig(ks=[])
+    with pytest.raises(KscopeError, match="--steps must be <= 1000"):
+        AttributionConfig(steps=10**20)
+
+
+def test_llm_explainer_failure_mid_run_is_one_error():
+    from kscope.analyses.autointerp import LLMExplainer
+
+    with pytest.raises(KscopeError, match="the LLM explainer at http://127.0.0.1:9/v1/chat/completions failed"):
+        LLMExplainer("http://127.0.0.1:9/v1", "m", timeout=3).explain([["a"]], [[1.0]])

@@ -1,4 +1,6 @@
 import hashlib
+import os
+import stat
 
 import pytest
 import torch
@@ -161,6 +163,9 @@ def test_build_memorises_and_refuses_existing_dir(privacy_model):
     assert m.summary.n_facts == 12
     assert m.summary.memorised_exact >= 10
     assert m.summary.losses[-1] < m.summary.losses[0]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~mask}  # model.safetensors was 0600
     r = runner.invoke(app, ["privacy", "build", "--model", str(base), "--out", str(out), "--people", "2"])
     assert r.exit_code == 2 and "not empty" in r.output
 

@@ -23,8 +23,10 @@ import torch
 
 from kscope.analyses.common import AnalysisConfig, AnalysisResult, save_outputs, setup
 from kscope.config import Config, nested, option
+from kscope.errors import KscopeError
 from kscope.model.hooks import site_activations
 from kscope.model.readout import pad_rows
+from kscope.net import check_url
 from kscope.plots import pyplot, save_figure
 from kscope.progress import make_progress
 from kscope.stats import Interval, mean_ci
@@ -80,9 +82,15 @@ class InterpretResult(AnalysisResult):
 @dataclass
 class InterpretJob(AnalysisConfig):
     """Interpretability score of the top fact neurons vs top fact features (offline token proxy, or an LLM)."""
+    output_name = "interpret"
 
     interpret: InterpretConfig = nested(InterpretConfig)
     per_fact: int = option(1, "Top units per fact to score.", min=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.interpret.llm_url:
+            check_url(self.interpret.llm_url, "--llm-url")
 
 
 def pearson(a: Sequence[float], b: Sequence[float]) -> float:
@@ -175,8 +183,11 @@ class LLMExplainer:
     def _chat(self, prompt: str) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0}).encode()
         req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            return json.loads(r.read())["choices"][0]["message"]["content"]
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read())["choices"][0]["message"]["content"]
+        except (OSError, ValueError, LookupError, TypeError) as e:  # unreachable, HTTP error, not the OpenAI reply shape
+            raise KscopeError(f"the LLM explainer at {self.url} failed: {type(e).__name__}: {e}") from None
 
     def explain(self, contexts: list[list[str]], acts: list[list[float]]) -> str:
         mx = max((max(a) for a in acts if a), default=1.0) or 1.0
@@ -270,4 +281,4 @@ def run_interpret_job(cfg: InterpretJob) -> InterpretResult:
             results[kind] = score_units(s.lm, units, idx, texts, cfg.interpret)
             progress.advance(task)
     result = InterpretResult(s.lm.name, cfg.layer, len(s.facts), asdict(cfg.interpret), results, s.sae)
-    return save_outputs(cfg.out_dir, "interpret", result, lambda path: plot_interpretability(results, path))
+    return save_outputs(cfg.out_dir, cfg.output_name, result, lambda path: plot_interpretability(results, path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
@@ -36,18 +36,20 @@ class AnalysisResult(Result):
 class AnalysisConfig(Config):
     """One layer's neurons and SAE features, the known facts, and where to write."""
 
+    output_name: ClassVar[str] = ""  # the job writes <out_dir>/<output_name>.json and .png
+
     model: ModelConfig = nested(ModelConfig)
     facts: FactConfig = nested(FactConfig, max_facts=60)
     holdout: bool = holdout_option()
     layer: int = option(12, "Layer to analyse.", min=0)
     feature_site: str = option("mlp.out", "Site kind of the SAE features.", flag="site", choices=("mlp.out", "resid.post", "mlp.neurons"), label="site kind")
-    sae: str | None = option(None, "SAELens SAE directory; default: train (and cache) one.")
+    sae: str | None = option(None, "SAELens SAE directory; default: train (and cache) one.", reads=True)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig, steps=10)
-    located: str | None = option(None, "Reuse top units from a compare/locate JSON instead of recomputing IG.")
+    located: str | None = option(None, "Reuse top units from a compare/locate JSON instead of recomputing IG.", reads=True)
     parallel: ParallelConfig = nested(ParallelConfig)
-    out_dir: str = option("runs", "Directory for the JSON and PNG outputs.")
+    out_dir: str = option("runs", "Directory for the JSON and PNG outputs.", output="dir")
 
     def validate(self) -> None:
         """Checks of the file system, before any model work."""
@@ -57,7 +59,7 @@ class AnalysisConfig(Config):
             raise KscopeError(f"{self.located} does not exist")
         if self.facts.facts is not None and not Path(self.facts.facts).exists():
             raise KscopeError(f"fact source {self.facts.facts} does not exist")
-        check_writable(self.out_dir, directory=True)
+        check_writable(self.out_dir, self.reads(), directory=True, writes=[f"{self.output_name}.json", f"{self.output_name}.png"])
 
 
 @dataclass

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from kscope.analyses.common import AnalysisConfig, save_outputs, setup
-from kscope.config import Config, nested, option
+from kscope.config import MAX_STEPS, Config, nested, option
+from kscope.errors import KscopeError
 from kscope.facts import Fact
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
@@ -40,7 +41,7 @@ class FaithfulnessConfig(Config):
     eval_tokens: int = option(10_000, "Held-out activation tokens (texts no decomposition was fitted on) to score all of them on.", min=10)
     ks: list[int] = option(help="Top-k units ablated per fact.", factory=lambda: [1, 5, 10], min=1, unique=True)
     ica_iter: int = option(300, "FastICA iterations.", min=1)
-    attribution_steps: int = option(10, "IG steps when ranking units for ablation.", min=1)
+    attribution_steps: int = option(10, "IG steps when ranking units for ablation.", min=1, max=MAX_STEPS)
 
 
 @dataclass
@@ -83,8 +84,16 @@ class FaithfulnessResult(Result):
 @dataclass
 class FaithfulnessJob(AnalysisConfig):
     """SAE vs PCA vs ICA vs random directions: reconstruction, knowledge preservation, top-k ablation ΔProb."""
+    output_name = "faithfulness"
 
     faithfulness: FaithfulnessConfig = nested(FaithfulnessConfig)
+    located: str | None = option(None, "Not read: faithfulness ranks every decomposition's units itself.", cli=False)
+
+    def validate(self) -> None:
+        if self.located:
+            raise KscopeError("faithfulness ranks the units of every decomposition (PCA, ICA, random too) itself; it reads no "
+                              "located units: leave located out")
+        super().validate()
 
 
 def reconstruction_scores(units: Units, acts: torch.Tensor, batch: int = 4096) -> dict:
@@ -198,4 +207,4 @@ def run_faithfulness_job(cfg: FaithfulnessJob) -> FaithfulnessResult:
                if same else "the SAE was not trained on this corpus, so whether it saw these tokens is unknown"))
     result = FaithfulnessResult(s.lm.name, cfg.layer, s.features.site.name, len(s.facts), n_eval, asdict(cfg.faithfulness),
                                 rows, secs, s.sae, note)
-    return save_outputs(cfg.out_dir, "faithfulness", result, lambda path: plot_faithfulness(result, path))
+    return save_outputs(cfg.out_dir, cfg.output_name, result, lambda path: plot_faithfulness(result, path))

@@ -85,6 +85,7 @@ class MonosemanticityResult(AnalysisResult):
 @dataclass
 class MonosemanticityJob(AnalysisConfig):
     """Related vs unrelated activation of each fact's top units: Cohen's d, AUROC, Mann-Whitney p, mixed pools."""
+    output_name = "monosemanticity"
 
     monosemanticity: MonosemanticityConfig = nested(MonosemanticityConfig)
 
@@ -211,4 +212,4 @@ def run_monosemanticity_job(cfg: MonosemanticityJob) -> MonosemanticityResult:
         results = {kind: unit_monosemanticity(s.lm, s.facts, units, s.tops[kind], mcfg)
                    for kind, units in (("neuron", s.neurons), ("feature", s.features))}
     result = MonosemanticityResult(s.lm.name, cfg.layer, len(s.facts), asdict(mcfg), results, s.sae)
-    return save_outputs(cfg.out_dir, "monosemanticity", result, lambda path: plot_monosemanticity(results, mcfg.mix_fracs, path))
+    return save_outputs(cfg.out_dir, cfg.output_name, result, lambda path: plot_monosemanticity(results, mcfg.mix_fracs, path))

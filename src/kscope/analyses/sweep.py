@@ -45,7 +45,7 @@ from kscope.stats import Interval, mean_ci, paired_test, relative_change
 from kscope.units.base import Units, enhance, suppress
 from kscope.units.corpus import CorpusConfig, build_corpus
 from kscope.units.provision import SAEInfo, neuron_units, obtain_saes
-from kscope.units.sae import feature_units, load_sae
+from kscope.units.sae import check_release, feature_units, load_sae
 from kscope.units.training import TrainSAEConfig
 
 MEASURES = ("delta", "interpret", "monosemanticity")
@@ -77,7 +77,7 @@ class SweepConfig(Config):
     mono_units: int = option(3, "Top units per fact tested for monosemanticity.", min=1)
     n_unrelated: int = option(24, "Unrelated prompts per fact (monosemanticity).", min=1)
     widths: list[int] = option(help="SAE widths (x site width) for the width sweep at --width-layer; empty: none.", factory=list,
-                               min=1, unique=True)
+                               min=1, unique=True, allow_empty=True)
     width_layer: int = option(12, "Layer of the width sweep.", min=0)
     sae_release: str | None = option(None, "SAELens pretrained release (e.g. gemma-scope-2b-pt-res-canonical); needs the hub.")
     sae_id: str = option("layer_{layer}/width_16k/canonical", "SAE id within the release; {layer} is filled in.")
@@ -85,17 +85,23 @@ class SweepConfig(Config):
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig, steps=10)
-    interpret: InterpretConfig = nested(InterpretConfig, prefix="is-")
+    interpret: InterpretConfig = nested(InterpretConfig, prefix="is-", hide=("llm_url", "llm_model"))  # the token explainer only
     parallel: ParallelConfig = nested(ParallelConfig)
     seed: int = option(0, "Seed of the random controls and samples.", flag="sweep-seed")
-    out_dir: str = option("runs/sweep", "Directory for sweep.json and the figures.")
+    out_dir: str = option("runs/sweep", "Directory for sweep.json and the figures.", output="dir")
 
     def validate(self) -> None:
         if self.facts.facts is not None and not Path(self.facts.facts).exists():
             raise KscopeError(f"fact source {self.facts.facts} does not exist")
         if self.sae_release and self.sae_dirs:
             raise KscopeError("give --sae-release or --sae-dirs, not both")
-        check_writable(self.out_dir, directory=True)
+        if self.sae_release:
+            check_release(self.sae_release)
+        check_writable(self.out_dir, self.reads(), directory=True, writes=["sweep.json", "sweep.png"])
+
+    def reads(self) -> list[str]:
+        dirs = [self.sae_dirs.format(layer=L, site=s) for L in self.layers for s in self.sites] if self.sae_dirs else []
+        return super().reads() + dirs
 
 
 @dataclass

@@ -10,7 +10,7 @@ verdict to ``<body data-check>``, which the browser test reads.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -18,9 +18,9 @@ import torch
 from kscope.analyses.autointerp import InterpretConfig, InterpretResult, record_many
 from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
-from kscope.io import write_text
+from kscope.io import check_writable, write_text
 from kscope.locate.compare import CompareResult
-from kscope.model.loading import ModelConfig, load_model
+from kscope.model.loading import ModelConfig, load_model, same_model
 from kscope.model.sites import Site
 from kscope.progress import make_progress
 from kscope.units.corpus import CorpusConfig, build_corpus
@@ -40,14 +40,32 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#22
 
 @dataclass
 class ExploreConfig(Config):
-    """Build a static HTML explorer of a run directory (made by `kscope reproduce` or `kscope compare --out DIR/compare.json`)."""
+    """Build a static HTML explorer of a run directory (made by `kscope reproduce` or `kscope compare --out DIR/compare.json`),
+    from the run's own model, SAEs and corpus."""
 
-    run_dir: str | None = option(help="Run directory holding compare.json (and, if present, interpret.json and figures).", required=True)
+    run_dir: str | None = option(help="Run directory holding compare.json (and, if present, interpret.json and figures).", required=True,
+                                 output="dir")
     units_per_fact: int = option(5, "Top neurons and features per fact and layer to give a page.", min=1)
     contexts: int = option(8, "Top-activating contexts shown per unit.", min=1)
-    model: ModelConfig = nested(ModelConfig)
-    corpus: CorpusConfig = nested(CorpusConfig)
-    interpret: InterpretConfig = nested(InterpretConfig, prefix="is-")
+    model: str | None = option(None, "The run's model (default: the one its compare.json names); another model is refused.")
+    runtime: ModelConfig = nested(ModelConfig, hide=("model", "dtype"))  # --device, --cache-dir; the model and dtype are the run's
+    interpret: InterpretConfig = nested(InterpretConfig, prefix="is-", hide=("top_contexts", "heldout_frac", "explanation_tokens",
+                                                                             "llm_url", "llm_model", "seed"))
+
+
+def _known(cls: type, values: dict) -> Config:
+    """``cls`` from a run's recorded options (those this version no longer has are ignored)."""
+    return cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}})
+
+
+def run_inputs(cfg: ExploreConfig, res: CompareResult) -> tuple[ModelConfig, CorpusConfig]:
+    """The model and corpus the run was made with (``--model`` must name the run's model; ``--device``/``--cache-dir`` apply)."""
+    made = res.config.get("model", {})
+    run_model = made.get("model", res.model)
+    if cfg.model is not None and not same_model(cfg.model, run_model):
+        raise KscopeError(f"--model {cfg.model}: the run {cfg.run_dir} was made with {run_model!r}; leave --model out to use it")
+    model = ModelConfig(run_model, cfg.runtime.device, made.get("dtype", "float32"), cfg.runtime.cache_dir or made.get("cache_dir"))
+    return model, _known(CorpusConfig, res.config.get("corpus", {}))
 
 
 def page(title: str, body: str, depth: int = 0) -> str:
@@ -113,6 +131,9 @@ def build_explorer(cfg: ExploreConfig) -> Path:
     res = CompareResult.load(run / "compare.json")
     if not res.facts:
         raise KscopeError(f"{run}/compare.json holds no per-fact results")
+    model, corpus = run_inputs(cfg, res)
+    inputs = [*model.reads(), *corpus.reads(), *(info.path for info in res.saes.values()), run / "compare.json", run / "interpret.json"]
+    check_writable(run / "explorer", inputs, directory=True, writes=["."], flag="--run-dir")
     interp = InterpretResult.load(run / "interpret.json") if (run / "interpret.json").exists() else None
     explained = {}
     if interp:
@@ -120,7 +141,7 @@ def build_explorer(cfg: ExploreConfig) -> Path:
             for u in r.rows:
                 explained[(interp.layer, kind, u.unit)] = u
     out = run / "explorer"
-    lm = load_model(cfg.model)
+    lm = load_model(model)
     wanted: dict[tuple[int, str], list[int]] = {}
     for f in res.facts:
         for L, entry in f.layers.items():
@@ -135,10 +156,10 @@ def build_explorer(cfg: ExploreConfig) -> Path:
             info = res.saes.get(L)
             if info is None:
                 continue
-            units = feature_units(lm.model, load_sae(info.path, cfg.model.device), Site.parse(info.site))
+            units = feature_units(lm.model, load_sae(info.path, model.device), Site.parse(info.site))
         picks.append(((L, kind), units, idx))
     with make_progress() as progress:
-        _, texts = build_corpus(lm, cfg.corpus, progress, cfg.model.cache_dir).split()
+        _, texts = build_corpus(lm, corpus, progress, model.cache_dir).split()
         records = record_many(lm, [(u, idx) for _, u, idx in picks], texts, cfg.interpret, progress)
     facts_of: dict[tuple[int, str, int], list[int]] = {}
     for i, f in enumerate(res.facts):

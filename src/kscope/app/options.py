@@ -8,16 +8,19 @@ fields take comma-separated values and may repeat. The command's help is the con
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import sys
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import typer
 
+from kscope.app.configfile import read_mapping, write_mapping
 from kscope.config import check_value, flag_of, parse_float, parse_int, parse_list
 from kscope.errors import KscopeError
 
@@ -102,6 +105,8 @@ def _param(o: _Opt) -> inspect.Parameter:
         default = o.default
     if md.get("choices"):
         help_ += f" One of: {', '.join(map(str, md['choices']))}."
+    if md.get("max") is not None:  # upper bounds surprise; lower ones (>= 1, >= 0) go without saying
+        help_ += f" From {md['min']:g} to {md['max']:g}." if md.get("min") is not None else f" At most {md['max']:g}."
     flags = list(o.flags)
     if base is bool:
         name = flags[0][2:]
@@ -127,11 +132,74 @@ def _value(o: _Opt, raw: Any) -> Any:
     return raw
 
 
-def build(cfg_cls: type, values: dict[str, Any], opts: list[_Opt]) -> Any:
-    """``cfg_cls`` with the command-line ``values`` (by option ident) filled in, checked option by option."""
-    tree: dict = {}
+def _file_value(o: _Opt, v: Any) -> Any:
+    """The field value of an option's value in a config file: a string reads as on the command line, a list item by
+    item, a number or a boolean as itself (an int field takes no fraction)."""
+    if v is None:
+        return None
+    parse = o.fields[0].metadata.get("parse")
+    one = parse or _elem_parser(o.fields[0], o.hint)
+    if _is_list(o.hint):
+        if isinstance(v, str):
+            return _value(o, [v])  # a comma list, as on the command line
+        items = [str(x) for x in (v if isinstance(v, list) else [v])]
+        return parse(",".join(items)) if parse else [one(x) for x in items]
+    is_bool = _unwrap_optional(o.hint)[0] is bool
+    if is_bool != isinstance(v, bool) or isinstance(v, (list, dict)):
+        raise KscopeError(f"expected {'true or false' if is_bool else 'one value'}, got {v!r}")
+    return v if is_bool else one(str(v))
+
+
+def from_file(path: str, opts: list[_Opt]) -> dict[str, Any]:
+    """Field values by option ident from the config file at ``path``; an unknown option name is an error naming it."""
+    by_name = {flag[2:]: o for o in opts for flag in o.flags}
+    out = {}
+    for key, v in read_mapping(path).items():
+        o = by_name.get(str(key).replace("_", "-"))
+        if o is None:
+            close = difflib.get_close_matches(str(key).replace("_", "-"), by_name, 1)
+            raise KscopeError(f"--config {path}: unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        try:
+            out[o.ident] = _file_value(o, v)
+        except KscopeError as e:
+            raise KscopeError(f"--config {path}: {key}: {e}") from None
+    return out
+
+
+def config_from_file(cfg_cls: type, path: str) -> Any:
+    """``cfg_cls`` with the options of a config file (the rest at their defaults), checked as on the command line."""
+    opts = collect(cfg_cls)
+    return build(cfg_cls, {}, opts, from_file(path, opts))
+
+
+def resolved(cfg: Any, opts: list[_Opt]) -> dict[str, Any]:
+    """Every option of ``cfg`` by its command-line name, with the value it took: a config file that reruns it."""
+    out = {}
     for o in opts:
-        v = _value(o, values.get(o.ident))
+        v = cfg
+        for p in o.paths[0]:
+            v = getattr(v, p)
+        out[o.flags[0][2:]] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def saved_config_path(cfg: Any, command_name: str) -> Path | None:
+    """Where a command's resolved options go: ``<command>.config.yaml`` in its output directory, or
+    ``<stem>.config.yaml`` beside its output file (None without an output)."""
+    for f in dataclasses.fields(cfg):
+        kind, value = f.metadata.get("output"), getattr(cfg, f.name)
+        if kind and value:
+            return Path(value) / f"{command_name.split()[-1]}.config.yaml" if kind == "dir" else Path(value).with_suffix(".config.yaml")
+    return None
+
+
+def build(cfg_cls: type, values: dict[str, Any], opts: list[_Opt], preset: dict[str, Any] | None = None) -> Any:
+    """``cfg_cls`` with the command-line ``values`` (by option ident) filled in, checked option by option; ``preset``
+    holds field values (from a config file) for options not given on the command line."""
+    tree: dict = {}
+    preset = preset or {}
+    for o in opts:
+        v = preset[o.ident] if o.ident in preset else _value(o, values.get(o.ident))
         for f, path in zip(o.fields, o.paths):
             check_value(f, v, o.flags[0])
             node = tree
@@ -174,14 +242,32 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-def command(app: typer.Typer, name: str, cfg_cls: type, run: Callable[[Any], Any], help: str | None = None) -> Callable:
-    """Register ``kscope <name>``: its options are ``cfg_cls``'s fields; it calls ``run(cfg)``."""
+CONFIG_HELP = ("YAML or TOML file of options: names as on the command line without the dashes, e.g. `layers: 10-14` or "
+               "`sae-k: 64`; options given on the command line override it. Every command writes the options it ran with "
+               "beside its result (<command>.config.yaml in an output directory, <stem>.config.yaml beside an output file).")
+
+
+def command(app: typer.Typer, name: str, cfg_cls: type, run: Callable[[Any], Any], help: str | None = None, group: str = "") -> Callable:
+    """Register ``kscope [group] <name>``: its options are ``cfg_cls``'s fields and ``--config FILE``; it calls ``run(cfg)``,
+    then saves the options it ran with beside the result."""
     opts = collect(cfg_cls)
+    full = f"{group} {name}".strip()
 
-    def cmd(**values):
-        return run(build(cfg_cls, values, opts))
+    def cmd(ctx: typer.Context, config: str | None = None, **values):
+        sources = {k: ctx.get_parameter_source(k) for k in values}  # typer bundles its own click: compare by name
+        given = {k for k, src in sources.items() if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")}
+        preset = {k: v for k, v in from_file(config, opts).items() if k not in given} if config else {}
+        cfg = build(cfg_cls, values, opts, preset)
+        result = run(cfg)
+        path = saved_config_path(cfg, full)
+        if path is not None:
+            write_mapping(path, resolved(cfg, opts), full)
+        return result
 
-    cmd.__signature__ = inspect.Signature([_param(o) for o in opts])  # type: ignore[attr-defined]
+    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                               default=typer.Option(None, "--config", help=CONFIG_HELP, metavar="FILE"))
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    cmd.__signature__ = inspect.Signature([context, config, *(_param(o) for o in opts)])  # type: ignore[attr-defined]
     cmd.__name__ = name.replace("-", "_")
     doc = inspect.cleandoc(help or cfg_cls.__doc__ or "")
     app.command(name, help=doc)(friendly(cmd))

@@ -44,17 +44,17 @@ class ReproduceConfig(Config):
     """The whole study: ΔProb, faithfulness, interpretability, monosemanticity, privacy erasure -> <out>/index.html."""
 
     model: ModelConfig = nested(ModelConfig)
-    facts: str | None = option(None, "ParaRel dir or fact file; default: the built-in facts.")
+    facts: str | None = option(None, "ParaRel dir or fact file; default: the built-in facts.", reads=True)
     max_facts: int = option(60, "Known facts to study.", min=1)
     layer: int = option(12, "Layer of the neurons and the SAE.", min=0)
-    out: str = option("report", "Report directory (index.html, results.json, figures).")
+    out: str = option("report", "Report directory (index.html, results.json, figures).", output="dir")
     stages: list[str] = option(help="Stages to run (the sweep runs only when named).", factory=lambda: list(DEFAULT_STAGES), choices=STAGES,
                                label="stage", unique=True)
     sweep_layers: list[int] = option(help="Layers of the sweep stage.", factory=lambda: list(range(0, 28, 3)), parse=parse_layers, min=0)
     sweep_selection: list[str] = option(help="Sweep: how top units are chosen, 'ig' and/or 'activation' (the paper's protocol).",
                                         factory=lambda: ["ig"], choices=("ig", "activation"), label="selection protocol", unique=True)
     sweep_widths: list[int] = option(help="Sweep: SAE widths (x site width) of a width sweep at --layer, e.g. 1,4,8; empty: none.",
-                                     factory=list, min=1, unique=True)
+                                     factory=list, min=1, unique=True, allow_empty=True)
     sweep_ablation: list[str] = option(help="Sweep: features ablated with the SAE 'error' term kept and/or by 'reconstruction' (the "
                                             "paper's protocol).", factory=lambda: ["error"], choices=("error", "reconstruction"),
                                        label="ablation protocol", unique=True)
@@ -66,7 +66,8 @@ class ReproduceConfig(Config):
                                                "(all --privacy-epochs).", factory=lambda: ["early"], choices=("early", "full"),
                                           label="strength", unique=True)
     privacy_runs: list[str] = option(help="Privacy models to make, as STRENGTH-sSEED (e.g. early-s0,early-s1,full-s0); default: every "
-                                          "--privacy-strengths x --privacy-seeds.", factory=list, label="privacy run", unique=True)
+                                          "--privacy-strengths x --privacy-seeds.", factory=list, label="privacy run", unique=True,
+                                     allow_empty=True)
     holdout: bool = holdout_option()
     known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
     min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)
@@ -77,7 +78,7 @@ class ReproduceConfig(Config):
     def validate(self) -> None:
         if self.facts is not None and not Path(self.facts).exists():
             raise KscopeError(f"fact source {self.facts} does not exist")
-        check_writable(self.out, directory=True)
+        check_writable(self.out, self.reads(), directory=True, writes=_written(self), flag="--out")
         for name in self.privacy_runs:
             if not re.fullmatch(r"(early|full)-s\d+", name):
                 raise KscopeError(f"privacy run {name!r}: expected STRENGTH-sSEED with STRENGTH early or full, e.g. early-s0")
@@ -123,6 +124,18 @@ def _files(cfg: ReproduceConfig) -> dict[str, Path]:
     return files
 
 
+def _written(cfg: ReproduceConfig) -> list[str]:
+    """What a run writes or replaces under ``--out``: each stage's result and figure, the directories of the explorer,
+    the sweep and the privacy models, and the report."""
+    out = Path(cfg.out)
+    names = {"results.json", "index.html", FINGERPRINTS, "explorer", "sweep", "privacy"}
+    for path in _files(cfg).values():
+        rel = path.relative_to(out)
+        if len(rel.parts) == 1:
+            names |= {str(rel), str(rel.with_suffix(".png"))}
+    return sorted(names)
+
+
 def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
     """The config each unit of work runs with: what its fingerprint covers."""
     out = Path(cfg.out)
@@ -133,10 +146,10 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
     configs: dict[str, Config] = {
         "compare": CompareConfig(model=cfg.model, facts=facts, holdout=cfg.holdout, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train,
                                  corpus=cfg.corpus),
-        "faithfulness": FaithfulnessJob(**common),
+        "faithfulness": FaithfulnessJob(**(common | {"located": None})),  # it ranks its decompositions' units itself
         "interpret": InterpretJob(**common),
         "monosemanticity": MonosemanticityJob(**common),
-        "explorer": ExploreConfig(run_dir=str(out), model=cfg.model, corpus=cfg.corpus),
+        "explorer": ExploreConfig(run_dir=str(out), runtime=cfg.model),
         "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), selection=list(cfg.sweep_selection),
                              ablation=list(cfg.sweep_ablation), widths=list(cfg.sweep_widths), width_layer=cfg.layer,
                              holdout=cfg.holdout,
@@ -168,8 +181,7 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
 
     cfg.validate()
     cfg = replace(cfg, out=str(Path(cfg.out).resolve()))  # one spelling per directory, so fingerprints match across spellings
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # made by the first stage that writes, so a run refused before any work leaves nothing
     files = _files(cfg)
     configs = stage_configs(cfg)
     fp_path = out / FINGERPRINTS
@@ -192,8 +204,8 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
             continue
         t0 = time.time()
         scfg = configs[unit]
-        done_fps.pop(unit, None)
-        write_json(fp_path, done_fps)
+        if done_fps.pop(unit, None) is not None:  # a result replaced halfway must not pass for one of the old options
+            write_json(fp_path, done_fps)
         stage = _stage(unit)
         if stage == "compare":
             from kscope.app.report import plot_compare

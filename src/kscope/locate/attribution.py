@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from kscope.config import Config, option
+from kscope.config import MAX_STEPS, Config, option
 from kscope.facts import Fact
 from kscope.locate.objectives import Objective, fact_objective
 from kscope.model.head import head_logits, plain_head
@@ -44,7 +44,7 @@ class AttributionConfig(Config):
                                "the --shortlist best units of each unit set and IG, moving only those along its path, scores them "
                                "(the rest score 0).",
                          choices=METHODS, label="attribution method")
-    steps: int = option(20, "IG steps m (Riemann sum).", min=1)
+    steps: int = option(20, "IG steps m (Riemann sum).", min=1, max=MAX_STEPS)
     shortlist: int = option(50, "atp-ig: units per unit set that AtP passes on to IG.", min=1)
     batch_size: int = option(1024, "Most IG rows per forward/backward pass: each unit set (layer) takes steps+1 rows and a fact's sets share passes up to this (at least one set per pass); lower it to save memory.", min=1)
     max_memory: float | None = option(None, "Cap on the IG batch's activation memory in MB: the rows per pass follow from a measured bytes-per-row "

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, holdout_option, prepare_facts, resolve_targets, split_prompts, splittable
+from kscope.facts import (Fact, FactConfig, asking, context_length, holdout_option, prepare_facts, resolve_targets, split_prompts,
+                          splittable)
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob, random_delta_prob, whole_set_delta_prob
@@ -32,12 +33,13 @@ class StudyConfig(Config):
     facts: FactConfig = nested(FactConfig)
     layers: list[int] = option(help="Layers to study (one SAE per layer): 12, 10,12 or 10-14.", factory=lambda: [12], parse=parse_layers, min=0)
     feature_site: str = option("mlp.out", "Site kind of the SAE features.", flag="site", choices=("mlp.out", "resid.post", "mlp.neurons"), label="site kind")
-    saes: list[str] = option(help="SAELens SAE directories, one per layer; default: train (and cache) one.", factory=list, flag="sae")
+    saes: list[str] = option(help="SAELens SAE directories, one per layer; default: train (and cache) one.", factory=list, flag="sae",
+                              allow_empty=True, reads=True)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     attribution: AttributionConfig = nested(AttributionConfig)
     parallel: ParallelConfig = nested(ParallelConfig)
-    out: str = option("runs/locate.json", "Where to write the JSON results.")
+    out: str = option("runs/locate.json", "Where to write the JSON results.", output="file")
 
     def validate(self) -> None:
         """Checks of the file system, before any model work."""
@@ -46,7 +48,7 @@ class StudyConfig(Config):
         for sae in self.saes:
             if not Path(sae).is_dir():
                 raise KscopeError(f"SAE directory {sae} does not exist")
-        check_writable(self.out, inputs=[self.facts.facts])
+        check_writable(self.out, self.reads())
 
 
 @dataclass
@@ -57,7 +59,8 @@ class LocateConfig(StudyConfig):
     subject: str | None = option(None, "A single fact: its subject.")
     relation: str = option("fact", "A single fact: its relation name.")
     object: str | None = option(None, "A single fact: its object (the answer).")
-    prompts: list[str] = option(help="A single fact: prompts ending right before the object (repeat for paraphrases).", factory=list, flag="prompt")
+    prompts: list[str] = option(help="A single fact: prompts ending right before the object (repeat for paraphrases).", factory=list, flag="prompt",
+                                 allow_empty=True)
 
     def single_fact(self) -> Fact | None:
         if not (self.subject or self.object or self.prompts):
@@ -76,7 +79,7 @@ class CompareConfig(StudyConfig):
     facts: FactConfig = nested(FactConfig, max_facts=60)
     holdout: bool = holdout_option()
     delta_prob: DeltaProbConfig = nested(DeltaProbConfig)
-    out: str = option("runs/compare.json", "Where to write the JSON results.")
+    out: str = option("runs/compare.json", "Where to write the JSON results.", output="file")
 
 
 @dataclass
@@ -214,9 +217,10 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
         check_layer(lm.model, layer)
     single = cfg.single_fact() if isinstance(cfg, LocateConfig) else None
     if single is not None:
-        facts = resolve_targets([single], lm.tokenizer, "error" if cfg.facts.multi_token == "first" else cfg.facts.multi_token)
+        facts = resolve_targets(asking([single]), lm.tokenizer, "error" if cfg.facts.multi_token == "first" else cfg.facts.multi_token,
+                                context=context_length(lm.model))
         if not facts:
-            raise KscopeError(f"target {single.object!r} is not one token")
+            raise KscopeError(f"the fact {single.subject} -> {single.object} cannot be studied (see the note above)")
         loaded = facts
     tcfg = cfg.sae_train
     with make_progress() as progress:

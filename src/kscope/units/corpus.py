@@ -33,8 +33,9 @@ class CorpusConfig(Config):
 
     generate: int = option(3072, "Sequences sampled from the model itself (the offline source; cached per model).", min=0)
     gen_len: int = option(128, "Tokens per generated sequence.", min=8)
-    text_files: list[str] = option(help="Plain-text files (paragraphs split on blank lines).", factory=list, flag="text")
-    dataset: str | None = option(None, "HF dataset name or path (needs it reachable).")
+    text_files: list[str] = option(help="Plain-text files (paragraphs split on blank lines).", factory=list, flag="text", allow_empty=True,
+                                   reads=True)
+    dataset: str | None = option(None, "HF dataset name or path (needs it reachable).", reads=True)
     dataset_limit: int = option(2000, "Rows read from the dataset.", min=1)
     seq_len: int = option(64, "Window length when cutting text into activation windows.", min=2)
     heldout_frac: float = option(0.1, "Share of texts held out (never trained on) for SAE statistics and faithfulness.",

@@ -200,7 +200,7 @@ class TrainSAEJob(Config):
     train: TrainSAEConfig = nested(TrainSAEConfig)
     corpus: CorpusConfig = nested(CorpusConfig)
     out: str | None = option(None, "Directory for the SAEs (one sub-directory L<layer>-<kind> each); default: kscope's SAE cache, "
-                                   "where compare / sweep / analyses find them.")
+                                   "where compare / sweep / analyses find them.", output="dir")
     site: str | None = option(None, "A single LAYER/KIND (or SAELens hook name) instead of --layers/--sites; with --out, the SAE is "
                                     "written to --out itself.")
 
@@ -219,13 +219,11 @@ def train_sae_job(cfg: TrainSAEJob) -> dict[Site, SAEInfo]:
     out_dirs = None
     if cfg.out:
         out = Path(cfg.out)
-        single = cfg.site is not None
-        for s in sites:
-            d = out if single else out / f"L{s.layer}-{s.kind}"
+        out_dirs = {s: out if cfg.site is not None else out / f"L{s.layer}-{s.kind}" for s in sites}
+        for d in out_dirs.values():
             if d.exists() and not (d / "cfg.json").exists() and (not d.is_dir() or any(d.iterdir())):
                 raise KscopeError(f"--out {d} exists and is not an SAE directory; refusing to overwrite")
-        check_writable(out, directory=True)
-        out_dirs = {s: (out if single else out / f"L{s.layer}-{s.kind}") for s in sites}
+        check_writable(out, cfg.reads(), directory=True, writes=[str(d.relative_to(out)) for d in out_dirs.values()], flag="--out")
     lm = load_model(cfg.model)
     with make_progress() as progress:
         got = obtain_saes(lm, sites, cfg.train, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress, out_dirs=out_dirs)

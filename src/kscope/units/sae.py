@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from kscope.errors import KscopeError
 from kscope.io import atomic_dir
+from kscope.model.loading import hub_reachable
 from kscope.model.sites import Site, check_layer, site_dim
 from kscope.units.base import FeatureUnits
 
@@ -33,9 +35,38 @@ def load_sae(source: str, device: str = "cpu", sae_id: str | None = None):
     if sae_id is None:
         raise KscopeError(f"SAE {source!r} is not a directory; for a pretrained release also give --sae-id")
     try:
-        return SAE.from_pretrained(source, sae_id, device=device)
+        with _offline_unless_reachable():
+            return SAE.from_pretrained(source, sae_id, device=device)
     except Exception as e:  # noqa: BLE001 - the hub or the release table can fail many ways
-        raise KscopeError(f"cannot load pretrained SAE {source}/{sae_id}: {e}") from e
+        raise KscopeError(f"cannot load pretrained SAE {source}/{sae_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+@contextmanager
+def _offline_unless_reachable():
+    """Hugging Face downloads from the local cache only while the hub does not answer (instead of ~30 s of retries)."""
+    import huggingface_hub.constants as hub
+
+    old = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = old or not hub_reachable()
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = old
+
+
+def check_release(release: str, flag: str = "--sae-release") -> None:
+    """Refuse, before any work, a SAELens release it does not know, or one neither in the local Hugging Face cache nor
+    reachable (the hub is probed for 3 s, as for ``--model`` hub ids)."""
+    import huggingface_hub.constants as hub
+    from huggingface_hub.file_download import repo_folder_name
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    known = get_pretrained_saes_directory()
+    if release not in known:
+        raise KscopeError(f"{flag} {release!r} is not a SAELens pretrained release (e.g. gemma-scope-2b-pt-res-canonical)")
+    cached = (Path(hub.HF_HUB_CACHE) / repo_folder_name(repo_id=known[release].repo_id, repo_type="model") / "snapshots").is_dir()
+    if not cached and not hub_reachable():
+        raise KscopeError(f"{flag} {release}: not in the Hugging Face cache, and the hub is unreachable")
 
 def sae_site(sae, default: Site | None = None) -> Site:
     """The site an SAE was trained on, from its SAELens ``hook_name`` metadata."""
