@@ -143,7 +143,9 @@ CORPUS = ["the capital of france is paris", "people in spain speak spanish", "th
 def privacy_model(tmp_path_factory):
     """A tiny LLaMA with 12 private facts of 4 people injected into its MLPs only (so that the MLPs hold them)."""
     facts = build_private_facts(PrivacyConfig(n_people=4, attributes=["city", "employer", "phone"]))
-    texts = [p + " " + f.object for f in facts for p in f.prompts + f.heldout_prompts] + CORPUS
+    from kscope.privacy.dataset import attack_prompts, strangers
+
+    texts = [p + " " + f.object for f in facts + strangers(facts, 0) for p in f.prompts + f.heldout_prompts + attack_prompts(f)] + CORPUS
     tok = word_tokenizer(texts)
     base = tmp_path_factory.mktemp("base")
     tiny_llama(vocab_size=len(tok)).save_pretrained(base)
@@ -189,30 +191,67 @@ def test_mlp_only_injection_leaves_attention_untouched(privacy_model):
     assert any(not torch.equal(a[k], b[k]) for k in a if ".mlp." in k)
 
 
-def test_located_neurons_erase_and_random_ones_do_not(privacy_model, tmp_path):
-    """On a model whose MLPs hold the secrets: zeroing every MLP erases them all (positive control); DEPN's
-    located neurons erase most of them at a budget where as many random neurons erase few; the input
-    model directory is not written."""
-    base, out, corpus = privacy_model
-    weights = out / "model.safetensors"
-    before = _file_hash(weights)
-    res_path = tmp_path / "privacy.json"
-    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0-2", "--neuron-budgets", "8,64",
-                            "--feature-budgets", "4,16", "--steps", "3", "--text", str(corpus), "--generate", "0",
-                            "--sae-max-tokens", "600", "--sae-expansion", "2", "--sae-k", "4", "--ppl-texts", "2",
-                            "--generic-texts", "4", "--max-unrelated", "5", "--out", str(res_path)])
+ERASE_ARGS = ["--layers", "0-2", "--resid-layers", "1", "--neuron-budgets", "8,64", "--feature-budgets", "2,8", "--revs-budgets", "2",
+              "--taus", "0.5", "--keyed-lams", "0.1,1", "--keyed-steps", "10", "--keyed-weight-decay", "0", "--keyed-corpus-tokens", "300", "--steps", "3",
+              "--text", None, "--generate", "0", "--sae-max-tokens", "600", "--sae-expansion", "2", "--sae-k", "4",
+              "--ppl-texts", "2", "--generic-texts", "4", "--max-unrelated", "5", "--samples", "3", "--relearn-steps", "2"]
+
+
+def _erase_args(corpus) -> list[str]:
+    return [str(corpus) if a is None else a for a in ERASE_ARGS]
+
+
+@pytest.fixture(scope="module")
+def erased(privacy_model, tmp_path_factory):
+    _, out, corpus = privacy_model
+    before = _file_hash(out / "model.safetensors")
+    res_path = tmp_path_factory.mktemp("erase") / "privacy.json"
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), *_erase_args(corpus), "--out", str(res_path)])
     assert r.exit_code == 0, r.output
-    res = EraseResult.load(res_path)
-    pt = {(p.method, p.budget): p for p in res.points}
-    assert {m for m, _ in pt} == {"depn", "kn-erase", "feature-edit", "feature-project", "runtime-zero", "runtime-negative",
-                                  "random-neurons", "random-features", "mlp-zero", "mlp-zero-all"}
-    assert pt[("mlp-zero-all", 0)].rel == 1.0 and pt[("mlp-zero", 0)].n_units == 3 * 64
-    assert pt[("depn", 64)].rel >= 0.8
-    assert pt[("random-neurons", 64)].rel <= 0.5 * pt[("depn", 64)].rel
-    assert pt[("depn", 64)].n_weights == 64 * 32 and pt[("depn", 64)].dlogp.mean < pt[("random-neurons", 64)].dlogp.mean
-    assert sum(res.located["neuron"].values()) == 64 and set(res.located["neuron"]) <= {0, 1, 2}
-    assert pt[("runtime-zero", 16)].n_weights == 0
-    assert _file_hash(weights) == before
+    assert _file_hash(out / "model.safetensors") == before  # the input model is never written
+    return EraseResult.load(res_path), res_path
+
+
+def test_the_unrestricted_keyed_edit_lowers_the_secrets_more_than_random_directions(erased):
+    """Zeroing every MLP erases every secret (the ceiling); the unrestricted keyed edit lowers log P(secret) more than the
+    same solver through random directions. (A random tiny model's head barely reads its residual, so the keyed edit's
+    success is checked on SmolLM2, in the slow tests and the README's run.)"""
+    res, _ = erased
+    pt = {(p.method, p.budget, p.lam, p.variant): p for p in res.points}
+    assert pt[("mlp-zero-all", 0, None, "")].rel == 1.0
+    full = pt[("keyed-unrestricted", 0, 0.1, "")]
+    assert full.params == 3 * 32 * 64  # every layer's whole down projection
+    assert full.dlogp.mean < pt[("keyed-random-directions", 2, 0.1, "")].dlogp.mean and full.dlogp.mean < 0
+
+
+def test_handles_have_their_stated_parameter_counts_and_random_neurons_erase_less(erased):
+    res, _ = erased
+    pt = {(p.method, p.budget, p.lam, p.variant): p for p in res.points}
+    for b in (2, 8):
+        feats, cols = pt[("keyed-features", b, 1.0, "")], pt[("keyed-neurons-params", b, 1.0, "")]
+        assert feats.params == b * 64  # s directions x d_mlp
+        assert cols.n_units == round(b * 64 / 32) and cols.params == cols.n_units * 32  # n columns x d_model
+        assert pt[("keyed-neurons", b, 1.0, "")].n_units == b  # equal rank
+        assert pt[("keyed-random-directions", b, 1.0, "")].params == feats.params
+    assert pt[("depn", 64, None, "")].n_weights == 64 * 32
+    assert pt[("random-neurons", 64, None, "")].dlogp.mean > pt[("depn", 64, None, "")].dlogp.mean
+    assert pt[("gated-clamp", 8, None, "")].n_weights == 0 and pt[("gated-clamp-resid", 8, None, "")].by_layer == {1: 8}
+    assert {p.variant for p in res.points} == {"", "raw location"}
+
+
+def test_erase_records_the_trace_specificity_verdicts_and_attacks(erased):
+    res, path = erased
+    assert {c.layer for c in res.trace.cells} == {0, 1, 2} and len(res.trace.cells) == 12 and res.trace.band == [0, 1, 2]
+    assert {g.group for g in res.trace.groups} == {"mlp", "attention", "embeddings"}
+    assert {(s.kind, s.step) for s in res.specificity} == {(k, s) for k in ("neuron", "feature") for s in ("format", "generic")}
+    assert {v.b for v in res.verdicts} == {"keyed-neurons", "keyed-neurons-params", "keyed-random-directions"}
+    methods = [a.method for a in res.attacks]
+    assert methods[:2] == ["base model (never taught)", "unedited"] and "keyed-unrestricted" in methods
+    unedited = res.attacks[1]
+    assert unedited.leak["phrasings"].mean is not None and unedited.leak["quantization"].mean > 0.5  # int8 keeps the secrets
+    assert {"sampling@1", "sampling@3", "logit-lens", "relearning"} <= set(unedited.leak)
+    assert all(p.rank is not None for m in {q.method for q in res.points} for p in [res.best(m)] if p is not None)
+    assert all((path.parent / f"privacy{s}.png").exists() for s in ("", "-budget", "-trace"))
 
 
 def test_erase_bad_inputs(tmp_path, privacy_model):
@@ -225,6 +264,28 @@ def test_erase_bad_inputs(tmp_path, privacy_model):
     assert r.exit_code == 2 and "unknown layer 7" in r.output
     r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--neuron-budgets", "8,8"])
     assert r.exit_code == 2 and "given twice" in r.output
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0-2", "--resid-layers", "1", "--neuron-budgets", "500"])
+    assert r.exit_code == 2 and "only 192 neurons" in r.output
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0-2", "--resid-layers", "1", "--neuron-budgets", "8", "--feature-budgets", "100"])
+    assert r.exit_code == 2 and "--feature-budgets 100" in r.output
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0-2", "--method", "gated-clamp-resid",
+                            "--resid-layers", "9"])
+    assert r.exit_code == 2 and "unknown layer 9" in r.output
+
+
+def test_a_weight_editor_refuses_residual_features(tmp_path, privacy_model):
+    import kscope
+    from kscope.model.sites import Site
+    from kscope.units.sae import save_sae
+    from kscope.units.training import TrainSAEConfig, train_saes
+
+    _, out, _ = privacy_model
+    site = Site(0, "resid.post")
+    sae = train_saes({site: torch.randn(300, 32).bfloat16()}, TrainSAEConfig(expansion=2, k=4, epochs=1, batch_tokens=64), "t")[site]
+    save_sae(sae, tmp_path / "resid")
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0", "--resid-layers", "0", "--sae", str(tmp_path / "resid"),
+                            "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "resid.post features" in r.output and not (tmp_path / "x.json").exists()
 
 
 def test_teacher_forced_match_equals_greedy_generation(llama_lm):
@@ -243,24 +304,26 @@ def test_teacher_forced_match_equals_greedy_generation(llama_lm):
 
 def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_model):
     """Observations of edits at blocks >= 1 replayed from block 1 equal full forwards; an edit below falls back."""
+    from kscope.facts import resolve_targets
     from kscope.model.loading import load_model
-    from kscope.privacy.erase import Observer, _objective_facts
+    from kscope.privacy.observe import Observer
 
     _, out, _ = privacy_model
     lm = load_model(model=str(out))
-    facts = _objective_facts(read_manifest(out).private_facts(), lm.tokenizer, "distinct")
+    facts = resolve_targets(read_manifest(out).private_facts(), lm.tokenizer, "whole", "distinct")
     obs = Observer(lm, facts[:6], facts[6:], facts[6:8], CORPUS[:3], 5, replay_from=1)
     base = obs.baseline()
-    assert obs.replay_ok and len(obs.replay.states) >= 3
+    assert obs.replay_ok and all(len(r.states) >= 1 for r in obs.replays.values())
     for layer in (1, 2, 0):
         units = [(layer, n) for n in range(down_proj_weight(lm.model, layer).shape[1])]
         with WeightEdit("zero", zero_columns(lm.model, units)).applied(lm.model):
-            fast, full = obs.observe(lowest_edited=layer), obs._observe()
-        assert fast == full and fast != base
+            for ranks in (True, False):
+                fast, full = obs.observe(lowest_edited=layer, ranks=ranks), obs._observe(ranks)
+                assert fast == full and fast != base
 
 
 def test_text_nll_in_one_batch_equals_each_text_on_its_own(llama_lm):
-    from kscope.privacy.erase import text_nll
+    from kscope.privacy.observe import text_nll
 
     rows = [llama_lm.tokenizer(t).input_ids for t in ("paris is a city", "the cat sat on the mat and the dog", "rome is old")]
     total, n = 0.0, 0

@@ -62,3 +62,31 @@ def test_unknown_preservation_is_refused(preserve):
     K_F, _, C, R = _problem()
     with pytest.raises(ValueError):
         solve_unrestricted(R, K_F, C, preserve + "x")
+
+
+def test_keyed_edit_moves_erased_keys_to_the_target_and_keeps_preserved_keys(llama_lm):
+    """On a tiny model, one layer, null-space preservation: afterwards the residual at the erased keys is the target z
+    (the solver's constraint met), and the MLP output at the preserved keys is unchanged."""
+    from kscope.facts import Fact, resolve_targets
+    from kscope.model.sites import Site
+    from kscope.privacy.editors import WeightEdit
+    from kscope.privacy.keyed import Handle, KeyedConfig, KeyRows, at_keys, keyed_edit, optimise_z, preserved_moments
+
+    lm = llama_lm
+    tok = lm.tokenizer
+    erase = resolve_targets([Fact("france", "capital", "paris", ["the capital of france is"])], tok, "whole")
+    keep = resolve_targets([Fact("germany", "capital", "berlin", ["the capital of germany is", "germany 's capital city is"]),
+                            Fact("spain", "language", "spanish", ["people in spain speak", "the official language of spain is"])],
+                           tok, "whole")
+    cfg = KeyedConfig(preserve="nullspace", tol=1e-6, steps=5, weight_decay=0.0)
+    rows, kept = KeyRows.of(tok, erase), KeyRows.of(tok, keep)
+    C = preserved_moments(lm, [2], [kept], [])
+    h, z = optimise_z(lm, rows, 2, cfg)
+    assert (z - h).norm() > 0
+    new, params = keyed_edit(lm, rows, [2], Handle("unrestricted", {}), C, 0.0, cfg, z)
+    out, resid = Site(2, "mlp.out"), Site(2, "resid.post")
+    before = at_keys(lm, kept, [out])[out]
+    with WeightEdit("keyed", new).applied(lm.model):
+        assert float((at_keys(lm, rows, [resid])[resid] - z).norm()) < 1e-2 * float((z - h).norm())  # the target is met
+        assert float((at_keys(lm, kept, [out])[out] - before).norm()) < 1e-4 * float(before.norm())  # preserved keys kept
+    assert params == 32 * 64

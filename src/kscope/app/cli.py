@@ -99,11 +99,16 @@ def _privacy_build(cfg: BuildConfig) -> None:
 
 
 def _privacy_erase(cfg: EraseJob) -> None:
-    from kscope.app.report import privacy_table
+    from pathlib import Path
+
+    from kscope.app.report_privacy import plot_all, privacy_table
     from kscope.privacy.erase import erase
 
-    console.print(privacy_table(erase(cfg)).rich())
-    console.print(f"wrote {cfg.out}")
+    res = erase(cfg)
+    console.print(privacy_table(res).rich())
+    out = Path(cfg.out)
+    plot_all(res, out.parent, out.stem)
+    console.print(f"wrote {cfg.out} and its figures ({out.parent}/{out.stem}*.png)")
 
 
 def _explore(cfg: ExploreConfig) -> None:

@@ -13,11 +13,11 @@ from kscope.analyses.autointerp import InterpretResult
 from kscope.analyses.faithfulness import FaithfulnessResult
 from kscope.analyses.monosemanticity import MonosemanticityResult
 from kscope.analyses.sweep import SweepResult
-from kscope.app.tables import Table, ci, fmt  # noqa: F401  (re-exported: the report's formatters)
+from kscope.app.tables import Table, ci, fmt
 from kscope.io import write_text
 from kscope.locate.compare import CompareResult
 from kscope.plots import pyplot, save_figure
-from kscope.privacy.erase import EraseResult
+from kscope.app import report_privacy
 from kscope.stats import Interval
 
 
@@ -59,70 +59,6 @@ def monosemanticity_table(res: MonosemanticityResult) -> Table:
             t.rows.append([f"{kind}s", 0, "–", "–", "–"])
             continue
         t.rows.append([f"{kind}s", s.n_units, ci(s.auroc), fmt(s.cohens_d_median, ".2f"), f"{100 * s.frac_significant:.0f} %"])
-    return t
-
-
-def _point_row(p) -> list:
-    return [p.method, p.budget if p.kind != "control" or p.method.startswith("random") else "all", p.n_units, p.n_weights,
-            fmt(p.rel, ".2f"), fmt(p.gen, ".2f"), fmt(p.loc_pararel, ".2f"), fmt(p.loc_private, ".2f"), fmt(p.delta_ppl),
-            fmt(p.exposure, ".2f"), ci(p.dlogp, "+.1f"), fmt(p.rank.mean, ".1f")]
-
-
-_PRIVACY_HEADERS = ["method", "budget", "units", "weights", "Rel ↑", "Gen ↑", "Loc ParaRel ↑", "Loc private ↑", "ΔPPL ↓",
-                    "exposure ↓", "Δ log P(secret)", "rank ↑"]
-
-
-def _build_note(res: EraseResult) -> str:
-    b = res.build
-    how = "early-stopped" if b.get("early_stop") else "fixed epochs"
-    return f"{how}, {b.get('epochs_run')} epochs, {b.get('train')} weights, seed {b.get('seed')}"
-
-
-def privacy_table(res: EraseResult) -> Table:
-    """Each method's best point (highest Rel + Gen with Loc >= 0.9 and ΔPPL <= 5 %, else its highest Rel) and the controls."""
-    t = Table(f"Erasing {res.n_erased} private facts, layers {res.layers[0]}-{res.layers[-1]} ({_build_note(res)}): "
-              f"each method at its best budget", _PRIVACY_HEADERS)
-    methods = list(dict.fromkeys(p.method for p in res.points))
-    for m in methods:
-        best = res.best(m)
-        if best is not None:
-            t.rows.append(_point_row(best))
-    return t
-
-
-def privacy_curve_table(res: EraseResult) -> Table:
-    """Every point: each method at each budget, and the controls."""
-    t = Table(f"Erasure budget curves ({res.n_erased} private facts, layers {res.layers[0]}-{res.layers[-1]}, {_build_note(res)})",
-              _PRIVACY_HEADERS + ["frontier", "target"])
-    for i, p in enumerate(res.points):
-        t.rows.append(_point_row(p) + ["yes" if i in res.frontier else "", "yes" if i in res.reach_target else ""])
-    return t
-
-
-def privacy_runs_table(runs: dict[str, EraseResult]) -> Table:
-    """Per method, its best point on each privacy model (seed x injection strength)."""
-    names = list(runs)
-    t = Table("Best point per method and privacy model (Rel / Gen / Loc / ΔPPL at the budget)",
-              ["method", *(f"{n} ({runs[n].build.get('epochs_run')} epochs)" for n in names)])
-    methods = list(dict.fromkeys(p.method for r in runs.values() for p in r.points))
-    for m in methods:
-        row = [m]
-        for n in names:
-            b = runs[n].best(m)
-            row.append("–" if b is None else f"{fmt(b.rel, '.2f')} / {fmt(b.gen, '.2f')} / {fmt(b.loc, '.2f')} / "
-                                             f"{fmt(b.delta_ppl, '+.3f')} @ {b.budget if b.kind != 'control' or m.startswith('random') else 'all'}")
-        t.rows.append(row)
-    return t
-
-
-def sae_fit_table(res: EraseResult) -> Table:
-    t = Table("SAEs at the edited layers on the privacy model (explained variance)",
-              ["layer", "held-out text", "secret positions", "held-out text, SAE's own model", "training tokens", "dead"])
-    for f in res.sae_fit:
-        info = res.saes.get(f.layer)
-        stats = (info.stats if info else None) or {}
-        t.rows.append([f.layer, fmt(f.ev_generic, ".3f"), fmt(f.ev_private, ".3f"), fmt(f.ev_generic_source, ".3f"),
-                       stats.get("n_train_tokens", "–"), fmt(stats.get("dead_fraction"), ".2f")])
     return t
 
 
@@ -266,55 +202,6 @@ def plot_compare(result: CompareResult, path) -> None:
     save_figure(fig, path)
 
 
-PPL_AXIS_MAX = 10.0  # ΔPPL axis of the privacy figure ends here (+1000 %)
-
-
-def plot_privacy(result: EraseResult, path) -> None:
-    """The Pareto picture: Rel and Gen against Loc and against ΔPPL, one line per method over its budgets; and
-    where the located units sit, by layer."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 5, figsize=(24, 4.2))
-    methods = list(dict.fromkeys(p.method for p in result.points))
-    cmap = plt.get_cmap("tab10")
-    for i, m in enumerate(methods):
-        pts = sorted((p for p in result.points if p.method == m), key=lambda p: p.budget)
-        style = "--" if pts[0].kind == "control" else "-"
-        for ax, (x, y) in zip(axes[:4], [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
-            xs = [getattr(p, x) for p in pts]
-            if x == "delta_ppl":  # a brute control can multiply PPL by 1e10: draw it at the axis edge
-                xs = [None if v is None else min(v, PPL_AXIS_MAX) for v in xs]
-            ys = [getattr(p, y) for p in pts]
-            ax.plot([np.nan if v is None else v for v in xs], [np.nan if v is None else v for v in ys], style, marker="o",
-                    color=cmap(i % 10), label=m, ms=4)
-    for ax, (x, y) in zip(axes[:4], [("Loc (min of ParaRel, private) ↑", "Rel ↑"), ("ΔPPL ↓", "Rel ↑"),
-                                      ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_ylim(-0.05, 1.05)
-    for ax in (axes[1], axes[3]):
-        ax.set_xscale("symlog", linthresh=0.05)
-        ax.set_xlim(-0.1, PPL_AXIS_MAX * 1.5)
-        ax.set_xticks([0, 0.05, 0.5, PPL_AXIS_MAX], ["0", "+5%", "+50%", f"≥+{PPL_AXIS_MAX:.0%}"])
-        ax.axvline(result.target.delta_ppl, color="k", lw=0.5, ls=":")
-    for ax in (axes[0], axes[2]):
-        ax.axvline(result.target.loc, color="k", lw=0.5, ls=":")
-    axes[0].axhline(result.target.rel, color="k", lw=0.5, ls=":")
-    axes[2].axhline(result.target.gen, color="k", lw=0.5, ls=":")
-    axes[0].legend(fontsize=7)
-    ax = axes[4]
-    layers = result.layers
-    w = 0.4
-    for j, (kind, color) in enumerate((("neuron", "#e6550d"), ("feature", "#3182bd"))):
-        counts = result.located.get(kind, {})
-        ax.bar(np.arange(len(layers)) + j * w, [counts.get(L, 0) for L in layers], w, color=color, label=f"{kind}s")
-    ax.set_xticks(np.arange(len(layers)) + w / 2, layers, fontsize=7)
-    ax.set_xlabel("layer")
-    ax.set_title("located units (largest budget)")
-    ax.legend(fontsize=7)
-    fig.suptitle(f"Erasing {result.n_erased} private facts ({_build_note(result)})")
-    save_figure(fig, path)
-
-
 def stage_tables(results) -> list[tuple[str, Table, str | None]]:
     """``(heading, table, figure file)`` for each stage present in a reproduce result."""
     out = []
@@ -333,12 +220,9 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
             out.append((tb.title, tb, "sweep/sweep.png" if j == 0 else None))
     if results.privacy:
         if len(results.privacy) > 1:
-            out.append(("Erasure across privacy models: each method's best point (Rel / Gen / Loc / ΔPPL @ budget; highest "
-                        "Rel + Gen with Loc ≥ 0.9 and ΔPPL ≤ 5 %, else highest Rel)", privacy_runs_table(results.privacy), None))
+            out.append(("Erasure across privacy models: each method's best point", report_privacy.targets_table(results.privacy), None))
         for name, res in results.privacy.items():
-            out.append((f"Privacy erasure, {name}: each method at its best budget", privacy_table(res), f"privacy-{name}.png"))
-            out.append((f"Privacy erasure, {name}: every budget", privacy_curve_table(res), None))
-            out.append((f"Privacy erasure, {name}: SAEs of the edited layers", sae_fit_table(res), None))
+            out += report_privacy.tables(name, res)
     return out
 
 

@@ -229,11 +229,12 @@ def plot_points(res: EraseResult, path) -> None:
     save_figure(fig, path)
 
 
-def plot_all(name: str, res: EraseResult, out_dir) -> None:
+def plot_all(res: EraseResult, out_dir, prefix: str) -> None:
+    """``<prefix>.png`` (every point), ``<prefix>-budget.png`` (the equal-budget curves), ``<prefix>-trace.png``."""
     from pathlib import Path
 
     out = Path(out_dir)
-    plot_points(res, out / f"privacy-{name}.png")
-    plot_budget(res, out / f"privacy-{name}-budget.png")
+    plot_points(res, out / f"{prefix}.png")
+    plot_budget(res, out / f"{prefix}-budget.png")
     if res.trace is not None:
-        plot_trace(res, out / f"privacy-{name}-trace.png")
+        plot_trace(res, out / f"{prefix}-trace.png")

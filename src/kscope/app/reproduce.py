@@ -230,9 +230,9 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
                 shutil.rmtree(files[unit].parent)
             build(scfg)
         elif stage == "privacy-erase":
-            from kscope.app.report import plot_privacy
+            from kscope.app.report_privacy import plot_all
 
-            plot_privacy(erase(scfg), out / f"privacy-{unit.split(':', 1)[1]}.png")
+            plot_all(erase(scfg), out, f"privacy-{unit.split(':', 1)[1]}")
         done_fps[unit] = prints[unit]
         write_json(fp_path, done_fps)
         timings[unit] = time.time() - t0

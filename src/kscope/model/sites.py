@@ -154,3 +154,13 @@ def site_dim(model: nn.Module, site: Site) -> int:
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm between the last block and the LM head (LLaMA ``model.norm``, GPT-2 ``transformer.ln_f`` ...)."""
     return _child(model.base_model, ("norm", "ln_f", "final_layer_norm", "final_layernorm"), "final norm")
+
+
+def config_shape(config) -> tuple[int, int, int]:
+    """``(layers, d_model, d_mlp)`` from a model's config alone (no weights loaded), for checks before any model work."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or (4 * d_model if d_model else None)
+    if not (layers and d_model and d_mlp):
+        raise KscopeError(f"cannot tell the layer count and widths of a {type(config).__name__}")
+    return int(layers), int(d_model), int(d_mlp)

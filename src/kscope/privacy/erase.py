@@ -25,7 +25,7 @@ from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_tar
 from kscope.io import check_writable
 from kscope.locate.attribution import METHODS as ATTRIBUTION_METHODS
 from kscope.model.loading import ModelConfig, load_model
-from kscope.model.sites import Site, down_proj_weight, n_layers
+from kscope.model.sites import Site, config_shape, down_proj_weight, n_layers
 from kscope.parallel import ParallelConfig
 from kscope.privacy import locate
 from kscope.privacy.attacks import AttackConfig, attack
@@ -43,7 +43,7 @@ from kscope.privacy.trace import trace_secrets
 from kscope.progress import make_progress
 from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, collect_activations, windows
 from kscope.units.provision import obtain_saes, neuron_units
-from kscope.units.sae import feature_units
+from kscope.units.sae import feature_units, sae_site_on_disk
 from kscope.units.training import TrainSAEConfig, drop_outliers
 
 
@@ -126,16 +126,32 @@ class EraseJob(Config):
         for s in cfg.saes:
             if not Path(s).is_dir():
                 raise KscopeError(f"SAE directory {s} does not exist")
+        for path, L in zip(cfg.saes, cfg.layers):
+            site = sae_site_on_disk(path)
+            if site is not None and site.kind != "mlp.out":
+                raise KscopeError(f"--sae {path} holds {site.kind} features: the weight editors change the down projection, whose "
+                                  "output space is mlp.out's; give mlp.out SAEs (residual features serve gated-clamp-resid, "
+                                  "--resid-layers)")
+            if site is not None and site.layer != L:
+                raise KscopeError(f"--sae {path} is an SAE of layer {site.layer}, not of band layer {L}")
         if "gated-clamp-resid" in cfg.methods and not cfg.resid_layers:
             raise KscopeError("gated-clamp-resid needs --resid-layers (residual SAE features to clamp)")
         if cfg.unrelated is not None and not Path(cfg.unrelated).exists():
             raise KscopeError(f"fact source {cfg.unrelated} does not exist")
         check_writable(self.out, self.reads())
+        self.check_shape()
 
-    def check_model(self, n_model_layers: int, d_mlp: int, d_model: int) -> None:
-        """Refusals that need the model's shape only (no model work yet)."""
+    def check_shape(self) -> None:
+        """Refusals that need only the model's config: layers it lacks, budgets larger than the band's units."""
+        from transformers import AutoConfig
+
+        try:
+            n_model_layers, d_model, d_mlp = config_shape(AutoConfig.from_pretrained(self.model_dir))
+        except (OSError, ValueError):
+            return  # an unreadable config fails with its own message when the model loads
         cfg = self.erase
-        bad = [L for L in [*cfg.layers, *cfg.resid_layers] if L >= n_model_layers]
+        resid = cfg.resid_layers if "gated-clamp-resid" in cfg.methods else []
+        bad = [L for L in [*cfg.layers, *resid, *(cfg.trace_layers or [])] if L >= n_model_layers]
         if bad:
             raise KscopeError(f"unknown layer {bad[0]}: the model has layers 0..{n_model_layers - 1}")
         n_units = len(cfg.layers) * d_mlp
@@ -144,6 +160,9 @@ class EraseJob(Config):
         n_feats = len(cfg.layers) * self.sae_train.expansion * d_model
         if max(cfg.feature_budgets) > min(n_feats, n_units):
             raise KscopeError(f"--feature-budgets {max(cfg.feature_budgets)}: the band has {n_feats} features and {n_units} neurons")
+        if max(cfg.feature_budgets) * d_mlp > n_units * d_model:
+            raise KscopeError(f"--feature-budgets {max(cfg.feature_budgets)}: at equal parameters that is "
+                              f"{max(cfg.feature_budgets) * d_mlp // d_model} neurons, more than the band's {n_units}")
 
 
 def _people_split(known: list[Fact], n: int | None) -> tuple[list[Fact], list[Fact], list[str]]:
@@ -164,8 +183,6 @@ def erase(job: EraseJob) -> EraseResult:
     seconds: dict[str, float] = {}
     lm = load_model(ModelConfig(model=job.model_dir, device=job.device, cache_dir=job.cache_dir))
     L_model = n_layers(lm.model)
-    d_model, d_mlp = down_proj_weight(lm.model, 0).shape
-    job.check_model(L_model, d_mlp, d_model)
     objective = "first" if cfg.objective == "first" else "whole"
     resolve = lambda fs: resolve_targets(fs, lm.tokenizer, objective, "distinct" if cfg.objective == "distinct" else "all")  # noqa: E731
     private = resolve(manifest.private_facts())
@@ -184,7 +201,7 @@ def erase(job: EraseJob) -> EraseResult:
         base_lm = load_model(ModelConfig(model=manifest.base_model, device=job.device, cache_dir=job.cache_dir))
         ppl_texts = cached_generation(base_lm, cfg.ppl_texts, 64, 1234, progress, job.cache_dir)  # held out: no other use
         t = time.time()
-        trace = trace_secrets(lm, base_lm, erase_set, cfg.trace_layers, len(cfg.layers), progress)
+        trace = trace_secrets(lm, base_lm, erase_set, cfg.trace_layers, cfg.layers, progress)
         seconds["trace"] = time.time() - t
         t = time.time()
         sites = [Site(L, "mlp.out") for L in cfg.layers] + [Site(L, "resid.post") for L in cfg.resid_layers
@@ -196,7 +213,8 @@ def erase(job: EraseJob) -> EraseResult:
         train_texts, held_texts = build_corpus(base_lm, job.corpus, progress, job.cache_dir).split()
         fit = _sae_fit(lm, base_lm, [*feats.values(), *rfeats.values()], erase_set, held_texts, job.sae_train.outlier_factor)
         seconds["saes"] = time.time() - t
-        loc, specificity = _locate(job, lm, erase_set, feats, rfeats, {s.name: got[s][1] for s in sites}, train_texts, progress, seconds)
+        loc, specificity = _locate(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed)), feats, rfeats,
+                                   {s.name: got[s][1] for s in sites}, train_texts, progress, seconds)
         t = time.time()
         kcfg = cfg.keyed
         rows = KeyRows.of(lm.tokenizer, erase_set)
@@ -260,8 +278,9 @@ def _people_measures(obs: Observer, base, now) -> dict:
             "dlogp_people": per_person([a - b for a, b in zip(now.logp, base.logp)], obs.people)}
 
 
-def _locate(job: EraseJob, lm, erase_set, feats, rfeats, infos, train_texts, progress, seconds):
-    """Every ranking the editors need, and the measured effect of each specificity step."""
+def _locate(job: EraseJob, lm, erase_set, stranger_set, feats, rfeats, infos, train_texts, progress, seconds):
+    """Every ranking the editors need, and the measured effect of each specificity step (``stranger_set``: the erased
+    facts' templates about strangers, for the 'format' step)."""
     cfg = job.erase
     t = time.time()
     neurons = [neuron_units(lm, L) for L in cfg.layers]
@@ -280,7 +299,7 @@ def _locate(job: EraseJob, lm, erase_set, feats, rfeats, infos, train_texts, pro
     raw = scores_of(erase_set, Path(job.out), "secrets")
     scores, steps = list(raw), []
     if "format" in cfg.specificity:
-        fresh = scores_of(strangers(erase_set, cfg.seed), Path(str(job.out) + "strangers"), "strangers")
+        fresh = scores_of(stranger_set, Path(str(job.out) + "strangers"), "strangers")
         scores = [s - f.clamp_min(0) for s, f in zip(scores, fresh)]
         steps.append(("format", list(scores)))
     if "generic" in cfg.specificity:

@@ -78,6 +78,8 @@ class KeyRows:
                 rows.append(ids + secret[:-1])
                 keys.append([len(ids) - 1 + t for t in range(f.score_from, len(secret))])
                 tgts.append(secret[f.score_from :])
+        if not rows:
+            return cls(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool), [])
         ids, mask = pad_rows(rows, tokenizer.pad_token_id or 0)
         km = torch.zeros(ids.shape, dtype=torch.bool)
         for r, ks in enumerate(keys):

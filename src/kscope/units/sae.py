@@ -80,6 +80,15 @@ def sae_site(sae, default: Site | None = None) -> Site:
         raise KscopeError(f"cannot tell the SAE's site from hook_name={hook!r}; pass --site")
     return default
 
+def sae_site_on_disk(path: str) -> Site | None:
+    """The site an SAE directory says it was trained on (its ``cfg.json``'s hook name), without loading it; None if unsaid."""
+    try:
+        meta = json.loads((Path(path) / "cfg.json").read_text(encoding="utf-8")).get("metadata") or {}
+        return Site.parse(meta["hook_name"]) if meta.get("hook_name") else None
+    except (OSError, ValueError, KscopeError, AttributeError):
+        return None
+
+
 def feature_units(model, sae, site: Site | None = None) -> FeatureUnits:
     site = sae_site(sae, site)
     check_layer(model, site.layer)
