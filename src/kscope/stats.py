@@ -28,6 +28,17 @@ class Interval:
         return f"{format(self.mean, spec)} [{format(self.lo, spec)}, {format(self.hi, spec)}]"
 
 
+LOG_FLOOR = math.log(1e-12)
+"""log P below this counts as log 1e-12: a wiped-out answer's log-ratio stays finite (``log_ratio``)."""
+
+
+def log_ratio(new_logp: Sequence[float] | np.ndarray, old_logp: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``log P'/P`` from log-probabilities, each floored at ``LOG_FLOOR``: 0 for no change, symmetric (doubling
+    and halving are +-log 2), finite when an edit wipes the answer out."""
+    new, old = np.asarray(new_logp, dtype=float), np.asarray(old_logp, dtype=float)
+    return np.maximum(new, LOG_FLOOR) - np.maximum(old, LOG_FLOOR)
+
+
 def relative_change(new: Sequence[float] | np.ndarray, old: Sequence[float] | np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """``(new - old) / old`` elementwise: -1 means the probability was wiped out, +1 doubled."""
     new, old = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
@@ -58,4 +69,69 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict:
     if d.size >= 2 and np.any(d != 0):
         out["t_p"] = float(_st.ttest_1samp(d, 0.0).pvalue)
         out["wilcoxon_p"] = float(_st.wilcoxon(d).pvalue)
+    return out
+
+
+@dataclass
+class Test:
+    """A mean (or mean difference) with its 95 % interval and the two-sided p-value of "it is 0"."""
+
+    interval: Interval
+    p: float | None
+
+
+def cluster_bootstrap(values: Sequence[float], clusters: Sequence[object], n_boot: int = 10_000, seed: int = 0,
+                      conf: float = 0.95) -> Test:
+    """Mean of ``values`` with a percentile interval from resampling whole clusters (e.g. a relation's facts) with
+    replacement, and the bootstrap p-value ``2 min(P*(mean <= 0), P*(mean >= 0))`` (resolution ``2 / (n_boot + 1)``).
+    Values of one cluster move together, so correlated facts do not count as independent evidence. NaNs are
+    dropped; fewer than 2 clusters give no interval and no p."""
+    x = np.asarray(values, dtype=float)
+    c = np.asarray([str(k) for k in clusters])
+    ok = ~np.isnan(x)
+    x, c = x[ok], c[ok]
+    if x.size == 0:
+        return Test(Interval(None, None, None, 0), None)
+    m = float(x.mean())
+    names, inv = np.unique(c, return_inverse=True)
+    if len(names) < 2:
+        return Test(Interval(m, None, None, int(x.size)), None)
+    sums, counts = np.bincount(inv, weights=x), np.bincount(inv).astype(float)
+    idx = np.random.default_rng(seed).integers(0, len(names), size=(n_boot, len(names)))
+    boot = sums[idx].sum(1) / counts[idx].sum(1)
+    lo, hi = np.quantile(boot, [(1 - conf) / 2, (1 + conf) / 2])
+    p = min(1.0, 2 * (min((boot <= 0).sum(), (boot >= 0).sum()) + 1) / (n_boot + 1))
+    return Test(Interval(m, float(lo), float(hi), int(x.size)), float(p))
+
+
+def welch_test(a: Sequence[float], b: Sequence[float], conf: float = 0.95) -> Test:
+    """Unpaired difference of means ``a - b`` with its Welch t interval and two-sided p (independent samples,
+    unequal variances); NaNs dropped; no interval below 2 values a side."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    if a.size == 0 or b.size == 0:
+        return Test(Interval(None, None, None, 0), None)
+    d = float(a.mean() - b.mean())
+    if a.size < 2 or b.size < 2:
+        return Test(Interval(d, None, None, int(a.size + b.size)), None)
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Test(Interval(d, d, d, int(a.size + b.size)), 1.0 if d == 0 else 0.0)
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = float(_st.t.ppf(0.5 + conf / 2, df) * se)
+    p = float(2 * _st.t.sf(abs(d) / se, df))
+    return Test(Interval(d, d - half, d + half, int(a.size + b.size)), p)
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None stays None and is not counted): the i-th smallest of
+    m is multiplied by ``m - i`` (i from 0), then made monotone and capped at 1."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None and p == p]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * float(pvalues[i])))
+        out[i] = running
     return out
