@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -80,6 +81,15 @@ class Test:
     p: float | None
 
 
+@lru_cache(maxsize=64)
+def _resample_counts(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, n_clusters]``: how often each cluster is drawn in each resample (the same for every statistic
+    over the same clusters, so one cell's numbers share their resamples)."""
+    idx = np.random.default_rng(seed).integers(0, n_clusters, size=(n_boot, n_clusters))
+    flat = (idx + n_clusters * np.arange(n_boot)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_boot * n_clusters).reshape(n_boot, n_clusters).astype(float)
+
+
 def cluster_bootstrap(values: Sequence[float], clusters: Sequence[object], n_boot: int = 10_000, seed: int = 0,
                       conf: float = 0.95) -> Test:
     """Mean of ``values`` with a percentile interval from resampling whole clusters (e.g. a relation's facts) with
@@ -96,9 +106,8 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[object], n_boo
     names, inv = np.unique(c, return_inverse=True)
     if len(names) < 2:
         return Test(Interval(m, None, None, int(x.size)), None)
-    sums, counts = np.bincount(inv, weights=x), np.bincount(inv).astype(float)
-    idx = np.random.default_rng(seed).integers(0, len(names), size=(n_boot, len(names)))
-    boot = sums[idx].sum(1) / counts[idx].sum(1)
+    w = _resample_counts(len(names), n_boot, seed)
+    boot = (w @ np.bincount(inv, weights=x)) / (w @ np.bincount(inv).astype(float))
     lo, hi = np.quantile(boot, [(1 - conf) / 2, (1 + conf) / 2])
     p = min(1.0, 2 * (min((boot <= 0).sum(), (boot >= 0).sum()) + 1) / (n_boot + 1))
     return Test(Interval(m, float(lo), float(hi), int(x.size)), float(p))
