@@ -35,16 +35,18 @@ def test_cluster_bootstrap_is_wider_than_the_naive_interval_and_covers_the_mean(
         covered_naive += naive.lo <= 0 <= naive.hi
         widths.append((t.interval.hi - t.interval.lo) / (naive.hi - naive.lo))
     assert np.median(widths) > 1.5  # five facts per cluster that share most of their value: ~2x wider
-    assert covered_cluster / sims > 0.85  # about 95 % (percentile intervals from 20 clusters run a little short)
+    assert covered_cluster / sims > 0.88  # about 95 %
     assert covered_naive / sims < 0.8  # the naive interval treats 100 values as independent
 
 
 def test_cluster_bootstrap_p_value_seed_and_degenerate_cases():
     values, clusters = [1.0, 1.2, 0.9, 1.1, 1.3, 0.8], ["a", "a", "b", "b", "c", "c"]
     t = cluster_bootstrap(values, clusters, n_boot=999, seed=1)
-    assert t.interval.mean == pytest.approx(np.mean(values)) and t.interval.lo > 0
-    assert t.p == pytest.approx(2 / 1000)  # every resample is above 0: the smallest p the bootstrap can give
+    assert t.interval.mean == pytest.approx(np.mean(values)) and t.interval.lo > 0 and t.p < 0.01
     assert cluster_bootstrap(values, clusters, n_boot=999, seed=1) == t  # seeded
+    # the same six values as three relations that disagree in size: t with 2 degrees of freedom, no verdict
+    shaky = cluster_bootstrap([0.1, 0.1, 0.2, 0.2, 2.0, 2.0], clusters, n_boot=999, seed=1)
+    assert shaky.interval.lo < 0 < shaky.interval.hi and shaky.p > 0.05
     one = cluster_bootstrap([1.0, 2.0], ["a", "a"])
     assert one.interval.mean == 1.5 and one.interval.lo is None and one.p is None
     assert cluster_bootstrap([np.nan], ["a"]).interval.n == 0

@@ -38,6 +38,25 @@ def test_verdicts_follow_the_cluster_bootstrap():
     assert paired_verdict([1.0, 1.1, 0.9, 1.2], [0.0, 0.1, -0.1, 0.05], ["a"] * 4).says == "no difference"
 
 
+def test_holm_decides_each_table_on_adjusted_p():
+    from kscope.analyses.verdicts import Verdict, adjust
+    from kscope.stats import Interval
+
+    family = [Verdict(Interval(d, None, None, 9), p) for d, p in ((0.5, 0.01), (-0.4, 0.03), (0.2, 0.04))]
+    adjust(family)
+    assert [v.p_holm for v in family] == pytest.approx([0.03, 0.06, 0.06])
+    assert [v.says for v in family] == ["features better", "no difference", "no difference"]  # 0.03 alone would pass
+
+
+def test_interpretability_counts_each_distinct_unit_once():
+    """Facts that share their top unit do not score it twice."""
+    from kscope.analyses.quality import distinct_scores
+
+    scored = []
+    got = distinct_scores([[3, 1], [3, 2], [5, 3]], 1, lambda u: scored.append(u) or float(u))
+    assert got == [3.0, 5.0] and scored == [3, 5]
+
+
 def test_activation_ranking():
     import torch
 
@@ -82,6 +101,11 @@ def test_sweep_writes_every_cell_with_controls(files, tmp_path):
     assert {(w.site, w.expansion) for w in res.widths} == {(s, x) for s in ("mlp.out", "resid.post") for x in (1, 2)}
     assert all(w.effects.random["suppress"][3].log.n == 3 and w.effects.matched is not None and w.effects.all.log.n == 3
                for w in res.widths)  # controls at every width
+    from kscope.app.report import sweep_band_table
+
+    band = sweep_band_table(res)  # one verdict per cell and comparison: each band counts its one layer once
+    assert all(sum(int(x) for x in cnt.split(" / ")) == 1 for row in band.rows for cnt in row[4:])
+    assert {row[3] for row in band.rows} >= {"MLP neurons (paper)", "basis", "PCA", "random directions"}
     assert set(res.saes) == {"0/mlp.out", "0/resid.post", "2/mlp.out", "2/resid.post"}
     assert all(i.stats and i.stats["n_train_tokens"] > 0 for i in res.saes.values())
 
