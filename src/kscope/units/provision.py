@@ -147,7 +147,7 @@ class BaselineConfig(Config):
 
     baselines: list[str] = option(help="Baselines at each feature site: 'basis' (the site's own coordinates; at resid.post the "
                                        "residual stream's basis), 'pca' (PCA of the site on the corpus's training texts) and/or "
-                                       "'random' (random orthonormal directions); all complete and never sparsified.",
+                                       "'random' (random orthonormal directions); all complete and never sparsified; empty (\"\"): none.",
                                   factory=lambda: list(BASELINES), choices=BASELINES, label="baseline", unique=True)
     fit_tokens: int = option(4096, "Corpus training-text tokens the PCA / random-direction baselines are fitted on (outliers "
                                    "dropped as for the SAEs).", min=16, flag="baseline-fit-tokens")
