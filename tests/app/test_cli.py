@@ -206,7 +206,7 @@ def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert {"compare", "faithfulness", "interpret", "monosemanticity"} <= set(res)
     page = (out / "index.html").read_text()
-    assert "Neurons vs features" in page and "compare.png" in page and (out / "compare.png").exists()
+    assert "Neurons, features and same-site baselines" in page and "compare.png" in page and (out / "compare.png").exists()
     stamp = (out / "compare.json").stat().st_mtime_ns
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "done, resumed" in r.output
