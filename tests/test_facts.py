@@ -159,3 +159,14 @@ def test_the_known_filter_keeps_template_indices_in_step(llama_lm, tmp_path):
     facts = [f for f in load_pararel(tmp_path) if f.relation == "P1"]
     kept = filter_known(llama_lm, facts, FactConfig(known_top_k=10_000, min_known_prompts=1, max_prompts=3))
     assert all(f.templates == [0, 1, 2] and len(f.prompts) == 3 for f in kept)
+
+
+def test_max_facts_counts_only_facts_the_held_out_split_can_use(llama_lm, tmp_path):
+    """Two known prompts on templates 0 and 2 select and measure nothing: with --holdout such a fact does not take
+    one of the --max-facts places."""
+    _tiny_pararel(tmp_path)
+    facts = [f for f in load_pararel(tmp_path) if f.relation == "P1"]
+    facts[0] = facts[0].with_prompts([facts[0].prompts[i] for i in (0, 2)])
+    cfg = FactConfig(known_top_k=10_000, min_known_prompts=1, max_facts=2)
+    assert {f.uid for f in filter_known(llama_lm, facts, cfg, holdout=True)} == {facts[1].uid, facts[2].uid}
+    assert len(filter_known(llama_lm, facts, FactConfig(known_top_k=10_000, min_known_prompts=1), holdout=False)) == 3

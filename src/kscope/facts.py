@@ -348,9 +348,11 @@ def _ranks(lm, part: Sequence[Fact], cfg: FactConfig, batch_size: int) -> list[t
     return out
 
 
-def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128, progress=None) -> list[Fact]:
+def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128, progress=None,
+                 holdout: bool = False) -> list[Fact]:
     """Keep facts the model knows: the answer is in the top ``known_top_k`` on at least
-    ``min_known_prompts`` prompts. Unknown prompts are dropped from kept facts.
+    ``min_known_prompts`` prompts (with ``holdout``, known prompts on both sides of the held-out split too).
+    Unknown prompts are dropped from kept facts.
 
     With ``max_facts``, facts are visited in a seeded random order (so relations mix) and scoring
     stops once enough are kept.
@@ -368,7 +370,7 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
                 known.setdefault(i, []).append(p)
         for i, f in enumerate(part):
             ok = known.get(i, [])
-            if len(ok) >= cfg.min_known_prompts:
+            if len(ok) >= cfg.min_known_prompts and (not holdout or all(_halves(f.with_prompts(ok)))):
                 kept.append(f.with_prompts(ok))
             if cfg.max_facts is not None and len(kept) >= cfg.max_facts:
                 return kept
@@ -377,11 +379,13 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
     return kept
 
 
-def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress=None) -> tuple[list[Fact], list[Fact]]:
-    """Load (unless given), resolve and filter facts; raise if nothing is left. Returns ``(known, all_loaded)``."""
+def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress=None,
+                  holdout: bool = False) -> tuple[list[Fact], list[Fact]]:
+    """Load (unless given), resolve and filter facts (``holdout``: only facts a held-out split can use count toward
+    ``max_facts``); raise if nothing is left. Returns ``(known, all_loaded)``."""
     if facts is None:
         facts = cfg.load()
-    kept = filter_known(lm, facts, cfg, progress=progress)
+    kept = filter_known(lm, facts, cfg, progress=progress, holdout=holdout)
     if not kept:
         raise KscopeError(
             f"none of the {len(facts)} facts is known by the model (answer in top {cfg.known_top_k} "
@@ -390,7 +394,8 @@ def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress
     if cfg.max_facts is not None and len(kept) < cfg.max_facts:
         from kscope.progress import console
 
-        known = "all of them are known" if len(kept) == len(facts) else f"{len(kept)} are known by the model"
+        known = "all of them are known" if len(kept) == len(facts) else f"{len(kept)} are known by the model" + \
+            (" with prompts on both sides of the held-out split" if holdout else "")
         console.print(f"[yellow]note:[/] {len(kept)} facts studied, not {cfg.max_facts} (--max-facts): the source has "
                       f"{len(facts)} and {known}", soft_wrap=True)
     return kept, facts

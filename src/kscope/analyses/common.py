@@ -79,7 +79,7 @@ def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
     loaded = cfg.facts.load()
     lm = load_model(cfg.model)
     check_layer(lm.model, cfg.layer)
-    facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress)
+    facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress, cfg.holdout)
     if cfg.holdout:
         facts = splittable(facts)
     select = [split_prompts(f, cfg.holdout)[0] for f in facts]

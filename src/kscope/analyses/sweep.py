@@ -244,7 +244,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     if bad:
         raise KscopeError(f"unknown layer {bad[0]}: the model has layers 0..{n_layers(lm.model) - 1}")
     with make_progress() as progress:
-        facts, _ = prepare_facts(lm, cfg.facts, loaded, progress)
+        facts, _ = prepare_facts(lm, cfg.facts, loaded, progress, cfg.holdout)
         if cfg.holdout:
             facts = splittable(facts)
         t = time.time()

@@ -217,7 +217,7 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
     tcfg = cfg.sae_train
     with make_progress() as progress:
         if facts is None:
-            facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress)
+            facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress, measure and cfg.holdout)
         if measure and cfg.holdout:
             facts = splittable(facts)
         if with_features:
