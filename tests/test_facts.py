@@ -112,5 +112,61 @@ def test_split_prompts_alternates_and_refuses_a_single_prompt():
     sel, meas = split_prompts(f, True)
     assert sel.prompts == ["a", "c", "e"] and meas.prompts == ["b", "d"] and sel.uid == meas.uid == f.uid
     assert split_prompts(f, False) == (f, f)
-    with pytest.raises(KscopeError, match="at least 2 prompts"):
+    with pytest.raises(KscopeError, match="both sides"):
         split_prompts(Fact("x", "r", "y", ["only"]), True)
+
+
+def _tiny_pararel(root):
+    """Two relations; P1 has five usable templates (one unusable between them), P2 two."""
+    (root / "facts").mkdir(parents=True)
+    (root / "patterns").mkdir()
+    pats = {"P1": ["The capital of [X] is [Y] .", "[X]'s capital is [Y] .", "[Y] is the capital of [X] .", "[X] has its capital in [Y] .",
+                   "The capital city of [X] is [Y] .", "[X], whose capital is [Y] ."],
+            "P2": ["[X] speaks [Y] .", "People in [X] speak [Y] ."]}
+    facts = {"P1": [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome")], "P2": [("France", "French")]}
+    for rel in pats:
+        (root / "patterns" / f"{rel}.jsonl").write_text("".join(json.dumps({"pattern": p}) + "\n" for p in pats[rel]))
+        (root / "facts" / f"{rel}.jsonl").write_text("".join(json.dumps({"sub_label": s, "obj_label": o}) + "\n" for s, o in facts[rel]))
+
+
+def test_pararel_hold_out_is_template_disjoint_within_a_relation(tmp_path):
+    """Units are chosen on a relation's even-numbered templates and measured on its odd-numbered ones, whichever
+    prompts each fact still has after the known filter, so no measured template ever selected units of the relation
+    (alternating a fact's own known prompts would mix them: Spain below would select on templates 1 and 3)."""
+    from kscope.facts import split_kind, split_prompts, splittable
+
+    _tiny_pararel(tmp_path)
+    facts = {f.subject + f.relation: f for f in load_pararel(tmp_path)}
+    france = facts["FranceP1"]
+    assert france.templates == [0, 1, 2, 3, 4] and france.prompts[2] == "France has its capital in"
+    spain = facts["SpainP1"].with_prompts([facts["SpainP1"].prompts[i] for i in (1, 2, 3)])  # template 0 not known
+    italy = facts["ItalyP1"].with_prompts([facts["ItalyP1"].prompts[i] for i in (0, 2)])  # selection templates only
+    assert spain.templates == [1, 2, 3]
+    sel, meas = split_prompts(spain, True)
+    assert sel.prompts == ["Spain has its capital in"] and sel.templates == [2]
+    assert meas.prompts == ["Spain's capital is", "The capital city of Spain is"] and meas.templates == [1, 3]
+    kept = splittable([france, spain, italy, facts["FranceP2"]])
+    assert [f.uid for f in kept] == [france.uid, spain.uid, facts["FranceP2"].uid]  # Italy has nothing to measure on
+    chosen = {t for f in kept if f.relation == "P1" for t in split_prompts(f, True)[0].templates}
+    measured = {t for f in kept if f.relation == "P1" for t in split_prompts(f, True)[1].templates}
+    assert chosen == {0, 2, 4} and measured == {1, 3}
+    assert split_kind(kept, True).startswith("template-disjoint") and split_kind(kept, False).startswith("in-sample")
+    assert "near-duplicates" in split_kind(builtin_facts(), True)
+
+
+def test_the_known_filter_keeps_template_indices_in_step(llama_lm, tmp_path):
+    _tiny_pararel(tmp_path)
+    facts = [f for f in load_pararel(tmp_path) if f.relation == "P1"]
+    kept = filter_known(llama_lm, facts, FactConfig(known_top_k=10_000, min_known_prompts=1, max_prompts=3))
+    assert all(f.templates == [0, 1, 2] and len(f.prompts) == 3 for f in kept)
+
+
+def test_max_facts_counts_only_facts_the_held_out_split_can_use(llama_lm, tmp_path):
+    """Two known prompts on templates 0 and 2 select and measure nothing: with --holdout such a fact does not take
+    one of the --max-facts places."""
+    _tiny_pararel(tmp_path)
+    facts = [f for f in load_pararel(tmp_path) if f.relation == "P1"]
+    facts[0] = facts[0].with_prompts([facts[0].prompts[i] for i in (0, 2)])
+    cfg = FactConfig(known_top_k=10_000, min_known_prompts=1, max_facts=2)
+    assert {f.uid for f in filter_known(llama_lm, facts, cfg, holdout=True)} == {facts[1].uid, facts[2].uid}
+    assert len(filter_known(llama_lm, facts, FactConfig(known_top_k=10_000, min_known_prompts=1), holdout=False)) == 3

@@ -25,6 +25,7 @@ class Fact:
     prompts: list[str]
     heldout_prompts: list[str] = field(default_factory=list)
     uid: str = ""
+    templates: list[int] | None = None  # ParaRel: the index of each prompt's template in its relation's template list
     # Filled by resolve_targets: the answer's first token, whether the object needed more than one, and
     # (when the whole answer is scored) all its tokens and the first of them that is scored.
     target_id: int | None = None
@@ -36,7 +37,12 @@ class Fact:
         for name in ("subject", "relation", "object"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise KscopeError(f"fact {self.uid or self.subject!r}: field {name!r} must be a non-empty string")
-        self.prompts = [p for p in self.prompts if isinstance(p, str) and p.strip()]
+        if self.templates is not None and len(self.templates) != len(self.prompts):
+            raise KscopeError(f"fact {self.uid or self.subject!r}: {len(self.templates)} template indices for {len(self.prompts)} prompts")
+        keep = [i for i, p in enumerate(self.prompts) if isinstance(p, str) and p.strip()]
+        self.prompts = [self.prompts[i] for i in keep]
+        if self.templates is not None:
+            self.templates = [self.templates[i] for i in keep]
         if not self.prompts:
             raise KscopeError(f"fact {self.uid or self.subject!r} has no prompts")
         if not self.uid:
@@ -48,6 +54,12 @@ class Fact:
     def describe(self) -> str:
         """``subject -> object (relation)``, as notes and errors name a fact."""
         return f"{self.subject} -> {self.object} ({self.relation})"
+
+    def with_prompts(self, prompts: Sequence[str]) -> "Fact":
+        """This fact with only ``prompts`` (some of its own), template indices kept in step."""
+        idx = [self.prompts.index(p) for p in prompts]
+        return replace(self, prompts=[self.prompts[i] for i in idx],
+                       templates=None if self.templates is None else [self.templates[i] for i in idx])
 
 
 @dataclass
@@ -147,7 +159,7 @@ def load_pararel(
             if not isinstance(sub, str) or not isinstance(obj, str) or not sub.strip() or not obj.strip():
                 raise KscopeError(f"{ffile}: fact {i} lacks sub_label/obj_label")
             prompts = [t.replace("[X]", sub) for t in templates]
-            out.append(Fact(sub, rel, obj, prompts, uid=row.get("uuid") or f"{rel}:{sub}"))
+            out.append(Fact(sub, rel, obj, prompts, uid=row.get("uuid") or f"{rel}:{sub}", templates=list(range(len(templates)))))
     if wanted is not None:
         missing = wanted - {f.relation for f in out}
         if missing:
@@ -159,29 +171,50 @@ def load_pararel(
 
 def holdout_option():
     """The ``--holdout/--no-holdout`` option of every job that chooses units and then measures them."""
-    return option(True, "Choose each fact's units on its even-numbered paraphrases and measure them on the others, so no "
-                        "prompt both selects and evaluates; --no-holdout: the same prompts do both (in-sample, the paper's "
-                        "protocol). Facts with one known prompt are left out of a held-out run.")
+    return option(True, "Choose each fact's units on some of its prompts and measure them on the others, so no prompt both "
+                        "selects and evaluates (ParaRel: the relation's even-numbered templates select and the odd-numbered "
+                        "ones measure, for every fact of the relation; other facts: even- and odd-numbered paraphrases); "
+                        "--no-holdout: the same prompts do both (in-sample, the paper's protocol). Facts whose prompts fall "
+                        "on one side only are left out of a held-out run.")
+
+
+def _halves(fact: Fact) -> tuple[list[str], list[str]]:
+    """Selection and measurement prompts: by template parity when the fact knows its templates, else by position."""
+    if fact.templates is not None:
+        return ([p for p, t in zip(fact.prompts, fact.templates) if t % 2 == 0],
+                [p for p, t in zip(fact.prompts, fact.templates) if t % 2 == 1])
+    return fact.prompts[0::2], fact.prompts[1::2]
 
 
 def splittable(facts: Sequence[Fact]) -> list[Fact]:
-    """The facts a held-out split can use (at least 2 prompts); says how many are left out, refuses if none is left."""
-    kept = [f for f in facts if len(f.prompts) >= 2]
+    """The facts a held-out split can use (a prompt on each side); says how many are left out, refuses if none is left."""
+    kept = [f for f in facts if all(_halves(f))]
     if not kept:
-        raise KscopeError("no fact has 2 known prompts for the held-out split; use --no-holdout or more paraphrases")
+        raise KscopeError("no fact has prompts on both sides of the held-out split; use --no-holdout or more paraphrases")
     if len(kept) < len(facts):
-        note(f"{len(facts) - len(kept)} facts with one known prompt are left out (--holdout)")
+        note(f"{len(facts) - len(kept)} facts with prompts on one side of the split only are left out (--holdout)")
     return kept
 
 
 def split_prompts(fact: Fact, holdout: bool) -> tuple[Fact, Fact]:
-    """``(select, measure)`` views of a fact. With ``holdout`` units are chosen on the even-numbered prompts
-    (0, 2, ...) and measured on the odd-numbered ones, so no prompt does both; without, both are the whole fact."""
+    """``(select, measure)`` views of a fact; without ``holdout`` both are the whole fact. A ParaRel fact is split by
+    template: even-numbered templates of its relation select, odd-numbered ones measure, so no template that chose
+    any fact's units of the relation is ever measured. Other facts alternate their own paraphrases (0, 2, ... select)."""
     if not holdout:
         return fact, fact
-    if len(fact.prompts) < 2:
-        raise KscopeError(f"fact {fact.uid}: a held-out split needs at least 2 prompts, it has {len(fact.prompts)}")
-    return replace(fact, prompts=fact.prompts[0::2]), replace(fact, prompts=fact.prompts[1::2])
+    sel, meas = _halves(fact)
+    if not sel or not meas:
+        raise KscopeError(f"fact {fact.uid}: a held-out split needs prompts on both sides, it has {len(sel)} and {len(meas)}")
+    return fact.with_prompts(sel), fact.with_prompts(meas)
+
+
+def split_kind(facts: Sequence[Fact], holdout: bool) -> str:
+    """How the facts' prompts were split, for results and report titles."""
+    if not holdout:
+        return "in-sample (the same prompts select and measure)"
+    if facts and all(f.templates is not None for f in facts):
+        return "template-disjoint (a relation's even templates select, its odd templates measure)"
+    return "paraphrase alternation (selection and measurement prompts can be near-duplicates)"
 
 
 def load_fact_file(path: str | Path) -> list[Fact]:
@@ -398,9 +431,11 @@ def context_length(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128, progress=None) -> list[Fact]:
+def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128, progress=None,
+                 holdout: bool = False) -> list[Fact]:
     """Keep facts the model knows: the answer is in the top ``known_top_k`` on at least
-    ``min_known_prompts`` prompts. Unknown prompts are dropped from kept facts.
+    ``min_known_prompts`` prompts (with ``holdout``, known prompts on both sides of the held-out split too).
+    Unknown prompts are dropped from kept facts.
 
     With ``max_facts``, facts are visited in a seeded random order (so relations mix) and scoring
     stops once enough are kept.
@@ -418,8 +453,8 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
                 known.setdefault(i, []).append(p)
         for i, f in enumerate(part):
             ok = known.get(i, [])
-            if len(ok) >= cfg.min_known_prompts:
-                kept.append(replace(f, prompts=ok))
+            if len(ok) >= cfg.min_known_prompts and (not holdout or all(_halves(f.with_prompts(ok)))):
+                kept.append(f.with_prompts(ok))
             if cfg.max_facts is not None and len(kept) >= cfg.max_facts:
                 return kept
         if task is not None:
@@ -427,17 +462,20 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
     return kept
 
 
-def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress=None) -> tuple[list[Fact], list[Fact]]:
-    """Load (unless given), resolve and filter facts; raise if nothing is left. Returns ``(known, all_loaded)``."""
+def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress=None,
+                  holdout: bool = False) -> tuple[list[Fact], list[Fact]]:
+    """Load (unless given), resolve and filter facts (``holdout``: only facts a held-out split can use count toward
+    ``max_facts``); raise if nothing is left. Returns ``(known, all_loaded)``."""
     if facts is None:
         facts = cfg.load()
-    kept = filter_known(lm, facts, cfg, progress=progress)
+    kept = filter_known(lm, facts, cfg, progress=progress, holdout=holdout)
     if not kept:
         raise KscopeError(
             f"none of the {len(facts)} facts is known by the model (answer in top {cfg.known_top_k} "
             f"on >= {cfg.min_known_prompts} prompts); loosen --known-top-k / --min-known-prompts"
         )
     if cfg.max_facts is not None and len(kept) < cfg.max_facts:
-        known = "all of them are known" if len(kept) == len(facts) else f"{len(kept)} are known by the model"
+        known = "all of them are known" if len(kept) == len(facts) else f"{len(kept)} are known by the model" + \
+            (" with prompts on both sides of the held-out split" if holdout else "")
         note(f"{len(kept)} facts studied, not {cfg.max_facts} (--max-facts): the source has {len(facts)} and {known}")
     return kept, facts

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from kscope.analyses.sweep import SweepResult, activation_ranking, verdict
+from kscope.analyses.sweep import SweepResult, activation_ranking
+from kscope.analyses.verdicts import paired_verdict
 from kscope.app.cli import app
 from kscope.facts import write_fact_file
 from tests.helpers import capital_facts, jumprelu_sae, save_tiny_model, tiny_gemma2, word_tokenizer
@@ -28,18 +29,40 @@ def files(tmp_path_factory, request):
     return {"root": root, "model": str(model), "facts": str(facts), "corpus": str(corpus)}
 
 
-def test_verdicts_follow_the_paired_interval():
-    assert verdict([1.0, 1.1, 0.9, 1.2], [0.0, 0.1, -0.1, 0.05], True).says == "features better"
-    assert verdict([0.0, 0.1, -0.1, 0.05], [1.0, 1.1, 0.9, 1.2], True).says == "neurons better"
-    assert verdict([1.0, -1.0, 0.5, -0.4], [0.0, 0.1, 0.0, 0.1], True).says == "no difference"
+def test_verdicts_follow_the_cluster_bootstrap():
+    rel = ["a", "a", "b", "b", "c", "c"]
+    assert paired_verdict([1.0, 1.1, 0.9, 1.2, 1.0, 1.3], [0.0, 0.1, -0.1, 0.05, 0.0, 0.1], rel).says == "features better"
+    assert paired_verdict([0.0, 0.1, -0.1, 0.05, 0.0, 0.1], [1.0, 1.1, 0.9, 1.2, 1.0, 1.3], rel).says == "neurons better"
+    assert paired_verdict([1.0, -1.0, 0.5, -0.4, 0.3, -0.3], [0.0, 0.1, 0.0, 0.1, 0.0, 0.0], rel).says == "no difference"
+    # one relation: its facts are one piece of evidence, however many there are
+    assert paired_verdict([1.0, 1.1, 0.9, 1.2], [0.0, 0.1, -0.1, 0.05], ["a"] * 4).says == "no difference"
+
+
+def test_holm_decides_each_table_on_adjusted_p():
+    from kscope.analyses.verdicts import Verdict, adjust
+    from kscope.stats import Interval
+
+    family = [Verdict(Interval(d, None, None, 9), p) for d, p in ((0.5, 0.01), (-0.4, 0.03), (0.2, 0.04))]
+    adjust(family)
+    assert [v.p_holm for v in family] == pytest.approx([0.03, 0.06, 0.06])
+    assert [v.says for v in family] == ["features better", "no difference", "no difference"]  # 0.03 alone would pass
+
+
+def test_interpretability_counts_each_distinct_unit_once():
+    """Facts that share their top unit do not score it twice."""
+    from kscope.analyses.quality import distinct_scores
+
+    scored = []
+    got = distinct_scores([[3, 1], [3, 2], [5, 3]], 1, lambda u: scored.append(u) or float(u))
+    assert got == [3.0, 5.0] and scored == [3, 5]
 
 
 def test_activation_ranking():
     import torch
 
     acts = torch.tensor([[0.1, -3.0, 2.0, 0.0], [0.1, -2.0, 2.0, 0.0]])
-    assert activation_ranking(acts, neurons=True, tau=0.5, k=3) == [1, 2, 0]
-    assert activation_ranking(acts, neurons=False, tau=0.5, k=2) == [2, 0]
+    assert activation_ranking(acts, signed=True, tau=0.5, k=3) == [1, 2, 0]
+    assert activation_ranking(acts, signed=False, tau=0.5, k=2) == [2, 0]
 
 
 def test_sweep_writes_every_cell_with_controls(files, tmp_path):
@@ -54,19 +77,35 @@ def test_sweep_writes_every_cell_with_controls(files, tmp_path):
     res = SweepResult.load(out / "sweep.json")
     assert (out / "sweep.png").stat().st_size > 1000
     assert len(res.cells) == 2 * 2 * 2 * 2  # layers x sites x selections x ablations
+    assert res.split.startswith("paraphrase") and res.n_relations == 2 and "selection prompts" in res.orientation
+    comparisons = {"feature vs neuron", "feature vs basis", "feature vs pca", "feature vs random", "neuron vs random neuron",
+                   "neuron vs matched neuron", "feature vs random feature", "feature vs matched feature"}
     for c in res.cells:
-        assert set(c.verdicts) == {"suppress", "enhance"} and set(c.verdicts["suppress"]) == {1, 3}
-        assert c.verdicts["suppress"][3].says in ("features better", "neurons better", "no difference")
-        assert c.random_feature.delta["suppress"][3].n == 3 and c.random_neuron.delta["enhance"][1].n == 3
-        assert (c.recon_only is not None) == (c.ablation == "reconstruction")
-        assert c.all_neuron is not None and c.all_feature is not None and c.all_feature.n == 3
+        assert set(c.units) == {"neuron", "feature", "basis", "pca", "random"}
+        assert set(c.verdicts) == comparisons and set(c.verdicts["feature vs pca"]) == {"suppress", "enhance", "both"}
+        assert set(c.verdicts["feature vs neuron"]["both"]) == {1, 3}
+        v = c.verdicts["feature vs neuron"]["both"][3]
+        assert v.p_holm is not None and v.p_holm >= v.p and v.says in ("features better", "neurons better", "no difference")
+        f, n = c.units["feature"], c.units["neuron"]
+        assert f.random["suppress"][3].log.n == 3 and n.matched["enhance"][1].rel.n == 3 and f.matched_norm is not None
+        assert c.units["pca"].random is None and c.units["pca"].all is not None  # baselines: no random controls
+        assert (f.recon is not None) == (c.ablation == "reconstruction")
+        assert n.all is not None and f.all.log.n == 3
     e = [c for c in res.cells if c.ablation == "error" and c.selection == "ig"]
     rc = [c for c in res.cells if c.ablation == "reconstruction" and c.selection == "ig"]
-    # neurons have no reconstruction: both protocols report the same neuron numbers
-    assert [c.neuron.delta["suppress"][3].mean for c in e] == [c.neuron.delta["suppress"][3].mean for c in rc]
+    # only features have a reconstruction: both protocols report the same numbers for every other set
+    for kind in ("neuron", "basis", "pca", "random"):
+        assert [c.units[kind].top["suppress"][3].log.mean for c in e] == [c.units[kind].top["suppress"][3].log.mean for c in rc]
     assert len(res.quality) == 4 and all(q.is_feature is not None and q.auroc_neuron is not None for q in res.quality)
+    assert all(q.auroc_verdict.p_holm is not None for q in res.quality)
     assert {(w.site, w.expansion) for w in res.widths} == {(s, x) for s in ("mlp.out", "resid.post") for x in (1, 2)}
-    assert all(w.random_delta["suppress"][3].n == 3 and w.all_delta.n == 3 for w in res.widths)  # controls at every width
+    assert all(w.effects.random["suppress"][3].log.n == 3 and w.effects.matched is not None and w.effects.all.log.n == 3
+               for w in res.widths)  # controls at every width
+    from kscope.app.report import sweep_band_table
+
+    band = sweep_band_table(res)  # one verdict per cell and comparison: each band counts its one layer once
+    assert all(sum(int(x) for x in cnt.split(" / ")) == 1 for row in band.rows for cnt in row[4:])
+    assert {row[3] for row in band.rows} >= {"MLP neurons (paper)", "basis", "PCA", "random directions"}
     assert set(res.saes) == {"0/mlp.out", "0/resid.post", "2/mlp.out", "2/resid.post"}
     assert all(i.stats and i.stats["n_train_tokens"] > 0 for i in res.saes.values())
 
@@ -104,13 +143,14 @@ def test_released_jumprelu_saes_on_gemma2_through_the_release_path(tmp_path, mon
     r = runner.invoke(app, ["sweep", "--model", str(model_dir), "--facts", str(facts), "--known-top-k", "100", "--min-known-prompts", "1",
                             "--layers", "0,2", "--sites", "resid.post", "--sae-release", "gemma-scope-2b-pt-res-canonical",
                             "--sae-id", "layer_{layer}/width_16k/canonical", "--ks", "1,2", "--steps", "3", "--random-draws", "1",
-                            "--measures", "delta", "--out-dir", str(out)])
+                            "--measures", "delta", "--baselines", "basis", "--out-dir", str(out)])
     assert r.exit_code == 0, r.output
     assert asked == [("gemma-scope-2b-pt-res-canonical", "layer_0/width_16k/canonical"),
                      ("gemma-scope-2b-pt-res-canonical", "layer_2/width_16k/canonical")]
     res = SweepResult.load(out / "sweep.json")
     assert {c.layer for c in res.cells} == {0, 2} and all(i.source == "release" for i in res.saes.values())
-    assert all(c.feature.delta["suppress"][2].mean is not None for c in res.cells)
+    assert all(c.units["feature"].top["suppress"][2].log.mean is not None and set(c.units) == {"neuron", "feature", "basis"}
+               for c in res.cells)
 
 
 @pytest.mark.parametrize("holdout", [True, False])
@@ -120,18 +160,18 @@ def test_units_are_chosen_on_prompts_they_are_never_measured_on(files, tmp_path,
     import kscope.analyses.sweep as sweep
 
     chosen, measured = [], {}
-    real_scores, real_probs = sweep.prompt_scores, sweep.condition_probs
+    real_scores, real_measure = sweep.prompt_scores, sweep.measure_sets
 
     def spy_scores(lm, prompts, obj, *a, **kw):
         chosen.append(set(prompts))
         return real_scores(lm, prompts, obj, *a, **kw)
 
-    def spy_probs(lm, fact, *a, **kw):
+    def spy_measure(lm, fact, *a, **kw):
         measured.setdefault(fact.uid, set()).update(fact.prompts)
-        return real_probs(lm, fact, *a, **kw)
+        return real_measure(lm, fact, *a, **kw)
 
     monkeypatch.setattr(sweep, "prompt_scores", spy_scores)
-    monkeypatch.setattr(sweep, "condition_probs", spy_probs)
+    monkeypatch.setattr(sweep, "measure_sets", spy_measure)
     facts = tmp_path / "facts.jsonl"
     write_fact_file([*capital_facts()[:2], sweep.Fact("italy", "language", "italian",
                                                       ["the official language of italy is", "people in italy speak",
@@ -150,21 +190,3 @@ def test_units_are_chosen_on_prompts_they_are_never_measured_on(files, tmp_path,
             assert not sel & meas and sel | meas == set(f.prompts)
         else:
             assert sel == meas == set(f.prompts)
-
-
-def test_positive_control_matches_compares_whole_set_control(lm, facts):
-    """The sweep's 'all' condition (every neuron suppressed at the answer position) equals compare's positive control,
-    which is computed by a different path (delta_prob with every unit as the top k)."""
-    from kscope.analyses.sweep import condition_probs
-    from kscope.facts import resolve_targets
-    from kscope.locate.delta_prob import DeltaProbConfig, whole_set_delta_prob
-    from kscope.stats import relative_change
-    from kscope.units.base import suppress
-    from kscope.units.provision import neuron_units
-
-    fact = resolve_targets(facts, lm.tokenizer)[0]
-    units = neuron_units(lm, 1)
-    p = condition_probs(lm, fact, units, [lambda v: v, suppress(range(units.n_units))], "error")
-    ours = float(relative_change(p[1], p[0]).mean())
-    assert abs(ours) > 1e-3  # the control moves the answer at all
-    assert ours == pytest.approx(whole_set_delta_prob(lm, fact, units, DeltaProbConfig()), abs=1e-5)

@@ -41,19 +41,22 @@ def test_train_sae_then_compare(model_dir, fact_file, facts, tmp_path):
     out = tmp_path / "cmp.json"
     r = runner.invoke(app, ["compare", "--model", str(model_dir), "--facts", str(fact_file), "--layers", "1",
                             "--sae", str(sae), "--known-top-k", "100", "--min-known-prompts", "1", "--steps", "4",
-                            "--ks", "1,2", "--out", str(out)])
+                            "--ks", "1,2", "--generate", "40", "--gen-len", "16", "--baseline-fit-tokens", "200", "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert res["n_facts"] == 3
+    assert res["n_facts"] == 3 and res["split"].startswith("paraphrase") and res["schema"] == "kscope.compare/2"
     s = res["summary"]["1"]
-    assert set(s) == {"neuron", "feature"}
-    assert s["neuron"]["site"] == "1/mlp.neurons" and s["feature"]["site"] == "1/mlp.out"
-    assert set(s["neuron"]["delta_prob"]) == {"suppress", "enhance"}
-    assert set(s["neuron"]["delta_prob"]["suppress"]) == {"1", "2"}
-    for kind in ("neuron", "feature"):  # the control: the same k random units of each kind, per fact
-        assert set(s[kind]["random_delta_prob"]["suppress"]) == {"1", "2"}
-        assert all(f["layers"]["1"][kind]["random_delta_prob"] for f in res["facts"])
-        assert s[kind]["all_delta_prob"]["mean"] < 0  # the positive control: the whole unit set suppressed
+    assert set(s) == {"neuron", "feature", "basis", "pca", "random"}  # the same-site baselines beside the paper's two kinds
+    assert s["neuron"]["site"] == "1/mlp.neurons" and s["feature"]["site"] == "1/mlp.out" and s["pca"]["site"] == "1/mlp.out"
+    e = s["neuron"]["effects"]
+    assert set(e["top"]) == {"suppress", "enhance"} and set(e["top"]["suppress"]) == {"1", "2"}
+    assert set(e["top"]["suppress"]["2"]) == {"rel", "log"}
+    for kind in ("neuron", "feature"):  # the controls: k random and k matched random units of each kind, per fact
+        assert set(s[kind]["effects"]["random"]["suppress"]) == {"1", "2"} and s[kind]["effects"]["matched"] is not None
+        assert all(f["layers"]["1"][kind]["effects"]["random"] for f in res["facts"])
+        # the positive control (the whole unit set suppressed) is measured; its sign on a random tiny model is chance
+        assert abs(s[kind]["effects"]["all"]["log"]["mean"]) > 0
+    assert s["pca"]["effects"]["random"] is None and s["pca"]["effects"]["all"] is not None
     fact = res["facts"][0]
     assert len(fact["layers"]["1"]["neuron"]["top"]) == 10
     by_uid = {f.uid: f for f in facts}
@@ -204,7 +207,7 @@ def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert {"compare", "faithfulness", "interpret", "monosemanticity"} <= set(res)
     page = (out / "index.html").read_text()
-    assert "Neurons vs features" in page and "compare.png" in page and (out / "compare.png").exists()
+    assert "Neurons, features and same-site baselines" in page and "compare.png" in page and (out / "compare.png").exists()
     stamp = (out / "compare.json").stat().st_mtime_ns
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "done, resumed" in r.output

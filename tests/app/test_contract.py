@@ -103,7 +103,7 @@ CASES = [
      "--gpus-per-worker must be a finite number"),
     ("mix-fracs nan", ["monosemanticity", *BASE, "--mix-fracs", "0.5,nan", "--out-dir", "{tmp}/o"], "--mix-fracs must be a finite number"),
     ("tau nan", ["sweep", *BASE, "--tau", "nan", "--out-dir", "{tmp}/o"], "--tau must be a finite number"),
-    ("erase tau -inf", ["privacy", "erase", "--model-dir", "{tmp}", "--tau", "-inf"], "--tau must be a finite number"),
+    ("erase tau -inf", ["privacy", "erase", "--model-dir", "{tmp}", "--taus", "-inf"], "--taus must be a finite number"),
     # empty lists: a comma alone named nothing
     ("measures empty", ["sweep", *BASE, "--measures", ",", "--out-dir", "{tmp}/o"], "--measures needs at least one value"),
     ("stages empty", ["reproduce", "--stages", ",", "--out", "{tmp}/r"], "--stages needs at least one value"),
@@ -382,13 +382,13 @@ def test_truncated_model_directory_is_a_clear_error(env, tmp_path):
 def test_ks_beyond_top_k_are_measured_not_capped(env, tmp_path):
     out = tmp_path / "c.json"
     r = runner.invoke(app, ["compare", *_fill(BASE, env, tmp_path), "--layers", "1", "--top-k", "1", "--ks", "1,12,40",
-                            "--sae", env["sae"], "--out", str(out)])
+                            "--sae", env["sae"], "--baselines", "", "--out", str(out)])  # baselines: 32 directions, fewer than 40
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     entry = res["facts"][0]["layers"]["1"]["neuron"]
-    dp = entry["delta_prob"]["suppress"]
-    assert len(entry["top"]) == 1
-    assert len({round(dp[k], 12) for k in ("1", "12", "40")}) == 3  # three different ablations of dense neurons, none capped
+    dp = entry["effects"]["top"]["suppress"]
+    assert len(entry["top"]) == 1 and set(res["summary"]["1"]) == {"neuron", "feature"}
+    assert len({round(dp[k]["log"], 12) for k in ("1", "12", "40")}) == 3  # three different ablations of dense neurons, none capped
 
 
 def test_python_api_refuses_what_the_cli_refuses():

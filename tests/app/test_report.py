@@ -32,11 +32,17 @@ def test_the_tables_carry_the_json_numbers():
     data = json.loads((DATA / "results_small.json").read_text())
     res = ReproduceResult.from_json(data)
     md = markdown(res)
-    mean = data["compare"]["summary"]["1"]["neuron"]["delta_prob"]["suppress"]["10"]["mean"]
-    assert f"| 1 | suppress | 10 | {mean:+.3f} [" in md
+    top = data["compare"]["summary"]["1"]["neuron"]["effects"]["top"]["suppress"]["10"]
+    assert f"| 1 | neurons | suppress | 10 | {top['rel']['mean']:+.3f} [" in md and f"| {top['log']['mean']:+.3f} [" in md
+    cell = next(c for c in data["sweep"]["cells"] if c["site"] == "resid.post" and c["selection"] == "ig" and c["ablation"] == "error")
+    v = cell["verdicts"]["feature vs neuron"]["both"]["10"]  # the Holm-adjusted verdict, as the table says it
+    d = v["diff"]
+    assert f"| resid.post | {cell['layer']} | {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {v['says']} |" in md
+    assert v["p_holm"] >= v["p"]
     erase = next(iter(data["privacy"].values()))
     top = erase["points"][-1]  # the last point: the all-layers MLP control
-    assert top["method"] == "mlp-zero-all" and f"| mlp-zero-all | all | {top['n_units']} | {top['n_weights']} | {top['rel']:.2f} |" in md
+    assert top["method"] == "mlp-zero-all"
+    assert f"| mlp-zero-all | all | – | {top['n_units']} | – | {top['n_weights']:,} | {top['rel']:.2f} | {top['gen']:.2f} |" in md
 
 
 def test_a_result_of_another_kind_or_a_newer_version_is_refused(tmp_path):

@@ -59,35 +59,3 @@ def test_last_vs_all_positions_differ(lm, facts):
     b = fact_delta_prob(lm, f, units, idx, DeltaProbConfig(ks=[len(idx)], ops=["suppress"], positions="all"))
     assert a["suppress"][len(idx)] != pytest.approx(b["suppress"][len(idx)], abs=1e-7)
     assert np.isfinite(a["suppress"][len(idx)])
-
-
-def test_random_control_is_the_mean_over_seeded_draws_of_random_units(lm, facts):
-    import random
-
-    from kscope.locate.delta_prob import random_delta_prob
-
-    f = resolve_targets(facts, lm.tokenizer)[0]
-    units = neuron_units(lm, 1)
-    cfg = DeltaProbConfig(ks=[1, 3], ops=["suppress"], random_draws=2, seed=5)
-    got = random_delta_prob(lm, f, units, cfg, None, "t")
-    rng = random.Random(f"5:{f.uid}:{units.site.name}:t")
-    draws = [fact_delta_prob(lm, f, units, rng.sample(range(units.n_units), 3), cfg) for _ in range(2)]
-    assert got["suppress"][3] == pytest.approx((draws[0]["suppress"][3] + draws[1]["suppress"][3]) / 2)
-    assert draws[0]["suppress"][3] != pytest.approx(draws[1]["suppress"][3], abs=1e-9)  # two different draws
-    other = random_delta_prob(lm, f, units, DeltaProbConfig(ks=[1, 3], ops=["suppress"], random_draws=2, seed=6), None, "t")
-    assert other["suppress"][3] != pytest.approx(got["suppress"][3], abs=1e-9)
-    assert random_delta_prob(lm, f, units, DeltaProbConfig(random_draws=0), None, "t") is None
-
-
-def test_positive_control_is_the_whole_mlp_zeroed(lm, facts):
-    """Every neuron of a layer suppressed = that layer's MLP output zeroed, measured through another site."""
-    from kscope.locate.delta_prob import whole_set_delta_prob
-    from kscope.model.sites import Site, site_dim
-    from kscope.units.base import NeuronUnits
-
-    f = resolve_targets(facts, lm.tokenizer)[0]
-    cfg = DeltaProbConfig(ks=[1], ops=["suppress"])
-    got = whole_set_delta_prob(lm, f, neuron_units(lm, 1), cfg)
-    out = NeuronUnits(Site(1, "mlp.out"), site_dim(lm.model, Site(1, "mlp.out")))
-    ref = fact_delta_prob(lm, f, out, list(range(out.n_units)), DeltaProbConfig(ks=[out.n_units], ops=["suppress"]))
-    assert got == pytest.approx(ref["suppress"][out.n_units], abs=1e-5) and abs(got) > 1e-3

@@ -66,6 +66,7 @@ class AnalysisConfig(Config):
 class Setup:
     lm: LoadedModel
     facts: list[Fact]  # with --holdout, each fact's measurement prompts only (its units were chosen on the others)
+    selected: list[Fact]  # the same facts with the prompts their units were chosen on
     loaded: list[Fact]
     neurons: Units
     features: Units
@@ -80,7 +81,7 @@ def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
     loaded = cfg.facts.load()
     lm = load_model(cfg.model)
     check_layer(lm.model, cfg.layer)
-    facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress)
+    facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress, cfg.holdout)
     if cfg.holdout:
         facts = splittable(facts)
     select = [split_prompts(f, cfg.holdout)[0] for f in facts]
@@ -100,8 +101,8 @@ def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
             kept = [i for i, r in enumerate(outcome.rows) if r is not None]
             facts = [facts[i] for i in kept]
             tops = {"neuron": [outcome.rows[i][0] for i in kept], "feature": [outcome.rows[i][1] for i in kept]}
-    measured = [split_prompts(f, cfg.holdout)[1] for f in facts]
-    return Setup(lm, measured, loaded, neurons, feats, infos[cfg.layer], tops)
+    views = [split_prompts(f, cfg.holdout) for f in facts]
+    return Setup(lm, [m for _, m in views], [s for s, _ in views], loaded, neurons, feats, infos[cfg.layer], tops)
 
 
 def _locate_context(cfg: AnalysisConfig, sae_path: str):

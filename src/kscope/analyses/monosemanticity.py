@@ -1,6 +1,10 @@
 """Monosemanticity: does a fact's top unit fire on that fact's prompts and not on others?
 
-Units are oriented by the sign of their mean activation on related prompts before testing.
+A unit that fires negative on its fact is as selective as one that fires positive, so each unit is oriented by
+the sign of its mean activation on the prompts its units were chosen on (``oriented_auroc``), never on the prompts
+it is scored on: orienting on the scored prompts favours units that take either sign (under the null, 2 related
+against 24 unrelated prompts score about 0.67 for symmetric units and 0.5 for non-negative ones). With
+``--no-holdout`` the two sets are the same prompts and the orientation is in-sample; the result says which.
 
 Per unit: activation at the last token on related prompts (its fact's paraphrases) vs unrelated
 prompts (other facts), summarised by Cohen's d, AUROC and a Mann–Whitney U p-value; and the mean
@@ -41,7 +45,8 @@ class MonosemanticityConfig(Config):
 
 @dataclass
 class UnitSeparation:
-    """One unit of one fact: sign-oriented activations (scaled by the unit's max) on related and unrelated prompts."""
+    """One unit of one fact: oriented activations (scaled by the unit's max) on related and unrelated prompts; ``sign``
+    comes from the fact's selection prompts."""
 
     fact: str
     unit: int
@@ -80,6 +85,12 @@ class MonosemanticityResult(AnalysisResult):
 
     results: dict[str, UnitSetSeparation]
     sae: SAEInfo | None = None
+    orientation: str = ""  # which prompts each unit's sign comes from
+
+
+def orientation_note(holdout: bool) -> str:
+    return ("the sign of its mean on the fact's selection prompts (not the ones scored)" if holdout
+            else "in-sample: the sign of its mean on the prompts scored (--no-holdout)")
 
 
 @dataclass
@@ -99,6 +110,17 @@ def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
     if var <= 0:
         return 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
     return float(diff / np.sqrt(var))
+
+
+def orientation(select: Sequence[float]) -> float:
+    """-1 if a unit's mean activation on ``select`` is negative, else 1."""
+    return -1.0 if float(np.mean(select)) < 0 else 1.0
+
+
+def oriented_auroc(select: Sequence[float], related: Sequence[float], unrelated: Sequence[float]) -> float:
+    """AUROC of related over unrelated activations of a unit oriented on ``select`` (the prompts it was chosen on)."""
+    sign = orientation(select)
+    return auroc(sign * np.asarray(related, float), sign * np.asarray(unrelated, float))
 
 
 def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
@@ -137,8 +159,10 @@ def mix_curve(related: np.ndarray, unrelated: np.ndarray, fracs: Sequence[float]
     return out
 
 
-def unit_monosemanticity(lm, facts: Sequence[Fact], units: Units, top: Sequence[Sequence[int]], cfg: MonosemanticityConfig) -> UnitSetSeparation:
-    """Per fact and unit: separation stats and mix curve. ``top[i]`` = ranked units of ``facts[i]``."""
+def unit_monosemanticity(lm, facts: Sequence[Fact], units: Units, top: Sequence[Sequence[int]], cfg: MonosemanticityConfig,
+                         selected: Sequence[Fact]) -> UnitSetSeparation:
+    """Per fact and unit: separation stats and mix curve. ``top[i]`` = ranked units of ``facts[i]`` (its measured
+    prompts are the related ones), chosen on ``selected[i]``'s prompts, which orient each unit."""
     rng = random.Random(cfg.seed)
     rows = []
     for i, f in enumerate(facts):
@@ -149,10 +173,9 @@ def unit_monosemanticity(lm, facts: Sequence[Fact], units: Units, top: Sequence[
         idx = list(top[i][: cfg.top_units])
         a_rel = unit_activations(lm.model, lm.tokenizer, units, f.prompts)[:, idx].numpy()
         a_un = unit_activations(lm.model, lm.tokenizer, units, unrel)[:, idx].numpy()
+        a_sel = unit_activations(lm.model, lm.tokenizer, units, selected[i].prompts)[:, idx].numpy()
         for c, u in enumerate(idx):
-            # Orient each unit by its sign on related prompts: a neuron that fires strongly negative
-            # on its fact (SiLU/GELU allow it) is as selective as one that fires positive.
-            sign = -1.0 if a_rel[:, c].mean() < 0 else 1.0
+            sign = orientation(a_sel[:, c])
             rel, un = sign * a_rel[:, c], sign * a_un[:, c]
             scale = max(float(np.abs(np.concatenate([rel, un])).max()), 1e-12)
             rows.append(UnitSeparation(f.uid, int(u), c, sign, **separation(rel, un),
@@ -209,7 +232,7 @@ def run_monosemanticity_job(cfg: MonosemanticityJob) -> MonosemanticityResult:
         if len(s.facts) < 2:
             raise KscopeError("monosemanticity needs at least 2 known facts (others serve as unrelated prompts)")
         mcfg = cfg.monosemanticity
-        results = {kind: unit_monosemanticity(s.lm, s.facts, units, s.tops[kind], mcfg)
+        results = {kind: unit_monosemanticity(s.lm, s.facts, units, s.tops[kind], mcfg, s.selected)
                    for kind, units in (("neuron", s.neurons), ("feature", s.features))}
-    result = MonosemanticityResult(s.lm.name, cfg.layer, len(s.facts), asdict(mcfg), results, s.sae)
+    result = MonosemanticityResult(s.lm.name, cfg.layer, len(s.facts), asdict(mcfg), results, s.sae, orientation_note(cfg.holdout))
     return save_outputs(cfg.out_dir, cfg.output_name, result, lambda path: plot_monosemanticity(results, mcfg.mix_fracs, path))

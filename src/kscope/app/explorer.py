@@ -115,6 +115,11 @@ def bars(delta: dict | None) -> str:
     return f"<table>{''.join(rows)}</table>"
 
 
+def _rel(loc) -> dict | None:
+    """Relative ΔP of the top-k edits, per op and k."""
+    return {op: {k: e.rel for k, e in by_k.items()} for op, by_k in loc.effects.top.items()} if loc.effects else None
+
+
 def unit_file(layer: int, kind: str, unit: int) -> str:
     return f"units/L{layer}-{kind}-{unit}.html"
 
@@ -152,11 +157,13 @@ def build_explorer(cfg: ExploreConfig) -> Path:
     for (L, kind), idx in wanted.items():
         if kind == "neuron":
             units = neuron_units(lm, L)
-        else:
+        elif kind == "feature":
             info = res.saes.get(L)
             if info is None:
                 continue
             units = feature_units(lm.model, load_sae(info.path, model.device), Site.parse(info.site))
+        else:  # same-site baselines have no unit pages
+            continue
         picks.append(((L, kind), units, idx))
     with make_progress() as progress:
         _, texts = build_corpus(lm, corpus, progress, model.cache_dir).split()
@@ -192,7 +199,7 @@ def build_explorer(cfg: ExploreConfig) -> Path:
                 rows = "".join(f"<tr><td>{_unit_link(L, kind, u.unit, made)}</td><td>{u.score:.3g}</td><td>{u.freq:.2f}</td></tr>"
                                for u in loc.top)
                 parts.append(f"<h3>{kind}s</h3><table><tr><th>unit</th><th>IG score</th><th>selected on</th></tr>{rows}</table>"
-                             f"<p>ΔP(answer) when its top units are edited:</p>{bars(loc.delta_prob)}")
+                             f"<p>ΔP(answer) when its top units are edited:</p>{bars(_rel(loc))}")
         write_text(out / f"fact-{i}.html", page(f"{f.subject} → {f.object}", "".join(parts)))
     figs = "".join(f'<h2>{p.stem}</h2><img src="../{p.name}" alt="{p.stem}">' for p in sorted(run.glob("*.png")))
     rows = "".join(f"<tr><td><a href='fact-{i}.html'>{html.escape(f.subject)}</a></td><td>{html.escape(f.relation)}</td>"

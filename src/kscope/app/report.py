@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from kscope.analyses.autointerp import InterpretResult
+from kscope.analyses.cells import LABELS, control_key
 from kscope.analyses.faithfulness import FaithfulnessResult
 from kscope.analyses.monosemanticity import MonosemanticityResult
 from kscope.analyses.sweep import SweepResult
@@ -22,15 +23,22 @@ from kscope.stats import Interval
 
 
 def compare_table(res: CompareResult) -> Table:
-    t = Table(f"ΔProb, {res.n_facts} facts, {res.model}", ["layer", "op", "k", "neurons", "random neurons", "features", "random features"])
+    t = Table(f"Effect of editing the top-k units, {res.n_facts} facts, {res.model} ({res.split or 'split not recorded'}; "
+              "log P'/P and ΔP/P, mean over facts, 95 % cluster-bootstrap interval over relations; random / matched: random "
+              "units of the set, uniform / active and matched on contribution norm; basis, PCA, random directions: same-site "
+              "baselines at the features' site)",
+              ["layer", "units", "op", "k", "ΔP/P", "log P'/P", "random log P'/P", "matched log P'/P"])
     for L, by_kind in res.summary.items():
-        n, f = by_kind.get("neuron"), by_kind.get("feature")
-        dp = [(getattr(u, a) if u else None) or {} for u in (n, f) for a in ("delta_prob", "random_delta_prob")]
-        for op in dp[0] or dp[2]:
-            for k in (dp[0] or dp[2])[op]:
-                t.rows.append([L, op, k, *(ci(d.get(op, {}).get(k)) for d in dp)])
-        if any(u and u.all_delta_prob for u in (n, f)):  # the positive control: every unit of the kind suppressed
-            t.rows.append([L, "suppress", "all", ci(n.all_delta_prob if n else None), "–", ci(f.all_delta_prob if f else None), "–"])
+        for kind, u in by_kind.items():
+            e = u.effects
+            if e is None:
+                continue
+            for op, by_k in e.top.items():
+                for k, c in by_k.items():
+                    t.rows.append([L, LABELS.get(kind, kind), op, k, ci(c.rel), ci(c.log),
+                                   *(ci(g[op][k].log) if g else "–" for g in (e.random, e.matched))])
+            if e.all is not None:  # the positive control: every unit of the set suppressed
+                t.rows.append([L, LABELS.get(kind, kind), "suppress", "all", ci(e.all.rel), ci(e.all.log), "–", "–"])
     return t
 
 
@@ -52,7 +60,8 @@ def interpret_table(res: InterpretResult) -> Table:
 
 
 def monosemanticity_table(res: MonosemanticityResult) -> Table:
-    t = Table(f"Monosemanticity, layer {res.layer}", ["units", "n", "AUROC", "median Cohen's d", "p < 0.05"])
+    t = Table(f"Monosemanticity, layer {res.layer} (each unit oriented on {res.orientation or 'its related prompts'})",
+              ["units", "n", "AUROC", "median Cohen's d", "p < 0.05"])
     for kind, r in res.results.items():
         s = r.summary
         if s is None:
@@ -65,92 +74,126 @@ def monosemanticity_table(res: MonosemanticityResult) -> Table:
 def _verdict_text(v) -> str:
     if v is None:
         return "–"
-    return f"{v.says} ({ci(v.diff)})"
+    return f"{ci(v.diff, '+.2f')} {v.says}"
 
 
-def sweep_verdict_table(res: SweepResult, selection: str | None = None, ablation: str = "error", op: str = "suppress") -> Table:
-    """Per site and layer: ΔProb of the top-k features vs neurons (mean over facts), the paired verdict, and the random controls."""
-    selection = selection or res.config["selection"][0]
-    k = max(res.config["ks"])
-    held = "held-out prompts" if res.config.get("holdout") else "in-sample"
-    t = Table(f"{op} top-{k}: features vs neurons ({res.n_facts} facts, {res.facts}; selection {selection}, ablation {ablation}, "
-              f"{held}; 'all': every unit of the kind suppressed)",
-              ["site", "layer", "neurons", "features", "random neurons", "random features", "all neurons", "all features",
-               "features − neurons", "verdict"])
+def _comparisons(res: SweepResult) -> list[tuple[str, str]]:
+    """``(verdict key, column name)`` of features against every other unit set, the paper's comparison first."""
+    kinds = list(res.config.get("baselines", {}).get("baselines", []))
+    return [("feature vs neuron", "vs MLP neurons (paper)")] + [(f"feature vs {k}", f"vs {LABELS[k]}") for k in kinds]
+
+
+def _sweep_note(res: SweepResult) -> str:
+    return (f"{res.n_facts} facts from {res.n_relations} relations, {res.facts}; {res.split}; 95 % cluster-bootstrap "
+            f"intervals over relations")
+
+
+def sweep_effects_table(res: SweepResult, selection: str, ablation: str, op: str = "suppress") -> Table:
+    """Per site and layer: log P'/P of each unit set's top-k (and ΔP/P of neurons and features), the controls."""
+    k = max(res.config["delta_prob"]["ks"])
+    kinds = list(res.config.get("baselines", {}).get("baselines", []))
+    t = Table(f"{op} top-{k}: log P'/P per unit set ({_sweep_note(res)}; selection {selection}, ablation {ablation}; random / "
+              "matched: random units of the kind, uniform / active and matched on contribution norm; all: every unit suppressed)",
+              ["site", "layer", "neurons", "neurons ΔP/P", "features", "features ΔP/P", *(LABELS[x] for x in kinds),
+               "random neurons", "matched neurons", "random features", "matched features", "all neurons", "all features"])
     for c in sorted((c for c in res.cells if c.selection == selection and c.ablation == ablation), key=lambda c: (c.site, c.layer)):
-        v = c.verdicts[op][k]
-        t.rows.append([c.site, c.layer, ci(c.neuron.delta[op][k]), ci(c.feature.delta[op][k]), ci(c.random_neuron.delta[op][k]),
-                       ci(c.random_feature.delta[op][k]), ci(c.all_neuron) if op == "suppress" else "–",
-                       ci(c.all_feature) if op == "suppress" else "–", ci(v.diff), v.says])
+        n, f = c.units["neuron"], c.units["feature"]
+        ctrl = [ci(getattr(u, g)[op][k].log) if getattr(u, g) else "–" for u in (n, f) for g in ("random", "matched")]
+        t.rows.append([c.site, c.layer, ci(n.top[op][k].log), ci(n.top[op][k].rel), ci(f.top[op][k].log), ci(f.top[op][k].rel),
+                       *(ci(c.units[x].top[op][k].log) if x in c.units else "–" for x in kinds), *ctrl,
+                       ci(n.all.log if n.all else None), ci(f.all.log if f.all else None)])
     return t
+
+
+def sweep_verdict_table(res: SweepResult, selection: str | None = None, ablation: str = "error") -> Table:
+    """Per site and layer, one verdict per comparison: suppress and enhance combined (the mean strength
+    ``(log P_enhanced - log P_suppressed) / 2``), features minus the named baseline, Holm-adjusted over the column."""
+    selection = selection or res.config["selection"][0]
+    k = max(res.config["delta_prob"]["ks"])
+    comps = _comparisons(res)
+    ctrl = [(control_key(k, "matched"), f"{LABELS[k]} vs matched random") for k in ("feature", "neuron")]
+    t = Table(f"Verdicts, top-{k} suppressed and enhanced combined ((log P_enh − log P_sup) / 2; features − the named units, "
+              f"Holm-adjusted per column; {_sweep_note(res)}; selection {selection}, ablation {ablation})",
+              ["site", "layer", *(name for _, name in comps + ctrl)])
+    for c in sorted((c for c in res.cells if c.selection == selection and c.ablation == ablation), key=lambda c: (c.site, c.layer)):
+        t.rows.append([c.site, c.layer, *(_verdict_text(c.verdicts[key]["both"][k]) if key in c.verdicts else "–" for key, _ in comps + ctrl)])
+    return t
+
+
+def _counts(says: list[str], names: tuple[str, str]) -> str:
+    return f"{says.count(names[0] + ' better')} / {says.count(names[1] + ' better')} / {says.count('no difference')}" if says else "–"
 
 
 def sweep_band_table(res: SweepResult) -> Table:
-    """The summary: per site, protocol and layer band, how many layers say features better / neurons better / no difference."""
-    k = max(res.config["ks"])
+    """The summary: per site, protocol and comparison, how many layers of each band say features better / the other
+    units better / no difference (one Holm-adjusted verdict per cell: suppress and enhance combined)."""
+    k = max(res.config["delta_prob"]["ks"])
     layers = sorted(res.layers)
     thirds = [layers[i * len(layers) // 3 : (i + 1) * len(layers) // 3] for i in range(3)]
     bands = [(f"{b[0]}-{b[-1]}", set(b)) for b in thirds if b]
-    t = Table(f"Verdicts by layer band (suppress and enhance top-{k}; features better / neurons better / no difference)",
-              ["site", "selection", "ablation", *[name for name, _ in bands]])
-    keys = sorted({(c.site, c.selection, c.ablation) for c in res.cells})
-    for site, sel, abl in keys:
-        row = [site, sel, abl]
-        for _, band in bands:
-            says = [c.verdicts[op][k].says for c in res.cells if (c.site, c.selection, c.ablation) == (site, sel, abl) and c.layer in band
-                    for op in ("suppress", "enhance")]
-            row.append(f"{says.count('features better')} / {says.count('neurons better')} / {says.count('no difference')}")
-        t.rows.append(row)
+    t = Table(f"Verdicts by layer band (top-{k} suppressed and enhanced combined, one verdict per cell, Holm-adjusted; "
+              "features better / the other units better / no difference)", ["site", "selection", "ablation", "features vs",
+                                                                             *[name for name, _ in bands]])
+    for site, sel, abl in sorted({(c.site, c.selection, c.ablation) for c in res.cells}):
+        cells = [c for c in res.cells if (c.site, c.selection, c.ablation) == (site, sel, abl)]
+        for key, name in _comparisons(res):
+            if not any(key in c.verdicts for c in cells):
+                continue
+            other = LABELS[key.split(" vs ")[1]]
+            t.rows.append([site, sel, abl, name[3:], *(_counts([c.verdicts[key]["both"][k].says for c in cells if c.layer in band],
+                                                              ("features", other)) for _, band in bands)])
     for q_attr, name in (("is", "interpretability score"), ("auroc", "monosemanticity AUROC")):
         qs = [q for q in res.quality if getattr(q, f"{q_attr}_verdict") is not None]
-        for site in res.sites:
-            row = [site, name, "–"]
-            for _, band in bands:
-                says = [getattr(q, f"{q_attr}_verdict").says for q in qs if q.site == site and q.layer in band]
-                row.append(f"{says.count('features better')} / {says.count('neurons better')} / {says.count('no difference')}" if says else "–")
-            if qs:
-                t.rows.append(row)
+        for site in res.sites if qs else []:
+            t.rows.append([site, name, "–", "MLP neurons", *(_counts([getattr(q, f"{q_attr}_verdict").says for q in qs
+                                                                     if q.site == site and q.layer in band], ("features", "neurons"))
+                                                             for _, band in bands)])
     return t
 
 
-def sweep_protocol_table(res: SweepResult, op: str = "suppress") -> Table:
-    """Per site and layer, features − neurons under every selection x ablation protocol of the run, and what the
-    reconstruction alone does (the part of a reconstruction-ablation effect that is not the features')."""
-    k = max(res.config["ks"])
+def sweep_protocol_table(res: SweepResult) -> Table:
+    """Per site and layer, features − neurons (suppress and enhance combined) under every selection x ablation protocol
+    of the run, and what the reconstruction alone does to log P (the damage reconstruction-mode effects are now
+    measured from)."""
+    k = max(res.config["delta_prob"]["ks"])
     protos = [(sel, abl) for sel in res.config["selection"] for abl in res.config["ablation"]]
     recon = "reconstruction" in res.config["ablation"]
-    t = Table(f"{op} top-{k}, features − neurons under each protocol (selection, ablation; {res.n_facts} facts, {res.facts})",
-              ["site", "layer", *[f"{sel}, {abl}" for sel, abl in protos], *(["reconstruction alone"] if recon else [])])
+    t = Table(f"Features − MLP neurons, top-{k} suppressed and enhanced combined, under each protocol (selection, ablation; "
+              f"{_sweep_note(res)})", ["site", "layer", *[f"{sel}, {abl}" for sel, abl in protos],
+                                       *(["reconstruction alone (log P'/P)"] if recon else [])])
     by = {(c.site, c.layer, c.selection, c.ablation): c for c in res.cells}
     for site, layer in sorted({(c.site, c.layer) for c in res.cells}):
-        row = [site, layer]
-        for sel, abl in protos:
-            v = by[(site, layer, sel, abl)].verdicts[op][k]
-            row.append(f"{ci(v.diff, '+.2f')} {v.says}")
+        row = [site, layer, *(_verdict_text(by[(site, layer, sel, abl)].verdicts["feature vs neuron"]["both"][k]) for sel, abl in protos)]
         if recon:
-            row.append(ci(by[(site, layer, res.config["selection"][0], "reconstruction")].recon_only, "+.2f"))
+            r = by[(site, layer, res.config["selection"][0], "reconstruction")].units["feature"].recon
+            row.append(ci(r.log if r else None, "+.2f"))
         t.rows.append(row)
     return t
 
 
 def sweep_quality_table(res: SweepResult) -> Table:
-    t = Table("Interpretability score and monosemanticity AUROC of the top units", ["site", "layer", "IS neurons", "IS features",
-                                                                                      "IS verdict", "AUROC neurons", "AUROC features",
-                                                                                      "AUROC verdict"])
+    t = Table(f"Interpretability score (each distinct top unit once; Welch) and monosemanticity AUROC (per fact, unit "
+              f"oriented on {res.orientation or 'its fact'}; cluster bootstrap) of the top units; verdicts Holm-adjusted",
+              ["site", "layer", "IS neurons", "IS features", "IS verdict", "AUROC neurons", "AUROC features", "AUROC verdict"])
     for q in sorted(res.quality, key=lambda q: (q.site, q.layer)):
-        t.rows.append([q.site, q.layer, ci(q.is_neuron, ".2f"), ci(q.is_feature, ".2f"), q.is_verdict.says if q.is_verdict else "–",
-                       ci(q.auroc_neuron, ".2f"), ci(q.auroc_feature, ".2f"), q.auroc_verdict.says if q.auroc_verdict else "–"])
+        t.rows.append([q.site, q.layer, ci(q.is_neuron, ".2f") + f" (n {q.is_neuron.n})" if q.is_neuron else "–",
+                       ci(q.is_feature, ".2f") + f" (n {q.is_feature.n})" if q.is_feature else "–",
+                       q.is_verdict.says if q.is_verdict else "–", ci(q.auroc_neuron, ".2f"), ci(q.auroc_feature, ".2f"),
+                       q.auroc_verdict.says if q.auroc_verdict else "–"])
     return t
 
 
 def sweep_width_table(res: SweepResult) -> Table:
-    k = max(res.config["ks"])
-    t = Table(f"Width sweep at layer {res.config['width_layer']} (random: random features of the same SAE; all: every feature "
-              "suppressed)", ["site", "width", "features", "explained var.", f"suppress top-{k}", f"enhance top-{k}",
-                              f"random suppress {k}", "all features"])
+    k = max(res.config["delta_prob"]["ks"])
+    t = Table(f"Width sweep at layer {res.config['width_layer']} (log P'/P; random / matched: random features of the same "
+              "SAE, uniform / active and matched on contribution norm; all: every feature suppressed)",
+              ["site", "width", "features", "explained var.", f"suppress top-{k}", f"enhance top-{k}", f"random suppress {k}",
+               f"matched suppress {k}", "all features"])
     for w in sorted(res.widths, key=lambda w: (w.site, w.expansion)):
-        t.rows.append([w.site, f"{w.expansion}x", w.n_features, fmt(w.explained_variance, ".3f"), ci(w.delta["suppress"][k]),
-                       ci(w.delta["enhance"][k]), ci(w.random_delta["suppress"][k]) if w.random_delta else "–", ci(w.all_delta)])
+        e = w.effects
+        t.rows.append([w.site, f"{w.expansion}x", w.n_features, fmt(w.explained_variance, ".3f"), ci(e.top["suppress"][k].log),
+                       ci(e.top["enhance"][k].log), *(ci(g["suppress"][k].log) if g else "–" for g in (e.random, e.matched)),
+                       ci(e.all.log if e.all else None)])
     return t
 
 
@@ -164,7 +207,8 @@ def sweep_sae_table(res: SweepResult) -> Table:
 
 
 def sweep_tables(res: SweepResult) -> list[Table]:
-    out = [sweep_band_table(res), sweep_verdict_table(res, res.config["selection"][0], res.config["ablation"][0], "suppress")]
+    sel, abl = res.config["selection"][0], res.config["ablation"][0]
+    out = [sweep_band_table(res), sweep_verdict_table(res, sel, abl), sweep_effects_table(res, sel, abl)]
     if len(res.config["selection"]) * len(res.config["ablation"]) > 1:
         out.append(sweep_protocol_table(res))
     if res.quality:
@@ -176,29 +220,31 @@ def sweep_tables(res: SweepResult) -> list[Table]:
 
 
 def plot_compare(result: CompareResult, path) -> None:
-    """ΔProb vs k for neurons and features, suppress and enhance, with 95% CIs."""
+    """log P'/P vs k for each unit set (top units solid; neurons' and features' random and matched random units
+    faint), suppress and enhance, with 95 % intervals."""
     plt = pyplot()
     layers = list(result.summary)
     fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
+    colors = {"neuron": "#e6550d", "feature": "#3182bd", "basis": "#756bb1", "pca": "#31a354", "random": "#969696"}
     for ax, L in zip(axes[0], layers):
-        for kind, color in (("neuron", "#e6550d"), ("feature", "#3182bd")):
-            s = result.summary[L].get(kind)
-            for attr, marker, alpha, who in (("delta_prob", "o", 1.0, f"top {kind}s"), ("random_delta_prob", "x", 0.45, f"random {kind}s")):
-                dp = (getattr(s, attr) if s else None) or {}
+        for kind, s in result.summary[L].items():
+            color = colors.get(kind, "k")
+            for attr, marker, alpha, who in (("top", "o", 1.0, f"top {kind}s"), ("random", "x", 0.45, f"random {kind}s"),
+                                             ("matched", "+", 0.45, f"matched {kind}s")):
+                grid = (getattr(s.effects, attr) if s.effects else None) or {}
                 for op, style in (("suppress", "-"), ("enhance", "--")):
-                    if op not in dp:
+                    if op not in grid:
                         continue
-                    ks = sorted(dp[op])
-                    m = [dp[op][k].mean for k in ks]
-                    lo = [dp[op][k].lo if dp[op][k].lo is not None else dp[op][k].mean for k in ks]
-                    hi = [dp[op][k].hi if dp[op][k].hi is not None else dp[op][k].mean for k in ks]
-                    ax.plot(ks, m, style, marker=marker, color=color, alpha=alpha, label=f"{who}, {op}")
-                    ax.fill_between(ks, lo, hi, color=color, alpha=0.15 * alpha)
+                    ks = sorted(grid[op])
+                    iv = [grid[op][k].log for k in ks]
+                    ax.plot(ks, [i.mean for i in iv], style, marker=marker, color=color, alpha=alpha, label=f"{who}, {op}")
+                    ax.fill_between(ks, [i.lo if i.lo is not None else i.mean for i in iv],
+                                    [i.hi if i.hi is not None else i.mean for i in iv], color=color, alpha=0.15 * alpha)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("top-k units")
-        ax.set_ylabel("relative ΔP(answer)")
+        ax.set_ylabel("log P'(answer) / P(answer)")
         ax.set_title(f"layer {L}, {result.n_facts} facts")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     save_figure(fig, path)
 
 
@@ -206,8 +252,8 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
     """``(heading, table, figure file)`` for each stage present in a reproduce result."""
     out = []
     if results.compare:
-        out.append(("Neurons vs features: ΔProb of the top-k units (mean relative change of P(answer), 95% CI over facts)",
-                    compare_table(results.compare), "compare.png"))
+        out.append(("Neurons, features and same-site baselines: effect of editing the top-k units (log P'/P and ΔP/P, mean over "
+                    "facts, 95 % cluster-bootstrap interval over relations)", compare_table(results.compare), "compare.png"))
     if results.faithfulness:
         out.append((f"Faithfulness of the decomposition ({results.faithfulness.site})", faithfulness_table(results.faithfulness),
                     "faithfulness.png"))

@@ -32,6 +32,7 @@ from kscope.privacy.dataset import PrivacyConfig
 from kscope.progress import console
 from kscope.results import Result
 from kscope.units.corpus import CorpusConfig
+from kscope.units.provision import BaselineConfig
 from kscope.units.training import TrainSAEConfig
 
 STAGES = ("compare", "faithfulness", "interpret", "monosemanticity", "explorer", "privacy-build", "privacy-erase", "sweep")
@@ -71,6 +72,7 @@ class ReproduceConfig(Config):
     holdout: bool = holdout_option()
     known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
     min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)
+    baselines: BaselineConfig = nested(BaselineConfig)
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     erase: EraseConfig = nested(EraseConfig, prefix="erase-", hide=("unrelated",))
@@ -145,14 +147,14 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
                   attribution=AttributionConfig(steps=10), sae_train=cfg.sae_train, corpus=cfg.corpus)
     configs: dict[str, Config] = {
         "compare": CompareConfig(model=cfg.model, facts=facts, holdout=cfg.holdout, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train,
-                                 corpus=cfg.corpus),
+                                 corpus=cfg.corpus, baselines=cfg.baselines),
         "faithfulness": FaithfulnessJob(**(common | {"located": None})),  # it ranks its decompositions' units itself
         "interpret": InterpretJob(**common),
         "monosemanticity": MonosemanticityJob(**common),
         "explorer": ExploreConfig(run_dir=str(out), runtime=cfg.model),
         "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), selection=list(cfg.sweep_selection),
                              ablation=list(cfg.sweep_ablation), widths=list(cfg.sweep_widths), width_layer=cfg.layer,
-                             holdout=cfg.holdout,
+                             holdout=cfg.holdout, baselines=cfg.baselines,
                              sae_train=cfg.sae_train, corpus=cfg.corpus,
                              out_dir=str(out / "sweep")),
     }

@@ -8,20 +8,21 @@ from pathlib import Path
 
 from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.facts import (Fact, FactConfig, asking, context_length, holdout_option, prepare_facts, resolve_targets, split_prompts,
-                          splittable)
+from kscope.facts import (Fact, FactConfig, asking, context_length, holdout_option, prepare_facts, resolve_targets, split_kind,
+                          split_prompts, splittable)
 from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
-from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob, random_delta_prob, whole_set_delta_prob
+from kscope.locate.conditions import CONTROLLED, SetEffects, SetJob, SetSummary, measure_sets, summarize_effects
+from kscope.locate.delta_prob import DeltaProbConfig
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import fact_probs
 from kscope.model.sites import Site, check_layer
 from kscope.progress import make_progress
 from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.results import Result, decode, encode
-from kscope.stats import Interval, mean_ci
+from kscope.units.base import Units
 from kscope.units.corpus import CorpusConfig
-from kscope.units.provision import SAEInfo, neuron_units, unit_sets_for_layers
+from kscope.units.provision import BaselineConfig, SAEInfo, neuron_units, site_baselines, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
 
 
@@ -79,6 +80,7 @@ class CompareConfig(StudyConfig):
     facts: FactConfig = nested(FactConfig, max_facts=60)
     holdout: bool = holdout_option()
     delta_prob: DeltaProbConfig = nested(DeltaProbConfig)
+    baselines: BaselineConfig = nested(BaselineConfig)
     out: str = option("runs/compare.json", "Where to write the JSON results.", output="file")
 
 
@@ -91,15 +93,14 @@ class UnitScore:
 
 @dataclass
 class LocatedUnits:
-    """A fact's units of one kind at one layer: Dai et al.'s refined set, the top units, ΔProb of the top-k."""
+    """A fact's units of one kind at one layer: Dai et al.'s refined set, the top units, and (compare) the effects of
+    editing the top-k, random and matched random units, and every unit."""
 
     units: str
     refined: list[int]
     top: list[UnitScore]
     p_clean: list[float]
-    delta_prob: dict[str, dict[int, float]] | None = None
-    random_delta_prob: dict[str, dict[int, float]] | None = None  # the same k random units of this kind (the control)
-    all_delta_prob: float | None = None  # every unit of the set suppressed (the positive control)
+    effects: SetEffects | None = None
 
 
 @dataclass
@@ -121,9 +122,7 @@ class UnitSummary:
     site: str
     n_units: int
     mean_refined: float
-    delta_prob: dict[str, dict[int, Interval]] | None = None
-    random_delta_prob: dict[str, dict[int, Interval]] | None = None
-    all_delta_prob: Interval | None = None
+    effects: SetSummary | None = None  # over facts, intervals by cluster bootstrap over relations
 
 
 @dataclass
@@ -131,6 +130,7 @@ class CompareResult(Result):
     """Per fact and layer, the located units; per layer and unit kind, the summary over facts."""
 
     kind = "compare"
+    version = 2
 
     model: str
     n_facts: int
@@ -145,6 +145,7 @@ class CompareResult(Result):
     failed: list[dict] = field(default_factory=list)  # facts that failed twice, with their errors
     workers: dict[str, dict] = field(default_factory=dict)  # facts and seconds per worker
     resumed: int = 0  # facts taken from the journal of an interrupted run
+    split: str = ""  # how prompts were split between selection and measurement (facts.split_kind)
 
 
 def _ranked(cfg: StudyConfig) -> int:
@@ -156,45 +157,40 @@ def _ranked(cfg: StudyConfig) -> int:
 @dataclass
 class _StudyContext:
     lm: object
-    sets: list
+    sets: list  # per layer: its unit sets (neurons first)
     cfg: StudyConfig
 
 
-def _study_context(cfg: StudyConfig, sae_paths: dict[int, str]) -> _StudyContext:
+def _study_context(cfg: StudyConfig, sae_paths: dict[int, str], baselines: dict[int, list[Units]]) -> _StudyContext:
     """What a worker process needs per fact: the model and each layer's unit sets (SAEs loaded from their directories)."""
     from kscope.units.sae import feature_units, load_sae
 
     lm = load_model(cfg.model)
-    sets = [(neuron_units(lm, L), feature_units(lm.model, load_sae(sae_paths[L], cfg.model.device), Site(L, cfg.feature_site))
-             if L in sae_paths else None) for L in cfg.layers]
+    sets = [[neuron_units(lm, L)] + ([feature_units(lm.model, load_sae(sae_paths[L], cfg.model.device), Site(L, cfg.feature_site))]
+                                     if L in sae_paths else []) + baselines.get(L, []) for L in cfg.layers]
     return _StudyContext(lm, sets, cfg)
 
 
 def _study_fact(ctx: _StudyContext, fact: Fact) -> dict:
-    """One fact: its located units at every layer (and ΔProb of the top-k for compare), as JSON data."""
+    """One fact: its located units at every layer (and the effects of editing them, for compare), as JSON data."""
     lm, cfg = ctx.lm, ctx.cfg
     measure = isinstance(cfg, CompareConfig)
     select, fact = split_prompts(fact, measure and cfg.holdout)  # ``fact`` keeps the prompts ΔProb is measured on
     row = FactLocation(fact.uid, fact.subject, fact.relation, fact.object, lm.tokenizer.decode([fact.target_id]),
                        fact.multi_token, fact.prompts, selected_on=select.prompts)
-    p_clean = None
     if measure:
-        p_clean, _ = fact_probs(lm.model, lm.tokenizer, fact)
-        row.p_clean = p_clean.tolist()
-    per_layer = [[u for u in pair if u is not None] for pair in ctx.sets]
-    flat = [u for sets in per_layer for u in sets]
-    atts = iter(attribute_fact(lm, select, flat, cfg.attribution, _ranked(cfg)))  # every layer in one pass per prompt
-    for (neurons, _), unit_sets in zip(ctx.sets, per_layer):
-        entry = {}
-        for units in unit_sets:
-            att = next(atts)
-            e = LocatedUnits(att.units, att.refined, [UnitScore(*t) for t in att.top_scores(cfg.attribution.top_k)], att.p_clean)
-            if measure:
-                e.delta_prob = fact_delta_prob(lm, fact, units, att.top, cfg.delta_prob, p_clean.numpy())
-                e.random_delta_prob = random_delta_prob(lm, fact, units, cfg.delta_prob, p_clean.numpy(), "compare")
-                e.all_delta_prob = whole_set_delta_prob(lm, fact, units, cfg.delta_prob, p_clean.numpy())
-            entry[units.kind] = e
-        row.layers[neurons.site.layer] = entry
+        row.p_clean = fact_probs(lm.model, lm.tokenizer, fact)[0].tolist()
+    flat = [u for sets in ctx.sets for u in sets]
+    atts = attribute_fact(lm, select, flat, cfg.attribution, _ranked(cfg))  # every layer in one pass per prompt
+    located = []
+    for units, att in zip(flat, atts):
+        e = LocatedUnits(att.units, att.refined, [UnitScore(*t) for t in att.top_scores(cfg.attribution.top_k)], att.p_clean)
+        row.layers.setdefault(units.site.layer, {})[units.kind] = e
+        located.append(e)
+    if measure:  # every condition of every unit set in shared passes
+        jobs = [SetJob(u, att.top, controls=u.kind in CONTROLLED, key=f"{u.site.name}:{u.kind}") for u, att in zip(flat, atts)]
+        for e, eff in zip(located, measure_sets(lm, fact, jobs, cfg.delta_prob)):
+            e.effects = eff
     return encode(row)
 
 
@@ -225,16 +221,23 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
     tcfg = cfg.sae_train
     with make_progress() as progress:
         if facts is None:
-            facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress)
+            facts, loaded = prepare_facts(lm, cfg.facts, loaded, progress, measure and cfg.holdout)
         if measure and cfg.holdout:
             facts = splittable(facts)
         if with_features:
-            sets, infos = unit_sets_for_layers(lm, cfg.layers, cfg.feature_site, cfg.saes or None, tcfg, cfg.corpus,
-                                               cfg.model.device, cfg.model.cache_dir, progress)
+            pairs, infos = unit_sets_for_layers(lm, cfg.layers, cfg.feature_site, cfg.saes or None, tcfg, cfg.corpus,
+                                                cfg.model.device, cfg.model.cache_dir, progress)
+            sets = [list(p) for p in pairs]
         else:
-            sets, infos = [(neuron_units(lm, L), None) for L in cfg.layers], {}
+            sets, infos = [[neuron_units(lm, L)] for L in cfg.layers], {}
+        bases: dict[int, list[Units]] = {}
+        if measure:
+            got = site_baselines(lm, [Site(L, cfg.feature_site) for L in cfg.layers], cfg.baselines, cfg.corpus,
+                                 tcfg.outlier_factor, cfg.model.cache_dir, progress)
+            bases = {s.layer: units for s, units in got.items()}
+            sets = [layer_sets + bases[layer_sets[0].site.layer] for layer_sets in sets]
         task = fact_task(cfg.parallel, _study_fact, _StudyContext(lm, sets, cfg), _study_context,
-                         (cfg, {L: i.path for L, i in infos.items()}))
+                         (cfg, {L: i.path for L, i in infos.items()}, bases))
         keys = fact_keys(facts)
         fp = {k: v for k, v in asdict(cfg).items() if k not in ("out", "parallel")} | {"facts": keys, "saes": {L: i.key or i.path for L, i in infos.items()}}
         outcome = map_facts(task, facts, keys, cfg.parallel, cfg.out, fp, progress)
@@ -244,27 +247,22 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
     if not rows:
         raise KscopeError(f"every fact failed: {outcome.failed[0]['error'] if outcome.failed else 'no facts'}")
     summary: dict[int, dict[str, UnitSummary]] = {}
-    for neurons, feats in sets:
-        L = neurons.site.layer
-        summary[L] = {}
-        for units in (neurons, feats):
-            if units is None:
-                continue
+    for layer_sets in sets:
+        for units in layer_sets:
+            L = units.site.layer
             located = [r.layers[L][units.kind] for r in rows]
             s = UnitSummary(units.site.name, units.n_units, sum(len(x.refined) for x in located) / len(located))
             if measure:
-                s.delta_prob = aggregate([x.delta_prob for x in located])
-                if all(x.random_delta_prob for x in located):
-                    s.random_delta_prob = aggregate([x.random_delta_prob for x in located])
-                if all(x.all_delta_prob is not None for x in located):
-                    s.all_delta_prob = mean_ci([x.all_delta_prob for x in located])
-            summary[L][units.kind] = s
+                s.effects = summarize_effects([x.effects for x in located], [r.relation for r in rows], cfg.delta_prob.bootstrap,
+                                              cfg.delta_prob.seed)
+            summary.setdefault(L, {})[units.kind] = s
     n_multi = sum(f.multi_token for f in facts)
     result = CompareResult(
         model=lm.name, n_facts=len(facts), n_multi_token=n_multi,
         multi_token_note="objects of several tokens are scored by their first token" if n_multi else None,
         config=asdict(cfg), summary=summary, facts=rows, seconds=time.time() - t0, saes=infos, kscope_version=__version__,
         failed=outcome.failed, workers=outcome.per_worker, resumed=outcome.resumed,
+        split=split_kind(facts, measure and cfg.holdout),
     )
     result.save(cfg.out)
     return result

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
-
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -26,8 +24,13 @@ class DeltaProbConfig(Config):
     positions: str = option("last", "Intervene at the 'last' token (as attributed) or at 'all' tokens.", choices=("last", "all"))
     random_draws: int = option(1, "Random unit sets of each size per fact and unit kind, measured the same way (the control); 0: none.",
                                min=0)
+    matched_draws: int = option(1, "Matched random unit sets per fact and unit kind: units active at the answer-reading position, "
+                                   "each drawn among the 5 nearest a top unit in contribution norm (|activation| x direction "
+                                   "norm); 0: none.", min=0)
     seed: int = option(0, "Seed of the random unit sets (drawn per fact, so results do not depend on order or workers).",
                        flag="random-seed")
+    bootstrap: int = option(10_000, "Cluster-bootstrap resamples (a relation's facts resampled together) behind every interval "
+                                    "and p-value over facts (t with relations - 1 degrees of freedom).", min=100)
 
 
 def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: DeltaProbConfig, p_clean: Sequence[float] | None = None) -> dict:
@@ -47,26 +50,6 @@ def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: Delta
             p_new, _ = fact_probs(lm.model, lm.tokenizer, fact, edits=edits, positions=cfg.positions)
             out[op][k] = float(relative_change(p_new.numpy(), np.asarray(p_clean)).mean())
     return out
-
-
-def random_delta_prob(lm, fact: Fact, units: Units, cfg: DeltaProbConfig, p_clean: Sequence[float] | None, tag: str) -> dict | None:
-    """``fact_delta_prob`` of random units (nested sets: k units are the first k of one random draw), averaged
-    over ``cfg.random_draws`` draws seeded by the fact, the unit set and ``tag``."""
-    if cfg.random_draws == 0:
-        return None
-    if p_clean is None:  # once for all draws
-        p_clean = fact_probs(lm.model, lm.tokenizer, fact)[0].numpy()
-    rng = random.Random(f"{cfg.seed}:{fact.uid}:{units.site.name}:{tag}")
-    draws = [fact_delta_prob(lm, fact, units, rng.sample(range(units.n_units), max(cfg.ks)), cfg, p_clean)
-             for _ in range(cfg.random_draws)]
-    return {op: {k: float(np.mean([d[op][k] for d in draws])) for k in draws[0][op]} for op in draws[0]}
-
-
-def whole_set_delta_prob(lm, fact: Fact, units: Units, cfg: DeltaProbConfig, p_clean: Sequence[float] | None = None) -> float:
-    """The positive control: ΔProb with every unit of the set suppressed (neurons: the whole MLP output of the
-    layer; features: the SAE's whole reconstruction, leaving its error term), at ``cfg.positions``."""
-    n = units.n_units
-    return fact_delta_prob(lm, fact, units, range(n), replace(cfg, ks=[n], ops=["suppress"]), p_clean)["suppress"][n]
 
 
 def aggregate(per_fact: Sequence[dict]) -> dict:

@@ -58,6 +58,12 @@ class Objective:
             return z.softmax(-1).gather(-1, tgt)[..., 0].sum(-1)
         return z.log_softmax(-1).gather(-1, tgt)[..., 0].sum(-1)
 
+    def log_value(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[rows]`` log of the objective's probability (``log P(answer)``) from continuation logits, exact in the tail."""
+        z = logits[:, self.start :].float()
+        tgt = self._targets(z.device)[None, :, None].expand(z.shape[0], -1, 1)
+        return z.log_softmax(-1).gather(-1, tgt)[..., 0].sum(-1)
+
     def value_grad(self, head: nn.Linear, h: torch.Tensor, logits_fn, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Objective ``[rows]`` and its gradient w.r.t. the final hidden states ``h`` ``[rows, length, d]``, in closed form.
 

@@ -139,6 +139,7 @@ class EraseJob(Config):
         if cfg.unrelated is not None and not Path(cfg.unrelated).exists():
             raise KscopeError(f"fact source {cfg.unrelated} does not exist")
         check_writable(self.out, self.reads())
+        read_manifest(self.model_dir)  # a privacy model at all, before anything is read from its config
         self.check_shape()
 
     def check_shape(self) -> None:

@@ -11,7 +11,7 @@ from kscope.privacy.attacks import AttackRow
 from kscope.privacy.locate import SpecificityEffect
 from kscope.privacy.trace import SecretTrace
 from kscope.results import Result
-from kscope.stats import Interval, paired_test
+from kscope.stats import Interval, mean_ci
 from kscope.units.provision import SAEInfo
 
 
@@ -149,8 +149,7 @@ def handle_verdicts(points: list[ErasurePoint], a: str, b: str) -> list[HandleVe
         for measure, higher in (("rel", True), ("dlogp", False)):
             va, vb = getattr(pa, f"{measure}_people"), getattr(pb, f"{measure}_people")
             people = sorted(set(va) & set(vb))
-            x, y = [va[q] for q in people], [vb[q] for q in people]
-            d = paired_test(x, y)["diff"]
+            d = mean_ci([va[q] - vb[q] for q in people])  # people are the independent units
             says = "no difference"
             if d.lo is not None and d.lo == d.lo and (d.lo > 0 or d.hi < 0):
                 better_a = (d.lo > 0) == higher

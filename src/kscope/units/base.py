@@ -23,6 +23,7 @@ class Units:
     """Base class: identity dictionary over the site's own coordinates (MLP neurons)."""
 
     kind = "neuron"
+    signed = True  # activations take either sign (rank them by magnitude)
 
     def __init__(self, site: Site, n_units: int):
         self.site = site
@@ -53,6 +54,10 @@ class Units:
         if bad:
             raise KscopeError(f"unit index {bad[0]} out of range for {self.n_units} {self.kind}s at {self.site.name}")
 
+    def direction_norms(self) -> torch.Tensor:
+        """``[n_units]``: the norm of what one unit of activation writes (``|u| x norm`` is a unit's contribution)."""
+        return torch.ones(self.n_units)
+
     @property
     def label(self) -> str:
         return f"{self.kind}s@{self.site.name}"
@@ -63,8 +68,15 @@ class NeuronUnits(Units):
 
     kind = "neuron"
 
+    def __init__(self, site: Site, n_units: int, out_norms: torch.Tensor | None = None):
+        super().__init__(site, n_units)
+        self.out_norms = out_norms  # norms of the down-projection's columns: what each neuron writes to mlp.out
+
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, torch.zeros_like(x)
+
+    def direction_norms(self) -> torch.Tensor:
+        return self.out_norms if self.out_norms is not None else super().direction_norms()
 
     def edit_fn(self, op: UnitOp) -> EditFn:
         return lambda x: op(x).to(x.dtype)
@@ -74,6 +86,7 @@ class FeatureUnits(Units):
     """Features of a SAELens SAE attached at ``site``."""
 
     kind = "feature"
+    signed = False  # ReLU / TopK / JumpReLU codes are never negative
 
     def __init__(self, site: Site, sae):
         super().__init__(site, int(sae.cfg.d_sae))
@@ -93,6 +106,9 @@ class FeatureUnits(Units):
     def decoder(self) -> torch.Tensor:
         """Decoder directions ``[n_units, d_site]``."""
         return self.sae.W_dec
+
+    def direction_norms(self) -> torch.Tensor:
+        return self.sae.W_dec.detach().float().norm(dim=1).cpu()
 
 
 def _index(idx: Sequence[int] | torch.Tensor, device) -> torch.Tensor:

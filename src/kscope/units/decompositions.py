@@ -11,7 +11,10 @@ import numpy as np
 import torch
 
 from kscope.model.sites import Site
-from kscope.units.base import Units
+from kscope.units.base import NeuronUnits, Units
+
+BASELINES = ("basis", "pca", "random")
+"""Complete same-site dictionaries a site's SAE features are compared with (``baseline_units``)."""
 
 
 def topk_abs(c: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -43,6 +46,15 @@ class LinearDictUnits(Units):
         if self.dec.device != u.device:
             self.to(u.device)
         return u @ self.dec + self.mean
+
+    def direction_norms(self) -> torch.Tensor:
+        return self.dec.norm(dim=1).cpu()
+
+
+class BasisUnits(NeuronUnits):
+    """The site's own coordinates as units (at ``resid.post``: the residual stream's basis)."""
+
+    kind = "basis"
 
 
 def pca_units(site: Site, acts: torch.Tensor, n: int | None = None, k: int | None = None) -> LinearDictUnits:
@@ -76,3 +88,18 @@ def random_units(site: Site, d: int, n: int | None = None, k: int | None = None,
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, n, generator=g))
     return LinearDictUnits(site, q, q.T.contiguous(), mean if mean is not None else torch.zeros(d), k, "random")
+
+
+def baseline_units(kind: str, site: Site, acts: torch.Tensor, seed: int = 0) -> Units:
+    """A complete baseline dictionary of the site's width, never sparsified (k = None), so splicing it in changes
+    nothing and an edit acts only on the units it names: ``basis`` (the coordinates), ``pca`` (PCA of ``acts``
+    ``[N, d]``, the site's activations on text; with fewer tokens than dimensions the rest is the error term) or
+    ``random`` (random orthonormal directions about the activations' mean, so like PCA its codes are centred)."""
+    d = acts.shape[1]
+    if kind == "basis":
+        return BasisUnits(site, d)
+    if kind == "pca":
+        return pca_units(site, acts, d, None)
+    if kind == "random":
+        return random_units(site, d, d, None, seed=seed, mean=acts.float().mean(0))
+    raise ValueError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")

@@ -21,9 +21,10 @@ from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
 from kscope.io import check_writable, read_json
 from kscope.model.loading import ModelConfig, default_cache_dir, model_slug
-from kscope.model.sites import Site, check_layer, site_dim
-from kscope.units.base import FeatureUnits, NeuronUnits
+from kscope.model.sites import Site, check_layer, down_proj_weight, site_dim
+from kscope.units.base import FeatureUnits, NeuronUnits, Units
 from kscope.units.corpus import Corpus, CorpusConfig, build_corpus, collect_activations
+from kscope.units.decompositions import BASELINES, baseline_units
 from kscope.units.sae import evaluate_sae, feature_units, load_sae, save_sae
 from kscope.numerics import fixed_threads, numerics_info, tensor_hash
 from kscope.units.training import TRAINING_VERSION, TrainSAEConfig, check_width, drop_outliers, train_saes
@@ -162,8 +163,42 @@ def obtain_saes(
 
 
 def neuron_units(lm, layer: int) -> NeuronUnits:
+    """The layer's MLP neurons; a neuron's direction norm is its down-projection column's norm."""
     site = Site(layer, "mlp.neurons")
-    return NeuronUnits(site, site_dim(lm.model, site))
+    return NeuronUnits(site, site_dim(lm.model, site), down_proj_weight(lm.model, layer).float().norm(dim=0).cpu())
+
+
+@dataclass
+class BaselineConfig(Config):
+    """Same-site baselines: complete dictionaries at each feature site, chosen and ablated as the features are."""
+
+    baselines: list[str] = option(help="Baselines at each feature site: 'basis' (the site's own coordinates; at resid.post the "
+                                       "residual stream's basis), 'pca' (PCA of the site on the corpus's training texts) and/or "
+                                       "'random' (random orthonormal directions); all complete and never sparsified; empty (\"\"): none.",
+                                  factory=lambda: list(BASELINES), choices=BASELINES, label="baseline", unique=True,
+                                  allow_empty=True)
+    fit_tokens: int = option(4096, "Corpus training-text tokens the PCA / random-direction baselines are fitted on (outliers "
+                                   "dropped as for the SAEs).", min=16, flag="baseline-fit-tokens")
+    seed: int = option(0, "Seed of the random-direction baselines.", flag="baseline-seed")
+
+
+def site_baselines(lm, sites: Sequence[Site], cfg: BaselineConfig, ccfg: CorpusConfig, outlier_factor: float,
+                   cache_dir: str | None = None, progress: Progress | None = None) -> dict[Site, list[Units]]:
+    """``cfg.baselines`` at each site (``baseline_units``); PCA and random directions are fitted on the corpus's
+    training texts, every site from one activation pass."""
+    sites = list(dict.fromkeys(sites))
+    if not cfg.baselines or not sites:
+        return {s: [] for s in sites}
+    acts: dict[Site, torch.Tensor] = {}
+    if set(cfg.baselines) - {"basis"}:
+        train_texts, _ = build_corpus(lm, ccfg, progress, cache_dir).split()
+        got = collect_activations(lm, sites, train_texts, cfg.fit_tokens, ccfg.seq_len, progress=progress)
+        acts = {s: drop_outliers(got[s].float(), outlier_factor)[0] for s in sites}
+    out = {}
+    for s in sites:
+        a = acts.get(s, torch.zeros(1, site_dim(lm.model, s)))
+        out[s] = [baseline_units(kind, s, a, cfg.seed + s.layer) for kind in cfg.baselines]
+    return out
 
 
 def unit_sets_for_layers(

@@ -1,0 +1,321 @@
+"""A unit set's conditions on one fact: the one code path of ``compare`` and the sweep.
+
+Per unit set: its top-k units suppressed (x0) and enhanced (x2); random units of the set at the same k, drawn
+uniformly and (the matched control) among the units active at the answer-reading position, each matched to a top
+unit on contribution norm; every unit suppressed (the positive control); under reconstruction ablation also the
+reconstruction alone, which is then the reference of the set's other conditions. A condition is read per prompt as
+the relative change of P(answer) and as the log-ratio ``log P'/P``, then averaged over the fact's prompts.
+
+A condition is a row of per-unit factors (0 suppress, 2 enhance, 1 keep). All rows of all unit sets of a fact run
+in shared passes per prompt: the prompt's prefix once (its KV cache), then each set's rows join the batch at the
+set's layer (``hooks.grown_batch``), so no row recomputes the blocks below its site; row 0 is the clean model.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kscope.errors import KscopeError
+from kscope.locate.attribution import head_logits, plain_head
+from kscope.locate.delta_prob import DeltaProbConfig
+from kscope.locate.objectives import Objective, fact_objective
+from kscope.model.hooks import hooked
+from kscope.model.prefix import PrefixRunner
+from kscope.model.readout import last_token_activations
+from kscope.model.sites import n_layers
+from kscope.stats import Interval, cluster_bootstrap, log_ratio
+from kscope.units.base import Units
+
+MATCH_POOL = 5
+"""A matched unit is drawn among the active units whose contribution norm is nearest the top unit's (log scale)."""
+MAX_ROWS = 512
+"""Most condition rows per pass (a pass holds whole unit sets)."""
+FACTORS = {"suppress": 0.0, "enhance": 2.0, "keep": 1.0}
+CONTROLLED = ("neuron", "feature")
+"""Unit kinds measured beside random and matched random units of their own kind (same-site baselines are not)."""
+
+
+@dataclass
+class Effect:
+    """One condition on one fact: mean over its prompts of ``(P' - P) / P`` and of ``log P'/P``."""
+
+    rel: float
+    log: float
+
+
+@dataclass
+class SetEffects:
+    """One unit set on one fact. ``random``/``matched``: means over the draws; ``recon``: the reconstruction alone
+    against the clean model (reconstruction ablation only, where it is the other conditions' reference)."""
+
+    top: dict[str, dict[int, Effect]]
+    random: dict[str, dict[int, Effect]] | None = None
+    matched: dict[str, dict[int, Effect]] | None = None
+    all: Effect | None = None
+    recon: Effect | None = None
+    n_active: float | None = None  # units active at the answer-reading position (mean over prompts)
+    matched_norm: float | None = None  # contribution norm of the matched units / of the top units they match
+
+
+@dataclass
+class SetJob:
+    """A unit set to measure on a fact: its ranked units, the ablation mode, whether it gets random controls, and
+    the key that (with the seed and the fact) seeds its draws, so they do not depend on order or workers."""
+
+    units: Units
+    top: Sequence[int]
+    mode: str = "error"
+    controls: bool = True
+    key: str = ""
+
+
+def factor_rows(n_units: int, rows: Sequence[tuple[str, Sequence[int]]]) -> torch.Tensor:
+    """``[len(rows), n_units]`` factors: each row's op (suppress / enhance / keep) on its units, 1 elsewhere."""
+    out = torch.ones(len(rows), n_units)
+    for r, (op, idx) in enumerate(rows):
+        out[r, list(idx)] = FACTORS[op]
+    return out
+
+
+def contribution_norms(acts: torch.Tensor, units: Units) -> np.ndarray:
+    """``[n_units]``: mean over prompts of ``|activation| x direction norm`` (``acts``: ``[n_prompts, n_units]`` at
+    the answer-reading position); 0 means the unit is silent there on every prompt."""
+    return (acts.float().abs() * units.direction_norms()[None]).mean(0).numpy()
+
+
+def matched_units(top: Sequence[int], norms: np.ndarray, rng: random.Random, pool: int = MATCH_POOL) -> list[int]:
+    """Per top unit, in order: a unit drawn among the ``pool`` active units (norm > 0) nearest it in log contribution
+    norm; never a top unit, never drawn twice. Silent units are taken only once no active one is left (and, in a set
+    too small for that, units drawn before)."""
+    not_top = np.ones(len(norms), dtype=bool)
+    not_top[list(top)] = False
+    free = not_top.copy()
+    logn = np.log(np.maximum(norms, 1e-30))
+    out = []
+    for t in top:
+        cands = next(c for c in (np.flatnonzero(m) for m in (free & (norms > 0), free, not_top, np.ones_like(free))) if c.size)
+        near = cands[np.lexsort((cands, np.abs(logn[cands] - logn[t])))[:pool]]
+        pick = int(near[rng.randrange(len(near))])
+        free[pick] = False
+        out.append(pick)
+    return out
+
+
+@dataclass
+class _Plan:
+    labels: list[tuple]
+    factors: torch.Tensor
+    matched_norm: float | None = None
+
+
+def _plan(job: SetJob, cfg: DeltaProbConfig, rng: random.Random, norms: np.ndarray | None) -> _Plan:
+    """The rows of one unit set: top-k, random and matched draws (nested: k units are the first k of a draw of the
+    largest k), every unit, and the reconstruction alone under reconstruction ablation."""
+    conds = [(op, k) for op in cfg.ops for k in cfg.ks]
+    kmax, n = max(cfg.ks), job.units.n_units
+    labels: list[tuple] = []
+    rows: list[tuple[str, Sequence[int]]] = []
+
+    def add(label: tuple, op: str, idx: Sequence[int]) -> None:
+        labels.append(label)
+        rows.append((op, idx))
+
+    for op, k in conds:
+        add(("top", op, k), op, job.top[:k])
+    ratios = []
+    if job.controls:
+        for d in range(cfg.random_draws):
+            draw = rng.sample(range(n), kmax)
+            for op, k in conds:
+                add(("random", d, op, k), op, draw[:k])
+        for d in range(cfg.matched_draws if norms is not None else 0):
+            draw = matched_units(job.top[:kmax], norms, rng)
+            ratios.append(norms[draw].sum() / max(norms[list(job.top[:kmax])].sum(), 1e-30))
+            for op, k in conds:
+                add(("matched", d, op, k), op, draw[:k])
+    add(("all",), "suppress", range(n))
+    if job.mode == "reconstruction":
+        add(("recon",), "keep", ())
+    return _Plan(labels, factor_rows(n, rows), float(np.mean(ratios)) if ratios else None)
+
+
+def _block_edit(blocks: Sequence[tuple[int, Units, torch.Tensor, str]]):
+    """A site edit for rows ``[off, off + len(factors))`` of each block: the units scaled by the block's factors, the
+    error term kept (``error``) or dropped (``reconstruction``); other rows pass unchanged."""
+
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        for off, units, factors, mode in blocks:
+            xb = x[off : off + factors.shape[0]]
+            u, err = units.split(xb)
+            new = units.decode(u * factors.to(u.device, u.dtype)[:, None, :])
+            x[off : off + factors.shape[0]] = (new + err if mode == "error" else new).to(x.dtype)
+        return x
+
+    return edit
+
+
+def _chunks(order: Sequence[int], sizes: Sequence[int], max_rows: int) -> list[list[int]]:
+    out: list[list[int]] = [[]]
+    rows = 0
+    for j in order:
+        if out[-1] and rows + sizes[j] > max_rows:
+            out.append([])
+            rows = 0
+        out[-1].append(j)
+        rows += sizes[j]
+    return out
+
+
+def _from_last(lm, ids: Sequence[int], obj: Objective, jobs: Sequence[tuple[Units, torch.Tensor, str]], max_rows: int):
+    """log P of every row when edits act from the prompt's last token on: one prefix run, grown passes."""
+    runner = PrefixRunner(lm.model, ids)
+    head = plain_head(lm.model)
+    order = sorted(range(len(jobs)), key=lambda j: jobs[j][0].site.layer)
+    vals: list[torch.Tensor | None] = [None] * len(jobs)
+    clean = None
+    for chunk in _chunks(order, [f.shape[0] for _, f, _ in jobs], max_rows):
+        new_rows = [0] * n_layers(lm.model)
+        by_site: dict = {}
+        off, offs = 1, {}
+        for j in chunk:  # by layer: rows joining at a lower block come first
+            units, factors, mode = jobs[j]
+            new_rows[units.site.layer] += factors.shape[0]
+            by_site.setdefault(units.site, []).append((off, units, factors, mode))
+            offs[j], off = off, off + factors.shape[0]
+        with hooked(lm.model, {s: _block_edit(b) for s, b in by_site.items()}):
+            if head is None:
+                lv = obj.log_value(runner.grown(new_rows, continuation=obj.continuation))
+            else:
+                h = runner.grown(new_rows, head=False, continuation=obj.continuation)
+                lv = torch.cat([obj.log_value(head_logits(head, h[a : a + 64].reshape(-1, h.shape[-1])).view(-1, obj.length, head.out_features))
+                                for a in range(0, h.shape[0], 64)])
+        clean = float(lv[0])
+        for j in chunk:
+            vals[j] = lv[offs[j] : offs[j] + jobs[j][1].shape[0]]
+    return clean, vals
+
+
+def _everywhere(lm, ids: Sequence[int], obj: Objective, jobs: Sequence[tuple[Units, torch.Tensor, str]]):
+    """log P of every row when edits act at every position of the prompt (no prefix to share)."""
+    full = torch.tensor([list(ids) + obj.continuation], device=lm.device)
+    at = slice(len(ids) - 1, len(ids) - 1 + obj.length)
+    clean = float(obj.log_value(lm.model(input_ids=full, use_cache=False).logits[:, at])[0])
+    vals = []
+    for units, factors, mode in jobs:
+        with hooked(lm.model, {units.site: _block_edit([(0, units, factors, mode)])}):
+            vals.append(obj.log_value(lm.model(input_ids=full.expand(factors.shape[0], -1), use_cache=False).logits[:, at]))
+    return clean, vals
+
+
+@torch.no_grad()
+def condition_logps(lm, fact, jobs: Sequence[tuple[Units, torch.Tensor, str]], positions: str = "last",
+                    max_rows: int = MAX_ROWS) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``log P(answer)`` of the clean model ``[n_prompts]`` and of each job's rows ``[n_rows, n_prompts]``; a job is
+    ``(units, factors [n_rows, n_units], mode)``. ``positions``: edit from the prompt's last token on (``last``, the
+    positions the answer is read from) or at every position (``all``)."""
+    obj = fact_objective(fact)
+    clean = np.zeros(len(fact.prompts))
+    out = [np.zeros((f.shape[0], len(fact.prompts))) for _, f, _ in jobs]
+    for p, prompt in enumerate(fact.prompts):
+        ids = lm.tokenizer(prompt).input_ids
+        c, vals = _from_last(lm, ids, obj, jobs, max_rows) if positions == "last" else _everywhere(lm, ids, obj, jobs)
+        clean[p] = c
+        for j, v in enumerate(vals):
+            out[j][:, p] = v.double().cpu().numpy()
+    return clean, out
+
+
+def _effect(lp: np.ndarray, ref: np.ndarray) -> Effect:
+    return Effect(float(np.mean(np.expm1(np.maximum(lp - ref, -700.0)))), float(np.mean(log_ratio(lp, ref))))
+
+
+def _mean_effect(effects: Sequence[Effect]) -> Effect:
+    return Effect(float(np.mean([e.rel for e in effects])), float(np.mean([e.log for e in effects])))
+
+
+def _read(plan: _Plan, lp: np.ndarray, clean: np.ndarray, job: SetJob, n_active: float | None) -> SetEffects:
+    row = {label: lp[r] for r, label in enumerate(plan.labels)}
+    ref = row[("recon",)] if job.mode == "reconstruction" else clean
+    out = SetEffects({}, all=_effect(row[("all",)], ref), n_active=n_active, matched_norm=plan.matched_norm)
+    draws: dict[tuple, list[Effect]] = {}
+    for label, v in row.items():
+        if label[0] == "top":
+            out.top.setdefault(label[1], {})[label[2]] = _effect(v, ref)
+        elif label[0] in ("random", "matched"):
+            draws.setdefault((label[0], label[2], label[3]), []).append(_effect(v, ref))
+    for (kind, op, k), effects in draws.items():
+        got = getattr(out, kind) or {}
+        got.setdefault(op, {})[k] = _mean_effect(effects)
+        setattr(out, kind, got)
+    if job.mode == "reconstruction":
+        out.recon = _effect(row[("recon",)], clean)
+    return out
+
+
+def measure_sets(lm, fact, jobs: Sequence[SetJob], cfg: DeltaProbConfig, seed: int | None = None,
+                 max_rows: int = MAX_ROWS) -> list[SetEffects]:
+    """Every condition of every job on ``fact`` (its prompts are the ones measured), in shared passes per prompt.
+    Matched draws read each set's activations at the prompts' last token (one pass for all sets)."""
+    kmax = max(cfg.ks)
+    for job in jobs:
+        if len(job.top) < kmax:
+            raise KscopeError(f"ΔProb at k={kmax} needs {kmax} ranked units, only {len(job.top)} were ranked"
+                              + (f" ({job.units.label} has {job.units.n_units})" if job.units.n_units < kmax else ""))
+    distinct = list({id(j.units): j.units for j in jobs if j.controls}.values())
+    acts = last_token_activations(lm, distinct, fact.prompts) if distinct else []
+    norms = {id(u): contribution_norms(a, u) for u, a in zip(distinct, acts)}
+    active = {id(u): float((a != 0).sum(-1).float().mean()) for u, a in zip(distinct, acts)}
+    seed = cfg.seed if seed is None else seed
+    plans = [_plan(j, cfg, random.Random(f"{seed}:{fact.uid}:{j.key or j.units.site.name}"),
+                   norms.get(id(j.units)) if cfg.matched_draws else None) for j in jobs]
+    clean, lps = condition_logps(lm, fact, [(j.units, p.factors, j.mode) for j, p in zip(jobs, plans)], cfg.positions, max_rows)
+    return [_read(p, lp, clean, j, active.get(id(j.units))) for j, p, lp in zip(jobs, plans, lps)]
+
+
+@dataclass
+class Change:
+    """A condition over facts: relative change and log-ratio, each a mean with its cluster-bootstrap interval."""
+
+    rel: Interval
+    log: Interval
+
+
+@dataclass
+class SetSummary:
+    """A unit set over facts (``SetEffects`` summarised per condition)."""
+
+    top: dict[str, dict[int, Change]]
+    random: dict[str, dict[int, Change]] | None = None
+    matched: dict[str, dict[int, Change]] | None = None
+    all: Change | None = None
+    recon: Change | None = None
+    n_active: float | None = None
+    matched_norm: float | None = None
+
+
+def summarize_effects(rows: Sequence[SetEffects], clusters: Sequence[str], n_boot: int, seed: int = 0) -> SetSummary:
+    """Means over facts with intervals from resampling whole clusters (relations) of facts."""
+
+    def change(effects: Sequence[Effect | None]) -> Change:
+        return Change(*(cluster_bootstrap([getattr(e, a) if e else np.nan for e in effects], clusters, n_boot, seed).interval
+                        for a in ("rel", "log")))
+
+    def grid(attr: str) -> dict[str, dict[int, Change]] | None:
+        got = [getattr(r, attr) for r in rows]
+        if not got or any(g is None for g in got):
+            return None
+        return {op: {k: change([g[op][k] for g in got]) for k in got[0][op]} for op in got[0]}
+
+    def mean(attr: str) -> float | None:
+        vals = [getattr(r, attr) for r in rows if getattr(r, attr) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    recon = [r.recon for r in rows]
+    return SetSummary(grid("top"), grid("random"), grid("matched"), change([r.all for r in rows]),
+                      change(recon) if all(recon) else None, mean("n_active"), mean("matched_norm"))
