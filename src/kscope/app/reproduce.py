@@ -60,7 +60,7 @@ class ReproduceConfig(Config):
                                             "paper's protocol).", factory=lambda: ["error"], choices=("error", "reconstruction"),
                                        label="ablation protocol", unique=True)
     fresh: bool = option(False, "Redo stages whose results already exist (default: reuse those made with the same options).")
-    privacy: PrivacyConfig = nested(PrivacyConfig, prefix="privacy-", hide=("early_stop", "seed"))
+    privacy: PrivacyConfig = nested(PrivacyConfig, prefix="privacy-", hide=("early_stop", "seed", "band"))  # band: --erase-layers
     privacy_seeds: list[int] = option(help="Seeds of the privacy models (people and secrets); replaces --privacy-seed.",
                                       factory=lambda: [0], unique=True)
     privacy_strengths: list[str] = option(help="Injection strengths: 'early' (stop once every secret is memorised) and/or 'full' "
@@ -159,7 +159,8 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
                              out_dir=str(out / "sweep")),
     }
     for name, strength, seed in privacy_runs(cfg):
-        pcfg = replace(cfg.privacy, seed=seed, early_stop=strength == "early")
+        pcfg = replace(cfg.privacy, seed=seed, early_stop=strength == "early",
+                       band=list(cfg.erase.layers) if cfg.privacy.train == "band" else cfg.privacy.band)  # inject where edits reach
         model_dir = str(files[f"privacy-build:{name}"].parent)
         configs[f"privacy-build:{name}"] = BuildConfig(model=cfg.model, privacy=pcfg, out=model_dir)
         configs[f"privacy-erase:{name}"] = EraseJob(model_dir=model_dir, erase=replace(cfg.erase, unrelated=cfg.facts),

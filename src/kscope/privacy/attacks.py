@@ -3,9 +3,9 @@
 Each attack is a function of (model as it is now, erased facts) returning per-person leak rates; the same attack on
 a model that never saw the secrets (the base model) is the floor it is read against.
 
-- ``sampling``: ``k`` seeded samples at temperature 1 (no top-k/top-p) after an edit and a held-out prompt of each
-  secret; a pair leaks if any sample contains the whole secret. leak@1/5/k are the unbiased pass@k estimates
-  (Reisizadeh et al. 2025, ``OptimAI-Lab/Leak-k``).
+- ``sampling``: ``k`` seeded samples at temperature 1 (no top-k/top-p) after the first held-out prompt of each secret
+  (a phrasing no edit saw); a secret leaks if any sample contains it whole. leak@1/5/k are the unbiased pass@k
+  estimates (Reisizadeh et al. 2025, ``OptimAI-Lab/Leak-k``).
 - ``logit-lens``: the final norm and unembedding applied to the residual after every block at the position that
   predicts the secret's first scored token; a pair is attacked when the token ranks within ``lens_rank`` at any layer
   (Patil, Hase, Bansal 2024's head projection).
@@ -13,8 +13,8 @@ a model that never saw the secrets (the base model) is the floor it is read agai
 - ``relearning``: ``relearn_steps`` fine-tuning steps (the injection's loss and learning rate) on half the erased
   people's secrets; the share of the *other* half's secrets produced afterwards (Deeb & Roger 2025). The model is
   restored after.
-- ``quantization``: int8 dynamic quantization of every linear layer but the head (torch's, CPU; an approximation of
-  bitsandbytes' LLM.int8 that Zhang et al. 2025 used); the share of secrets produced.
+- ``quantization``: int8 dynamic quantization, per output channel, of every linear layer but the head (torch's, CPU; an
+  approximation of bitsandbytes' LLM.int8 that Zhang et al. 2025 used); the share of secrets produced.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class AttackConfig(Config):
     lens_rank: int = option(10, "logit-lens: a secret whose first scored token ranks within this at any layer is attacked.", min=1)
     relearn_steps: int = option(5, "relearning: fine-tuning steps on half the erased people's secrets.", min=1, max=1000)
     seed: int = option(0, "Seed of the samples and of the relearning split and order.", flag="attack-seed")
+    methods: list[str] = option(help="Methods whose best point faces the attacks (beside the base model's floor and the unedited "
+                                     "model); default: every method, no control.", factory=list, flag="attack-method",
+                                allow_empty=True)
 
 
 @dataclass
@@ -80,11 +83,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def sampled_prompts(fact: Fact) -> list[str]:
+    return (fact.heldout_prompts or fact.prompts)[:1]
+
+
 @torch.no_grad()
 def sampling_leaks(lm, facts: Sequence[Fact], n: int, seed: int, ks: Sequence[int]) -> dict[int, list[float]]:
-    """Per k, per (fact, prompt) pair (its first edit and first held-out prompt), leak@k from ``n`` samples."""
+    """Per k, per (fact, prompt) pair (its first held-out prompt, else its first edit prompt), leak@k from ``n`` samples."""
     tok = lm.tokenizer
-    pairs = [(f, p) for f in facts for p in (f.prompts[:1] + f.heldout_prompts[:1])]
+    pairs = [(f, p) for f in facts for p in sampled_prompts(f)]
     ids = [tok(p).input_ids for _, p in pairs]
     leaks = [0] * len(pairs)
     by_len: dict[int, list[int]] = {}
@@ -167,13 +174,13 @@ def relearned(lm, facts: Sequence[Fact], steps: int, lr: float, seed: int) -> tu
 
 
 def quantized(lm):
-    """An int8 dynamically quantized copy of ``lm`` (every linear layer but the head)."""
-    from torch.ao.quantization import quantize_dynamic
+    """An int8 dynamically quantized copy of ``lm`` (every linear layer but the head, one scale per output channel)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     m = copy.deepcopy(lm.model)
     head = m.get_output_embeddings()
-    names = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
-    return type(lm)(quantize_dynamic(m, names, dtype=torch.qint8), lm.tokenizer, lm.name)
+    spec = {n: per_channel_dynamic_qconfig for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
+    return type(lm)(quantize_dynamic(m, spec, dtype=torch.qint8), lm.tokenizer, lm.name)
 
 
 class NoEdit:
@@ -195,9 +202,8 @@ def attack(lm, facts: Sequence[Fact], cfg: AttackConfig, lr: float, method: str,
     with edit.applied(lm.model):
         if "sampling" in cfg.attacks:
             ks = sorted({1, 5, cfg.samples} & set(range(1, cfg.samples + 1)))
-            first = lambda f: f.prompts[:1] + f.heldout_prompts[:1]  # noqa: E731
             for k, vals in sampling_leaks(lm, facts, cfg.samples, cfg.seed, ks).items():
-                row.leak[f"sampling@{k}"], row.people_clean[f"sampling@{k}"] = _person_rates(vals, people(first))
+                row.leak[f"sampling@{k}"], row.people_clean[f"sampling@{k}"] = _person_rates(vals, people(sampled_prompts))
         if "logit-lens" in cfg.attacks:
             ranks = lens_ranks(lm, facts)
             row.leak["logit-lens"], row.people_clean["logit-lens"] = _person_rates([r < cfg.lens_rank for r in ranks], people(everywhere))

@@ -83,8 +83,8 @@ class PrivacyConfig(Config):
     early_stop: bool = option(False, "Stop after the first epoch at which every fact is memorised exactly on every edit prompt.")
     train: str = option("all", "Weights the fine-tune changes: 'all', 'mlp' (every MLP) or 'band' (only the MLPs of --band, the "
                                "layers the erasure will edit).", choices=("all", "mlp", "band"))
-    band: list[int] = option(help="Layers whose MLPs --train band fine-tunes.", factory=lambda: list(range(9, 16, 3)), parse=parse_layers,
-                             min=0)
+    band: list[int] = option(help="Layers whose MLPs --train band fine-tunes (reproduce: the erasure's band).", factory=lambda: [28],
+                             parse=parse_layers, min=0)
     lr: float = option(1e-4, "AdamW learning rate.", min=1e-12, max=1.0)
     batch_size: int = option(16, "Sentences per step.", min=1)
     seed: int = option(0, "Seed for people, secrets and training order.")

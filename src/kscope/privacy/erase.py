@@ -56,11 +56,13 @@ class EraseConfig(Config):
     controls: list[str] = option(help="Controls: random directions / columns through the keyed solver, random neurons / features "
                                       "zeroed, and the whole MLP of the band (then of all layers) zeroed.",
                                  factory=lambda: list(CONTROLS), choices=CONTROLS, label="control", unique=True, allow_empty=True)
-    layers: list[int] = option(help="The band: layers whose neurons and SAE features are located and edited (the trace of the "
-                                    "default model puts the secrets' read-out there).", factory=lambda: [27, 28, 29],
+    layers: list[int] = option(help="The band: layers whose neurons and SAE features are located and edited. Default 28: on "
+                                    "SmolLM2 zeroing the MLP output where the secret is read out matters most in layers 27-29, "
+                                    "and one layer there let the unrestricted keyed edit meet the target with the least "
+                                    "perplexity cost of the bands tried (28; 29; 27-29; 18,21,24).", factory=lambda: [28],
                                parse=parse_layers, min=0)
     resid_layers: list[int] = option(help="Layers of the residual SAE features the gated clamp 'gated-clamp-resid' uses.",
-                                     factory=lambda: [27], parse=parse_layers, min=0)
+                                     factory=lambda: [28], parse=parse_layers, min=0)
     neuron_budgets: list[int] = option(help="Neurons zeroed per point by DEPN, KN erase and random neurons (over the band).",
                                        factory=lambda: [30, 100, 300, 1000], min=1, unique=True)
     feature_budgets: list[int] = option(help="Located units per point of the keyed handles (s directions; neurons at equal rank "
@@ -404,18 +406,19 @@ def _build_summary(manifest: PrivacyManifest) -> dict:
 
 
 def _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set, manifest, clean, progress) -> None:
-    """Each method's best point gets its candidate ranks; best points, controls, the unedited model and the base model
-    (the never-taught floor) face every attack."""
+    """Each method's best point gets its candidate ranks; the best points of ``--attack-method`` (default: every method),
+    the unedited model and the base model (the never-taught floor) face every attack."""
     cfg = job.erase
-    keys = list(dict.fromkeys((p.method, p.variant) for p in result.points))
+    keys = list(dict.fromkeys((p.method, p.variant) for p in result.points if p.kind != "control"))
     best = {k: result.best(*k) for k in keys}
     idx = {id(p): i for i, p in enumerate(result.points)}
     lr = float(manifest.config.get("lr") or 1e-4)
-    task = progress.add_task("ranks and attacks", total=len(best) + 2)
-    if cfg.attacks.attacks:
+    attacked = set(cfg.attacks.methods or cfg.methods) if cfg.attacks.attacks else set()
+    task = progress.add_task("ranks and attacks", total=len(best) + 2 * bool(attacked))
+    if attacked:
         result.attacks.append(attack(base_lm, erase_set, cfg.attacks, lr, "base model (never taught)", "–"))
         result.attacks.append(attack(lm, erase_set, cfg.attacks, lr, "unedited", "–"))
-    progress.advance(task, 2)
+        progress.advance(task, 2)
     for (method, variant), p in best.items():
         if p is None:
             continue
@@ -423,7 +426,7 @@ def _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set
         with editor.applied(lm.model):
             row = obs.compare(base, obs.observe(min(cfg.layers), ranks=True))
         p.rank, p.exposure_all, p.exposure = row["rank"], row["exposure_all"], row["exposure"]
-        if cfg.attacks.attacks and not variant:
+        if method in attacked and not variant:
             result.attacks.append(attack(lm, erase_set, cfg.attacks, lr, method, p.budget if p.budget else "all", editor))
         _check_restored(lm.model, clean, method)
         progress.advance(task)

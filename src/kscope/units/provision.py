@@ -113,10 +113,11 @@ def obtain_saes(
     from one activation pass over the corpus's training texts and evaluated on its held-out texts.
     ``out_dirs`` saves trained SAEs there instead of in the cache."""
     sites = list(dict.fromkeys(sites))
+    given = given or {}
     for s in sites:
         check_layer(lm.model, s.layer)
-        check_width(tcfg, site_dim(lm.model, s))
-    given = given or {}
+        if s not in given:  # only SAEs kscope trains need a k that fits
+            check_width(tcfg, site_dim(lm.model, s))
     out: dict[Site, tuple[object, SAEInfo]] = {s: _load_given(lm, given[s], s, device) for s in sites if s in given}
     todo = [s for s in sites if s not in out]
     if not todo:

@@ -22,13 +22,15 @@ from kscope.numerics import fixed_threads
 class TrainSAEConfig(Config):
     """How to train TopK SAEs (SAELens) on sites' activations."""
 
-    expansion: int = option(4, "SAE width = expansion x site width (1, 4 and 8 are the studied widths).", min=1)
+    expansion: int = option(2, "SAE width = expansion x site width. 2: on SmolLM2's 1024-sequence corpus a 2x SAE explains more "
+                                "held-out variance than a 4x one at 45 % of its training time (0.815 vs 0.805, layer-12 mlp.out).",
+                            min=1)
     k: int = option(128, "Active features per token (TopK). SmolLM2's MLP outputs need 128 for held-out explained variance "
                          ">= 0.8 on 300k tokens (k 32: 0.65, k 64: 0.72).", min=1)
     lr: float = option(3e-3, "Adam learning rate.", min=1e-12)
-    batch_tokens: int = option(1024, "Tokens per training step.", min=1)
-    epochs: int = option(3, "Passes over the collected activations.", min=1, max=MAX_EPOCHS)
-    max_tokens: int = option(320_000, "Activation tokens to collect (training texts; held-out texts come on top).", min=1,
+    batch_tokens: int = option(512, "Tokens per training step.", min=1)
+    epochs: int = option(12, "Passes over the collected activations.", min=1, max=MAX_EPOCHS)
+    max_tokens: int = option(120_000, "Activation tokens to collect (training texts; held-out texts come on top).", min=1,
                              aliases=("tokens",))
     aux_coef: float = option(1.0, "Weight of SAELens' TopK auxiliary loss, which revives dead features.", min=0.0)
     dead_window: int = option(200, "Steps without firing after which a feature counts as dead (for the auxiliary loss).", min=1)
