@@ -196,11 +196,17 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
             upstream = ["privacy-build:" + unit.split(":", 1)[1]]
         prints[unit] = fingerprint(configs[unit], "".join(prints[u] for u in upstream))
     units = [u for u in configs if _stage(u) in cfg.stages]
+    reused = {u: files[u].exists() and done_fps.get(u) == prints[u] and not cfg.fresh for u in units}
+    from kscope.app.plan import plan_lines
+
+    console.rule("[bold]plan")
+    for line in plan_lines(cfg, units, reused):
+        console.print(line, soft_wrap=True)
     timings: dict[str, float] = {}
     for i, unit in enumerate(units, 1):
         exists = files[unit].exists()
         same = done_fps.get(unit) == prints[unit]
-        done = exists and same and not cfg.fresh
+        done = reused[unit]
         note = " (done, resumed)" if done else " (options changed: running again)" if exists and not same and not cfg.fresh else ""
         console.rule(f"[bold]stage {i}/{len(units)}: {unit}{note}")
         if done:

@@ -138,13 +138,19 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progr
     return out
 
 
+def cached_text_path(lm, n: int, length: int, seed: int, cache_dir: str | None = None) -> Path:
+    """Where ``cached_generation`` keeps ``n`` sequences of ``length`` tokens of ``lm`` sampled with ``seed``."""
+    root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "texts" / f"{model_slug(lm.name)}-{lm.fingerprint}"
+    return root / f"gen-n{n}-len{length}-s{seed}-{GEN_VERSION}.json"
+
+
 def cached_generation(lm, n: int, length: int, seed: int, progress: Progress | None = None, cache_dir: str | None = None) -> list[str]:
     """``generate_texts`` cached on disk per (model weights, n, length, seed): sampling is the slow part. A cached
     shorter corpus of the same model, length and seed is extended rather than sampled again."""
     if n <= 0:
         return []
-    root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "texts" / f"{model_slug(lm.name)}-{lm.fingerprint}"
-    path = root / f"gen-n{n}-len{length}-s{seed}-{GEN_VERSION}.json"
+    path = cached_text_path(lm, n, length, seed, cache_dir)
+    root = path.parent
 
     def read(p: Path) -> list[str] | None:
         try:

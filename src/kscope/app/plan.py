@@ -1,0 +1,84 @@
+"""What a ``reproduce`` run will do, said before it starts: each stage reused or run, whether the SAE corpus and each
+SAE are cached, and the minutes each part should take, from rates measured on a 2-core CPU with default options."""
+
+from __future__ import annotations
+
+from kscope.model.sites import Site
+
+# Seconds of each part on the 2-core CPU of the README's run (default options; see docs/results.md), and what they scale
+# with: the SAE corpus per 1024 sequences, an SAE per site (its share of the activation pass and its training), the
+# fact stages per built-in-sized fact set (33 facts), the privacy stages per model, the sweep per layer x site cell.
+RATES = {"corpus": 290.0, "sae": 150.0, "compare": 150.0, "faithfulness": 120.0, "interpret": 25.0, "monosemanticity": 25.0,
+         "explorer": 10.0, "privacy-build": 230.0, "privacy-erase": 600.0, "sweep": 40.0}
+BUILTIN_FACTS = 33
+
+
+def sae_sites(cfg, stages: set[str]) -> list[Site]:
+    """The SAE sites the chosen stages need (all on the base model)."""
+    sites: list[Site] = []
+    if stages & {"compare", "faithfulness", "interpret", "monosemanticity", "explorer"}:
+        sites.append(Site(cfg.layer, "mlp.out"))
+    if "privacy-erase" in stages:
+        sites += [Site(L, "mlp.out") for L in cfg.erase.layers]
+        if "gated-clamp-resid" in cfg.erase.methods:
+            sites += [Site(L, "resid.post") for L in cfg.erase.resid_layers]
+    if "sweep" in stages:
+        sites += [Site(L, s) for L in cfg.sweep_layers for s in ("mlp.out", "resid.post")]
+    return list(dict.fromkeys(sites))
+
+
+def cache_status(cfg, sites: list[Site]) -> tuple[bool, list[Site]]:
+    """Whether the generated corpus is cached, and which SAEs are not (loads the model once, for its fingerprint)."""
+    from kscope.model.loading import load_model
+    from kscope.units.corpus import CorpusConfig, build_corpus, cached_text_path
+    from kscope.units.provision import cached_sae_dir, sae_key
+
+    lm = load_model(cfg.model)
+    ccfg: CorpusConfig = cfg.corpus
+    corpus_cached = not ccfg.generate or cached_text_path(lm, ccfg.generate, ccfg.gen_len, ccfg.seed, cfg.model.cache_dir).exists()
+    if not corpus_cached:
+        return False, sites
+    corpus = build_corpus(lm, ccfg, None, cfg.model.cache_dir)
+    missing = [s for s in sites if not (cached_sae_dir(lm, s, cfg.sae_train, sae_key(lm.fingerprint, s, cfg.sae_train, corpus,
+                                                                                      ccfg.seq_len), cfg.model.cache_dir)
+                                        / "kscope.json").exists()]
+    return True, missing
+
+
+def estimate(cfg, unit: str) -> float:
+    """Seconds a stage should take with ``cfg``'s options, from ``RATES``."""
+    stage = unit.split(":")[0]
+    facts = min(cfg.max_facts, BUILTIN_FACTS) if cfg.facts is None else cfg.max_facts
+    scale = facts / BUILTIN_FACTS
+    if stage == "sweep":
+        protocols = len(cfg.sweep_selection) * len(cfg.sweep_ablation)
+        return RATES["sweep"] * len(cfg.sweep_layers) * 2 * scale * (1 + 0.6 * (protocols - 1))
+    if stage == "privacy-build":
+        return RATES[stage] * cfg.privacy.n_people / 10 * (3 if ":full-" in unit else 1)  # all epochs against early stopping
+    if stage == "privacy-erase":
+        return RATES[stage]
+    return RATES[stage] * scale
+
+
+def plan_lines(cfg, units: list[str], reused: dict[str, bool]) -> list[str]:
+    """The plan ``reproduce`` prints before any work."""
+    stages = {u.split(":")[0] for u in units if not reused[u]}
+    sites = sae_sites(cfg, stages)
+    corpus_cached, missing = cache_status(cfg, sites) if sites else (True, [])
+    lines, total = [], 0.0
+    if sites:
+        t_corpus = 0.0 if corpus_cached else RATES["corpus"] * cfg.corpus.generate / 1024
+        t_saes = RATES["sae"] * len(missing)
+        total += t_corpus + t_saes
+        lines.append(f"SAE corpus: {'cached' if corpus_cached else f'to sample, ~{t_corpus / 60:.0f} min'}; SAEs: "
+                     f"{len(sites) - len(missing)} of {len(sites)} cached" + (f", {len(missing)} to train, ~{t_saes / 60:.0f} min"
+                                                                           if missing else ""))
+    for u in units:
+        if reused[u]:
+            lines.append(f"{u}: done with these options, reused")
+            continue
+        t = estimate(cfg, u)
+        total += t
+        lines.append(f"{u}: runs, ~{t / 60:.1f} min")
+    lines.append(f"estimated total ~{total / 60:.0f} min (rates measured on a 2-core CPU; a faster machine takes less)")
+    return lines
