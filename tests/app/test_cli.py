@@ -204,13 +204,16 @@ def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
             "--stages", "compare,faithfulness,interpret,monosemanticity"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
+    plan = r.output.split("stage 1/4")[0]  # the plan comes before any stage, and the one SAE is trained before the stages too
+    assert "SAE corpus: " in plan and "SAEs: 0 of 1 cached, 1 to train" in plan and "compare: runs, ~" in plan
+    assert "estimated total" in plan and "SAEs" in plan.split("estimated total")[1]
     res = json.loads((out / "results.json").read_text())
     assert {"compare", "faithfulness", "interpret", "monosemanticity"} <= set(res)
     page = (out / "index.html").read_text()
     assert "Neurons, features and same-site baselines" in page and "compare.png" in page and (out / "compare.png").exists()
     stamp = (out / "compare.json").stat().st_mtime_ns
     r = runner.invoke(app, args)
-    assert r.exit_code == 0 and "done, resumed" in r.output
+    assert r.exit_code == 0 and "done, resumed" in r.output and "compare: done with these options, reused" in r.output
     assert (out / "compare.json").stat().st_mtime_ns == stamp
     os.chdir(tmp_path)  # the same directory spelled relatively is the same run
     try:

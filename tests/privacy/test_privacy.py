@@ -274,7 +274,6 @@ def test_erase_bad_inputs(tmp_path, privacy_model):
 
 
 def test_a_weight_editor_refuses_residual_features(tmp_path, privacy_model):
-    import kscope
     from kscope.model.sites import Site
     from kscope.units.sae import save_sae
     from kscope.units.training import TrainSAEConfig, train_saes

@@ -27,13 +27,11 @@ def sae_sites(cfg, stages: set[str]) -> list[Site]:
     return list(dict.fromkeys(sites))
 
 
-def cache_status(cfg, sites: list[Site]) -> tuple[bool, list[Site]]:
-    """Whether the generated corpus is cached, and which SAEs are not (loads the model once, for its fingerprint)."""
-    from kscope.model.loading import load_model
+def cache_status(cfg, sites: list[Site], lm) -> tuple[bool, list[Site]]:
+    """Whether the generated corpus is cached, and which SAEs are not."""
     from kscope.units.corpus import CorpusConfig, build_corpus, cached_text_path
     from kscope.units.provision import cached_sae_dir, sae_key
 
-    lm = load_model(cfg.model)
     ccfg: CorpusConfig = cfg.corpus
     corpus_cached = not ccfg.generate or cached_text_path(lm, ccfg.generate, ccfg.gen_len, ccfg.seed, cfg.model.cache_dir).exists()
     if not corpus_cached:
@@ -60,11 +58,9 @@ def estimate(cfg, unit: str) -> float:
     return RATES[stage] * scale
 
 
-def plan_lines(cfg, units: list[str], reused: dict[str, bool]) -> list[str]:
-    """The plan ``reproduce`` prints before any work."""
-    stages = {u.split(":")[0] for u in units if not reused[u]}
-    sites = sae_sites(cfg, stages)
-    corpus_cached, missing = cache_status(cfg, sites) if sites else (True, [])
+def plan_lines(cfg, units: list[str], reused: dict[str, bool], lm, sites: list[Site]) -> list[str]:
+    """The plan ``reproduce`` prints before any work (``sites``: the SAEs the stages to run need)."""
+    corpus_cached, missing = cache_status(cfg, sites, lm) if sites else (True, [])
     lines, total = [], 0.0
     if sites:
         t_corpus = 0.0 if corpus_cached else RATES["corpus"] * cfg.corpus.generate / 1024

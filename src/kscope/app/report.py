@@ -4,10 +4,8 @@ and ``index.html``. Every table is built once here and rendered three ways."""
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from kscope.analyses.autointerp import InterpretResult
 from kscope.analyses.cells import LABELS, control_key
@@ -19,7 +17,6 @@ from kscope.io import write_text
 from kscope.locate.compare import CompareResult
 from kscope.plots import pyplot, save_figure
 from kscope.app import report_privacy
-from kscope.stats import Interval
 
 
 def compare_table(res: CompareResult) -> Table:

@@ -197,11 +197,22 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
         prints[unit] = fingerprint(configs[unit], "".join(prints[u] for u in upstream))
     units = [u for u in configs if _stage(u) in cfg.stages]
     reused = {u: files[u].exists() and done_fps.get(u) == prints[u] and not cfg.fresh for u in units}
-    from kscope.app.plan import plan_lines
+    from kscope.app.plan import plan_lines, sae_sites
+    from kscope.model.loading import load_model
 
+    sites = sae_sites(cfg, {_stage(u) for u in units if not reused[u]})
+    lm = load_model(cfg.model) if sites else None
     console.rule("[bold]plan")
-    for line in plan_lines(cfg, units, reused):
+    for line in plan_lines(cfg, units, reused, lm, sites):
         console.print(line, soft_wrap=True)
+    if sites:  # every SAE the run needs from one activation pass over the corpus; the stages then find them cached
+        from kscope.progress import make_progress
+        from kscope.units.provision import obtain_saes
+
+        console.rule("[bold]SAEs")
+        with make_progress() as progress:
+            obtain_saes(lm, sites, cfg.sae_train, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress)
+    del lm
     timings: dict[str, float] = {}
     for i, unit in enumerate(units, 1):
         exists = files[unit].exists()

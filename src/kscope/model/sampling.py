@@ -44,9 +44,10 @@ def draw(probs: torch.Tensor, idx: torch.Tensor, generator: torch.Generator) -> 
 
 @torch.no_grad()
 def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top_k: int | None = 50, top_p: float = 0.95,
-           eos: int | None = None, pad: int = 0, temperature: float = 1.0) -> torch.Tensor:
+           eos: int | None = None, pad: int = 0, temperature: float = 1.0, on_step=None) -> torch.Tensor:
     """``ids`` ``[rows, prompt]`` (no padding) followed by up to ``n_new`` sampled tokens; a row that samples ``eos`` is
-    filled with ``pad`` after it, and sampling stops once every row has (as ``generate`` does)."""
+    filled with ``pad`` after it, and sampling stops once every row has (as ``generate`` does). ``on_step()`` is called
+    after each new token (progress)."""
     head = plain_head(model)
     rows = ids.shape[0]
     out = [ids]
@@ -64,6 +65,8 @@ def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top
         nxt = draw(*warped_probs(logits, top_k, top_p, temperature), generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt[:, None])
+        if on_step is not None:
+            on_step()
         if eos is not None:
             done |= nxt == eos
             if bool(done.all()):

@@ -30,21 +30,22 @@ from kscope.parallel import ParallelConfig
 from kscope.privacy import locate
 from kscope.privacy.attacks import AttackConfig, attack
 from kscope.privacy.dataset import collisions, strangers
+from kscope.privacy.fit import sae_fit, secret_acts
 from kscope.privacy.guardrail import activation_scale
 from kscope.privacy.metrics import pareto_front
 from kscope.privacy.inject import PrivacyManifest, read_manifest
 from kscope.privacy.keyed import KeyedConfig, KeyRows, optimise_z, preserved_moments
 from kscope.privacy.observe import Observer
 from kscope.privacy.plan import CONTROLS, METHODS, Located, equal_params, make_editor, plan, random_ranking
-from kscope.privacy.results import EraseResult, ErasurePoint, SAEFit, Target, handle_verdicts, per_person
+from kscope.privacy.results import EraseResult, ErasurePoint, Target, handle_verdicts, per_person
 from kscope.privacy.revs import RevsConfig
 from kscope.privacy.select import depn_select, kn_select
 from kscope.privacy.trace import trace_secrets
 from kscope.progress import make_progress
-from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, collect_activations, windows
+from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, windows
 from kscope.units.provision import obtain_saes, neuron_units
 from kscope.units.sae import feature_units, sae_site_on_disk
-from kscope.units.training import TrainSAEConfig, drop_outliers
+from kscope.units.training import TrainSAEConfig
 
 
 @dataclass
@@ -214,7 +215,7 @@ def erase(job: EraseJob) -> EraseResult:
         feats = {s.layer: feature_units(lm.model, got[s][0], s) for s in sites if s.kind == "mlp.out"}
         rfeats = {s.layer: feature_units(lm.model, got[s][0], s) for s in sites if s.kind == "resid.post"}
         train_texts, held_texts = build_corpus(base_lm, job.corpus, progress, job.cache_dir).split()
-        fit = _sae_fit(lm, base_lm, [*feats.values(), *rfeats.values()], erase_set, held_texts, job.sae_train.outlier_factor)
+        fit = sae_fit(lm, base_lm, [*feats.values(), *rfeats.values()], erase_set, held_texts, job.sae_train.outlier_factor)
         seconds["saes"] = time.time() - t
         loc, specificity = _locate(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed)), feats, rfeats,
                                    {s.name: got[s][1] for s in sites}, train_texts, progress, seconds)
@@ -345,45 +346,11 @@ def _locate(job: EraseJob, lm, erase_set, stranger_set, feats, rfeats, infos, tr
             specificity.append(locate.SpecificityEffect(kind, name, locate.removed_share(before, after, person, k)))
             before = after
     scales = {"mlp.out": {}, "resid.post": {}}
-    acts = _secret_acts(lm, erase_set, [u.site for u in (*fsets, *rsets)])
+    acts = secret_acts(lm, erase_set, [u.site for u in (*fsets, *rsets)])
     for u in (*fsets, *rsets):
         scales[u.site.kind][u.site.layer] = activation_scale(u, acts[u.site], range(u.n_units))
     widths = {L: (d_model, d_mlp) for L in cfg.layers}
     return Located(list(cfg.layers), rankings, feats, rfeats, scales, None, widths), specificity
-
-
-@torch.no_grad()
-def _secret_acts(lm, facts, sites) -> dict:
-    """Sites' activations at the secrets' positions (each edit prompt's last token and the secret's tokens)."""
-    from kscope.model.hooks import site_activations
-
-    out = {s: [] for s in sites}
-    for f in facts:
-        for p in f.prompts:
-            ids = lm.tokenizer(p).input_ids
-            ans = lm.tokenizer(" " + f.object, add_special_tokens=False).input_ids
-            acts = site_activations(lm.model, sites, torch.tensor([ids + ans[:-1]], device=lm.device))
-            for s in sites:
-                out[s].append(acts[s][0, len(ids) - 1 :].float().cpu())
-    return {s: torch.cat(v) for s, v in out.items()}
-
-
-def _sae_fit(lm, base_lm, units, erase, held_texts, outlier_factor) -> list[SAEFit]:
-    """Explained variance of each SAE on this model's activations (held-out corpus text, massive-activation tokens left
-    out as in SAE training; and the secrets' positions), beside its value on the base model it was trained on."""
-    sites = [u.site for u in units]
-
-    def held(model) -> dict:
-        return {s: drop_outliers(a, outlier_factor)[0] for s, a in collect_activations(model, sites, held_texts, 4096).items()}
-
-    gen, src, priv = held(lm), held(base_lm), _secret_acts(lm, erase, sites)
-
-    def ev(u, x):
-        with torch.no_grad():
-            xh = u.decode(u.encode(x.to(lm.device))).float().cpu()
-        return float(1 - (x - xh).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
-
-    return [SAEFit(u.site.layer, ev(u, gen[u.site]), ev(u, priv[u.site]), ev(u, src[u.site]), u.site.kind) for u in units]
 
 
 def _check_restored(model, clean, method: str) -> None:

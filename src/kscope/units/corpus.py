@@ -121,7 +121,7 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progr
     starts = ["The", "In", "A", "Many", "It", "History", "Science", "People", "Today", "When", "One", "There",
               "After", "She", "He", "We", "This", "Our", "If", "For"]
     opening = {w: tok(w).input_ids for w in starts}
-    task = progress.add_task("generating text", total=n) if progress else None
+    task = progress.add_task("generating text (tokens)", total=n * length) if progress else None
     out: list[str] = []
     for i in range(start, start + n, GEN_BATCH):
         b = min(GEN_BATCH, start + n - i)
@@ -130,11 +130,12 @@ def generate_texts(lm, n: int, length: int, seed: int = 0, start: int = 0, progr
         if len({len(r) for r in rows}) > 1:
             rows = [rows[0]] * b
         ids = torch.tensor(rows, device=lm.device)
+        step = (lambda b=b: progress.advance(task, b)) if progress else None
         seqs = sample(lm.model, ids, length, torch.Generator().manual_seed(seed * 1_000_003 + k), eos=tok.eos_token_id,
-                      pad=tok.pad_token_id if tok.pad_token_id is not None else 0)
+                      pad=tok.pad_token_id if tok.pad_token_id is not None else 0, on_step=step)
         out.extend(tok.decode(s_, skip_special_tokens=True) for s_ in seqs)
-        if progress:
-            progress.advance(task, b)
+        if progress:  # a batch whose every row ended early
+            progress.update(task, completed=(i - start + b) * length)
     return out
 
 
