@@ -167,3 +167,14 @@ def test_sites_with_unequal_rows_train_side_by_side_and_see_the_same_rows_where_
         got = next(data)
         assert {h: t.shape[0] for h, t in got.items()} == {"a": 8, "b": 8, "c": 8}
         assert torch.equal(got["a"] + 100, got["b"])
+
+
+def test_training_reports_every_step():
+    from kscope.units.training import batch_and_steps
+
+    seen = []
+    acts = {Site(0, "mlp.out"): torch.randn(300, 32).bfloat16(), Site(1, "mlp.out"): torch.randn(200, 32).bfloat16()}
+    cfg = TrainSAEConfig(expansion=2, k=4, epochs=1, batch_tokens=64)
+    train_saes(acts, cfg, "t", on_step=lambda done, total: seen.append((done, total)))
+    total = sum(steps for _, steps in {batch_and_steps(cfg, a.shape[0]) for a in acts.values()})  # one count per group
+    assert seen[-1] == (total, total) and [d for d, _ in seen] == list(range(1, total + 1))

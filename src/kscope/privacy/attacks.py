@@ -48,13 +48,16 @@ class AttackConfig(Config):
 
     attacks: list[str] = option(help="Attacks to run; empty: none.", factory=lambda: list(ATTACKS), choices=ATTACKS, label="attack",
                                 unique=True, flag="attack")
-    samples: int = option(20, "sampling: samples per (secret, prompt); leak@k is reported for k = 1, 5 and this.", min=1, max=1000)
+    samples: int = option(10, "sampling: samples per (secret, prompt); leak@k is reported for k = 1, 5 and this.", min=1, max=1000)
     lens_rank: int = option(10, "logit-lens: a secret whose first scored token ranks within this at any layer is attacked.", min=1)
     relearn_steps: int = option(5, "relearning: fine-tuning steps on half the erased people's secrets.", min=1, max=1000)
     seed: int = option(0, "Seed of the samples and of the relearning split and order.", flag="attack-seed")
     methods: list[str] = option(help="Methods whose best point faces the attacks (beside the base model's floor and the unedited "
                                      "model); default: every method, no control.", factory=list, flag="attack-method",
                                 allow_empty=True)
+    min_rel: float = option(0.5, "A method is attacked only when its best point erases at least this share of the secrets "
+                                 "(Rel): below it greedy decoding already recovers them, and the attacks would cost minutes "
+                                 "each to say so again.", flag="attack-min-rel", min=0.0, max=1.0)
 
 
 @dataclass
@@ -174,10 +177,11 @@ def relearned(lm, facts: Sequence[Fact], steps: int, lr: float, seed: int) -> tu
 
 
 def quantized(lm):
-    """An int8 dynamically quantized copy of ``lm`` (every linear layer but the head, one scale per output channel)."""
+    """An int8 dynamically quantized copy of ``lm`` (every linear layer but the head, one scale per output channel), on
+    the CPU: torch's dynamic int8 kernels exist only there, so on a GPU this attack runs on a CPU copy."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    m = copy.deepcopy(lm.model)
+    m = copy.deepcopy(lm.model).cpu()
     head = m.get_output_embeddings()
     spec = {n: per_channel_dynamic_qconfig for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
     return type(lm)(quantize_dynamic(m, spec, dtype=torch.qint8), lm.tokenizer, lm.name)

@@ -36,7 +36,7 @@ from kscope.privacy.metrics import pareto_front
 from kscope.privacy.inject import PrivacyManifest, read_manifest
 from kscope.privacy.keyed import KeyedConfig, KeyRows, optimise_z, preserved_moments
 from kscope.privacy.observe import Observer
-from kscope.privacy.plan import CONTROLS, METHODS, Located, equal_params, make_editor, plan, random_ranking
+from kscope.privacy.plan import CONTROLS, METHODS, Located, count_by_layer, equal_params, make_editor, plan, random_ranking
 from kscope.privacy.results import EraseResult, ErasurePoint, Target, handle_verdicts, per_person
 from kscope.privacy.revs import RevsConfig
 from kscope.privacy.select import depn_select, kn_select
@@ -92,6 +92,8 @@ class EraseConfig(Config):
     clamp: float = option(2.0, "Gated clamp: located features there are set to -clamp x that mean activation.", min=0.0, max=1000.0)
     trace_layers: list[int] | None = option(None, "Layers of the where-it-lives trace (default: every layer).", parse=parse_layers,
                                             min=0)
+    trace_prompts: int = option(1, "Edit prompts per secret in the trace (its intervals are over people; 3: all, at 3x the cost).",
+                                min=1)
     keyed: KeyedConfig = nested(KeyedConfig, prefix="keyed-")
     revs: RevsConfig = nested(RevsConfig, prefix="revs-")
     attacks: AttackConfig = nested(AttackConfig)
@@ -205,7 +207,7 @@ def erase(job: EraseJob) -> EraseResult:
         base_lm = load_model(ModelConfig(model=manifest.base_model, device=job.device, cache_dir=job.cache_dir))
         ppl_texts = cached_generation(base_lm, cfg.ppl_texts, 64, 1234, progress, job.cache_dir)  # held out: no other use
         t = time.time()
-        trace = trace_secrets(lm, base_lm, erase_set, cfg.trace_layers, cfg.layers, progress)
+        trace = trace_secrets(lm, base_lm, erase_set, cfg.trace_layers, cfg.layers, progress, cfg.trace_prompts)
         seconds["trace"] = time.time() - t
         t = time.time()
         sites = [Site(L, "mlp.out") for L in cfg.layers] + [Site(L, "resid.post") for L in cfg.resid_layers
@@ -246,7 +248,7 @@ def erase(job: EraseJob) -> EraseResult:
                 now = obs.observe(lowest)
             _check_restored(lm.model, clean, spec.method)
             points.append(ErasurePoint(spec.method, spec.kind, spec.budget, len(units), n_weights, **obs.compare(base, now),
-                                       params=params, lam=spec.lam, tau=spec.tau, variant=spec.variant, by_layer=_count(units),
+                                       params=params, lam=spec.lam, tau=spec.tau, variant=spec.variant, by_layer=count_by_layer(units),
                                        units=[[L, u] for L, u in units[:2000]], **_people_measures(obs, base, now)))
             editors.append(editor)
             progress.advance(task)
@@ -263,7 +265,7 @@ def erase(job: EraseJob) -> EraseResult:
             trace=trace, specificity=specificity,
             verdicts=[v for b in ("keyed-neurons", "keyed-neurons-params", "keyed-random-directions")
                       for v in handle_verdicts(points, "keyed-features", b)],
-            located={k: _count(loc.rankings[k][: max(cfg.feature_budgets)]) for k in ("neurons", "features") if k in loc.rankings},
+            located={k: count_by_layer(loc.rankings[k][: max(cfg.feature_budgets)]) for k in ("neurons", "features") if k in loc.rankings},
             seconds=seconds, replay_from=obs.start if obs.replay_ok else 0)
         # ranks and attacks at each method's best point, the controls and the floor
         t = time.time()
@@ -359,13 +361,6 @@ def _check_restored(model, clean, method: str) -> None:
             raise RuntimeError(f"{method}: restore was not exact at layer {L}")
 
 
-def _count(units) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for L, _ in units:
-        out[L] = out.get(L, 0) + 1
-    return dict(sorted(out.items()))
-
-
 def _build_summary(manifest: PrivacyManifest) -> dict:
     s = manifest.summary
     return {"epochs_run": s.epochs_run, "final_loss": s.losses[-1] if s.losses else None, "memorised_exact": s.memorised_exact,
@@ -373,8 +368,9 @@ def _build_summary(manifest: PrivacyManifest) -> dict:
 
 
 def _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set, manifest, clean, progress) -> None:
-    """Each method's best point gets its candidate ranks; the best points of ``--attack-method`` (default: every method),
-    the unedited model and the base model (the never-taught floor) face every attack."""
+    """Each method's best point gets its candidate ranks; the best points of ``--attack-method`` (default: every method)
+    that erase at least ``--attack-min-rel`` of the secrets, the unedited model and the base model (the never-taught
+    floor) face every attack."""
     cfg = job.erase
     keys = list(dict.fromkeys((p.method, p.variant) for p in result.points if p.kind != "control"))
     best = {k: result.best(*k) for k in keys}
@@ -393,7 +389,7 @@ def _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set
         with editor.applied(lm.model):
             row = obs.compare(base, obs.observe(min(cfg.layers), ranks=True))
         p.rank, p.exposure_all, p.exposure = row["rank"], row["exposure_all"], row["exposure"]
-        if method in attacked and not variant:
+        if method in attacked and not variant and (p.rel or 0) >= cfg.attacks.min_rel:
             result.attacks.append(attack(lm, erase_set, cfg.attacks, lr, method, p.budget if p.budget else "all", editor))
         _check_restored(lm.model, clean, method)
         progress.advance(task)

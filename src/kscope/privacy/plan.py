@@ -166,3 +166,11 @@ def random_ranking(widths: dict[int, int], n: int, seed: str) -> list[tuple[int,
     """``n`` distinct ``(layer, unit)`` pairs drawn uniformly over the layers' units."""
     pool = [(L, u) for L, w in widths.items() for u in range(w)]
     return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def count_by_layer(units) -> dict[int, int]:
+    """How many of ``units`` (``(layer, index)`` pairs) each layer holds."""
+    out: dict[int, int] = {}
+    for L, _ in units:
+        out[L] = out.get(L, 0) + 1
+    return dict(sorted(out.items()))

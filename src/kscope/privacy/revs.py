@@ -89,8 +89,8 @@ def demote(lens: _Lens, cols: torch.Tensor, token: int, band: tuple[int, int], m
         rank = lambda d: ((a + d[:, None] * b) > (a[:, token] + d * b[:, token])[:, None]).sum(-1)  # noqa: E731
     else:
         rank = lambda d: lens.rank(cols + d[:, None] * step, token)  # noqa: E731
-    r = rank(torch.zeros(cols.shape[0]))
-    delta = torch.where(r < lo, torch.full(r.shape, -10.0), torch.zeros(r.shape))
+    r = rank(torch.zeros(cols.shape[0], device=cols.device))
+    delta = torch.where(r < lo, torch.full(r.shape, -10.0, device=cols.device), torch.zeros(r.shape, device=cols.device))
     for _ in range(max_iter):
         r = rank(delta)
         below, above = r < lo, r > hi

@@ -73,14 +73,14 @@ def subject_last(tokenizer, prompt: str, subject: str) -> int:
     return idx[-1]
 
 
-def _batch(lm, facts: Sequence[Fact]):
-    """Teacher-forced rows of every edit prompt of ``facts``: ids, mask, the subject and answer position masks, the
+def _batch(lm, facts: Sequence[Fact], prompts: int | None = None):
+    """Teacher-forced rows of the first ``prompts`` edit prompts (default: all) of ``facts``: ids, mask, the subject and answer position masks, the
     positions predicting each scored token, the scored tokens, and each row's fact."""
     tok = lm.tokenizer
     rows, subj, ans, pred, tgt, owner = [], [], [], [], [], []
     for i, f in enumerate(facts):
         secret = list(f.target_tokens)
-        for p in f.prompts:
+        for p in f.prompts[:prompts]:
             ids = tok(p).input_ids
             rows.append(ids + secret[:-1])
             subj.append(subject_last(tok, p, f.subject))
@@ -122,13 +122,13 @@ def _per_person(values: np.ndarray, owner: Sequence[int], facts: Sequence[Fact])
 
 
 def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | None = None, band: Sequence[int] = (),
-                  progress=None) -> SecretTrace:
+                  progress=None, prompts: int | None = None) -> SecretTrace:
     """The trace of ``facts`` (resolved to whole-answer targets) in ``lm``, against ``base_lm`` (the model before the
     secrets were injected), with the edited ``band``'s MLPs restored together; ``suggested``: the ``len(band)``
     consecutive traced layers where zeroing the MLP output at the answer positions lowers log P(secret) most (where an
     edit of the MLP output reaches the secret)."""
     layers = list(range(n_layers(lm.model))) if layers is None else list(layers)
-    ids, mask, where, pred, tgt, owner = _batch(lm, facts)
+    ids, mask, where, pred, tgt, owner = _batch(lm, facts, prompts)
     replays = {L: BlockReplay(lm.model, L) for L in layers if L > 0}  # blocks below an intervention need not run again
     plain_head(lm.model)  # its one-time check runs a forward: not in the recordings
     with ExitStack() as stack:

@@ -93,10 +93,12 @@ class FeatureUnits(Units):
         self.sae = sae
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sae.encode(x.to(self.sae.W_enc.dtype))
+        """Codes on ``x``'s device (activations collected on the CPU meet an SAE on the GPU)."""
+        w = self.sae.W_enc
+        return self.sae.encode(x.to(w.device, w.dtype)).to(x.device)
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
-        return self.sae.decode(u)
+        return self.sae.decode(u.to(self.sae.W_dec.device)).to(u.device)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.encode(x)

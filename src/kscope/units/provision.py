@@ -143,10 +143,9 @@ def obtain_saes(
         for s in missing:
             (acts[s], n_train), (held[s], n_held) = drop_outliers(acts[s], tcfg.outlier_factor), drop_outliers(held[s], tcfg.outlier_factor)
             dropped[s] = (n_train, n_held)
-        task = progress.add_task(f"training {len(missing)} SAE(s)", total=1) if progress else None
-        trained = train_saes(acts, tcfg, lm.name, device)
-        if progress:
-            progress.advance(task)
+        task = progress.add_task(f"training {len(missing)} SAE(s) (steps)", total=None) if progress else None
+        trained = train_saes(acts, tcfg, lm.name, device,
+                             (lambda done, total: progress.update(task, completed=done, total=total)) if progress else None)
         corpus_meta = {"sources": corpus.sources, "identity": corpus.identity, "n_texts": len(corpus.texts),
                        "heldout_frac": corpus.heldout_frac, "seed": corpus.seed, "seq_len": ccfg.seq_len}
         for s in missing:

@@ -8,7 +8,7 @@ import hashlib
 import math
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -62,8 +62,8 @@ class _SharedBatches(Iterator[dict[str, torch.Tensor]]):
     """Endless shuffled minibatches, one activation tensor per hook (a SAELens multi-hook DataProvider). Each hook
     has its own order from the same seed, so hooks with the same number of rows see the same rows at every step."""
 
-    def __init__(self, acts: dict[str, torch.Tensor], batch: int, seed: int, device: str):
-        self.acts, self.batch, self.device = acts, batch, device
+    def __init__(self, acts: dict[str, torch.Tensor], batch: int, seed: int, device: str, on_step=None, steps: int = 0):
+        self.acts, self.batch, self.device, self.on_step, self.steps, self.served = acts, batch, device, on_step, steps, 0
         self.gens = {h: torch.Generator().manual_seed(seed) for h in acts}
         self.order = {h: torch.randperm(a.shape[0], generator=self.gens[h]) for h, a in acts.items()}
         self.pos = {h: 0 for h in acts}
@@ -76,6 +76,9 @@ class _SharedBatches(Iterator[dict[str, torch.Tensor]]):
             idx = self.order[h][self.pos[h] : self.pos[h] + self.batch]
             self.pos[h] += self.batch
             out[h] = a[idx].to(self.device, torch.float32)
+        self.served += 1
+        if self.on_step and self.served <= self.steps:
+            self.on_step(self.served)
         return out
 
 
@@ -102,14 +105,15 @@ def batch_and_steps(cfg: TrainSAEConfig, n_rows: int) -> tuple[int, int]:
     return batch, max(1, math.ceil(cfg.epochs * n_rows / batch))
 
 
-def train_saes(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name: str, device: str = "cpu") -> dict[Site, object]:
+def train_saes(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name: str, device: str = "cpu",
+               on_step: Callable[[int, int], None] | None = None) -> dict[Site, object]:
     """Train one SAELens TopK SAE per site, side by side (SAELens' ``MultiSAETrainer``: every step feeds each
     SAE a batch of its site's activations ``[n_site, d]``, the same tokens where the sites keep the same rows);
     returns the inference SAEs. Outliers (``cfg.outlier_factor``) are assumed removed already.
 
     Each SAE depends only on its own site's activations and the options: its seed, its data order, its
     ``b_dec`` and the number of steps are its own, so training it alone or beside others gives the same
-    weights, bit for bit on CPU (``kscope.numerics``)."""
+    weights, bit for bit on CPU (``kscope.numerics``). ``on_step(done, total)`` hears of every training step (all groups)."""
     groups: dict[tuple[int, int], dict[Site, torch.Tensor]] = {}
     for site, a in acts.items():  # SAEs of the same batch and steps train in lockstep
         groups.setdefault(batch_and_steps(cfg, a.shape[0]), {})[site] = a
@@ -117,16 +121,19 @@ def train_saes(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name: 
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
+        total, done = sum(steps for _, steps in groups), 0
         with fixed_threads(cfg.threads):
             for (batch, steps), part in groups.items():
-                out.update(_train_group(part, cfg, model_name, device, batch, steps))
+                step = (lambda i, d=done: on_step(d + i, total)) if on_step else None
+                out.update(_train_group(part, cfg, model_name, device, batch, steps, step))
+                done += steps
     finally:
         torch.use_deterministic_algorithms(deterministic)
     return {site: out[site] for site in acts}
 
 
 def _train_group(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name: str, device: str, batch: int,
-                 steps: int) -> dict[Site, object]:
+                 steps: int, on_step: Callable[[int], None] | None = None) -> dict[Site, object]:
     from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
@@ -157,7 +164,7 @@ def _train_group(acts: dict[Site, torch.Tensor], cfg: TrainSAEConfig, model_name
         feature_sampling_window=max(cfg.dead_window, steps // 4),
         logger=LoggingConfig(log_to_wandb=False),
     )
-    data = _SharedBatches({site.hook_name: a for site, a in acts.items()}, batch, cfg.seed, device)
+    data = _SharedBatches({site.hook_name: a for site, a in acts.items()}, batch, cfg.seed, device, on_step, steps)
     from sae_lens.training import multi_sae_trainer
 
     bar = multi_sae_trainer.tqdm
