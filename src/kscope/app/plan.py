@@ -8,8 +8,8 @@ from kscope.model.sites import Site
 # Seconds of each part on the 2-core CPU of the README's run (default options; see docs/results.md), and what they scale
 # with: the SAE corpus per 1024 sequences, an SAE per site (its share of the activation pass and its training), the
 # fact stages per built-in-sized fact set (33 facts), the privacy stages per model, the sweep per layer x site cell.
-RATES = {"corpus": 290.0, "sae": 150.0, "compare": 150.0, "faithfulness": 120.0, "interpret": 25.0, "monosemanticity": 25.0,
-         "explorer": 10.0, "privacy-build": 230.0, "privacy-erase": 600.0, "sweep": 40.0}
+RATES = {"corpus": 400.0, "sae": 145.0, "compare": 46.0, "faithfulness": 119.0, "interpret": 21.0, "monosemanticity": 22.0,
+         "explorer": 10.0, "privacy-build": 303.0, "privacy-erase": 600.0, "sweep": 40.0}
 BUILTIN_FACTS = 33
 
 
