@@ -248,8 +248,8 @@ def test_erase_records_the_trace_specificity_verdicts_and_attacks(erased):
     methods = [a.method for a in res.attacks]
     assert methods[:2] == ["base model (never taught)", "unedited"] and len(methods) > 2
     best = {m: res.best(m) for m in {q.method for q in res.points if q.kind != "control"}}
-    assert set(methods[2:]) == {m for m, p in best.items() if p is not None and (p.rel or 0) >= 0.5}  # --attack-min-rel
-    assert any((p.rel or 0) < 0.5 for p in best.values() if p is not None)  # so the rule left some method out
+    assert set(methods[2:]) == {m for m, p in best.items() if p is not None and min(p.rel or 0, p.loc or 0) >= 0.5}  # --attack-min
+    assert any(min(p.rel or 0, p.loc or 0) < 0.5 for p in best.values() if p is not None)  # so the rule left some method out
     unedited = res.attacks[1]
     assert unedited.leak["phrasings"].mean is not None and unedited.leak["quantization"].mean > 0.5  # int8 keeps the secrets
     assert {"sampling@1", "sampling@3", "logit-lens", "relearning"} <= set(unedited.leak)

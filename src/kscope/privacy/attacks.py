@@ -55,9 +55,10 @@ class AttackConfig(Config):
     methods: list[str] = option(help="Methods whose best point faces the attacks (beside the base model's floor and the unedited "
                                      "model); default: every method, no control.", factory=list, flag="attack-method",
                                 allow_empty=True)
-    min_rel: float = option(0.5, "A method is attacked only when its best point erases at least this share of the secrets "
-                                 "(Rel): below it greedy decoding already recovers them, and the attacks would cost minutes "
-                                 "each to say so again.", flag="attack-min-rel", min=0.0, max=1.0)
+    min_share: float = option(0.5, "A method is attacked only when its best point erases at least this share of the secrets "
+                                   "(Rel) and keeps at least this share of the facts and people it must keep (Loc): below "
+                                   "either there is no erasure to attack, and each attack costs ~40 s.", flag="attack-min",
+                              min=0.0, max=1.0)
 
 
 @dataclass

@@ -65,10 +65,10 @@ class EraseConfig(Config):
     resid_layers: list[int] = option(help="Layers of the residual SAE features the gated clamp 'gated-clamp-resid' uses.",
                                      factory=lambda: [28], parse=parse_layers, min=0)
     neuron_budgets: list[int] = option(help="Neurons zeroed per point by DEPN, KN erase and random neurons (over the band).",
-                                       factory=lambda: [30, 100, 300, 1000], min=1, unique=True)
+                                       factory=lambda: [100, 300, 1000], min=1, unique=True)
     feature_budgets: list[int] = option(help="Located units per point of the keyed handles (s directions; neurons at equal rank "
                                              "s, at equal parameters s x d_mlp / d_model) and of the feature editors.",
-                                        factory=lambda: [8, 32, 128, 512], min=1, unique=True)
+                                        factory=lambda: [32, 128, 512], min=1, unique=True)
     revs_budgets: list[int] = option(help="REVS: most neurons edited per target token and layer.", factory=lambda: [5, 20], min=1,
                                      unique=True)
     taus: list[float] = option(help="FeatureEdit: zero the entries with |d dᵀ W| >= tau x that feature's max.",
@@ -369,7 +369,7 @@ def _build_summary(manifest: PrivacyManifest) -> dict:
 
 def _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set, manifest, clean, progress) -> None:
     """Each method's best point gets its candidate ranks; the best points of ``--attack-method`` (default: every method)
-    that erase at least ``--attack-min-rel`` of the secrets, the unedited model and the base model (the never-taught
+    that erase and keep at least ``--attack-min`` (Rel and Loc), the unedited model and the base model (the never-taught
     floor) face every attack."""
     cfg = job.erase
     keys = list(dict.fromkeys((p.method, p.variant) for p in result.points if p.kind != "control"))
@@ -389,7 +389,7 @@ def _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set
         with editor.applied(lm.model):
             row = obs.compare(base, obs.observe(min(cfg.layers), ranks=True))
         p.rank, p.exposure_all, p.exposure = row["rank"], row["exposure_all"], row["exposure"]
-        if method in attacked and not variant and (p.rel or 0) >= cfg.attacks.min_rel:
+        if method in attacked and not variant and min(p.rel or 0, p.loc or 0) >= cfg.attacks.min_share:
             result.attacks.append(attack(lm, erase_set, cfg.attacks, lr, method, p.budget if p.budget else "all", editor))
         _check_restored(lm.model, clean, method)
         progress.advance(task)
