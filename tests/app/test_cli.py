@@ -209,12 +209,16 @@ def test_reproduce_writes_report_and_resumes(model_dir, tmp_path):
     assert "estimated total" in plan and "SAEs" in plan.split("estimated total")[1]
     res = json.loads((out / "results.json").read_text())
     assert {"compare", "faithfulness", "interpret", "monosemanticity"} <= set(res)
+    assert {"saes", "compare", "faithfulness", "interpret", "monosemanticity"} == set(res["stage_seconds"])
+    first_seconds = res["stage_seconds"]
     page = (out / "index.html").read_text()
     assert "Neurons, features and same-site baselines" in page and "compare.png" in page and (out / "compare.png").exists()
     stamp = (out / "compare.json").stat().st_mtime_ns
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "done, resumed" in r.output and "compare: done with these options, reused" in r.output
     assert (out / "compare.json").stat().st_mtime_ns == stamp
+    again = json.loads((out / "results.json").read_text())["stage_seconds"]  # a reused stage keeps the time it took
+    assert again == {k: v for k, v in first_seconds.items() if k != "saes"}
     os.chdir(tmp_path)  # the same directory spelled relatively is the same run
     try:
         r = runner.invoke(app, [a if a != str(out) else "report" for a in args])

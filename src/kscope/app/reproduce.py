@@ -107,6 +107,14 @@ class ReproduceResult(Result):
     config: dict = field(default_factory=dict)
 
 
+def _earlier_seconds(out: Path) -> dict[str, float]:
+    """Stage seconds of the run directory's previous ``results.json`` (none if absent or unreadable)."""
+    try:
+        return dict(json.loads((out / "results.json").read_text()).get("stage_seconds") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def privacy_runs(cfg: ReproduceConfig) -> list[tuple[str, str, int]]:
     """``(name, strength, seed)`` of each privacy model."""
     if cfg.privacy_runs:
@@ -205,15 +213,18 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
     console.rule("[bold]plan")
     for line in plan_lines(cfg, units, reused, lm, sites):
         console.print(line, soft_wrap=True)
+    timings: dict[str, float] = {}
     if sites:  # every SAE the run needs from one activation pass over the corpus; the stages then find them cached
         from kscope.progress import make_progress
         from kscope.units.provision import obtain_saes
 
         console.rule("[bold]SAEs")
+        t0 = time.time()
         with make_progress() as progress:
             obtain_saes(lm, sites, cfg.sae_train, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress)
+        timings["saes"] = time.time() - t0  # the corpus, its activations and the SAEs not cached yet
     del lm
-    timings: dict[str, float] = {}
+    earlier = _earlier_seconds(out)
     for i, unit in enumerate(units, 1):
         exists = files[unit].exists()
         same = done_fps.get(unit) == prints[unit]
@@ -221,6 +232,8 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
         note = " (done, resumed)" if done else " (options changed: running again)" if exists and not same and not cfg.fresh else ""
         console.rule(f"[bold]stage {i}/{len(units)}: {unit}{note}")
         if done:
+            if unit in earlier:  # the run that made it timed it
+                timings[unit] = earlier[unit]
             continue
         t0 = time.time()
         scfg = configs[unit]
