@@ -42,6 +42,14 @@ a, b, c = Site(3, "mlp.out"), Site(5, "resid.post"), Site(7, "mlp.out")
 alone = train_saes({a: x}, tcfg, "t")[a]
 both = train_saes({b: x.flip(0), a: x, c: x[:2000]}, tcfg, "t")  # b trains in lockstep with a, c (fewer rows) apart
 out["sae"] = [tensor_hash(s.state_dict()) for s in (alone, both[a], both[b])]
+
+# Same-site baselines are fitted with numpy's BLAS (PCA) and torch's LAPACK (random directions' QR, the mean)
+from threadpoolctl import threadpool_limits
+from kscope.units.decompositions import baseline_units
+with threadpool_limits(limits=int(sys.argv[1])):
+    acts = (torch.randn(6000, 96, generator=g) @ torch.randn(96, 96, generator=g)).float()
+    fits = [baseline_units(kind, a, acts) for kind in ("pca", "random")]
+out["baselines"] = [tensor_hash({"enc": u.enc, "dec": u.dec, "mean": u.mean}) for u in fits]
 print(json.dumps(out))
 """
 
@@ -71,3 +79,18 @@ def test_sae_is_bitwise_the_same_on_one_and_two_threads_and_alone_or_beside_othe
 def test_generated_corpus_is_the_same_on_one_and_two_threads(runs):
     one, two = runs
     assert one["corpus"] == two["corpus"] and len(one["corpus"]) == 5 and len(set(one["corpus"])) > 1
+
+
+def test_same_site_baselines_are_bitwise_the_same_on_one_and_two_threads(runs):
+    one, two = runs
+    assert one["baselines"] == two["baselines"] and len(set(one["baselines"])) == 2
+
+
+def test_a_model_has_one_fingerprint_wherever_it_was_loaded_from(tmp_path):
+    from kscope.model.loading import ModelConfig, load_model
+    from tests.helpers import save_tiny_model
+
+    a, b = save_tiny_model(tmp_path / "a"), save_tiny_model(tmp_path / "b")
+    other = save_tiny_model(tmp_path / "c", seed=1)
+    fa, fb, fc = (load_model(ModelConfig(model=str(d))).fingerprint for d in (a, b, other))
+    assert fa == fb != fc

@@ -222,5 +222,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     from kscope.numerics import tensor_hash
 
     cfg = getattr(model, "config", None)
-    text = type(model).__name__ + (json.dumps(cfg.to_dict(), sort_keys=True, default=str) if cfg is not None else "")
+    conf = {k: v for k, v in cfg.to_dict().items() if k != "_name_or_path"} if cfg is not None else None  # where it was loaded from
+    text = type(model).__name__ + (json.dumps(conf, sort_keys=True, default=str) if conf is not None else "")
     return hashlib.sha256((text + tensor_hash(model.state_dict())).encode()).hexdigest()[:16]

@@ -7,10 +7,13 @@ compared at equal L0. They plug into the same attribution and ablation code as n
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
 from kscope.model.sites import Site
+from kscope.numerics import fixed_threads
 from kscope.units.base import NeuronUnits, Units
 
 BASELINES = ("basis", "pca", "random")
@@ -57,12 +60,23 @@ class BasisUnits(NeuronUnits):
     kind = "basis"
 
 
+@contextmanager
+def one_thread():
+    """One BLAS / LAPACK thread for numpy (sklearn) and torch inside: a fit's last digits otherwise follow the thread
+    count (``OMP_NUM_THREADS=1`` and 2 gave PCA and random baselines 1e-6 apart)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1), fixed_threads(1):
+        yield
+
+
 def pca_units(site: Site, acts: torch.Tensor, n: int | None = None, k: int | None = None) -> LinearDictUnits:
     """PCA with ``n`` components (default: full width) of ``acts`` ``[N, d]``."""
     from sklearn.decomposition import PCA
 
     n = n or acts.shape[1]
-    p = PCA(n_components=min(n, *acts.shape)).fit(acts.numpy())
+    with one_thread():
+        p = PCA(n_components=min(n, *acts.shape)).fit(acts.numpy())
     V = torch.from_numpy(p.components_.astype(np.float32))
     return LinearDictUnits(site, V.T, V, torch.from_numpy(p.mean_.astype(np.float32)), k, "pca")
 
@@ -74,7 +88,7 @@ def ica_units(site: Site, acts: torch.Tensor, n: int | None = None, k: int | Non
     from sklearn.decomposition import FastICA
 
     n = min(n or acts.shape[1], *acts.shape)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # not one_thread(): its many passes would double faithfulness's time on 2 cores
         warnings.simplefilter("ignore")  # convergence warnings on small CPU budgets
         ica = FastICA(n_components=n, whiten="unit-variance", random_state=seed, max_iter=max_iter, tol=1e-3).fit(acts.numpy())
     E = torch.from_numpy(ica.components_.T.astype(np.float32))
@@ -86,7 +100,8 @@ def random_units(site: Site, d: int, n: int | None = None, k: int | None = None,
     """``n <= d`` random orthonormal directions (QR of a Gaussian matrix)."""
     n = min(n or d, d)
     g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, n, generator=g))
+    with one_thread():
+        q, _ = torch.linalg.qr(torch.randn(d, n, generator=g))
     return LinearDictUnits(site, q, q.T.contiguous(), mean if mean is not None else torch.zeros(d), k, "random")
 
 
@@ -101,5 +116,7 @@ def baseline_units(kind: str, site: Site, acts: torch.Tensor, seed: int = 0) -> 
     if kind == "pca":
         return pca_units(site, acts, d, None)
     if kind == "random":
-        return random_units(site, d, d, None, seed=seed, mean=acts.float().mean(0))
+        with one_thread():
+            mean = acts.double().mean(0).float()
+        return random_units(site, d, d, None, seed=seed, mean=mean)
     raise ValueError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
