@@ -187,16 +187,10 @@ def plot_budget(res: EraseResult, path) -> None:
                 continue
             alpha = 0.35 + 0.65 * (j + 1) / max(1, len(budgets)) if m not in ("keyed-unrestricted", "feature-edit") else 1.0
             for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
-                xs = [np.nan if getattr(p, x) is None else min(getattr(p, x), 10.0) for p in pts]
-                ys = [np.nan if getattr(p, y) is None else getattr(p, y) for p in pts]
-                ax.plot(xs, ys, "-", marker="o", ms=3, color=color, alpha=alpha,
+                ax.plot(*_xy(pts, x, y), "-", marker="o", ms=3, color=color, alpha=alpha,
                         label=f"{m} s={b}" if m not in ("keyed-unrestricted", "feature-edit") else m)
-    for ax, (x, y) in zip(axes, [("Loc (min of ParaRel, private) ↑", "Rel ↑"), ("ΔPPL ↓", "Rel ↑"), ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_ylim(-0.05, 1.05)
+    _label_panels(axes, "Loc (min of ParaRel, private) ↑")
     for ax in (axes[1], axes[3]):
-        ax.set_xscale("symlog", linthresh=0.02)
         ax.axvline(res.target.delta_ppl, color="k", lw=0.5, ls=":")
     for ax in (axes[0], axes[2]):
         ax.axvline(res.target.loc, color="k", lw=0.5, ls=":")
@@ -207,6 +201,22 @@ def plot_budget(res: EraseResult, path) -> None:
     save_figure(fig, path)
 
 
+def _xy(pts, x: str, y: str) -> tuple[list[float], list[float]]:
+    """A panel's points (missing values as NaN, ΔPPL capped at 10 so one broken model does not flatten the rest)."""
+    return ([np.nan if getattr(p, x) is None else min(getattr(p, x), 10.0) for p in pts],
+            [np.nan if getattr(p, y) is None else getattr(p, y) for p in pts])
+
+
+def _label_panels(axes, loc_label: str) -> None:
+    """The four panels' axes: Rel and Gen against Loc and ΔPPL (symlog)."""
+    for ax, (x, y) in zip(axes, [(loc_label, "Rel ↑"), ("ΔPPL ↓", "Rel ↑"), ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_ylim(-0.05, 1.05)
+    for ax in (axes[1], axes[3]):
+        ax.set_xscale("symlog", linthresh=0.02)
+
+
 def plot_points(res: EraseResult, path) -> None:
     """Every method over its budgets: Rel and Gen against Loc and ΔPPL."""
     plt = pyplot()
@@ -215,15 +225,8 @@ def plot_points(res: EraseResult, path) -> None:
     for i, (m, v) in enumerate(dict.fromkeys((p.method, p.variant) for p in res.points)):
         pts = [p for p in res.points if p.method == m and p.variant == v]
         for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
-            xs = [np.nan if getattr(p, x) is None else min(getattr(p, x), 10.0) for p in pts]
-            ys = [np.nan if getattr(p, y) is None else getattr(p, y) for p in pts]
-            ax.plot(xs, ys, "o", ms=3, color=cmap(i % 20), label=f"{m} {v}".strip())
-    for ax, (x, y) in zip(axes, [("Loc ↑", "Rel ↑"), ("ΔPPL ↓", "Rel ↑"), ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_ylim(-0.05, 1.05)
-    for ax in (axes[1], axes[3]):
-        ax.set_xscale("symlog", linthresh=0.02)
+            ax.plot(*_xy(pts, x, y), "o", ms=3, color=cmap(i % 20), label=f"{m} {v}".strip())
+    _label_panels(axes, "Loc ↑")
     axes[0].legend(fontsize=5, ncol=2)
     fig.suptitle(f"Every point ({_title(res)})")
     save_figure(fig, path)
