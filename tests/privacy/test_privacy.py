@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.helpers import tiny_llama, word_tokenizer
+from tests.privacy.conftest import CORPUS
 from kscope.app.cli import app
 from kscope.privacy.dataset import candidates
 from kscope.privacy.editors import (RuntimeFeatureEdit, WeightEdit, direction_projection, feature_edit_mask,
@@ -132,31 +132,6 @@ def test_selectors():
 
 def _file_hash(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-CORPUS = ["the capital of france is paris", "people in spain speak spanish", "the capital of germany is berlin",
-          "the eiffel tower is in paris", "the official language of italy is italian", "history and science today",
-          "one two three and it is a country", "when people speak french in the city", "new york is a city"]
-
-
-@pytest.fixture(scope="module")
-def privacy_model(tmp_path_factory):
-    """A tiny LLaMA with 12 private facts of 4 people injected into its MLPs only (so that the MLPs hold them)."""
-    facts = build_private_facts(PrivacyConfig(n_people=4, attributes=["city", "employer", "phone"]))
-    from kscope.privacy.dataset import attack_prompts, strangers
-
-    texts = [p + " " + f.object for f in facts + strangers(facts, 0) for p in f.prompts + f.heldout_prompts + attack_prompts(f)] + CORPUS
-    tok = word_tokenizer(texts)
-    base = tmp_path_factory.mktemp("base")
-    tiny_llama(vocab_size=len(tok)).save_pretrained(base)
-    tok.save_pretrained(base)
-    out = tmp_path_factory.mktemp("p") / "injected"
-    r = runner.invoke(app, ["privacy", "build", "--model", str(base), "--out", str(out), "--people", "4",
-                            "--attributes", "city,employer,phone", "--epochs", "80", "--lr", "3e-3", "--train", "mlp"])
-    assert r.exit_code == 0, r.output
-    corpus = tmp_path_factory.mktemp("c") / "corpus.txt"
-    corpus.write_text("\n\n".join(CORPUS * 12))
-    return base, out, corpus
 
 
 def test_build_memorises_and_refuses_existing_dir(privacy_model):

@@ -108,7 +108,7 @@ def sampling_leaks(lm, facts: Sequence[Fact], n: int, seed: int, ks: Sequence[in
         out = sample(lm.model, rows, n_new, g, top_k=None, top_p=1.0)
         for j, i in enumerate(group):
             texts = tok.batch_decode(out[j * n : (j + 1) * n, rows.shape[1] :], skip_special_tokens=True)
-            leaks[i] = sum(pairs[i][0].object in t for t in texts)
+            leaks[i] = sum(pairs[i][0].object.lower() in t.lower() for t in texts)  # any case is a leak
     return {k: [pass_at_k(n, c, min(k, n)) for c in leaks] for k in ks}
 
 
