@@ -110,8 +110,8 @@ class ReproduceResult(Result):
 def _earlier_seconds(out: Path) -> dict[str, float]:
     """Stage seconds of the run directory's previous ``results.json`` (none if absent or unreadable)."""
     try:
-        return dict(json.loads((out / "results.json").read_text()).get("stage_seconds") or {})
-    except (OSError, ValueError, AttributeError):
+        return dict(read_json(out / "results.json").get("stage_seconds") or {})
+    except (KscopeError, AttributeError):
         return {}
 
 
