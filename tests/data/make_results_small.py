@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from tests.helpers import tiny_llama, word_tokenizer
 from kscope.app.cli import app
 from kscope.privacy.dataset import PrivacyConfig, attack_prompts, build_private_facts, strangers
+from kscope.privacy.plan import METHODS
 root = "/tmp/tiny/small"; shutil.rmtree(root, ignore_errors=True); os.makedirs(root)
 corpus = ["the capital of france is paris", "people in spain speak spanish", "the capital of germany is berlin",
           "the eiffel tower is in paris", "the official language of italy is italian", "history and science today",
@@ -24,7 +25,7 @@ r = CliRunner().invoke(app, ["reproduce", "--model", f"{root}/model", "--layer",
     "--min-known-prompts", "1", "--sae-tokens", "400", "--sae-expansion", "2", "--sae-k", "4", "--generate", "0", "--text", f"{root}/corpus.txt",
     "--privacy-people", "4", "--privacy-attributes", "city,employer,phone", "--privacy-epochs", "80", "--privacy-lr", "3e-3",
     "--privacy-train", "mlp", "--erase-layers", "0-2", "--erase-resid-layers", "1", "--erase-neuron-budgets", "8,64",
-    "--erase-feature-budgets", "4,16", "--erase-revs-budgets", "2", "--erase-taus", "0.5", "--erase-keyed-lams", "0.1,1",
+    "--erase-feature-budgets", "4,16", "--erase-revs-budgets", "2", "--erase-taus", "0.5", "--erase-method", ",".join(METHODS), "--erase-keyed-lams", "0.1,1",
     "--erase-keyed-steps", "5", "--erase-keyed-weight-decay", "0", "--erase-keyed-corpus-tokens", "300", "--erase-samples", "3",
     "--erase-relearn-steps", "2", "--erase-steps", "3", "--erase-ppl-texts", "2", "--erase-generic-texts", "4", "--erase-max-unrelated", "5",
     "--sweep-layers", "0,2", "--stages", "compare,faithfulness,interpret,monosemanticity,privacy-build,privacy-erase,sweep"])

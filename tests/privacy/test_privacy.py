@@ -12,7 +12,8 @@ from kscope.privacy.dataset import candidates
 from kscope.privacy.editors import (RuntimeFeatureEdit, WeightEdit, direction_projection, feature_edit_mask,
                                     projection_removal, zero_columns)
 from kscope.errors import KscopeError
-from kscope.privacy.erase import EraseResult
+from kscope.privacy.erase import EraseConfig, EraseResult
+from kscope.privacy.plan import METHODS
 from kscope.privacy.inject import read_manifest
 from kscope.privacy.select import depn_select, kn_select
 from kscope.privacy.dataset import PrivacyConfig, build_private_facts
@@ -176,12 +177,25 @@ def _erase_args(corpus) -> list[str]:
     return [str(corpus) if a is None else a for a in ERASE_ARGS]
 
 
+def test_the_default_grid_needs_no_residual_sae():
+    """The default run leaves out the editors that add no verdict (issue 23's time budget), and with them the residual
+    SAE; each stays one --method away."""
+    from kscope.app.plan import sae_sites
+    from kscope.app.reproduce import ReproduceConfig
+
+    cfg = ReproduceConfig()
+    assert set(METHODS) - set(cfg.erase.methods) == {"feature-project", "runtime-negative", "gated-clamp-resid"}
+    assert {s.kind for s in sae_sites(cfg, {"privacy-erase"})} == {"mlp.out"}
+    assert EraseConfig().methods == cfg.erase.methods and cfg.erase.keyed.lams == [3.0, 10.0]
+
+
 @pytest.fixture(scope="module")
 def erased(privacy_model, tmp_path_factory):
     _, out, corpus = privacy_model
     before = _file_hash(out / "model.safetensors")
     res_path = tmp_path_factory.mktemp("erase") / "privacy.json"
-    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), *_erase_args(corpus), "--out", str(res_path)])
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), *_erase_args(corpus), "--method", ",".join(METHODS),
+                            "--out", str(res_path)])
     assert r.exit_code == 0, r.output
     assert _file_hash(out / "model.safetensors") == before  # the input model is never written
     return EraseResult.load(res_path), res_path

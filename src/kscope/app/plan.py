@@ -4,12 +4,15 @@ SAE are cached, and the minutes each part should take, from rates measured on a 
 from __future__ import annotations
 
 from kscope.model.sites import Site
+from kscope.privacy.plan import plan
 
 # Seconds of each part on the 2-core CPU of the README's run (default options; see docs/results.md), and what they scale
 # with: the SAE corpus per 1024 sequences, an SAE per site (its share of the activation pass and its training), the
-# fact stages per built-in-sized fact set (33 facts), the privacy stages per model, the sweep per layer x site cell.
+# fact stages per built-in-sized fact set (33 facts), the privacy build per model, its erasure per model (trace,
+# location and the keyed solver's set-up), per point of the grid and for the attacks, the sweep per layer x site cell.
 RATES = {"corpus": 400.0, "sae": 145.0, "compare": 46.0, "faithfulness": 119.0, "interpret": 21.0, "monosemanticity": 22.0,
-         "explorer": 10.0, "privacy-build": 303.0, "privacy-erase": 600.0, "sweep": 40.0}
+         "explorer": 10.0, "privacy-build": 323.0, "privacy-erase": 205.0, "privacy-point": 4.8, "privacy-attacks": 325.0,
+         "sweep": 40.0}
 BUILTIN_FACTS = 33
 
 
@@ -54,7 +57,10 @@ def estimate(cfg, unit: str) -> float:
     if stage == "privacy-build":
         return RATES[stage] * cfg.privacy.n_people / 10 * (3 if ":full-" in unit else 1)  # all epochs against early stopping
     if stage == "privacy-erase":
-        return RATES[stage]
+        e = cfg.erase
+        points = plan(e.methods, e.controls, e.neuron_budgets, e.feature_budgets, e.revs_budgets, e.keyed.lams, e.taus,
+                      e.raw_location)
+        return RATES[stage] + RATES["privacy-point"] * len(points) + (RATES["privacy-attacks"] if e.attacks.attacks else 0.0)
     return RATES[stage] * scale
 
 

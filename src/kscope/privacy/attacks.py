@@ -47,7 +47,7 @@ class AttackConfig(Config):
     """The attacks every erased secret must survive, run on each method's best point, the controls and the base model."""
 
     attacks: list[str] = option(help="Attacks to run; empty: none.", factory=lambda: list(ATTACKS), choices=ATTACKS, label="attack",
-                                unique=True, flag="attack")
+                                unique=True, flag="attack", allow_empty=True)
     samples: int = option(10, "sampling: samples per (secret, prompt); leak@k is reported for k = 1, 5 and this.", min=1, max=1000)
     lens_rank: int = option(10, "logit-lens: a secret whose first scored token ranks within this at any layer is attacked.", min=1)
     relearn_steps: int = option(5, "relearning: fine-tuning steps on half the erased people's secrets.", min=1, max=1000)

@@ -48,7 +48,7 @@ class KeyedConfig(Config):
                                     "(AlphaEdit: the edit lives in the near-null space of their second moment).",
                            choices=PRESERVE, label="preservation")
     lams: list[float] = option(help="Ridge weights lambda of the preserved keys, relative to the erased keys (the strength "
-                                    "sweep of every handle).", factory=lambda: [3.0, 10.0, 30.0], min=0.0, unique=True)
+                                    "sweep of every handle).", factory=lambda: [3.0, 10.0], min=0.0, unique=True)
     tol: float = option(1e-3, "nullspace: eigenvalues of the preserved second moment below tol x the largest count as null.",
                         min=0.0, max=1.0)
     gamma: float = option(1.0, "reverse: the located contribution becomes -(1 + gamma) times itself.", min=0.0, max=100.0)
