@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kscope.app.cli import app
-from kscope.privacy.dataset import PrivacyConfig, build_private_facts
+from kscope.privacy.dataset import PrivacyConfig, attack_prompts, build_private_facts, strangers
 from tests.helpers import tiny_llama, word_tokenizer
 
 runner = CliRunner()
@@ -19,8 +19,6 @@ CORPUS = ["the capital of france is paris", "people in spain speak spanish", "th
 def privacy_model(tmp_path_factory):
     """A tiny LLaMA with 12 private facts of 4 people injected into its MLPs only (so that the MLPs hold them)."""
     facts = build_private_facts(PrivacyConfig(n_people=4, attributes=["city", "employer", "phone"]))
-    from kscope.privacy.dataset import attack_prompts, strangers
-
     texts = [p + " " + f.object for f in facts + strangers(facts, 0) for p in f.prompts + f.heldout_prompts + attack_prompts(f)] + CORPUS
     tok = word_tokenizer(texts)
     base = tmp_path_factory.mktemp("base")

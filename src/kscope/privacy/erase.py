@@ -36,7 +36,8 @@ from kscope.privacy.metrics import pareto_front
 from kscope.privacy.inject import PrivacyManifest, read_manifest
 from kscope.privacy.keyed import KeyedConfig, KeyRows, optimise_z, preserved_moments
 from kscope.privacy.observe import Observer
-from kscope.privacy.plan import CONTROLS, DEFAULT_METHODS, METHODS, Located, count_by_layer, equal_params, make_editor, plan, random_ranking
+from kscope.privacy.plan import (CONTROLS, DEFAULT_METHODS, METHODS, NOT_BY_DEFAULT, Located, count_by_layer, equal_params,
+                                 make_editor, plan, random_ranking)
 from kscope.privacy.results import EraseResult, ErasurePoint, Target, handle_verdicts, per_person
 from kscope.privacy.revs import RevsConfig
 from kscope.privacy.select import depn_select, kn_select
@@ -52,8 +53,7 @@ from kscope.units.training import TrainSAEConfig
 class EraseConfig(Config):
     """Trace, locate per person and compare erasure editors over a band of layers at several budgets and strengths."""
 
-    methods: list[str] = option(help="Editors to compare (default: all but feature-project, runtime-negative and "
-                                     "gated-clamp-resid).", factory=lambda: list(DEFAULT_METHODS), flag="method", choices=METHODS,
+    methods: list[str] = option(help=f"Editors to compare (default: all but {', '.join(NOT_BY_DEFAULT)}).", factory=lambda: list(DEFAULT_METHODS), flag="method", choices=METHODS,
                                 label="method", unique=True)
     controls: list[str] = option(help="Controls: random directions / columns through the keyed solver, random neurons / features "
                                       "zeroed, and the whole MLP of the band (then of all layers) zeroed.",

@@ -22,7 +22,8 @@ FEATURE_METHODS = ("feature-edit", "feature-project", "runtime-zero", "runtime-n
 METHODS = KEYED + NEURON_METHODS + FEATURE_METHODS
 # The default run leaves out three editors that add no verdict to the others (each selectable with --method): feature-project
 # and runtime-negative fail or break as FeatureEdit and the gated clamp do, and gated-clamp-resid needs a residual SAE.
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("feature-project", "runtime-negative", "gated-clamp-resid"))
+NOT_BY_DEFAULT = ("feature-project", "runtime-negative", "gated-clamp-resid")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in NOT_BY_DEFAULT)
 CONTROLS = ("keyed-random-directions", "keyed-random-columns", "random-neurons", "random-features", "mlp-zero", "mlp-zero-all")
 WEIGHT_METHODS = KEYED + ("depn", "kn-erase", "revs", "feature-edit", "feature-project")
 
