@@ -293,6 +293,50 @@ def test_teacher_forced_match_equals_greedy_generation(llama_lm):
         assert greedy_matches(lm, [prompt, prompt], " ".join(wrong)) == [False, False]
 
 
+def test_answer_loss_equals_the_models_own_loss_and_gradient(llama_lm):
+    """The head run only where an answer token is predicted gives the loss and the gradients of ``model(labels=...)``."""
+    from kscope.model.head import plain_head
+    from kscope.privacy.inject import answer_batch, answer_loss
+
+    lm = llama_lm
+    assert plain_head(lm.model) is not None  # the path that slices, not the fallback
+    ids, mask, lab = answer_batch(lm.tokenizer, [("the capital of france is", " paris"), ("people in spain speak", " spanish berlin")],
+                                  lm.device)
+    params = [p for p in lm.model.parameters()]
+    grads = []
+    try:
+        lm.model.requires_grad_(True)
+        for loss_of in (lambda: lm.model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False).loss,
+                        lambda: answer_loss(lm.model, ids, mask, lab)):
+            lm.model.zero_grad()
+            loss = loss_of()
+            loss.backward()
+            grads.append((float(loss.detach()), [p.grad.clone() for p in params]))
+    finally:
+        lm.model.requires_grad_(False)
+        lm.model.zero_grad()
+    (a, ga), (b, gb) = grads
+    assert a == pytest.approx(b, rel=1e-5) and a > 0
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(ga, gb))
+
+
+def test_fused_adamw_steps_as_the_plain_one():
+    from kscope.privacy.inject import adamw
+
+    torch.manual_seed(0)
+    w0, grads = torch.randn(7, 5), [torch.randn(7, 5) for _ in range(3)]
+    out, opts = [], []
+    for make in (lambda p: adamw([p], 1e-2), lambda p: torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0, foreach=False)):
+        p = torch.nn.Parameter(w0.clone())
+        opts.append(make(p))
+        for g in grads:
+            p.grad = g.clone()
+            opts[-1].step()
+        out.append(p.detach())
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"] and not torch.equal(out[0], w0)
+    assert torch.allclose(out[0], out[1], atol=1e-6)
+
+
 def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_model):
     """Observations of edits at blocks >= 1 replayed from block 1 equal full forwards; an edit below falls back."""
     from kscope.facts import resolve_targets
@@ -311,6 +355,9 @@ def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_mod
             for ranks in (True, False):
                 fast, full = obs.observe(lowest_edited=layer, ranks=ranks), obs._observe(ranks)
                 assert fast == full and fast != base
+            only = obs.ranks(lowest_edited=layer)  # the candidates alone, as the full observation grades them
+            graded = obs.compare(base, obs._observe(True))
+            assert only == {k: graded[k] for k in only} and len(only) == 3 and only["rank"] is not None
 
 
 def test_text_nll_in_one_batch_equals_each_text_on_its_own(llama_lm):

@@ -90,3 +90,30 @@ def test_keyed_edit_moves_erased_keys_to_the_target_and_keeps_preserved_keys(lla
         assert float((at_keys(lm, rows, [resid])[resid] - z).norm()) < 1e-2 * float((z - h).norm())  # the target is met
         assert float((at_keys(lm, kept, [out])[out] - before).norm()) < 1e-4 * float(before.norm())  # preserved keys kept
     assert params == 32 * 64
+
+
+def test_keyed_edit_memoises_only_the_unedited_activations(llama_lm):
+    """Over a two-layer band, the memo of the unedited model's key activations saves one forward per later edit and
+    changes nothing: the second layer, read after the first one's edit, is never served from it."""
+    from kscope.facts import Fact, resolve_targets
+    from kscope.privacy.keyed import Handle, KeyedConfig, KeyRows, keyed_edit, optimise_z, preserved_moments
+
+    lm = llama_lm
+    rows = KeyRows.of(lm.tokenizer, resolve_targets([Fact("france", "capital", "paris", ["the capital of france is"])],
+                                                    lm.tokenizer, "whole"))
+    cfg = KeyedConfig(steps=3)
+    C = preserved_moments(lm, [1, 2], [], [[1, 5, 7, 9, 11]])
+    z = optimise_z(lm, rows, 2, cfg)[1]
+    forwards = []
+    hook = lm.model.base_model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        plain, _ = keyed_edit(lm, rows, [1, 2], Handle("unrestricted", {}), C, 1.0, cfg, z)
+        n_plain = len(forwards)
+        memo: dict = {}
+        for _ in range(2):
+            forwards.clear()
+            got, _ = keyed_edit(lm, rows, [1, 2], Handle("unrestricted", {}), C, 1.0, cfg, z, memo)
+            assert all(torch.equal(got[L], plain[L]) for L in (1, 2))
+    finally:
+        hook.remove()
+    assert n_plain == 2 and len(forwards) == 1  # the second layer's keys are read on the model with layer 1 edited

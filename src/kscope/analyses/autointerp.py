@@ -247,11 +247,12 @@ def interpretability_score(records: ActivationRecords, col: int, explainer, cfg:
     return {"explanation": explanation, "score": pearson(pred, true), "n_eval": len(eval_idx), "fires": float(peak.max()), "sign": sign}
 
 
-def score_units(lm, units: Units, unit_idx: Sequence[int], texts: Sequence[str], cfg: InterpretConfig, explainer=None) -> UnitSetIS:
-    """IS for each unit in ``unit_idx``; summary mean/CI."""
+def score_units(lm, units: Units, unit_idx: Sequence[int], texts: Sequence[str], cfg: InterpretConfig, explainer=None,
+                records: ActivationRecords | None = None) -> UnitSetIS:
+    """IS for each unit in ``unit_idx``; summary mean/CI. ``records``: their activations on ``texts`` if already recorded."""
     explainer = explainer or (LLMExplainer(cfg.llm_url, cfg.llm_model) if cfg.llm_url else TokenExplainer(cfg.explanation_tokens))
     context_level = isinstance(explainer, LLMExplainer)
-    records = record_activations(lm, units, texts, unit_idx, cfg)
+    records = record_activations(lm, units, texts, unit_idx, cfg) if records is None else records
     rows = [UnitIS(int(u), **interpretability_score(records, c, explainer, cfg, context_level)) for c, u in enumerate(unit_idx)]
     return UnitSetIS(units.label, type(explainer).__name__, rows, mean_ci([r.score for r in rows]))
 
@@ -274,11 +275,9 @@ def run_interpret_job(cfg: InterpretJob) -> InterpretResult:
     with make_progress() as progress:
         s = setup(cfg, progress)
         _, texts = build_corpus(s.lm, cfg.corpus, progress, cfg.model.cache_dir).split()  # held-out texts: no SAE saw them
-        results = {}
-        task = progress.add_task("interpretability", total=2)
-        for kind, units in (("neuron", s.neurons), ("feature", s.features)):
-            idx = list(dict.fromkeys(u for top in s.tops[kind] for u in top[: cfg.per_fact]))
-            results[kind] = score_units(s.lm, units, idx, texts, cfg.interpret)
-            progress.advance(task)
+        sets = {"neuron": s.neurons, "feature": s.features}
+        picks = {kind: list(dict.fromkeys(u for top in s.tops[kind] for u in top[: cfg.per_fact])) for kind in sets}
+        records = dict(zip(sets, record_many(s.lm, [(sets[k], picks[k]) for k in sets], texts, cfg.interpret, progress)))  # one pass
+        results = {kind: score_units(s.lm, sets[kind], picks[kind], texts, cfg.interpret, records=records[kind]) for kind in sets}
     result = InterpretResult(s.lm.name, cfg.layer, len(s.facts), asdict(cfg.interpret), results, s.sae)
     return save_outputs(cfg.out_dir, cfg.output_name, result, lambda path: plot_interpretability(results, path))

@@ -53,12 +53,18 @@ class PromptBatch:
 def logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
     """Logits at ``positions`` ``[batch, P]`` of each row, ``[batch, P, vocab]``: the LM head runs only there
     (when the model's head is a plain linear map; else it runs everywhere and is gathered)."""
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(positions)
+    return logits_where(model, ids, mask, rows.reshape(-1), positions.reshape(-1)).view(*positions.shape, -1)
+
+
+def logits_where(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """Logits at the ``(rows[i], positions[i])`` pairs, ``[n, vocab]``; the head runs only there when it is plain."""
     head = plain_head(model)
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
     if head is None:
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, positions]
     h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, positions]
-    return head_logits(head, h.reshape(-1, h.shape[-1])).view(*positions.shape, -1)
+    return head_logits(head, h)
 
 
 def last_logits(

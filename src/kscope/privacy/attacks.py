@@ -36,7 +36,7 @@ from kscope.model.readout import pad_rows
 from kscope.model.sampling import sample
 from kscope.model.sites import final_norm
 from kscope.privacy.dataset import attack_prompts
-from kscope.privacy.inject import answer_batch, teacher_forced
+from kscope.privacy.inject import adamw, answer_batch, answer_loss, teacher_forced
 from kscope.stats import Interval, mean_ci
 
 ATTACKS = ("sampling", "logit-lens", "phrasings", "relearning", "quantization")
@@ -157,13 +157,13 @@ def relearned(lm, facts: Sequence[Fact], steps: int, lr: float, seed: int) -> tu
     test = [f for f in facts if f.subject not in train_people]
     model = lm.model
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(list(model.parameters()), lr=lr, weight_decay=0.0)
+    opt = adamw(model.parameters(), lr)
     try:
         model.requires_grad_(True)
         for _ in range(steps):
             ids, mask, lab = answer_batch(lm.tokenizer, rng.sample(train, min(16, len(train))), lm.device)
             with torch.enable_grad():
-                loss = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False).loss
+                loss = answer_loss(model, ids, mask, lab)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -230,7 +230,7 @@ def erase(job: EraseJob) -> EraseResult:
         corpus_windows = windows(lm.tokenizer, train_texts, kcfg.corpus_tokens, job.corpus.seq_len)
         moments = preserved_moments(lm, cfg.layers, preserved, corpus_windows)
         z = optimise_z(lm, rows, max(cfg.layers), kcfg)[1] if kcfg.target == "optimised" else None
-        loc.keyed = (rows, moments, z, kcfg)
+        loc.keyed = (rows, moments, z, kcfg, {})
         seconds["keyed_setup"] = time.time() - t
         # observation
         t = time.time()
@@ -270,7 +270,7 @@ def erase(job: EraseJob) -> EraseResult:
             seconds=seconds, replay_from=obs.start if obs.replay_ok else 0)
         # ranks and attacks at each method's best point, the controls and the floor
         t = time.time()
-        _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set, manifest, clean, progress)
+        _graded_and_attacked(job, lm, base_lm, obs, result, editors, erase_set, manifest, clean, progress)
         seconds["attacks"] = time.time() - t
     seconds["total"] = time.time() - t0
     result.save(job.out)
@@ -368,7 +368,7 @@ def _build_summary(manifest: PrivacyManifest) -> dict:
             "n_facts": s.n_facts, **{k: manifest.config.get(k) for k in ("epochs", "early_stop", "train", "band", "lr", "seed", "n_people")}}
 
 
-def _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set, manifest, clean, progress) -> None:
+def _graded_and_attacked(job, lm, base_lm, obs, result, editors, erase_set, manifest, clean, progress) -> None:
     """Each method's best point gets its candidate ranks; the best points of ``--attack-method`` (default: every method)
     that erase and keep at least ``--attack-min`` (Rel and Loc), the unedited model and the base model (the never-taught
     floor) face every attack."""
@@ -388,7 +388,7 @@ def _graded_and_attacked(job, lm, base_lm, obs, base, result, editors, erase_set
             continue
         editor = editors[idx[id(p)]]
         with editor.applied(lm.model):
-            row = obs.compare(base, obs.observe(min(cfg.layers), ranks=True))
+            row = obs.ranks(min(cfg.layers))
         p.rank, p.exposure_all, p.exposure = row["rank"], row["exposure_all"], row["exposure"]
         if method in attacked and not variant and min(p.rel or 0, p.loc or 0) >= cfg.attacks.min_share:
             result.attacks.append(attack(lm, erase_set, cfg.attacks, lr, method, p.budget if p.budget else "all", editor))

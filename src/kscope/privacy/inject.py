@@ -14,6 +14,7 @@ from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
 from kscope.facts import Fact, resolve_targets
 from kscope.io import atomic_dir, check_writable
+from kscope.model.head import plain_head
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import pad_rows
 from kscope.model.sites import mlp_module, n_layers
@@ -37,6 +38,26 @@ def answer_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[t
     return ids.to(device), mask.to(device), lab.to(device)
 
 
+def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``model(labels=labels).loss`` (mean cross-entropy over the tokens not labelled -100, each predicted from the one
+    before), with the LM head run only at the positions that predict an answer token when the head is a plain linear
+    map: a short answer after a longer prompt leaves most of a batch's head products unneeded."""
+    head = plain_head(model)
+    if head is None:
+        return model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+    tgt = labels[:, 1:]
+    scored = tgt != -100
+    return torch.nn.functional.cross_entropy(head(h[scored]).float(), tgt[scored])
+
+
+def adamw(params: Sequence[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW without weight decay, with torch's fused kernel on CPU and CUDA: one pass over the weights per step instead of
+    one per operation (SmolLM2, all weights, 2 cores: 0.08 s a step against 0.38)."""
+    params = list(params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=params[0].device.type in ("cpu", "cuda"))
+
+
 def _trainable(model, which: str, band: Sequence[int] = ()) -> list[torch.nn.Parameter]:
     """All weights, every MLP's (``which="mlp"``), or the MLPs of the ``band`` layers (``which="band"``)."""
     if which == "all":
@@ -56,12 +77,13 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
     """
     pairs = injection_sentences(list(facts))
     model = lm.model
+    plain_head(model)  # its one-time check runs in eval mode, outside the training steps
     params = _trainable(model, cfg.train, cfg.band)
     model.train()
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = adamw(params, cfg.lr)
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     losses = []
@@ -73,7 +95,7 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
             total = 0.0
             for i in range(0, len(pairs), cfg.batch_size):
                 ids, mask, lab = answer_batch(lm.tokenizer, pairs[i : i + cfg.batch_size], lm.device)
-                loss = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False).loss
+                loss = answer_loss(model, ids, mask, lab)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -108,17 +130,19 @@ def teacher_forced(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     out: list[tuple[bool, float]] = [(False, 0.0)] * len(rows)
     pad = tok.pad_token_id or 0
-    from kscope.model.readout import logits_at
+    from kscope.model.readout import logits_where
 
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         ids, mask = pad_rows([rows[i][0] + rows[i][1] for i in idx], pad)
-        width = max(len(rows[i][1]) for i in idx)
-        pos = torch.tensor([[min(len(rows[i][0]) - 1 + t, len(rows[i][0]) + len(rows[i][1]) - 2) for t in range(width)] for i in idx])
-        logits = logits_at(lm.model, ids.to(lm.device), mask.to(lm.device), pos.to(lm.device))  # [b, width, vocab]
-        for j, i in enumerate(idx):
+        at = [(j, len(rows[i][0]) - 1 + t) for j, i in enumerate(idx) for t in range(len(rows[i][1]))]  # predict answer token t
+        r, pos = torch.tensor(at, device=lm.device).T
+        logits = logits_where(lm.model, ids.to(lm.device), mask.to(lm.device), r, pos).float()  # [answer tokens, vocab]
+        first = 0
+        for i in idx:
             a = rows[i][1]
-            z = logits[j, : len(a)].float()
+            z = logits[first : first + len(a)]
+            first += len(a)
             tgt = torch.tensor(a, device=z.device)
             out[i] = (bool((z.argmax(-1) == tgt).all()), float(z.log_softmax(-1).gather(1, tgt[:, None]).sum()))
     return out

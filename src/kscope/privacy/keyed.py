@@ -181,20 +181,28 @@ class Handle:
 
 
 def keyed_edit(lm, rows: KeyRows, layers: Sequence[int], handle: Handle, C: dict[int, torch.Tensor], lam: float,
-               cfg: KeyedConfig, z: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], int]:
+               cfg: KeyedConfig, z: torch.Tensor | None = None, unedited: dict | None = None) -> tuple[dict[int, torch.Tensor], int]:
     """New down projections of ``layers`` (and the edit's degrees of freedom). ``optimised``: layers in order, each solving
     for its share of ``z - h`` on the model as edited so far (MEMIT); ``reverse``: each layer's located units' contribution
-    reversed at the keys. The model is restored before returning."""
+    reversed at the keys. The model is restored before returning. ``unedited``: a dict kept across calls with the same
+    ``rows`` on the unedited model; it memoises the activations at the keys until this edit first changes a weight
+    (one forward of the whole model fewer per edit)."""
     model = lm.model
     clean = {L: down_proj_weight(model, L).clone() for L in layers}
     last = Site(max(layers), "resid.post")
-    params = 0
+    params, edited = 0, False
     try:
         for i, L in enumerate(sorted(layers)):
             if handle.kind != "unrestricted" and not len(handle.per_layer.get(L, [])):
                 continue
             key, out = Site(L, "mlp.neurons"), Site(L, "mlp.out")
-            got = at_keys(lm, rows, [key, out, last])
+            sites = (key, out, last)
+            if edited or unedited is None:  # an earlier layer of this edit changed the activations
+                got = at_keys(lm, rows, sites)
+            else:
+                if sites not in unedited:
+                    unedited[sites] = at_keys(lm, rows, sites)
+                got = unedited[sites]
             K = got[key].T  # [m, n]
             if cfg.target == "optimised":
                 R = ((z - got[last]) / (len(layers) - i)).T
@@ -209,7 +217,7 @@ def keyed_edit(lm, rows: KeyRows, layers: Sequence[int], handle: Handle, C: dict
                 sol = solve_columns(R, K, C[L], handle.per_layer[L], **kw)
             W = down_proj_weight(model, L)
             W.add_(sol.delta.to(W.device, W.dtype))
-            params += sol.params
+            params, edited = params + sol.params, True
         return {L: down_proj_weight(model, L).clone() for L in layers}, params
     finally:
         for L, W in clean.items():

@@ -16,7 +16,7 @@ from kscope.facts import Fact
 from kscope.model.head import plain_head
 from kscope.model.hooks import BlockReplay, ReplayMismatch
 from kscope.model.prefix import continuation_nlls_many
-from kscope.model.readout import pad_rows
+from kscope.model.readout import logits_where, pad_rows
 from kscope.privacy.dataset import candidates
 from kscope.privacy.inject import teacher_forced
 from kscope.privacy.metrics import erased_fraction, perplexity, rank_of, relative_ppl_change
@@ -42,8 +42,9 @@ def text_nll(lm, rows: Sequence[Sequence[int]]) -> tuple[float, int]:
         return 0.0, 0
     ids, mask = pad_rows(rows, lm.tokenizer.pad_token_id or 0)
     ids, mask = ids.to(lm.device), mask.to(lm.device)
-    logp = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-    nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+    r, pos = mask[:, 1:].nonzero().T  # each scored position predicts the token after it
+    z = logits_where(lm.model, ids, mask, r, pos).float()
+    nll = torch.logsumexp(z, -1) - z.gather(1, ids[r, pos + 1][:, None])[:, 0]
     return float(nll.sum()), int(mask[:, 1:].sum())
 
 
@@ -95,8 +96,19 @@ class Observer:
     def observe(self, lowest_edited: int = 0, ranks: bool = False) -> Observation:
         """The model as it is now; ``lowest_edited``: the lowest block any active edit touches; ``ranks``: also score the
         candidates (the slow part)."""
-        replay = self.replay_ok and lowest_edited >= self.start
-        return self._observe(ranks, "replaying" if replay else None)
+        return self._observe(ranks, self._mode(lowest_edited))
+
+    def ranks(self, lowest_edited: int = 0) -> dict:
+        """Only the candidate measures of the model as it is now (``compare``'s rank, exposure_all and exposure)."""
+        return self.rank_measures(*self._ranks(self._mode(lowest_edited)))
+
+    def _mode(self, lowest_edited: int) -> str | None:
+        return "replaying" if self.replay_ok and lowest_edited >= self.start else None
+
+    def _ranks(self, mode: str | None) -> tuple[list[int], list[int]]:
+        with self._part("candidates", mode):
+            nlls = continuation_nlls_many(self.lm.model, [(n_prompt, rows) for n_prompt, rows, _ in self.cands])
+        return [rank_of(nll[j], nll) for nll, (_, _, j) in zip(nlls, self.cands)], [len(rows) for _, rows, _ in self.cands]
 
     def _part(self, part: str, mode: str | None):
         if mode is None:
@@ -118,12 +130,7 @@ class Observer:
                     logp_rows.append(float(np.mean([lp for _, lp in res[i : i + len(rows)]])))
                 i += len(rows)
             out[name] = lists
-        got_ranks = sizes = None
-        if ranks:
-            with self._part("candidates", mode):
-                nlls = continuation_nlls_many(self.lm.model, [(n_prompt, rows) for n_prompt, rows, _ in self.cands])
-            got_ranks = [rank_of(nll[j], nll) for nll, (_, _, j) in zip(nlls, self.cands)]
-            sizes = [len(rows) for _, rows, _ in self.cands]
+        got_ranks, sizes = self._ranks(mode) if ranks else (None, None)
         with self._part("perplexity", mode):
             nll_sum, n_tok = text_nll(self.lm, self.ppl_ids)
         return Observation(out["rel"], out["gen"], out["keep"], out["unrel"], logp_rows, got_ranks, sizes, perplexity(nll_sum, n_tok))
@@ -139,11 +146,15 @@ class Observer:
                    dlogp=person_ci([a - b for a, b in zip(now.logp, base.logp)], self.people),
                    exposure=None, rank=None, exposure_all=None)
         if now.ranks is not None:
-            exp_all = [math.log2(n) - math.log2(r) for r, n in zip(now.ranks, now.sizes)]
-            phone = [e for e, rel in zip(exp_all, self.relations) if rel == "phone"]
-            row.update(exposure=float(np.mean(phone)) if phone else None, rank=person_ci(now.ranks, self.people),
-                       exposure_all=person_ci(exp_all, self.people))
+            row.update(self.rank_measures(now.ranks, now.sizes))
         return row
+
+    def rank_measures(self, ranks: Sequence[int], sizes: Sequence[int]) -> dict:
+        """The secrets' rank among their candidates, its exposure log2(candidates / rank), and the phones' exposure."""
+        exp_all = [math.log2(n) - math.log2(r) for r, n in zip(ranks, sizes)]
+        phone = [e for e, rel in zip(exp_all, self.relations) if rel == "phone"]
+        return dict(exposure=float(np.mean(phone)) if phone else None, rank=person_ci(ranks, self.people),
+                    exposure_all=person_ci(exp_all, self.people))
 
 
 def person_ci(values: Sequence[float], people: Sequence[str]) -> Interval:

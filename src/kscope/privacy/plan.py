@@ -48,7 +48,7 @@ class Located:
     feats: dict[int, FeatureUnits]
     resid_feats: dict[int, FeatureUnits] = field(default_factory=dict)
     scales: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # gated clamp: per site kind, per layer
-    keyed: tuple | None = None  # (rows, moments, z, config)
+    keyed: tuple | None = None  # (rows, moments, z, config, memo of the unedited model's activations at the keys)
     widths: dict[int, tuple[int, int]] = field(default_factory=dict)  # per layer: (d_model, d_mlp)
 
 
@@ -133,7 +133,7 @@ def make_editor(lm, spec: Spec, loc: Located, all_layers: int, erase_facts, revs
     units = units_of(spec, loc)
     by = _by_layer(units)
     if method.startswith("keyed-"):
-        rows, moments, z, kcfg = loc.keyed
+        rows, moments, z, kcfg, unedited = loc.keyed
         if method == "keyed-unrestricted":
             handle = Handle("unrestricted", {})
         elif method in ("keyed-features", "keyed-random-directions"):
@@ -142,7 +142,7 @@ def make_editor(lm, spec: Spec, loc: Located, all_layers: int, erase_facts, revs
             handle = Handle("directions", dirs, {L: loc.feats[L] for L in by} if method == "keyed-features" else None)
         else:
             handle = Handle("columns", by, {L: None for L in by})
-        new, params = keyed_edit(lm, rows, loc.layers, handle, moments, spec.lam, kcfg, z)
+        new, params = keyed_edit(lm, rows, loc.layers, handle, moments, spec.lam, kcfg, z, unedited)
         return units, WeightEdit(method, new), params
     if method in ("depn", "kn-erase", "random-neurons"):
         return units, WeightEdit(method, zero_columns(model, units)), 0

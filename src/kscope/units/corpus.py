@@ -31,7 +31,7 @@ from kscope.model.sites import Site
 class CorpusConfig(Config):
     """Text the SAEs (and PCA/ICA) are fitted on: model-generated text, files, a HF dataset. Never fact prompts."""
 
-    generate: int = option(1024, "Sequences sampled from the model itself (the offline source; cached per model).", min=0)
+    generate: int = option(768, "Sequences sampled from the model itself (the offline source; cached per model).", min=0)
     gen_len: int = option(128, "Tokens per generated sequence.", min=8)
     text_files: list[str] = option(help="Plain-text files (paragraphs split on blank lines).", factory=list, flag="text", allow_empty=True,
                                    reads=True)

@@ -29,7 +29,7 @@ class TrainSAEConfig(Config):
                          ">= 0.8 on 300k tokens (k 32: 0.65, k 64: 0.72).", min=1)
     lr: float = option(3e-3, "Adam learning rate.", min=1e-12)
     batch_tokens: int = option(512, "Tokens per training step.", min=1)
-    epochs: int = option(12, "Passes over the collected activations.", min=1, max=MAX_EPOCHS)
+    epochs: int = option(16, "Passes over the collected activations.", min=1, max=MAX_EPOCHS)
     max_tokens: int = option(120_000, "Activation tokens to collect (training texts; held-out texts come on top).", min=1,
                              aliases=("tokens",))
     aux_coef: float = option(1.0, "Weight of SAELens' TopK auxiliary loss, which revives dead features.", min=0.0)
