@@ -94,3 +94,22 @@ def test_a_model_has_one_fingerprint_wherever_it_was_loaded_from(tmp_path):
     other = save_tiny_model(tmp_path / "c", seed=1)
     fa, fb, fc = (load_model(ModelConfig(model=str(d))).fingerprint for d in (a, b, other))
     assert fa == fb != fc
+
+
+def test_one_thread_gives_every_thread_pool_back():
+    """The one-thread section of PCA / ICA fits leaves torch, OpenMP and MKL as it found them: it once left MKL on one
+    thread for the rest of the process (torch still said 2), and every later stage ran at half speed on 2 cores."""
+    import re
+
+    import torch
+
+    from kscope.units.decompositions import one_thread
+
+    def pools():
+        return dict(re.findall(r"(\w+_get_\w*threads)\(\) : (\d+)", torch.__config__.parallel_info()))
+
+    before = pools()
+    with one_thread():
+        inside = pools()
+    assert pools() == before and before
+    assert all(v == "1" for k, v in inside.items() if "interop" not in k)

@@ -66,7 +66,9 @@ def one_thread():
     count (``OMP_NUM_THREADS=1`` and 2 gave PCA and random baselines 1e-6 apart)."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1), fixed_threads(1):
+    # torch's threads are set back last: when threadpoolctl's exit ran after torch's, OpenMP got its threads back but MKL
+    # stayed on one for the rest of the process (torch said 2, so it never set 2 again): every later stage ran at half speed
+    with fixed_threads(1), threadpool_limits(limits=1):
         yield
 
 
