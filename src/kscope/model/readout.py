@@ -67,6 +67,14 @@ def logits_where(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
     return head_logits(head, h)
 
 
+def logits_per_row(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
+                   positions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
+    """Per row of ``ids``, float logits at its own ``positions`` (``[len, vocab]``, rows of any lengths, no padding
+    positions scored); one forward, the head only there when it is plain."""
+    rows, pos = torch.tensor([(r, q) for r, ps in enumerate(positions) for q in ps], device=ids.device).T
+    return logits_where(model, ids, mask, rows, pos).float().split([len(ps) for ps in positions])
+
+
 def last_logits(
     model: nn.Module,
     batch: PromptBatch,

@@ -130,20 +130,14 @@ def teacher_forced(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     out: list[tuple[bool, float]] = [(False, 0.0)] * len(rows)
     pad = tok.pad_token_id or 0
-    from kscope.model.readout import logits_where
+    from kscope.model.readout import logits_per_row
 
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         ids, mask = pad_rows([rows[i][0] + rows[i][1] for i in idx], pad)
-        at = [(j, len(rows[i][0]) - 1 + t) for j, i in enumerate(idx) for t in range(len(rows[i][1]))]  # predict answer token t
-        r, pos = torch.tensor(at, device=lm.device).T
-        logits = logits_where(lm.model, ids.to(lm.device), mask.to(lm.device), r, pos).float()  # [answer tokens, vocab]
-        first = 0
-        for i in idx:
-            a = rows[i][1]
-            z = logits[first : first + len(a)]
-            first += len(a)
-            tgt = torch.tensor(a, device=z.device)
+        at = [[len(rows[i][0]) - 1 + t for t in range(len(rows[i][1]))] for i in idx]  # the positions predicting the answer
+        for i, z in zip(idx, logits_per_row(lm.model, ids.to(lm.device), mask.to(lm.device), at)):
+            tgt = torch.tensor(rows[i][1], device=z.device)
             out[i] = (bool((z.argmax(-1) == tgt).all()), float(z.log_softmax(-1).gather(1, tgt[:, None]).sum()))
     return out
 

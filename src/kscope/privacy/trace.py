@@ -21,7 +21,7 @@ import torch
 from kscope.facts import Fact
 from kscope.model.head import plain_head
 from kscope.model.hooks import BlockReplay, mlp_output_from, swapped_weights
-from kscope.model.readout import logits_where, pad_rows
+from kscope.model.readout import logits_per_row, pad_rows
 from kscope.model.sites import mlp_module, n_layers
 from kscope.stats import Interval, mean_ci
 
@@ -100,10 +100,9 @@ def _batch(lm, facts: Sequence[Fact], prompts: int | None = None):
 @torch.no_grad()
 def _logp(lm, ids, mask, pred, tgt) -> np.ndarray:
     """log P of each row's scored tokens, ``[rows]`` (the head runs only at the positions that predict them)."""
-    rows, pos = torch.tensor([(r, q) for r, p in enumerate(pred) for q in p], device=lm.device).T
-    lp = logits_where(lm.model, ids.to(lm.device), mask.to(lm.device), rows, pos).float().log_softmax(-1)
-    lp = lp[torch.arange(len(pos), device=lm.device), torch.tensor([t for ts in tgt for t in ts], device=lm.device)]
-    return np.array([float(v.sum()) for v in lp.split([len(ts) for ts in tgt])])
+    logits = logits_per_row(lm.model, ids.to(lm.device), mask.to(lm.device), pred)
+    return np.array([float(z.log_softmax(-1)[torch.arange(len(ts)), torch.tensor(ts, device=z.device)].sum())
+                     for z, ts in zip(logits, tgt)])
 
 
 def _per_person(values: np.ndarray, owner: Sequence[int], facts: Sequence[Fact]) -> Interval:
