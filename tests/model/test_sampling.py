@@ -42,3 +42,30 @@ def test_rows_stop_at_eos(llama_lm):
     out = sample(llama_lm.model, ids, 6, torch.Generator().manual_seed(0), top_k=1, eos=first, pad=0)
     assert out.shape[1] == ids.shape[1] + 1  # every row sampled eos at once: sampling stopped
     assert (out[:, -1] == first).all()
+
+
+def test_the_preallocated_cache_samples_the_same_text_as_the_growing_one(llama_lm, monkeypatch):
+    """Keys and values written in place into one buffer (no per-step concatenation) give the same tokens, bit for bit,
+    as transformers' own cache; the buffer really is used, and a model it cannot serve gets its own cache."""
+    from kscope.model import sampling
+
+    ids = torch.tensor([llama_lm.tokenizer("the capital of").input_ids] * 5)
+    cache = sampling.preallocated_cache(llama_lm.model, ids.shape[1] + 9)
+    assert cache is not None and all(isinstance(layer, sampling._BufferLayer) for layer in cache.layers)
+    ours = sample(llama_lm.model, ids, 9, torch.Generator().manual_seed(3), top_k=20, top_p=0.9)
+    monkeypatch.setattr(sampling, "preallocated_cache", lambda model, capacity: None)
+    plain = sample(llama_lm.model, ids, 9, torch.Generator().manual_seed(3), top_k=20, top_p=0.9)
+    assert torch.equal(ours, plain)
+
+
+def test_a_buffer_layer_past_its_capacity_grows_as_the_plain_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from kscope.model.sampling import _BufferLayer
+
+    layer = _BufferLayer(capacity=3)
+    steps = [torch.randn(2, 1, n, 4) for n in (2, 1, 2)]
+    for s in steps:
+        k, v = layer.update(s, -s)
+    assert type(layer) is DynamicLayer
+    assert torch.equal(k, torch.cat(steps, -2)) and torch.equal(v, -torch.cat(steps, -2))
