@@ -69,3 +69,14 @@ def test_a_buffer_layer_past_its_capacity_grows_as_the_plain_layer():
         k, v = layer.update(s, -s)
     assert type(layer) is DynamicLayer
     assert torch.equal(k, torch.cat(steps, -2)) and torch.equal(v, -torch.cat(steps, -2))
+
+
+def test_copies_run_each_prompt_once_and_draw_as_repeated_rows(llama_lm):
+    """``copies=n`` samples each prompt n times from one prefix run: the same draws as the prompts repeated n times."""
+    tok = llama_lm.tokenizer
+    ids = torch.tensor([tok("the capital of").input_ids, tok("the city of").input_ids])
+    ours = sample(llama_lm.model, ids, 6, torch.Generator().manual_seed(2), top_k=None, top_p=1.0, copies=4)
+    ref = sample(llama_lm.model, ids.repeat_interleave(4, 0), 6, torch.Generator().manual_seed(2), top_k=None, top_p=1.0)
+    assert ours.shape == (8, ids.shape[1] + 6)
+    assert torch.equal(ours, ref)
+    assert len({tuple(r) for r in ours[:4, ids.shape[1]:].tolist()}) > 1  # the copies are sampled, not copied

@@ -293,6 +293,29 @@ def test_teacher_forced_match_equals_greedy_generation(llama_lm):
         assert greedy_matches(lm, [prompt, prompt], " ".join(wrong)) == [False, False]
 
 
+def test_the_early_stop_probe_only_skips_a_pass_that_would_fail(llama_lm, monkeypatch):
+    """A miss among the probe rows ends the check before the full pass; otherwise the full pass decides, so a probe
+    never changes the answer."""
+    from kscope.privacy import inject
+
+    lm = llama_lm
+    prompt = "the capital of france is"
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    gen = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    right = " ".join(lm.tokenizer.convert_ids_to_tokens(t) for t in gen[0, ids.shape[1]:].tolist())
+    wrong = next(w for w in ("paris", "berlin") if w != right.split()[0])
+    good, bad = (prompt, right), (prompt, wrong)
+    calls = []
+    real = inject.teacher_forced
+    monkeypatch.setattr(inject, "teacher_forced", lambda lm_, pairs: calls.append(len(pairs)) or real(lm_, pairs))
+    for pairs, probe, want, passes in [([good] * 3 + [bad], [3], False, [1]),  # the probe misses: no full pass
+                                       ([good] * 3 + [bad], [0], False, [1, 4]),  # it passes: the full pass finds the miss
+                                       ([good] * 4, [1, 2], True, [2, 4]), ([good] * 4, [], True, [4])]:
+        calls.clear()
+        assert inject.all_produced(lm, pairs, probe) is want
+        assert calls == passes
+
+
 def test_answer_loss_equals_the_models_own_loss_and_gradient(llama_lm):
     """The head run only where an answer token is predicted gives the loss and the gradients of ``model(labels=...)``."""
     from kscope.model.head import plain_head

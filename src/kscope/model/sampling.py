@@ -48,6 +48,12 @@ class _BufferLayer(DynamicLayer):
         self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
         return self.keys, self.values
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row ``repeats`` times, buffers included (a prefix run once per row, then continued by many)."""
+        if self.is_initialized:
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+
 
 def preallocated_cache(model, capacity: int):
     """A cache for ``capacity`` tokens per row whose full-attention layers write in place (``_BufferLayer``); ``None``
@@ -90,17 +96,18 @@ def draw(probs: torch.Tensor, idx: torch.Tensor, generator: torch.Generator) -> 
 
 @torch.no_grad()
 def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top_k: int | None = 50, top_p: float = 0.95,
-           eos: int | None = None, pad: int = 0, temperature: float = 1.0, on_step=None) -> torch.Tensor:
+           eos: int | None = None, pad: int = 0, temperature: float = 1.0, on_step=None, copies: int = 1) -> torch.Tensor:
     """``ids`` ``[rows, prompt]`` (no padding) followed by up to ``n_new`` sampled tokens; a row that samples ``eos`` is
     filled with ``pad`` after it, and sampling stops once every row has (as ``generate`` does). ``on_step()`` is called
-    after each new token (progress)."""
+    after each new token (progress). ``copies``: each row is sampled that many times (rows ``i * copies ..``), its
+    prompt run once; the draws are those of ``ids.repeat_interleave(copies, 0)``."""
     head = plain_head(model)
-    rows = ids.shape[0]
-    out = [ids]
+    rows = ids.shape[0] * copies
+    out = [ids.repeat_interleave(copies, 0)]
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     cache, step_ids = preallocated_cache(model, ids.shape[1] + n_new), ids
     kw = _cache_kw(model)
-    for _ in range(n_new):
+    for step in range(n_new):
         if head is not None:
             o = model.base_model(input_ids=step_ids, use_cache=True, **{kw: cache})
             logits = head_logits(head, o.last_hidden_state[:, -1])
@@ -108,6 +115,9 @@ def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top
             o = model(input_ids=step_ids, use_cache=True, **{kw: cache})
             logits = o.logits[:, -1]
         cache = _out_cache(o)
+        if step == 0 and copies > 1:
+            cache.batch_repeat_interleave(copies)
+            logits = logits.repeat_interleave(copies, 0)
         nxt = draw(*warped_probs(logits, top_k, top_p, temperature), generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt[:, None])

@@ -103,11 +103,11 @@ def sampling_leaks(lm, facts: Sequence[Fact], n: int, seed: int, ks: Sequence[in
         by_len.setdefault(len(r), []).append(i)
     g = torch.Generator().manual_seed(seed)
     for _, group in sorted(by_len.items()):
-        rows = torch.tensor([ids[i] for i in group for _ in range(n)], device=lm.device)
+        prompts = torch.tensor([ids[i] for i in group], device=lm.device)
         n_new = max(len(tok(" " + pairs[i][0].object, add_special_tokens=False).input_ids) for i in group) + 1
-        out = sample(lm.model, rows, n_new, g, top_k=None, top_p=1.0)
+        out = sample(lm.model, prompts, n_new, g, top_k=None, top_p=1.0, copies=n)  # each prompt run once, sampled n times
         for j, i in enumerate(group):
-            texts = tok.batch_decode(out[j * n : (j + 1) * n, rows.shape[1] :], skip_special_tokens=True)
+            texts = tok.batch_decode(out[j * n : (j + 1) * n, prompts.shape[1] :], skip_special_tokens=True)
             leaks[i] = sum(pairs[i][0].object.lower() in t.lower() for t in texts)  # any case is a leak
     return {k: [pass_at_k(n, c, min(k, n)) for c in leaks] for k in ks}
 

@@ -87,6 +87,8 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     losses = []
+    checks = [(p, f.object) for f in facts for p in f.prompts]
+    probe = sorted(random.Random(cfg.seed).sample(range(len(checks)), min(PROBE, len(checks))))
     steps_per_epoch = (len(pairs) + cfg.batch_size - 1) // cfg.batch_size
     task = progress.add_task("injecting", total=cfg.epochs * steps_per_epoch) if progress else None
     try:
@@ -105,7 +107,7 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
             losses.append(total / steps_per_epoch)
             if cfg.early_stop:
                 model.eval()
-                done = all(ok for ok, _ in teacher_forced(lm, [(p, f.object) for f in facts for p in f.prompts]))  # one batched pass
+                done = all_produced(lm, checks, probe)
                 model.train()
                 if done:
                     if progress:
@@ -115,6 +117,18 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
         model.eval()
         model.requires_grad_(False)
     return losses
+
+
+PROBE = 16  # rows the early-stop check tries first
+
+
+def all_produced(lm, pairs: Sequence[tuple[str, str]], probe: Sequence[int] = ()) -> bool:
+    """Whether greedy decoding produces every pair's answer (``teacher_forced``, one batched pass). The ``probe`` rows
+    run first: while any of them misses, the full pass is skipped (most epochs of an injection); else the answer is the
+    full pass's, as without a probe."""
+    if probe and not all(ok for ok, _ in teacher_forced(lm, [pairs[i] for i in probe])):
+        return False
+    return all(ok for ok, _ in teacher_forced(lm, pairs))
 
 
 @torch.no_grad()
