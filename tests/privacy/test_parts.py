@@ -113,3 +113,18 @@ def test_per_person_location_gives_each_person_a_share():
     after = scores.clone()
     after[:, 0] = 0
     assert removed_share(scores, after, [0, 0, 0, 1, 1, 1], 2) == pytest.approx(0.25)  # half of person 0's top-2 went
+
+
+def test_revs_demotes_each_column_on_its_own(llama_lm):
+    """REVS demotes the candidates once and edits a prefix of them: a column's move must not depend on the others."""
+    from kscope.privacy.revs import _Lens, demote
+
+    lens = _Lens(llama_lm.model)
+    V = lens.W_U.shape[0]
+    cols = torch.randn(6, lens.W_U.shape[1], generator=torch.Generator().manual_seed(0))
+    token, band = 3, (int(0.5 * V), int(0.9 * V))
+    moved = demote(lens, cols, token, band, 100)
+    for k in (1, 3):
+        assert torch.allclose(demote(lens, cols[:k], token, band, 100), moved[:k], atol=1e-5)
+    ranks = lens.rank(moved, token)
+    assert ((ranks >= band[0]) & (ranks <= band[1])).all()
