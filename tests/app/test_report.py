@@ -28,6 +28,17 @@ def test_report_command_prints_them_with_the_run_stamp(tmp_path):
     assert first.startswith("_kscope ") and "config " in first and "SAEs: " in first
 
 
+def test_the_stamp_digests_the_config_but_not_where_it_was_written():
+    from kscope.app.report import stamp
+
+    res = ReproduceResult.load(DATA / "results_small.json")
+    moved = ReproduceResult.load(DATA / "results_small.json")
+    moved.config = {**moved.config, "out": "/elsewhere/report"}
+    other = ReproduceResult.load(DATA / "results_small.json")
+    other.config = {**other.config, "layer": other.config["layer"] + 1}
+    assert stamp(moved) == stamp(res) != stamp(other)
+
+
 def test_the_tables_carry_the_json_numbers():
     data = json.loads((DATA / "results_small.json").read_text())
     res = ReproduceResult.from_json(data)

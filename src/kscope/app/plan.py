@@ -10,8 +10,8 @@ from kscope.privacy.plan import plan
 # with: the SAE corpus per 1024 sequences, an SAE per site (its share of the activation pass and its training), the
 # fact stages per built-in-sized fact set (33 facts), the privacy build per model, its erasure per model (trace,
 # location and the keyed solver's set-up), per point of the grid and for the attacks, the sweep per layer x site cell.
-RATES = {"corpus": 459.0, "sae": 194.0, "compare": 51.0, "faithfulness": 149.0, "interpret": 14.0, "monosemanticity": 24.0,
-         "explorer": 11.0, "privacy-build": 303.0, "privacy-erase": 195.0, "privacy-point": 3.8, "privacy-attacks": 317.0,
+RATES = {"corpus": 343.0, "sae": 162.0, "compare": 46.0, "faithfulness": 124.0, "interpret": 13.0, "monosemanticity": 21.0,
+         "explorer": 8.0, "privacy-build": 248.0, "privacy-erase": 203.0, "privacy-point": 2.34, "privacy-attacks": 245.0,
          "sweep": 40.0}
 BUILTIN_FACTS = 33
 

@@ -302,11 +302,13 @@ def _saes_of(results) -> dict:
 
 
 def stamp(results) -> str:
-    """What produced the tables: kscope version, model and facts, a digest of the whole config, each SAE's identity."""
+    """What produced the tables: kscope version, model and facts, a digest of the whole config but where it was written
+    (``out``: the same study run into another directory has the same digest), each SAE's identity."""
     import hashlib
     import json
 
-    digest = hashlib.sha256(json.dumps(results.config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    config = {k: v for k, v in results.config.items() if k != "out"} if isinstance(results.config, dict) else results.config
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
     parts = []
     for name, i in sorted(_saes_of(results).items()):
         s = i.stats or {}
