@@ -307,7 +307,7 @@ def stamp(results) -> str:
     import hashlib
     import json
 
-    config = {k: v for k, v in results.config.items() if k != "out"} if isinstance(results.config, dict) else results.config
+    config = {k: v for k, v in results.config.items() if k != "out"}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
     parts = []
     for name, i in sorted(_saes_of(results).items()):

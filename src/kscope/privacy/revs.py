@@ -140,12 +140,13 @@ def revs(lm, facts: Sequence[Fact], layers: Sequence[int], n_neurons: int, cfg: 
                         order = torch.argsort(lens.rank(W[:, cand].T.float(), token))
                         idx = cand[order][:n_neurons]
                         k, tried, new = 5, set(), None
-                        moved = demote(lens, W[:, idx].T.float(), token, nb, cfg.max_iter)  # each column on its own: once
+                        before = W[:, idx].T.float()
+                        moved = demote(lens, before, token, nb, cfg.max_iter)  # each column on its own: once
                         for _ in range(cfg.max_iter):
                             k = min(k, len(idx))
                             cols = moved[:k]
                             new = (idx[:k], cols)
-                            out = a["mlp.out"] + (cols - W[:, idx[:k]].T.float()).T @ a["mlp.neurons"][idx[:k]]
+                            out = a["mlp.out"] + (cols - before[:k]).T @ a["mlp.neurons"][idx[:k]]
                             resid = a["resid.post"] - a["mlp.out"] + out
                             rm, rr = int(lens.rank(out[None], token)), int(lens.rank(resid[None], token))
                             if mb[0] <= rm <= mb[1]:
