@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from kscope.app.cli import app
 from tests.helpers import save_tiny_model, tiny_llama, word_tokenizer
 from tests.privacy.test_privacy import CORPUS, ERASE_ARGS
-from kscope.privacy.dataset import PrivacyConfig, build_private_facts, attack_prompts, strangers
+from kscope.privacy.data.dataset import PrivacyConfig, build_private_facts, attack_prompts, strangers
 
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 runner = CliRunner()

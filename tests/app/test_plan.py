@@ -6,7 +6,7 @@ import pytest
 
 from kscope.app.plan import RATES, estimate
 from kscope.app.reproduce import ReproduceConfig
-from kscope.privacy.plan import METHODS
+from kscope.privacy.edit.plan import METHODS
 
 
 def test_the_erase_estimate_counts_the_points_of_the_grid():

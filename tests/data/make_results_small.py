@@ -10,8 +10,8 @@ os.environ["KSCOPE_CACHE"] = "/tmp/tiny/small_cache"
 from typer.testing import CliRunner
 from tests.helpers import tiny_llama, word_tokenizer
 from kscope.app.cli import app
-from kscope.privacy.dataset import PrivacyConfig, attack_prompts, build_private_facts, strangers
-from kscope.privacy.plan import METHODS
+from kscope.privacy.data.dataset import PrivacyConfig, attack_prompts, build_private_facts, strangers
+from kscope.privacy.edit.plan import METHODS
 root = "/tmp/tiny/small"; shutil.rmtree(root, ignore_errors=True); os.makedirs(root)
 corpus = ["the capital of france is paris", "people in spain speak spanish", "the capital of germany is berlin",
           "the eiffel tower is in paris", "the official language of italy is italian", "history and science today",

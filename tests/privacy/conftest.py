@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kscope.app.cli import app
-from kscope.privacy.dataset import PrivacyConfig, attack_prompts, build_private_facts, strangers
+from kscope.privacy.data.dataset import PrivacyConfig, attack_prompts, build_private_facts, strangers
 from tests.helpers import tiny_llama, word_tokenizer
 
 runner = CliRunner()

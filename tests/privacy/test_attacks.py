@@ -10,8 +10,8 @@ import torch
 from kscope.facts import resolve_targets
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.sites import final_norm
-from kscope.privacy.attacks import lens_ranks, produced, quantized, relearned, sampling_leaks
-from kscope.privacy.inject import read_manifest
+from kscope.privacy.judge.attacks import lens_ranks, produced, quantized, relearned, sampling_leaks
+from kscope.privacy.data.inject import read_manifest
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from kscope.model.sites import Site, down_proj_weight
-from kscope.privacy.dataset import (FIRST, LAST, STRANGER_FIRST, STRANGER_LAST, PrivacyConfig, attack_prompts, build_private_facts,
+from kscope.privacy.data.dataset import (FIRST, LAST, STRANGER_FIRST, STRANGER_LAST, PrivacyConfig, attack_prompts, build_private_facts,
                                     collisions, strangers)
-from kscope.privacy.editors import feature_edit
-from kscope.privacy.guardrail import GatedClamp
-from kscope.privacy.locate import per_person, removed_share
+from kscope.privacy.edit.editors import feature_edit
+from kscope.privacy.edit.guardrail import GatedClamp
+from kscope.privacy.locate.scores import per_person, removed_share
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -117,7 +117,7 @@ def test_per_person_location_gives_each_person_a_share():
 
 def test_revs_demotes_each_column_on_its_own(llama_lm):
     """REVS demotes the candidates once and edits a prefix of them: a column's move must not depend on the others."""
-    from kscope.privacy.revs import _Lens, demote
+    from kscope.privacy.edit.revs import _Lens, demote
 
     lens = _Lens(llama_lm.model)
     V = lens.W_U.shape[0]

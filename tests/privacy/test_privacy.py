@@ -8,16 +8,16 @@ from typer.testing import CliRunner
 
 from tests.privacy.conftest import CORPUS
 from kscope.app.cli import app
-from kscope.privacy.dataset import candidates
-from kscope.privacy.editors import (RuntimeFeatureEdit, WeightEdit, direction_projection, feature_edit_mask,
+from kscope.privacy.data.dataset import candidates
+from kscope.privacy.edit.editors import (RuntimeFeatureEdit, WeightEdit, direction_projection, feature_edit_mask,
                                     projection_removal, zero_columns)
 from kscope.errors import KscopeError
-from kscope.privacy.erase import EraseConfig, EraseResult
-from kscope.privacy.plan import METHODS
-from kscope.privacy.inject import read_manifest
-from kscope.privacy.select import depn_select, kn_select
-from kscope.privacy.dataset import PrivacyConfig, build_private_facts
-from kscope.privacy.metrics import erased_fraction, exposure, pareto_front, rank_of, relative_ppl_change, unchanged_fraction
+from kscope.privacy.study.erase import EraseConfig, EraseResult
+from kscope.privacy.edit.plan import METHODS
+from kscope.privacy.data.inject import read_manifest
+from kscope.privacy.locate.select import depn_select, kn_select
+from kscope.privacy.data.dataset import PrivacyConfig, build_private_facts
+from kscope.privacy.judge.metrics import erased_fraction, exposure, pareto_front, rank_of, relative_ppl_change, unchanged_fraction
 from kscope.model.sites import down_proj_weight
 
 runner = CliRunner()
@@ -280,7 +280,7 @@ def test_a_weight_editor_refuses_residual_features(tmp_path, privacy_model):
 
 
 def test_teacher_forced_match_equals_greedy_generation(llama_lm):
-    from kscope.privacy.inject import greedy_matches
+    from kscope.privacy.data.inject import greedy_matches
 
     lm = llama_lm
     for prompt in ["the capital of france is", "people in spain speak"]:
@@ -296,7 +296,7 @@ def test_teacher_forced_match_equals_greedy_generation(llama_lm):
 def test_the_early_stop_probe_only_skips_a_pass_that_would_fail(llama_lm, monkeypatch):
     """A miss among the probe rows ends the check before the full pass; otherwise the full pass decides, so a probe
     never changes the answer."""
-    from kscope.privacy import inject
+    from kscope.privacy.data import inject
 
     lm = llama_lm
     prompt = "the capital of france is"
@@ -319,7 +319,7 @@ def test_the_early_stop_probe_only_skips_a_pass_that_would_fail(llama_lm, monkey
 def test_answer_loss_equals_the_models_own_loss_and_gradient(llama_lm):
     """The head run only where an answer token is predicted gives the loss and the gradients of ``model(labels=...)``."""
     from kscope.model.head import plain_head
-    from kscope.privacy.inject import answer_batch, answer_loss
+    from kscope.privacy.data.inject import answer_batch, answer_loss
 
     lm = llama_lm
     assert plain_head(lm.model) is not None  # the path that slices, not the fallback
@@ -344,7 +344,7 @@ def test_answer_loss_equals_the_models_own_loss_and_gradient(llama_lm):
 
 
 def test_fused_adamw_steps_as_the_plain_one():
-    from kscope.privacy.inject import adamw
+    from kscope.privacy.data.inject import adamw
 
     torch.manual_seed(0)
     w0, grads = torch.randn(7, 5), [torch.randn(7, 5) for _ in range(3)]
@@ -364,7 +364,7 @@ def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_mod
     """Observations of edits at blocks >= 1 replayed from block 1 equal full forwards; an edit below falls back."""
     from kscope.facts import resolve_targets
     from kscope.model.loading import load_model
-    from kscope.privacy.observe import Observer
+    from kscope.privacy.judge.observe import Observer
 
     _, out, _ = privacy_model
     lm = load_model(model=str(out))
@@ -384,7 +384,7 @@ def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_mod
 
 
 def test_text_nll_in_one_batch_equals_each_text_on_its_own(llama_lm):
-    from kscope.privacy.observe import text_nll
+    from kscope.privacy.judge.observe import text_nll
 
     rows = [llama_lm.tokenizer(t).input_ids for t in ("paris is a city", "the cat sat on the mat and the dog", "rome is old")]
     total, n = 0.0, 0

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kscope.privacy.solver import null_projector, orthonormal, second_moment, solve_columns, solve_directions, solve_unrestricted
+from kscope.privacy.edit.solver import null_projector, orthonormal, second_moment, solve_columns, solve_directions, solve_unrestricted
 
 
 def _problem(seed=0, m=16, d=6, n=3, rank_r=10, n_r=200):
@@ -69,8 +69,8 @@ def test_keyed_edit_moves_erased_keys_to_the_target_and_keeps_preserved_keys(lla
     (the solver's constraint met), and the MLP output at the preserved keys is unchanged."""
     from kscope.facts import Fact, resolve_targets
     from kscope.model.sites import Site
-    from kscope.privacy.editors import WeightEdit
-    from kscope.privacy.keyed import Handle, KeyedConfig, KeyRows, at_keys, keyed_edit, optimise_z, preserved_moments
+    from kscope.privacy.edit.editors import WeightEdit
+    from kscope.privacy.edit.keyed import Handle, KeyedConfig, KeyRows, at_keys, keyed_edit, optimise_z, preserved_moments
 
     lm = llama_lm
     tok = lm.tokenizer
@@ -96,7 +96,7 @@ def test_keyed_edit_memoises_only_the_unedited_activations(llama_lm):
     """Over a two-layer band, the memo of the unedited model's key activations saves one forward per later edit and
     changes nothing: the second layer, read after the first one's edit, is never served from it."""
     from kscope.facts import Fact, resolve_targets
-    from kscope.privacy.keyed import Handle, KeyedConfig, KeyRows, keyed_edit, optimise_z, preserved_moments
+    from kscope.privacy.edit.keyed import Handle, KeyedConfig, KeyRows, keyed_edit, optimise_z, preserved_moments
 
     lm = llama_lm
     rows = KeyRows.of(lm.tokenizer, resolve_targets([Fact("france", "capital", "paris", ["the capital of france is"])],

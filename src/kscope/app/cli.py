@@ -12,8 +12,8 @@ from kscope.app.explorer import ExploreConfig
 from kscope.app.options import command, friendly
 from kscope.app.reproduce import ReproduceConfig
 from kscope.locate.compare import CompareConfig, LocateConfig
-from kscope.privacy.erase import EraseJob
-from kscope.privacy.inject import BuildConfig
+from kscope.privacy.study.erase import EraseJob
+from kscope.privacy.data.inject import BuildConfig
 from kscope.progress import console
 from kscope.units.provision import TrainSAEJob
 
@@ -91,7 +91,7 @@ def _sweep(cfg: SweepConfig) -> None:
 
 
 def _privacy_build(cfg: BuildConfig) -> None:
-    from kscope.privacy.inject import build
+    from kscope.privacy.data.inject import build
 
     s = build(cfg).summary
     console.print(f"memorised {s.memorised_exact}/{s.n_facts} private facts exactly ({s.memorised_top1} by first-token top-1) "
@@ -102,7 +102,7 @@ def _privacy_erase(cfg: EraseJob) -> None:
     from pathlib import Path
 
     from kscope.app.report_privacy import plot_all, privacy_table
-    from kscope.privacy.erase import erase
+    from kscope.privacy.study.erase import erase
 
     res = erase(cfg)
     console.print(privacy_table(res).rich())

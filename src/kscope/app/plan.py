@@ -4,7 +4,7 @@ SAE are cached, and the minutes each part should take, from rates measured on a 
 from __future__ import annotations
 
 from kscope.model.sites import Site
-from kscope.privacy.plan import plan
+from kscope.privacy.edit.plan import plan
 
 # Seconds of each part on the 2-core CPU of the README's run (default options; see docs/results.md), and what they scale
 # with: the SAE corpus per 1024 sequences, an SAE per site (its share of the activation pass and its training), the

@@ -6,7 +6,7 @@ import numpy as np
 
 from kscope.app.tables import Table, ci, fmt
 from kscope.plots import pyplot, save_figure
-from kscope.privacy.results import EraseResult
+from kscope.privacy.study.results import EraseResult
 
 HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": "#3182bd", "keyed-neurons": "#e6550d",
                  "keyed-neurons-params": "#fd8d3c", "keyed-random-directions": "#9ecae1", "keyed-random-columns": "#fdd0a2",

@@ -26,9 +26,9 @@ from kscope.io import check_writable, read_json, write_json
 from kscope.locate.attribution import AttributionConfig
 from kscope.locate.compare import CompareConfig, CompareResult, run_study
 from kscope.model.loading import ModelConfig
-from kscope.privacy.erase import EraseConfig, EraseJob, EraseResult, erase
-from kscope.privacy.inject import MANIFEST, BuildConfig, BuildSummary, build, read_manifest
-from kscope.privacy.dataset import PrivacyConfig
+from kscope.privacy.study.erase import EraseConfig, EraseJob, EraseResult, erase
+from kscope.privacy.data.inject import MANIFEST, BuildConfig, BuildSummary, build, read_manifest
+from kscope.privacy.data.dataset import PrivacyConfig
 from kscope.progress import console
 from kscope.results import Result
 from kscope.units.corpus import CorpusConfig

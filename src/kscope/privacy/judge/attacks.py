@@ -35,8 +35,8 @@ from kscope.model.head import plain_head
 from kscope.model.readout import pad_rows
 from kscope.model.sampling import sample
 from kscope.model.sites import final_norm
-from kscope.privacy.dataset import attack_prompts
-from kscope.privacy.inject import adamw, answer_batch, answer_loss, teacher_forced
+from kscope.privacy.data.dataset import attack_prompts
+from kscope.privacy.data.inject import adamw, answer_batch, answer_loss, teacher_forced
 from kscope.stats import Interval, mean_ci
 
 ATTACKS = ("sampling", "logit-lens", "phrasings", "relearning", "quantization")

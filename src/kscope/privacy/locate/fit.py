@@ -3,11 +3,24 @@ beside its value on the base model it was trained on."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kscope.privacy.results import SAEFit
 from kscope.units.corpus import collect_activations
 from kscope.units.training import drop_outliers
+
+
+@dataclass
+class SAEFit:
+    """How well a layer's SAE reconstructs this model: explained variance on held-out corpus text and at the
+    secrets' positions (the edit prompts' last token and the secret's tokens)."""
+
+    layer: int
+    ev_generic: float
+    ev_private: float
+    ev_generic_source: float | None = None  # on the SAE's own model (base), for comparison
+    site: str = "mlp.out"
 
 
 @torch.no_grad()

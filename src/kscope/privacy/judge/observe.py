@@ -17,9 +17,9 @@ from kscope.model.head import plain_head
 from kscope.model.hooks import BlockReplay, ReplayMismatch
 from kscope.model.prefix import continuation_nlls_many
 from kscope.model.readout import logits_where, pad_rows
-from kscope.privacy.dataset import candidates
-from kscope.privacy.inject import teacher_forced
-from kscope.privacy.metrics import erased_fraction, perplexity, rank_of, relative_ppl_change
+from kscope.privacy.data.dataset import candidates
+from kscope.privacy.data.inject import teacher_forced
+from kscope.privacy.judge.metrics import erased_fraction, perplexity, rank_of, relative_ppl_change
 from kscope.stats import Interval, mean_ci
 
 

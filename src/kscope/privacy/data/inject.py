@@ -18,7 +18,7 @@ from kscope.model.head import plain_head
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import pad_rows
 from kscope.model.sites import mlp_module, n_layers
-from kscope.privacy.dataset import PrivacyConfig, build_private_facts, injection_sentences
+from kscope.privacy.data.dataset import PrivacyConfig, build_private_facts, injection_sentences
 from kscope.progress import make_progress
 from kscope.results import Result
 

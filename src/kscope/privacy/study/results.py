@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kscope.privacy.attacks import AttackRow
-from kscope.privacy.locate import SpecificityEffect
-from kscope.privacy.trace import SecretTrace
+from kscope.privacy.judge.attacks import AttackRow
+from kscope.privacy.locate.fit import SAEFit
+from kscope.privacy.locate.scores import SpecificityEffect
+from kscope.privacy.locate.trace import SecretTrace
 from kscope.results import Result
 from kscope.stats import Interval, mean_ci
 from kscope.units.provision import SAEInfo
@@ -52,18 +53,6 @@ class ErasurePoint:
     def label(self) -> str:
         parts = [self.method] + ([self.variant] if self.variant else [])
         return " ".join(parts)
-
-
-@dataclass
-class SAEFit:
-    """How well a layer's SAE reconstructs this model: explained variance on held-out corpus text and at the
-    secrets' positions (the edit prompts' last token and the secret's tokens)."""
-
-    layer: int
-    ev_generic: float
-    ev_private: float
-    ev_generic_source: float | None = None  # on the SAE's own model (base), for comparison
-    site: str = "mlp.out"
 
 
 @dataclass

@@ -10,10 +10,10 @@ from typing import Sequence
 import torch
 
 from kscope.model.sites import down_proj_weight
-from kscope.privacy.editors import RuntimeFeatureEdit, WeightEdit, feature_edit, projection_removal, zero_columns
-from kscope.privacy.guardrail import GatedClamp
-from kscope.privacy.keyed import Handle, keyed_edit
-from kscope.privacy.revs import revs
+from kscope.privacy.edit.editors import RuntimeFeatureEdit, WeightEdit, feature_edit, projection_removal, zero_columns
+from kscope.privacy.edit.guardrail import GatedClamp
+from kscope.privacy.edit.keyed import Handle, keyed_edit
+from kscope.privacy.edit.revs import revs
 from kscope.units.base import FeatureUnits
 
 KEYED = ("keyed-unrestricted", "keyed-features", "keyed-neurons", "keyed-neurons-params")

@@ -1,5 +1,5 @@
 """Key-conditioned erasure: closed-form edits of a band of down projections that change the MLP output only for the
-erased people's keys (MEMIT's update with AlphaEdit's alternative, ``kscope.privacy.solver``), through any handle.
+erased people's keys (MEMIT's update with AlphaEdit's alternative, ``kscope.privacy.edit.solver``), through any handle.
 
 Keys are the MLP hidden activations at the positions that read a secret out: the prompt's last token and the secret's
 own teacher-forced tokens, up to the last scored one. Targets:
@@ -29,7 +29,7 @@ from kscope.model.head import plain_head
 from kscope.model.hooks import BlockReplay, hooked
 from kscope.model.readout import logits_at, pad_rows
 from kscope.model.sites import Site, down_proj_weight, final_norm, n_layers
-from kscope.privacy.solver import PRESERVE, second_moment, solve_columns, solve_directions, solve_unrestricted
+from kscope.privacy.edit.solver import PRESERVE, second_moment, solve_columns, solve_directions, solve_unrestricted
 from kscope.units.base import FeatureUnits
 
 TARGETS = ("optimised", "reverse")

@@ -27,21 +27,21 @@ from kscope.locate.attribution import METHODS as ATTRIBUTION_METHODS
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.sites import Site, config_shape, down_proj_weight, n_layers
 from kscope.parallel import ParallelConfig
-from kscope.privacy import locate
-from kscope.privacy.attacks import AttackConfig, attack
-from kscope.privacy.dataset import collisions, strangers
-from kscope.privacy.fit import sae_fit, secret_acts
-from kscope.privacy.guardrail import activation_scale
-from kscope.privacy.metrics import pareto_front
-from kscope.privacy.inject import PrivacyManifest, read_manifest
-from kscope.privacy.keyed import KeyedConfig, KeyRows, optimise_z, preserved_moments
-from kscope.privacy.observe import Observer
-from kscope.privacy.plan import (CONTROLS, DEFAULT_METHODS, METHODS, NOT_BY_DEFAULT, Located, count_by_layer, equal_params,
+from kscope.privacy.locate import scores as locate
+from kscope.privacy.judge.attacks import AttackConfig, attack
+from kscope.privacy.data.dataset import collisions, strangers
+from kscope.privacy.locate.fit import sae_fit, secret_acts
+from kscope.privacy.edit.guardrail import activation_scale
+from kscope.privacy.judge.metrics import pareto_front
+from kscope.privacy.data.inject import PrivacyManifest, read_manifest
+from kscope.privacy.edit.keyed import KeyedConfig, KeyRows, optimise_z, preserved_moments
+from kscope.privacy.judge.observe import Observer
+from kscope.privacy.edit.plan import (CONTROLS, DEFAULT_METHODS, METHODS, NOT_BY_DEFAULT, Located, count_by_layer, equal_params,
                                  make_editor, plan, random_ranking)
-from kscope.privacy.results import EraseResult, ErasurePoint, Target, handle_verdicts, per_person
-from kscope.privacy.revs import RevsConfig
-from kscope.privacy.select import depn_select, kn_select
-from kscope.privacy.trace import trace_secrets
+from kscope.privacy.study.results import EraseResult, ErasurePoint, Target, handle_verdicts, per_person
+from kscope.privacy.edit.revs import RevsConfig
+from kscope.privacy.locate.select import depn_select, kn_select
+from kscope.privacy.locate.trace import trace_secrets
 from kscope.progress import make_progress
 from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, windows
 from kscope.units.provision import obtain_saes, neuron_units

@@ -1,0 +1,1 @@
+"""How an erasure is judged: splits, the observer, metrics, partial leaks, forget quality and attacks."""

@@ -1,0 +1,1 @@
+"""Where the secrets live: the restore/zero trace, per-person unit scores, DEPN / KN selection, SAE fit."""
