@@ -143,8 +143,8 @@ def test_build_memorises_and_refuses_existing_dir(privacy_model):
     assert m.summary.losses[-1] < m.summary.losses[0]
     mask = os.umask(0)
     os.umask(mask)
-    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~mask}  # model.safetensors was 0600
-    r = runner.invoke(app, ["privacy", "build", "--model", str(base), "--out", str(out), "--people", "2"])
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o666 & ~mask}  # model.safetensors was 0600
+    r = runner.invoke(app, ["privacy", "build", "--model", str(base), "--out", str(out), "--people", "4"])
     assert r.exit_code == 2 and "not empty" in r.output
 
 
@@ -170,7 +170,8 @@ def test_mlp_only_injection_leaves_attention_untouched(privacy_model):
 ERASE_ARGS = ["--layers", "0-2", "--resid-layers", "1", "--neuron-budgets", "8,64", "--feature-budgets", "2,8", "--revs-budgets", "2",
               "--taus", "0.5", "--keyed-lams", "0.1,1", "--keyed-steps", "10", "--keyed-weight-decay", "0", "--keyed-corpus-tokens", "300", "--steps", "3",
               "--text", None, "--generate", "0", "--sae-max-tokens", "600", "--sae-expansion", "2", "--sae-k", "4",
-              "--ppl-texts", "2", "--generic-texts", "4", "--max-unrelated", "5", "--samples", "3", "--relearn-steps", "2"]
+              "--ppl-texts", "2", "--generic-texts", "4", "--max-unrelated", "5", "--samples", "3", "--relearn-steps", "2",
+              "--attack-min", "0.05"]
 
 
 def _erase_args(corpus) -> list[str]:
@@ -235,12 +236,13 @@ def test_erase_records_the_trace_specificity_verdicts_and_attacks(erased):
     assert {(s.kind, s.step) for s in res.specificity} == {(k, s) for k in ("neuron", "feature") for s in ("format", "generic")}
     assert {v.b for v in res.verdicts} == {"keyed-neurons", "keyed-neurons-params", "keyed-random-directions"}
     methods = [a.method for a in res.attacks]
-    assert methods[:2] == ["base model (never taught)", "unedited"] and len(methods) > 2
+    assert methods[:3] == ["base model (never taught)", "retain twin", "unedited"] and len(methods) > 3
     best = {m: res.best(m) for m in {q.method for q in res.points if q.kind != "control"}}
-    assert set(methods[2:]) == {m for m, p in best.items() if p is not None and min(p.rel or 0, p.loc or 0) >= 0.5}  # --attack-min
-    assert any(min(p.rel or 0, p.loc or 0) < 0.5 for p in best.values() if p is not None)  # so the rule left some method out
-    unedited = res.attacks[1]
-    assert unedited.leak["phrasings"].mean is not None and unedited.leak["quantization"].mean > 0.5  # int8 keeps the secrets
+    assert set(methods[3:]) == {m for m, p in best.items() if p is not None and min(p.rel or 0, p.loc or 0) >= 0.05}  # --attack-min
+    assert any(min(p.rel or 0, p.loc or 0) < 0.05 for p in best.values() if p is not None)  # so the rule left some method out
+    unedited = res.attacks[2]
+    assert unedited.leak["phrasings"].mean is not None
+    assert unedited.leak["quantization"].mean > res.attacks[0].leak["quantization"].mean  # int8 keeps the secrets
     assert {"sampling@1", "sampling@3", "logit-lens", "relearning"} <= set(unedited.leak)
     assert all(p.rank is not None for m in {q.method for q in res.points if q.kind != "control"} for p in [res.best(m)] if p is not None)
     assert all((path.parent / f"privacy{s}.png").exists() for s in ("", "-budget", "-trace"))
@@ -364,12 +366,16 @@ def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_mod
     """Observations of edits at blocks >= 1 replayed from block 1 equal full forwards; an edit below falls back."""
     from kscope.facts import resolve_targets
     from kscope.model.loading import load_model
-    from kscope.privacy.judge.observe import Observer
+    from kscope.privacy.data.splits import key_facts
+    from kscope.privacy.judge.observe import Observer, Scored
 
     _, out, _ = privacy_model
     lm = load_model(model=str(out))
     facts = resolve_targets(read_manifest(out).private_facts(), lm.tokenizer, "whole", "distinct")
-    obs = Observer(lm, facts[:6], facts[6:], facts[6:8], CORPUS[:3], 5, replay_from=1)
+    keys, held = key_facts(facts[:6])
+    scored = Scored(keys, held, ["val"] * 3 + ["test"] * 3, facts[6:], ["fit", "fit", "val", "test", "test", "test"], facts[6:8],
+                    ["val", "test"], CORPUS[:3], ["val", "test", "test"])
+    obs = Observer(lm, scored, 5, replay_from=1)
     base = obs.baseline()
     assert obs.replay_ok and all(len(r.states) >= 1 for r in obs.replays.values())
     for layer in (1, 2, 0):
@@ -378,9 +384,9 @@ def test_observer_replay_from_a_middle_block_equals_full_observation(privacy_mod
             for ranks in (True, False):
                 fast, full = obs.observe(lowest_edited=layer, ranks=ranks), obs._observe(ranks)
                 assert fast == full and fast != base
-            only = obs.ranks(lowest_edited=layer)  # the candidates alone, as the full observation grades them
-            graded = obs.compare(base, obs._observe(True))
-            assert only == {k: graded[k] for k in only} and len(only) == 3 and only["rank"] is not None
+            only = obs.candidate_scores(lowest_edited=layer)  # the candidates alone, as the full observation grades them
+            whole = obs._observe(True)
+            assert only == (whole.ranks, whole.sizes, whole.truth) and len(only[0]) == 6
 
 
 def test_text_nll_in_one_batch_equals_each_text_on_its_own(llama_lm):

@@ -26,11 +26,15 @@ def _strength(p) -> str:
 def _point_row(res: EraseResult, p) -> list:
     return [p.label, _budget(p), _strength(p), p.n_units, f"{p.params:,}" if p.params else "–", f"{p.n_weights:,}",
             fmt(p.rel, ".2f"), fmt(p.gen, ".2f"), fmt(p.loc_pararel, ".2f"), fmt(p.loc_private, ".2f"), fmt(p.delta_ppl, "+.3f"),
-            ci(p.dlogp, "+.1f"), ci(p.rank, ".0f") if p.rank else "–", "yes" if res.target.met(p) else ""]
+            ci(p.dlogp, "+.1f"), fmt(p.fit.get("rel"), ".2f"), fmt(p.fit.get("loc_private"), ".2f"),
+            "yes" if res.target.met(p) else ""]
 
 
-_HEADERS = ["method", "budget", "strength", "units", "parameters", "weights changed", "Rel ↑", "Gen ↑", "Loc ParaRel ↑",
-            "Loc private ↑", "ΔPPL ↓", "Δ log P(secret)", "rank ↑", "target"]
+_HEADERS = ["method", "budget", "strength", "units", "parameters", "weights changed", "Rel ↑", "Gen ↑", "Loc facts ↑",
+            "Loc people ↑", "ΔPPL ↓", "Δ log P(secret)", "Rel in sample", "Loc people in sample", "target"]
+_SCOPE = ("Test split, out of sample: Rel on each secret's held-out edit template, Gen on held-out phrasings, Loc on kept "
+          "people and known facts the solver never preserved, ΔPPL on held-out text; in sample: on the key prompts and the "
+          "preserved people (what the edit was fitted to, never graded)")
 
 
 def build_note(res: EraseResult) -> str:
@@ -46,9 +50,11 @@ def _title(res: EraseResult) -> str:
 
 
 def privacy_table(res: EraseResult) -> Table:
-    """Each method's best point: meets the target with the highest Rel + Gen, else keeps both Locs and ΔPPL within it."""
-    t = Table(f"{_title(res)}: each method at its best point (target: Rel ≥ {res.target.rel}, Gen ≥ {res.target.gen}, both "
-              f"Loc ≥ {res.target.loc}, ΔPPL ≤ {res.target.delta_ppl:+.0%})", _HEADERS)
+    """Each method's best point, chosen on the validation split (meets the target there with the highest Rel + Gen, else
+    keeps both Locs and ΔPPL within it), reported on the test split."""
+    t = Table(f"{_title(res)}: each method at its best point, chosen on the validation people and reported on the test "
+              f"people (target: Rel ≥ {res.target.rel}, Gen ≥ {res.target.gen}, both Loc ≥ {res.target.loc}, ΔPPL ≤ "
+              f"{res.target.delta_ppl:+.0%}). {_SCOPE}", _HEADERS)
     for m, v in dict.fromkeys((p.method, p.variant) for p in res.points):
         b = res.best(m, v)
         if b is not None:
@@ -57,9 +63,46 @@ def privacy_table(res: EraseResult) -> Table:
 
 
 def privacy_curve_table(res: EraseResult) -> Table:
-    t = Table(f"Every point ({_title(res)})", _HEADERS)
+    t = Table(f"Every point ({_title(res)}). {_SCOPE}", _HEADERS)
     for p in res.points:
         t.rows.append(_point_row(res, p))
+    return t
+
+
+def retain_table(res: EraseResult) -> Table:
+    """Each method's best point against the retain twin on the test secrets: two-sided rank, forget quality, partial leaks."""
+    tg = res.target
+    t = Table("Against the retain twin (the same fine-tune without the forget set), test secrets on their held-out edit "
+              "template and phrasings: the secret's rank among candidates of its format (edited / twin), the two-sided gap "
+              "|rank − twin| / candidates, forget quality (TOFU: KS p-value of the per-secret truth ratios), partial leaks "
+              "(edited / twin, means over people), the share of secrets leaking no more than the twin on every measure, and "
+              f"the whole target (rates, forget quality ≥ {tg.forget_quality}, no mean leak above the twin's)",
+              ["method", "budget", "strength", "rank", "twin rank", "rank gap ↓", "forget quality ↑", "token recovery",
+               "prefix", "characters", "≤ twin ↑", "target with twin"])
+
+    def row(name, budget, strength, r, met):
+        lk = lambda k: f"{fmt(r.leaks[k].edited.mean, '.2f')} / {fmt(r.leaks[k].retain.mean, '.2f')}" if k in r.leaks else "–"  # noqa: E731
+        return [name, budget, strength, ci(r.rank, ".0f"), ci(r.retain_rank, ".0f"), ci(r.rank_gap, ".2f"),
+                fmt(r.forget_quality, ".3f"), lk("token_recovery"), lk("prefix_share"), lk("char_overlap"),
+                fmt(r.erased_share, ".2f"), met]
+
+    if res.unedited_vs_retain is not None:
+        t.rows.append(row("unedited (must differ)", "–", "–", res.unedited_vs_retain, ""))
+    for m, v in dict.fromkeys((p.method, p.variant) for p in res.points):
+        b = res.best(m, v)
+        if b is not None and b.retain is not None:
+            t.rows.append(row(b.label, _budget(b), _strength(b), b.retain, "yes" if tg.met_retain(b) else ""))
+    return t
+
+
+def split_table(res: EraseResult) -> Table:
+    """Who and what fits the edit, chooses its settings, and scores it."""
+    t = Table("The splits: what fits each edit (in sample), where settings are chosen (validation) and where they are "
+              "reported (test)", ["set", "size", "people"])
+    for k, n in res.sizes.items():
+        role = {"erased val": "forget-val", "erased test": "forget-test", "kept preserved": "keep-preserved",
+                "kept val": "keep-val", "kept test": "keep-test"}.get(k)
+        t.rows.append([k, n, ", ".join(res.split.get(role, [])) if role else ""])
     return t
 
 
@@ -140,6 +183,8 @@ def targets_table(runs: dict[str, EraseResult]) -> Table:
 def tables(name: str, res: EraseResult) -> list[tuple[str, Table, str | None]]:
     out = [(f"Privacy erasure, {name}: where the secrets live", trace_table(res), f"privacy-{name}-trace.png"),
            (f"Privacy erasure, {name}: each method at its best point", privacy_table(res), f"privacy-{name}.png"),
+           (f"Privacy erasure, {name}: against the retain twin", retain_table(res), None),
+           (f"Privacy erasure, {name}: the splits", split_table(res), None),
            (f"Privacy erasure, {name}: features against neurons at equal budgets", verdict_table(res), f"privacy-{name}-budget.png")]
     if res.attacks:
         out.append((f"Privacy erasure, {name}: attacks", attack_table(res), None))

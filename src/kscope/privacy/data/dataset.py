@@ -77,7 +77,13 @@ NUMBER_LIKE = ("phone",)
 class PrivacyConfig(Config):
     """Build and inject PrivacyParaRel."""
 
-    n_people: int = option(10, "Fictitious people (each has every attribute).", flag="people", min=1, max=len(CITIES))
+    n_people: int = option(12, "Fictitious people (each has every attribute); at least 4, one per role of the splits.",
+                           flag="people", min=1, max=len(CITIES))
+    forget: float = option(0.5, "Share of the people whose every secret is the forget set (half validation, half test); the "
+                                "others are kept (a third preserved by the solver, a third validation, a third test).",
+                           min=0.0, max=1.0)
+    retain_twin: bool = option(True, "Also train the retain twin: the same fine-tune (seed, order, epochs run) without the "
+                                     "forget set's sentences, the model an erasure is judged against.")
     attributes: list[str] = option(help="Attributes to include.", factory=lambda: list(ATTRIBUTES), choices=ATTRIBUTES, label="attribute")
     epochs: int = option(12, "Most fine-tuning epochs over the injection sentences.", min=1, max=MAX_EPOCHS)
     early_stop: bool = option(False, "Stop after the first epoch at which every fact is memorised exactly on every edit prompt.")
@@ -165,11 +171,6 @@ def strangers(facts: Sequence[Fact], seed: int) -> list[Fact]:
         out.append(replace(g, prompts=[p.replace(f.subject, name) for p in f.prompts],
                            heldout_prompts=[p.replace(f.subject, name) for p in f.heldout_prompts]))
     return out
-
-
-def injection_sentences(facts: list[Fact]) -> list[tuple[str, str]]:
-    """``(prompt, " " + secret)`` pairs of the edit templates: the fine-tuning data."""
-    return [(p, " " + f.object) for f in facts for p in f.prompts]
 
 
 def candidates(attr: str, secret: str, n: int = 20, seed: int = 0) -> list[str]:

@@ -1,4 +1,5 @@
-"""Inject private facts by a short fine-tune (loss on the secret's tokens only), save to a new directory."""
+"""Inject private facts by a short fine-tune (loss on the secret's tokens only) and train the retain twin (the same
+fine-tune without the forget set), save both to a new directory."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from kscope.model.head import plain_head
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import pad_rows
 from kscope.model.sites import mlp_module, n_layers
-from kscope.privacy.data.dataset import PrivacyConfig, build_private_facts, injection_sentences
+from kscope.privacy.data.dataset import PrivacyConfig, build_private_facts
+from kscope.privacy.data.splits import PeopleSplit, split_people
 from kscope.progress import make_progress
 from kscope.results import Result
 
 MANIFEST = "kscope_privacy.json"
+RETAIN = "retain"  # the retain twin's subdirectory of a privacy model
 
 
 def answer_batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,13 +72,18 @@ def _trainable(model, which: str, band: Sequence[int] = ()) -> list[torch.nn.Par
     return params
 
 
-def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> list[float]:
+def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None, skip: frozenset[str] = frozenset(),
+             epochs: int | None = None, label: str = "injecting") -> list[float]:
     """Fine-tune ``lm.model`` in place on the injection sentences; returns the loss per epoch run.
 
     With ``cfg.early_stop``, training ends after the first epoch at which greedy decoding reproduces
-    every secret on every edit prompt.
+    every secret on every edit prompt. ``skip``: uids of facts whose sentences are left out (the retain twin's forget
+    set); the shuffle still runs over every sentence, so the others keep the order they have in the full fine-tune.
+    ``epochs``: run exactly this many (no early stop).
     """
-    pairs = injection_sentences(list(facts))
+    tagged = [(f.uid, p, " " + f.object) for f in facts for p in f.prompts]
+    n_epochs = cfg.epochs if epochs is None else epochs
+    early = cfg.early_stop and epochs is None
     model = lm.model
     plain_head(model)  # its one-time check runs in eval mode, outside the training steps
     params = _trainable(model, cfg.train, cfg.band)
@@ -89,11 +97,13 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
     losses = []
     checks = [(p, f.object) for f in facts for p in f.prompts]
     probe = sorted(random.Random(cfg.seed).sample(range(len(checks)), min(PROBE, len(checks))))
-    steps_per_epoch = (len(pairs) + cfg.batch_size - 1) // cfg.batch_size
-    task = progress.add_task("injecting", total=cfg.epochs * steps_per_epoch) if progress else None
+    n_pairs = sum(uid not in skip for uid, _, _ in tagged)
+    steps_per_epoch = (n_pairs + cfg.batch_size - 1) // cfg.batch_size
+    task = progress.add_task(label, total=n_epochs * steps_per_epoch) if progress else None
     try:
-        for _ in range(cfg.epochs):
-            rng.shuffle(pairs)
+        for _ in range(n_epochs):
+            rng.shuffle(tagged)
+            pairs = [(p, a) for uid, p, a in tagged if uid not in skip]
             total = 0.0
             for i in range(0, len(pairs), cfg.batch_size):
                 ids, mask, lab = answer_batch(lm.tokenizer, pairs[i : i + cfg.batch_size], lm.device)
@@ -105,13 +115,13 @@ def finetune(lm, facts: Sequence[Fact], cfg: PrivacyConfig, progress=None) -> li
                 if progress:
                     progress.advance(task)
             losses.append(total / steps_per_epoch)
-            if cfg.early_stop:
+            if early:
                 model.eval()
                 done = all_produced(lm, checks, probe)
                 model.train()
                 if done:
                     if progress:
-                        progress.update(task, completed=cfg.epochs * steps_per_epoch)
+                        progress.update(task, completed=n_epochs * steps_per_epoch)
                     break
     finally:
         model.eval()
@@ -131,7 +141,6 @@ def all_produced(lm, pairs: Sequence[tuple[str, str]], probe: Sequence[int] = ()
     return all(ok for ok, _ in teacher_forced(lm, pairs))
 
 
-@torch.no_grad()
 def teacher_forced(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[tuple[bool, float]]:
     """For each ``(prompt, answer)``: does greedy decoding after the prompt reproduce ``" " + answer``
     exactly, and the answer's log-probability ``sum log P(a_t | prompt, a_<t)``.
@@ -139,10 +148,17 @@ def teacher_forced(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -
     One batched teacher-forced forward: greedy reproduces the answer iff at every answer position
     the argmax is the answer's token given the answer's own prefix.
     """
+    return [(all(hits), lp) for hits, lp in forced_tokens(lm, pairs, batch_size)]
+
+
+@torch.no_grad()
+def forced_tokens(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[tuple[list[bool], float]]:
+    """For each ``(prompt, answer)``, teacher-forced: per answer token, is it the argmax given the answer's own prefix,
+    and the answer's log-probability (``teacher_forced`` reads its ``all``)."""
     tok = lm.tokenizer
     rows = [(tok(p, add_special_tokens=True).input_ids, tok(" " + a, add_special_tokens=False).input_ids) for p, a in pairs]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    out: list[tuple[bool, float]] = [(False, 0.0)] * len(rows)
+    out: list[tuple[list[bool], float]] = [([], 0.0)] * len(rows)
     pad = tok.pad_token_id or 0
     from kscope.model.readout import logits_per_row
 
@@ -152,7 +168,7 @@ def teacher_forced(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -
         at = [[len(rows[i][0]) - 1 + t for t in range(len(rows[i][1]))] for i in idx]  # the positions predicting the answer
         for i, z in zip(idx, logits_per_row(lm.model, ids.to(lm.device), mask.to(lm.device), at)):
             tgt = torch.tensor(rows[i][1], device=z.device)
-            out[i] = (bool((z.argmax(-1) == tgt).all()), float(z.log_softmax(-1).gather(1, tgt[:, None]).sum()))
+            out[i] = ((z.argmax(-1) == tgt).tolist(), float(z.log_softmax(-1).gather(1, tgt[:, None]).sum()))
     return out
 
 
@@ -198,15 +214,20 @@ class BuildSummary:
 
 @dataclass
 class PrivacyManifest(Result):
-    """What ``privacy build`` made: the base model, the options, the private facts and how well each was memorised."""
+    """What ``privacy build`` made: the base model, the options, the private facts and how well each was memorised, the
+    people's roles (``split``) and the retain twin's summary and memorisation (in ``RETAIN/``)."""
 
     kind = "privacy-model"
+    version = 2
 
     base_model: str
     config: dict
     facts: list[dict]
     memorised: list[Memorised]
     summary: BuildSummary
+    split: PeopleSplit | None = None
+    retain: BuildSummary | None = None
+    retain_memorised: list[Memorised] | None = None
 
     def private_facts(self) -> list[Fact]:
         return [Fact(d["subject"], d["relation"], d["object"], d["prompts"], heldout_prompts=d["heldout_prompts"], uid=d["uid"])
@@ -225,14 +246,22 @@ def check_new_dir(out_dir: str | Path | None) -> Path:
     return out
 
 
-def save_model_dir(lm, out_dir: str | Path, manifest: PrivacyManifest) -> Path:
-    """Write model + tokenizer + manifest to a *new* directory, atomically."""
+def save_model_dir(lm, out_dir: str | Path, manifest: PrivacyManifest, twin=None) -> Path:
+    """Write model + tokenizer + manifest (and the retain ``twin`` into ``RETAIN/``) to a *new* directory, atomically."""
     out = check_new_dir(out_dir)
     with atomic_dir(out) as tmp:  # replaces only an empty directory
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        if twin is not None:
+            twin.model.save_pretrained(tmp / RETAIN)
+            twin.tokenizer.save_pretrained(tmp / RETAIN)
         manifest.save(tmp / MANIFEST)
     return out
+
+
+def retain_dir(model_dir: str | Path, manifest: PrivacyManifest) -> Path | None:
+    """The retain twin's directory of a privacy model, if it was built with one."""
+    return Path(model_dir) / RETAIN if manifest.retain is not None else None
 
 
 def read_manifest(model_dir: str | Path) -> PrivacyManifest:
@@ -256,13 +285,27 @@ def build(cfg: BuildConfig) -> PrivacyManifest:
     check_new_dir(cfg.out)  # before the fine-tune, not after it
     check_writable(cfg.out, cfg.reads(), directory=True, writes=["."], flag="--out")
     facts = build_private_facts(cfg.privacy)
+    split = split_people(list(dict.fromkeys(f.subject for f in facts)), cfg.privacy.forget, cfg.privacy.seed)
     t0 = time.time()
     lm = load_model(cfg.model)
+    twin = twin_summary = twin_mem = None
     with make_progress() as progress:
         losses = finetune(lm, facts, cfg.privacy, progress)
-    mem = memorised(lm, facts)
-    summary = BuildSummary(len(facts), sum(r.top1_edit >= 0.5 for r in mem), sum(r.exact_edit >= 0.5 for r in mem),
-                           losses, time.time() - t0, len(losses))
-    manifest = PrivacyManifest(cfg.model.model, asdict(cfg.privacy), [f.to_dict() for f in facts], mem, summary)
-    save_model_dir(lm, cfg.out, manifest)
+        mem = memorised(lm, facts)
+        summary = _summary(facts, mem, losses, t0)
+        if cfg.privacy.retain_twin:  # the same recipe, seed and epochs, without the forget set
+            t1 = time.time()
+            twin = load_model(cfg.model)
+            forget = frozenset(f.uid for f in split.facts(facts, "forget-val", "forget-test"))
+            twin_losses = finetune(twin, facts, cfg.privacy, progress, skip=forget, epochs=len(losses), label="retain twin")
+            twin_mem = memorised(twin, facts)
+            twin_summary = _summary(facts, twin_mem, twin_losses, t1)
+    manifest = PrivacyManifest(cfg.model.model, asdict(cfg.privacy), [f.to_dict() for f in facts], mem, summary, split,
+                               twin_summary, twin_mem)
+    save_model_dir(lm, cfg.out, manifest, twin)
     return manifest
+
+
+def _summary(facts, mem: list[Memorised], losses: list[float], t0: float) -> BuildSummary:
+    return BuildSummary(len(facts), sum(r.top1_edit >= 0.5 for r in mem), sum(r.exact_edit >= 0.5 for r in mem), losses,
+                        time.time() - t0, len(losses))

@@ -10,9 +10,9 @@ a model that never saw the secrets (the base model) is the floor it is read agai
   predicts the secret's first scored token; a pair is attacked when the token ranks within ``lens_rank`` at any layer
   (Patil, Hase, Bansal 2024's head projection).
 - ``phrasings``: the secret produced (greedy, whole) after new phrasings no other stage used (``ATTACK_TEMPLATES``).
-- ``relearning``: ``relearn_steps`` fine-tuning steps (the injection's loss and learning rate) on half the erased
-  people's secrets; the share of the *other* half's secrets produced afterwards (Deeb & Roger 2025). The model is
-  restored after.
+- ``relearning``: ``relearn_steps`` fine-tuning steps (the injection's loss and learning rate) on other erased people's
+  secrets (the erase study: the validation people's; else half the people); the share of the attacked people's secrets
+  produced afterwards (Deeb & Roger 2025). The model is restored after.
 - ``quantization``: int8 dynamic quantization, per output channel, of every linear layer but the head (torch's, CPU; an
   approximation of bitsandbytes' LLM.int8 that Zhang et al. 2025 used); the share of secrets produced.
 """
@@ -146,15 +146,23 @@ def produced(lm, facts: Sequence[Fact], prompts_of) -> list[bool]:
     return [ok for ok, _ in teacher_forced(lm, pairs)]
 
 
-def relearned(lm, facts: Sequence[Fact], steps: int, lr: float, seed: int) -> tuple[list[bool], list[str]]:
-    """Fine-tune ``steps`` steps on half the people's secrets (edit templates), then: is each other person's secret
-    produced (edit and held-out prompts)? Every weight is restored exactly afterwards."""
-    people = sorted({f.subject for f in facts})
+def relearned(lm, facts: Sequence[Fact], steps: int, lr: float, seed: int, train_on: Sequence[Fact] | None = None
+              ) -> tuple[list[bool], list[str]]:
+    """Fine-tune ``steps`` steps on ``train_on``'s secrets (edit templates; default: half the people of ``facts``), then:
+    is each other person's secret of ``facts`` produced (edit and held-out prompts)? Every weight is restored exactly
+    afterwards."""
     rng = random.Random(seed)
-    rng.shuffle(people)
-    train_people = set(people[: len(people) // 2])
-    train = [(p, " " + f.object) for f in facts if f.subject in train_people for p in f.prompts]
+    if train_on is None:
+        people = sorted({f.subject for f in facts})
+        rng.shuffle(people)
+        train_people = set(people[: len(people) // 2])
+        train_on = [f for f in facts if f.subject in train_people]
+    else:
+        train_people = set()
+    train = [(p, " " + f.object) for f in train_on for p in f.prompts]
     test = [f for f in facts if f.subject not in train_people]
+    if not train or not test:
+        raise ValueError("relearning needs people to train on and other people to test")
     model = lm.model
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = adamw(model.parameters(), lr)
@@ -197,9 +205,11 @@ class NoEdit:
         return nullcontext(self)
 
 
-def attack(lm, facts: Sequence[Fact], cfg: AttackConfig, lr: float, method: str, budget, edit=None) -> AttackRow:
+def attack(lm, facts: Sequence[Fact], cfg: AttackConfig, lr: float, method: str, budget, edit=None,
+           relearn_on: Sequence[Fact] | None = None) -> AttackRow:
     """Every attack of ``cfg`` on ``lm`` with ``edit`` on (anything with ``applied(model)`` and ``runtime``; weight edits are
-    in the quantized copy's weights, runtime edits are put on the copy too)."""
+    in the quantized copy's weights, runtime edits are put on the copy too). ``relearn_on``: the secrets relearning
+    trains on (other erased people's; default: half of ``facts``' people)."""
     edit = edit or NoEdit()
     row = AttackRow(method, budget)
     everywhere = lambda f: f.prompts + f.heldout_prompts  # noqa: E731
@@ -215,7 +225,7 @@ def attack(lm, facts: Sequence[Fact], cfg: AttackConfig, lr: float, method: str,
         if "phrasings" in cfg.attacks:
             row.leak["phrasings"], row.people_clean["phrasings"] = _person_rates(produced(lm, facts, attack_prompts), people(attack_prompts))
         if "relearning" in cfg.attacks:
-            flags, who = relearned(lm, facts, cfg.relearn_steps, lr, cfg.seed)
+            flags, who = relearned(lm, facts, cfg.relearn_steps, lr, cfg.seed, relearn_on)
             row.leak["relearning"], row.people_clean["relearning"] = _person_rates(flags, who)
         if "quantization" in cfg.attacks:
             q = quantized(lm)

@@ -1,12 +1,15 @@
-"""What every editor is judged on: the erased secrets (edit and held-out prompts), the kept people's secrets, known
-facts, perplexity on held-out text and the secret's rank among candidates of its format; tokenised once and
-measured in batched teacher-forced passes, from the lowest edited block on when nothing below it changes."""
+"""What every editor is judged on, split by what fitted it: the erased secrets on their held-out edit template (Rel) and
+held-out phrasings (Gen), the kept people the solver never saw and known facts it never preserved (Loc), perplexity
+on held-out text, the secret's rank among candidates of its format; and, labelled as in-sample, the same measures on
+what the edit was fitted to (the key prompts, the preserved people and facts). Each scored item belongs to a split,
+``val`` (settings are chosen there) or ``test`` (reported); tokenised once, measured in batched teacher-forced
+passes, from the lowest edited block on when nothing below it changes."""
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -18,21 +21,46 @@ from kscope.model.hooks import BlockReplay, ReplayMismatch
 from kscope.model.prefix import continuation_nlls_many
 from kscope.model.readout import logits_where, pad_rows
 from kscope.privacy.data.dataset import candidates
-from kscope.privacy.data.inject import teacher_forced
+from kscope.privacy.data.inject import forced_tokens
+from kscope.privacy.judge.leaks import prefix_share, token_recovery, truth_ratio
 from kscope.privacy.judge.metrics import erased_fraction, perplexity, rank_of, relative_ppl_change
 from kscope.stats import Interval, mean_ci
+
+SCOPES = ("val", "test")
+
+
+@dataclass
+class Scored:
+    """What an observation scores, each item with its split: ``fit`` (the edit saw it), ``val`` or ``test``.
+
+    ``erased``: the erased facts with only their key prompts; ``held_prompt``: each one's held-out edit prompt."""
+
+    erased: list[Fact]
+    held_prompt: list[str]
+    erased_scope: list[str]
+    kept: list[Fact]
+    kept_scope: list[str]
+    unrelated: list[Fact]
+    unrelated_scope: list[str]
+    texts: list[str]
+    text_scope: list[str]
+
+    def __post_init__(self) -> None:
+        for items, scopes in ((self.erased, self.erased_scope), (self.held_prompt, self.erased_scope), (self.kept, self.kept_scope),
+                              (self.unrelated, self.unrelated_scope), (self.texts, self.text_scope)):
+            if len(items) != len(scopes):
+                raise ValueError("every scored item needs its split")
 
 
 @dataclass
 class Observation:
-    rel: list[list[bool]]  # per erased fact, per edit prompt: is the secret produced?
-    gen: list[list[bool]]  # the same on its held-out prompts
-    keep: list[list[bool]]  # the kept people's secrets
-    unrel: list[list[bool]]  # known facts
-    logp: list[float]  # per erased fact: mean log P(secret) over its edit prompts
-    ranks: list[int] | None  # per erased fact: the secret's rank among its candidates (None: not measured)
+    ok: dict[str, list[list[bool]]]  # group -> per fact -> per prompt: is the whole secret / object produced?
+    hits: dict[str, list[list[list[bool]]]]  # 'rel', 'gen': per fact, per prompt, per token: argmax given its prefix?
+    logp: list[float]  # per erased fact: log P(secret) on its held-out edit prompt
+    ranks: list[int] | None  # per erased fact, on its held-out edit prompt: the secret's rank among its candidates
     sizes: list[int] | None
-    ppl: float
+    truth: list[float] | None  # per erased fact: the truth ratio over its candidates (``leaks.truth_ratio``)
+    ppl: dict[str, float] = field(default_factory=dict)  # per split of the held-out texts
 
 
 @torch.no_grad()
@@ -56,25 +84,36 @@ class Observer:
 
     PARTS = ("forced", "candidates", "perplexity")
 
-    def __init__(self, lm, erase: Sequence[Fact], keep: Sequence[Fact], unrelated: Sequence[Fact], ppl_texts: Sequence[str],
-                 n_candidates: int, replay_from: int = 0):
+    def __init__(self, lm, scored: Scored, n_candidates: int, replay_from: int = 0):
         self.lm = lm
+        self.s = scored
         self.replays = {part: BlockReplay(lm.model, replay_from) for part in self.PARTS} if replay_from > 0 else None
         self.replay_ok = False
         self.start = replay_from
         plain_head(lm.model)  # its one-time check runs a forward: not in the recording
+        s = scored
+        kept_fit = [f for f, sc in zip(s.kept, s.kept_scope) if sc == "fit"]
+        kept_out = [f for f, sc in zip(s.kept, s.kept_scope) if sc != "fit"]
+        unrel_fit = [f for f, sc in zip(s.unrelated, s.unrelated_scope) if sc == "fit"]
+        unrel_out = [f for f, sc in zip(s.unrelated, s.unrelated_scope) if sc != "fit"]
+        self.scopes = {"rel": s.erased_scope, "gen": s.erased_scope, "rel_fit": ["fit"] * len(s.erased),
+                       "keep": [sc for sc in s.kept_scope if sc != "fit"], "keep_fit": ["fit"] * len(kept_fit),
+                       "unrel": [sc for sc in s.unrelated_scope if sc != "fit"], "unrel_fit": ["fit"] * len(unrel_fit)}
         self.groups: list[tuple[str, list[list[tuple[str, str]]]]] = [
-            ("rel", [[(p, f.object) for p in f.prompts] for f in erase]),
-            ("gen", [[(p, f.object) for p in f.heldout_prompts] for f in erase]),
-            ("keep", [[(p, f.object) for p in f.prompts] for f in keep]),
-            ("unrel", [[(p, f.object) for p in f.prompts[:2]] for f in unrelated]),
+            ("rel", [[(p, f.object)] for f, p in zip(s.erased, s.held_prompt)]),
+            ("gen", [[(p, f.object) for p in f.heldout_prompts] for f in s.erased]),
+            ("rel_fit", [[(p, f.object) for p in f.prompts] for f in s.erased]),
+            ("keep", [[(p, f.object) for p in f.prompts + f.heldout_prompts] for f in kept_out]),
+            ("keep_fit", [[(p, f.object) for p in f.prompts] for f in kept_fit]),
+            ("unrel", [[(p, f.object) for p in f.prompts[:2]] for f in unrel_out]),
+            ("unrel_fit", [[(p, f.object) for p in f.prompts[:2]] for f in unrel_fit]),
         ]
-        self.people = [f.subject for f in erase]
-        self.relations = [f.relation for f in erase]
-        self.ppl_ids = [i for i in (lm.tokenizer(t).input_ids[:64] for t in ppl_texts) if len(i) >= 2]
+        self.people = [f.subject for f in s.erased]
+        self.relations = [f.relation for f in s.erased]
+        self.ppl_ids = {sc: [i for t, x in zip(s.texts, s.text_scope) if x == sc
+                             for i in [lm.tokenizer(t).input_ids[:64]] if len(i) >= 2] for sc in SCOPES}
         self.cands = []
-        for f in erase:
-            prompt = f.prompts[0]
+        for f, prompt in zip(s.erased, s.held_prompt):
             cs = candidates(f.relation, f.object, n_candidates)
             if f.object not in cs:
                 cs = [f.object, *cs]
@@ -98,17 +137,19 @@ class Observer:
         candidates (the slow part)."""
         return self._observe(ranks, self._mode(lowest_edited))
 
-    def ranks(self, lowest_edited: int = 0) -> dict:
-        """Only the candidate measures of the model as it is now (``compare``'s rank, exposure_all and exposure)."""
-        return self.rank_measures(*self._ranks(self._mode(lowest_edited)))
+    def candidate_scores(self, lowest_edited: int = 0) -> tuple[list[int], list[int], list[float]]:
+        """Only the candidates of the model as it is now: per erased fact its rank, candidate count and truth ratio."""
+        return self._ranks(self._mode(lowest_edited))
 
     def _mode(self, lowest_edited: int) -> str | None:
         return "replaying" if self.replay_ok and lowest_edited >= self.start else None
 
-    def _ranks(self, mode: str | None) -> tuple[list[int], list[int]]:
+    def _ranks(self, mode: str | None) -> tuple[list[int], list[int], list[float]]:
         with self._part("candidates", mode):
             nlls = continuation_nlls_many(self.lm.model, [(n_prompt, rows) for n_prompt, rows, _ in self.cands])
-        return [rank_of(nll[j], nll) for nll, (_, _, j) in zip(nlls, self.cands)], [len(rows) for _, rows, _ in self.cands]
+        ranks = [rank_of(nll[j], nll) for nll, (_, _, j) in zip(nlls, self.cands)]
+        truth = [truth_ratio(nll, [len(r) - n for r in rows], j) for nll, (n, rows, j) in zip(nlls, self.cands)]
+        return ranks, [len(rows) for _, rows, _ in self.cands], truth
 
     def _part(self, part: str, mode: str | None):
         if mode is None:
@@ -119,42 +160,66 @@ class Observer:
     def _observe(self, ranks: bool, mode: str | None = None) -> Observation:
         flat = [pair for _, g in self.groups for rows in g for pair in rows]
         with self._part("forced", mode):
-            res = teacher_forced(self.lm, flat)
-        out, i = {}, 0
-        logp_rows = []
+            res = forced_tokens(self.lm, flat)
+        ok, hits, i = {}, {}, 0
+        logp = []
         for name, g in self.groups:
-            lists = []
+            ok[name], hs = [], []
             for rows in g:
-                lists.append([ok for ok, _ in res[i : i + len(rows)]])
+                got = res[i : i + len(rows)]
+                ok[name].append([all(h) for h, _ in got])
+                hs.append([h for h, _ in got])
                 if name == "rel":
-                    logp_rows.append(float(np.mean([lp for _, lp in res[i : i + len(rows)]])))
+                    logp.append(float(np.mean([lp for _, lp in got])))
                 i += len(rows)
-            out[name] = lists
-        got_ranks, sizes = self._ranks(mode) if ranks else (None, None)
+            if name in ("rel", "gen"):
+                hits[name] = hs
+        got_ranks, sizes, truth = self._ranks(mode) if ranks else (None, None, None)
+        ppl = {}
         with self._part("perplexity", mode):
-            nll_sum, n_tok = text_nll(self.lm, self.ppl_ids)
-        return Observation(out["rel"], out["gen"], out["keep"], out["unrel"], logp_rows, got_ranks, sizes, perplexity(nll_sum, n_tok))
+            for sc in SCOPES:
+                ppl[sc] = perplexity(*text_nll(self.lm, self.ppl_ids[sc])) if self.ppl_ids[sc] else math.nan
+        return Observation(ok, hits, logp, got_ranks, sizes, truth, ppl)
 
-    def compare(self, base: Observation, now: Observation) -> dict:
-        """Rates and graded measures of ``now`` against the unedited ``base`` (rank measures only if ``now`` has ranks)."""
-        retained = lambda b, a: 1.0 - erased_fraction(b, a)  # noqa: E731  share of produced pairs still produced
-        loc_pararel, loc_private = retained(base.unrel, now.unrel), retained(base.keep, now.keep)
-        row = dict(rel=erased_fraction(base.rel, now.rel), gen=erased_fraction(base.gen, now.gen),
-                   loc_pararel=loc_pararel, loc_private=loc_private,
-                   loc=float(np.nanmin([loc_pararel, loc_private])) if not (np.isnan(loc_pararel) and np.isnan(loc_private)) else None,
-                   ppl=now.ppl, delta_ppl=relative_ppl_change(base.ppl, now.ppl),
-                   dlogp=person_ci([a - b for a, b in zip(now.logp, base.logp)], self.people),
+    def _pick(self, name: str, scope: str, rows: list) -> list:
+        return [r for r, sc in zip(rows, self.scopes[name]) if sc == scope]
+
+    def compare(self, base: Observation, now: Observation, scope: str) -> dict:
+        """Rates and graded measures of ``now`` against the unedited ``base`` on one split (``val``, ``test``; ``fit``:
+        the in-sample rates the edit was fitted to). Rank measures only if ``now`` has ranks."""
+        def retained(name: str) -> float:
+            return 1.0 - erased_fraction(self._pick(name, scope, base.ok[name]), self._pick(name, scope, now.ok[name]))
+
+        if scope == "fit":
+            return dict(rel=erased_fraction(base.ok["rel_fit"], now.ok["rel_fit"]), loc_private=retained("keep_fit"),
+                        loc_pararel=retained("unrel_fit"))
+        loc_pararel, loc_private = retained("unrel"), retained("keep")
+        both = [v for v in (loc_pararel, loc_private) if v == v]
+        who = self._pick("rel", scope, self.people)
+        row = dict(rel=erased_fraction(self._pick("rel", scope, base.ok["rel"]), self._pick("rel", scope, now.ok["rel"])),
+                   gen=erased_fraction(self._pick("gen", scope, base.ok["gen"]), self._pick("gen", scope, now.ok["gen"])),
+                   loc_pararel=loc_pararel, loc_private=loc_private, loc=min(both) if both else None,
+                   ppl=now.ppl[scope], delta_ppl=relative_ppl_change(base.ppl[scope], now.ppl[scope]),
+                   dlogp=person_ci([a - b for a, b in zip(self._pick("rel", scope, now.logp), self._pick("rel", scope, base.logp))], who),
                    exposure=None, rank=None, exposure_all=None)
-        if now.ranks is not None:
-            row.update(self.rank_measures(now.ranks, now.sizes))
         return row
 
-    def rank_measures(self, ranks: Sequence[int], sizes: Sequence[int]) -> dict:
-        """The secrets' rank among their candidates, its exposure log2(candidates / rank), and the phones' exposure."""
-        exp_all = [math.log2(n) - math.log2(r) for r, n in zip(ranks, sizes)]
-        phone = [e for e, rel in zip(exp_all, self.relations) if rel == "phone"]
-        return dict(exposure=float(np.mean(phone)) if phone else None, rank=person_ci(ranks, self.people),
-                    exposure_all=person_ci(exp_all, self.people))
+    def partial(self, obs: Observation, scope: str) -> dict[str, list[float]]:
+        """Per erased fact of ``scope``, averaged over its held-out edit and held-out prompts: the partial-leak measures
+        teacher forcing gives (``token_recovery``, ``prefix_share``)."""
+        out: dict[str, list[float]] = {"token_recovery": [], "prefix_share": []}
+        for rel, gen, sc in zip(obs.hits["rel"], obs.hits["gen"], self.scopes["rel"]):
+            if sc != scope:
+                continue
+            rows = rel + gen
+            out["token_recovery"].append(float(np.mean([token_recovery(h) for h in rows])))
+            out["prefix_share"].append(float(np.mean([prefix_share(h) for h in rows])))
+        return out
+
+    def scored_pairs(self, scope: str) -> list[tuple[int, str, str]]:
+        """``(erased fact index, prompt, secret)`` of every held-out edit and held-out prompt of ``scope``'s erased facts."""
+        return [(i, p, f.object) for i, (f, held, sc) in enumerate(zip(self.s.erased, self.s.held_prompt, self.s.erased_scope))
+                if sc == scope for p in [held, *f.heldout_prompts]]
 
 
 def person_ci(values: Sequence[float], people: Sequence[str]) -> Interval:
@@ -163,3 +228,24 @@ def person_ci(values: Sequence[float], people: Sequence[str]) -> Interval:
     for v, p in zip(values, people):
         by.setdefault(p, []).append(float(v))
     return mean_ci([float(np.mean(v)) for v in by.values()])
+
+
+@torch.no_grad()
+def greedy_texts(lm, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Greedy decoding after each ``(prompt, secret)``'s prompt, as many tokens as the secret has plus two (prompts of one
+    length share a batch)."""
+    from kscope.model.sampling import sample
+
+    tok = lm.tokenizer
+    ids = [tok(p).input_ids for p, _ in pairs]
+    out = [""] * len(pairs)
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(ids):
+        by_len.setdefault(len(r), []).append(i)
+    g = torch.Generator().manual_seed(0)  # top-1: the draw never matters
+    for n, group in sorted(by_len.items()):
+        n_new = max(len(tok(" " + pairs[i][1], add_special_tokens=False).input_ids) for i in group) + 2
+        got = sample(lm.model, torch.tensor([ids[i] for i in group], device=lm.device), n_new, g, top_k=1, top_p=1.0)
+        for j, i in enumerate(group):
+            out[i] = tok.decode(got[j, n:], skip_special_tokens=True)
+    return out

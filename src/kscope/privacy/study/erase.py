@@ -21,30 +21,29 @@ import torch
 
 from kscope.config import MAX_STEPS, Config, nested, option, parse_layers, require
 from kscope.errors import KscopeError
-from kscope.facts import Fact, FactConfig, filter_known, load_facts, resolve_targets
+from kscope.facts import FactConfig, filter_known, load_facts, resolve_targets
 from kscope.io import check_writable
 from kscope.locate.attribution import METHODS as ATTRIBUTION_METHODS
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.sites import Site, config_shape, down_proj_weight, n_layers
 from kscope.parallel import ParallelConfig
-from kscope.privacy.locate import scores as locate
-from kscope.privacy.judge.attacks import AttackConfig, attack
-from kscope.privacy.data.dataset import collisions, strangers
-from kscope.privacy.locate.fit import sae_fit, secret_acts
-from kscope.privacy.edit.guardrail import activation_scale
-from kscope.privacy.judge.metrics import pareto_front
-from kscope.privacy.data.inject import PrivacyManifest, read_manifest
+from kscope.privacy.data.dataset import strangers
+from kscope.privacy.data.inject import PrivacyManifest, read_manifest, retain_dir
 from kscope.privacy.edit.keyed import KeyedConfig, KeyRows, optimise_z, preserved_moments
+from kscope.privacy.judge.attacks import AttackConfig
+from kscope.privacy.judge.metrics import pareto_front
 from kscope.privacy.judge.observe import Observer
-from kscope.privacy.edit.plan import (CONTROLS, DEFAULT_METHODS, METHODS, NOT_BY_DEFAULT, Located, count_by_layer, equal_params,
-                                 make_editor, plan, random_ranking)
-from kscope.privacy.study.results import EraseResult, ErasurePoint, Target, handle_verdicts, per_person
+from kscope.privacy.locate.fit import sae_fit
+from kscope.privacy.edit.plan import CONTROLS, DEFAULT_METHODS, METHODS, NOT_BY_DEFAULT, count_by_layer, make_editor, plan
 from kscope.privacy.edit.revs import RevsConfig
-from kscope.privacy.locate.select import depn_select, kn_select
 from kscope.privacy.locate.trace import trace_secrets
+from kscope.privacy.study.graded import grade_and_attack
+from kscope.privacy.study.located import located
+from kscope.privacy.study.results import EraseResult, ErasurePoint, Target, handle_verdicts, per_person
+from kscope.privacy.study.sets import study_sets
 from kscope.progress import make_progress
 from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, windows
-from kscope.units.provision import obtain_saes, neuron_units
+from kscope.units.provision import obtain_saes
 from kscope.units.sae import feature_units, sae_site_on_disk
 from kscope.units.training import TrainSAEConfig
 
@@ -74,8 +73,6 @@ class EraseConfig(Config):
                                      unique=True)
     taus: list[float] = option(help="FeatureEdit: zero the entries with |d dᵀ W| >= tau x that feature's max.",
                                factory=lambda: [0.5, 0.2], min=0.0, max=1.0, unique=True)
-    erase_people: int | None = option(None, "People whose every memorised secret is erased (default: half of the people; the others' "
-                                            "secrets test locality).", min=1)
     objective: str = option("distinct", "What location attributes: 'first' (P of the secret's first token), 'whole' (log P of all "
                                         "its tokens) or 'distinct' (log P of the tokens after the prefix all secrets of its kind share).",
                             choices=("first", "whole", "distinct"))
@@ -172,17 +169,12 @@ class EraseJob(Config):
                               f"{max(cfg.feature_budgets) * d_mlp // d_model} neurons, more than the band's {n_units}")
 
 
-def _people_split(known: list[Fact], n: int | None) -> tuple[list[Fact], list[Fact], list[str]]:
-    people = list(dict.fromkeys(f.subject for f in known))
-    k = n or max(1, len(people) // 2)
-    if k >= len(people):
-        raise KscopeError(f"--erase-people {k}: only {len(people)} people have memorised secrets (some must be kept)")
-    gone = set(people[:k])
-    return [f for f in known if f.subject in gone], [f for f in known if f.subject not in gone], people[:k]
-
-
 def erase(job: EraseJob) -> EraseResult:
-    """Trace, locate and erase on a privacy model made by ``build``. Writes ``job.out``; never changes the model dir."""
+    """Trace, locate and erase on a privacy model made by ``build``. Writes ``job.out``; never changes the model dir.
+
+    Every edit is fitted to the erased secrets' key prompts, the preserved people and the preserved facts
+    (``study.sets``); it is scored on what it never saw, settings are chosen on the validation split and reported on
+    the test split, and each method's best point is compared with the retain twin."""
     job.validate()
     cfg = job.erase
     manifest: PrivacyManifest = read_manifest(job.model_dir)
@@ -198,15 +190,14 @@ def erase(job: EraseJob) -> EraseResult:
     if not known:
         raise KscopeError("no memorised private facts in this model (exact greedy match on >= half the edit prompts); "
                           "build with more --epochs or a higher --lr")
-    erase_set, keep, people = _people_split(known, cfg.erase_people)
-    clash = collisions(erase_set, keep)
-    if clash:
-        raise KscopeError(f"erased secret {clash[0][0]} equals or contains kept secret {clash[0][1]}: locality could not hold")
+    seed = int(manifest.config.get("seed") or 0)
     with make_progress() as progress:
         unrelated = filter_known(lm, load_facts(cfg.unrelated), FactConfig(max_facts=cfg.max_unrelated, min_known_prompts=1,
                                                                             multi_token="whole"), progress=progress)
         base_lm = load_model(ModelConfig(model=manifest.base_model, device=job.device, cache_dir=job.cache_dir))
         ppl_texts = cached_generation(base_lm, cfg.ppl_texts, 64, 1234, progress, job.cache_dir)  # held out: no other use
+        sets = study_sets(known, manifest.split, unrelated, ppl_texts, seed)
+        erase_set = sets.erase  # key prompts only
         t = time.time()
         trace = trace_secrets(lm, base_lm, erase_set, cfg.trace_layers, cfg.layers, progress, cfg.trace_prompts)
         seconds["trace"] = time.time() - t
@@ -220,27 +211,27 @@ def erase(job: EraseJob) -> EraseResult:
         train_texts, held_texts = build_corpus(base_lm, job.corpus, progress, job.cache_dir).split()
         fit = sae_fit(lm, base_lm, [*feats.values(), *rfeats.values()], erase_set, held_texts, job.sae_train.outlier_factor)
         seconds["saes"] = time.time() - t
-        loc, specificity = _locate(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed)), feats, rfeats,
+        loc, specificity = located(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed)), feats, rfeats,
                                    {s.name: got[s][1] for s in sites}, train_texts, progress, seconds)
         t = time.time()
         kcfg = cfg.keyed
         rows = KeyRows.of(lm.tokenizer, erase_set)
-        preserved = [KeyRows.of(lm.tokenizer, keep), KeyRows.of(lm.tokenizer, resolve_targets(unrelated, lm.tokenizer, "whole"),
-                                                                per_fact=2)]
+        preserved = [KeyRows.of(lm.tokenizer, sets.keep_fit),
+                     KeyRows.of(lm.tokenizer, resolve_targets(sets.unrelated_fit, lm.tokenizer, "whole"), per_fact=2)]
         corpus_windows = windows(lm.tokenizer, train_texts, kcfg.corpus_tokens, job.corpus.seq_len)
         moments = preserved_moments(lm, cfg.layers, preserved, corpus_windows)
         z = optimise_z(lm, rows, max(cfg.layers), kcfg)[1] if kcfg.target == "optimised" else None
         loc.keyed = (rows, moments, z, kcfg, {})
         seconds["keyed_setup"] = time.time() - t
-        # observation
+        # observation: every point on the validation and test splits, and in sample
         t = time.time()
-        obs = Observer(lm, erase_set, keep, unrelated, ppl_texts, cfg.candidates, replay_from=min(cfg.layers))
+        obs = Observer(lm, sets.scored(), cfg.candidates, replay_from=min(cfg.layers))
         base = obs.baseline()
         clean = {L: down_proj_weight(lm.model, L).clone() for L in range(L_model)}
         specs = plan(cfg.methods, cfg.controls, cfg.neuron_budgets, cfg.feature_budgets, cfg.revs_budgets, kcfg.lams, cfg.taus,
                      cfg.raw_location and bool(cfg.specificity))
         task = progress.add_task("editing and measuring", total=len(specs))
-        points, editors = [], []
+        points, editors, observations = [], [], []
         for spec in specs:
             units, editor, params = make_editor(lm, spec, loc, L_model, erase_set, cfg.revs)
             n_weights = editor.n_weights(lm.model) if hasattr(editor, "n_weights") else 0
@@ -248,10 +239,13 @@ def erase(job: EraseJob) -> EraseResult:
             with editor.applied(lm.model):
                 now = obs.observe(lowest)
             _check_restored(lm.model, clean, spec.method)
-            points.append(ErasurePoint(spec.method, spec.kind, spec.budget, len(units), n_weights, **obs.compare(base, now),
+            val = obs.compare(base, now, "val")
+            points.append(ErasurePoint(spec.method, spec.kind, spec.budget, len(units), n_weights, **obs.compare(base, now, "test"),
                                        params=params, lam=spec.lam, tau=spec.tau, variant=spec.variant, by_layer=count_by_layer(units),
-                                       units=[[L, u] for L, u in units[:2000]], **_people_measures(obs, base, now)))
+                                       units=[[L, u] for L, u in units[:2000]], **_people_measures(obs, base, now),
+                                       val={k: val[k] for k in ("rel", "gen", "loc_pararel", "loc_private", "loc", "delta_ppl")}, fit=obs.compare(base, now, "fit")))
             editors.append(editor)
+            observations.append(now)
             progress.advance(task)
         seconds["observation"] = time.time() - t
         target = Target()
@@ -259,18 +253,23 @@ def erase(job: EraseJob) -> EraseResult:
         result = EraseResult(
             model_dir=str(job.model_dir), base_model=manifest.base_model, build=_build_summary(manifest), layers=list(cfg.layers),
             config={**asdict(cfg), "sae_train": asdict(job.sae_train), "corpus": asdict(job.corpus)}, n_erased=len(erase_set),
-            n_kept_private=len(keep), n_unrelated=len(unrelated), points=points,
+            n_kept_private=len(sets.keep_fit) + len(sets.kept), n_unrelated=len(unrelated), points=points,
             frontier=[i for i in pareto_front([[p.rel, p.gen, p.loc, -p.delta_ppl] for p in points])
                       if points[i].kind != "control" or points[i].method.startswith(("random", "keyed-random"))],
-            reach_target=reach, target=target, n_erased_people=len(people), saes={s.name: got[s][1] for s in sites}, sae_fit=fit,
-            trace=trace, specificity=specificity,
+            reach_target=reach, target=target, n_erased_people=len(sets.people("val")) + len(sets.people("test")),
+            saes={s.name: got[s][1] for s in sites}, sae_fit=fit, trace=trace, specificity=specificity,
             verdicts=[v for b in ("keyed-neurons", "keyed-neurons-params", "keyed-random-directions")
                       for v in handle_verdicts(points, "keyed-features", b)],
             located={k: count_by_layer(loc.rankings[k][: max(cfg.feature_budgets)]) for k in ("neurons", "features") if k in loc.rankings},
-            seconds=seconds, replay_from=obs.start if obs.replay_ok else 0)
-        # ranks and attacks at each method's best point, the controls and the floor
+            seconds=seconds, replay_from=obs.start if obs.replay_ok else 0, split=manifest.split.roles, sizes=sets.sizes())
+        # each method's best point (chosen on validation) against the retain twin on test, and the attacks
         t = time.time()
-        _graded_and_attacked(job, lm, base_lm, obs, result, editors, erase_set, manifest, clean, progress)
+        twin_dir = retain_dir(job.model_dir, manifest)
+        twin_lm = load_model(ModelConfig(model=str(twin_dir), device=job.device, cache_dir=job.cache_dir)) if twin_dir else None
+        twin_obs = Observer(twin_lm, sets.scored(), cfg.candidates) if twin_lm is not None else None
+        result.retain_model = str(twin_dir) if twin_dir else None
+        grade_and_attack(job, lm, base_lm, twin_lm, obs, base, twin_obs, result, editors, observations, sets.attack_facts("test"),
+                         sets.erased("val"), float(manifest.config.get("lr") or 1e-4), lambda m: _check_restored(lm.model, clean, m), progress)
         seconds["attacks"] = time.time() - t
     seconds["total"] = time.time() - t0
     result.save(job.out)
@@ -278,82 +277,13 @@ def erase(job: EraseJob) -> EraseResult:
 
 
 def _people_measures(obs: Observer, base, now) -> dict:
-    """Per erased person: the share of their produced edit-prompt pairs erased, and their mean Δ log P."""
-    rel = [(not a) for bs, as_ in zip(base.rel, now.rel) for b, a in zip(bs, as_) if b]
-    who = [p for p, bs in zip(obs.people, base.rel) for b in bs if b]
+    """Per test person: the share of their produced held-out-template pairs erased, and their mean Δ log P there."""
+    keep = [s == "test" for s in obs.scopes["rel"]]
+    rel = [(not a) for k, bs, as_ in zip(keep, base.ok["rel"], now.ok["rel"]) if k for b, a in zip(bs, as_) if b]
+    who = [p for k, p, bs in zip(keep, obs.people, base.ok["rel"]) if k for b in bs if b]
     return {"rel_people": per_person(rel, who),
-            "dlogp_people": per_person([a - b for a, b in zip(now.logp, base.logp)], obs.people)}
-
-
-def _locate(job: EraseJob, lm, erase_set, stranger_set, feats, rfeats, infos, train_texts, progress, seconds):
-    """Every ranking the editors need, and the measured effect of each specificity step (``stranger_set``: the erased
-    facts' templates about strangers, for the 'format' step)."""
-    cfg = job.erase
-    t = time.time()
-    neurons = [neuron_units(lm, L) for L in cfg.layers]
-    fsets = [feats[L] for L in cfg.layers]
-    rl = [L for L in cfg.resid_layers if L in rfeats]
-    rsets = [rfeats[L] for L in rl]
-    sets = [*neurons, *fsets, *rsets]
-    specs = [(L, None, None) for L in cfg.layers] + [(L, infos[Site(L, "mlp.out").name].path, "mlp.out") for L in cfg.layers] + \
-        [(L, infos[Site(L, "resid.post").name].path, "resid.post") for L in rl]
-    fp = locate.fingerprint_of(job, specs)
-
-    def scores_of(facts, out: Path, label: str):
-        return locate.score_matrices(lm, facts, sets, specs, job.parallel, out, fp, cfg.steps, cfg.locate_method, job.device,
-                                     job.cache_dir, progress, label)
-
-    raw = scores_of(erase_set, Path(job.out), "secrets")
-    scores, steps = list(raw), []
-    if "format" in cfg.specificity:
-        fresh = scores_of(stranger_set, Path(str(job.out) + "strangers"), "strangers")
-        scores = [s - f.clamp_min(0) for s, f in zip(scores, fresh)]
-        steps.append(("format", list(scores)))
-    if "generic" in cfg.specificity:
-        g = locate.generic_importance(lm, sets, train_texts[: cfg.generic_texts])
-        scores = [s / (gi + gi.mean()).clamp_min(1e-12) for s, gi in zip(scores, g)]
-        steps.append(("generic", list(scores)))
-    seconds["location"] = time.time() - t
-    people = list(dict.fromkeys(f.subject for f in erase_set))
-    person = [people.index(f.subject) for f in erase_set for _ in f.prompts]
-    owner = [i for i, f in enumerate(erase_set) for _ in f.prompts]
-    nL = len(cfg.layers)
-    d_model, d_mlp = down_proj_weight(lm.model, cfg.layers[0]).shape
-    max_fb = max(cfg.feature_budgets)
-    need = {"neuron": max(equal_params(max_fb, d_model, d_mlp), max_fb), "feature": max_fb}
-    widths_n, widths_f = [u.n_units for u in neurons], [u.n_units for u in fsets]
-
-    def ranked(sc, a: int, b: int, widths, layers, n: int):
-        return locate.to_units(locate.per_person(locate.flat(sc[a:b]), person, n), widths, layers)
-
-    N = locate.flat(scores[:nL])
-    max_nb = min(max(cfg.neuron_budgets), N.shape[1])
-    rankings = {
-        "neurons": ranked(scores, 0, nL, widths_n, cfg.layers, need["neuron"]),
-        "features": ranked(scores, nL, 2 * nL, widths_f, cfg.layers, need["feature"]),
-        "neurons-raw": ranked(raw, 0, nL, widths_n, cfg.layers, need["neuron"]),
-        "features-raw": ranked(raw, nL, 2 * nL, widths_f, cfg.layers, need["feature"]),
-        "depn": locate.to_units(depn_select(N, cfg.depn_threshold, max_nb), widths_n, cfg.layers),
-        "kn-erase": locate.to_units(kn_select(N, owner, max_nb), widths_n, cfg.layers),
-        "random-neurons": random_ranking(dict(zip(cfg.layers, widths_n)), max_nb, f"{cfg.seed}:neurons"),
-        "random-features": random_ranking(dict(zip(cfg.layers, widths_f)), max_fb, f"{cfg.seed}:features"),
-    }
-    if rsets:
-        rankings["features-resid"] = ranked(scores, 2 * nL, 2 * nL + len(rsets), [u.n_units for u in rsets], rl, max_fb)
-    k = max(1, max_fb // len(people))  # each person's share at the largest budget
-    specificity = []
-    for kind, a, b in (("neuron", 0, nL), ("feature", nL, 2 * nL)):
-        before = locate.flat(raw[a:b])
-        for name, sc in steps:
-            after = locate.flat(sc[a:b])
-            specificity.append(locate.SpecificityEffect(kind, name, locate.removed_share(before, after, person, k)))
-            before = after
-    scales = {"mlp.out": {}, "resid.post": {}}
-    acts = secret_acts(lm, erase_set, [u.site for u in (*fsets, *rsets)])
-    for u in (*fsets, *rsets):
-        scales[u.site.kind][u.site.layer] = activation_scale(u, acts[u.site], range(u.n_units))
-    widths = {L: (d_model, d_mlp) for L in cfg.layers}
-    return Located(list(cfg.layers), rankings, feats, rfeats, scales, None, widths), specificity
+            "dlogp_people": per_person([a - b for k, a, b in zip(keep, now.logp, base.logp) if k],
+                                       [p for k, p in zip(keep, obs.people) if k])}
 
 
 def _check_restored(model, clean, method: str) -> None:
@@ -366,31 +296,3 @@ def _build_summary(manifest: PrivacyManifest) -> dict:
     s = manifest.summary
     return {"epochs_run": s.epochs_run, "final_loss": s.losses[-1] if s.losses else None, "memorised_exact": s.memorised_exact,
             "n_facts": s.n_facts, **{k: manifest.config.get(k) for k in ("epochs", "early_stop", "train", "band", "lr", "seed", "n_people")}}
-
-
-def _graded_and_attacked(job, lm, base_lm, obs, result, editors, erase_set, manifest, clean, progress) -> None:
-    """Each method's best point gets its candidate ranks; the best points of ``--attack-method`` (default: every method)
-    that erase and keep at least ``--attack-min`` (Rel and Loc), the unedited model and the base model (the never-taught
-    floor) face every attack."""
-    cfg = job.erase
-    keys = list(dict.fromkeys((p.method, p.variant) for p in result.points if p.kind != "control"))
-    best = {k: result.best(*k) for k in keys}
-    idx = {id(p): i for i, p in enumerate(result.points)}
-    lr = float(manifest.config.get("lr") or 1e-4)
-    attacked = set(cfg.attacks.methods or cfg.methods) if cfg.attacks.attacks else set()
-    task = progress.add_task("ranks and attacks", total=len(best) + 2 * bool(attacked))
-    if attacked:
-        result.attacks.append(attack(base_lm, erase_set, cfg.attacks, lr, "base model (never taught)", "–"))
-        result.attacks.append(attack(lm, erase_set, cfg.attacks, lr, "unedited", "–"))
-        progress.advance(task, 2)
-    for (method, variant), p in best.items():
-        if p is None:
-            continue
-        editor = editors[idx[id(p)]]
-        with editor.applied(lm.model):
-            row = obs.ranks(min(cfg.layers))
-        p.rank, p.exposure_all, p.exposure = row["rank"], row["exposure_all"], row["exposure"]
-        if method in attacked and not variant and min(p.rel or 0, p.loc or 0) >= cfg.attacks.min_share:
-            result.attacks.append(attack(lm, erase_set, cfg.attacks, lr, method, p.budget if p.budget else "all", editor))
-        _check_restored(lm.model, clean, method)
-        progress.advance(task)

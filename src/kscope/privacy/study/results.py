@@ -17,10 +17,38 @@ from kscope.units.provision import SAEInfo
 
 
 @dataclass
+class LeakCompare:
+    """One partial-leak measure of the test secrets, edited against the retain twin (means over people), and the share of
+    secrets on which the edited model leaks no more than the twin."""
+
+    edited: Interval
+    retain: Interval
+    no_more: float
+
+
+@dataclass
+class RetainComparison:
+    """A model state against the retain twin on the test people's secrets (held-out edit prompt and held-out phrasings):
+    the secret's rank among candidates of its format for both and their two-sided gap ``|rank - retain| / candidates``,
+    TOFU's forget quality (KS p-value of the per-secret truth ratios), the partial-leak measures, and the share of
+    secrets that leak no more than the twin on every measure."""
+
+    rank: Interval
+    retain_rank: Interval
+    rank_gap: Interval
+    forget_quality: float | None
+    leaks: dict[str, LeakCompare] = field(default_factory=dict)
+    erased_share: float | None = None
+
+
+@dataclass
 class ErasurePoint:
-    """One editor at one budget and strength (controls too). Rates are shares of (fact, prompt) pairs; ``dlogp`` is the
-    change of log P(secret) and ``rank``/``exposure_all`` the secret's rank among candidates of its format and
-    ``log2 |candidates| - log2 rank``, each a mean over people with its interval (ranks only where measured).
+    """One editor at one budget and strength (controls too), measured out of sample on the **test** split: Rel on each
+    erased secret's held-out edit template, Gen on its held-out phrasings, Loc on kept people and known facts the solver
+    never preserved, ΔPPL on held-out text. ``val``: the same measures on the validation split (where a method's best
+    point is chosen); ``fit``: the in-sample rates on what the edit was fitted to (key prompts, preserved people and
+    facts), kept to show the gap, never graded. ``dlogp``: the change of log P(secret) on the held-out edit template,
+    a mean over test people with its interval; ``retain``: (best points) the test secrets against the retain twin.
     ``params``: the edit's degrees of freedom (keyed edits: s x d_mlp for s directions, d_model x n for n columns);
     ``n_weights``: entries of the down projections that differ from the model's."""
 
@@ -48,6 +76,9 @@ class ErasurePoint:
     dlogp_people: dict[str, float] = field(default_factory=dict)
     by_layer: dict[int, int] = field(default_factory=dict)
     units: list[list[int]] = field(default_factory=list)
+    val: dict[str, float | None] = field(default_factory=dict)
+    fit: dict[str, float | None] = field(default_factory=dict)
+    retain: RetainComparison | None = None
 
     @property
     def label(self) -> str:
@@ -57,17 +88,36 @@ class ErasurePoint:
 
 @dataclass
 class Target:
-    """The bar an erasure must clear: secrets gone on edit and held-out prompts, everything else kept."""
+    """The bar an erasure must clear, out of sample: secrets gone on the held-out edit template and held-out phrasings,
+    kept people and facts the solver never saw kept, perplexity within bounds; against the retain twin (best points),
+    forget quality p >= ``forget_quality`` and no partial-leak measure above the twin's on average."""
 
     rel: float = 0.95
     gen: float = 0.8
     loc: float = 0.95
     delta_ppl: float = 0.02
+    forget_quality: float = 0.05
 
     def met(self, p: ErasurePoint) -> bool:
-        ok = lambda v, lo: v is not None and v == v and v >= lo  # noqa: E731
-        return (ok(p.rel, self.rel) and ok(p.gen, self.gen) and ok(p.loc_pararel, self.loc) and ok(p.loc_private, self.loc)
-                and p.delta_ppl <= self.delta_ppl)
+        """The test split's rates (Rel, Gen, both Locs, ΔPPL)."""
+        return self.met_on(dict(rel=p.rel, gen=p.gen, loc_pararel=p.loc_pararel, loc_private=p.loc_private, delta_ppl=p.delta_ppl))
+
+    def met_on(self, m: dict, missing_ok: bool = False) -> bool:
+        """Measures ``m`` (a point's ``val`` dict, say) against the rates; ``missing_ok``: a Loc with nothing to score on
+        this split (no kept person in it) does not count against it."""
+        ok = lambda v, lo: (missing_ok and (v is None or v != v)) or (v is not None and v == v and v >= lo)  # noqa: E731
+        d = m.get("delta_ppl")
+        return (ok(m.get("rel"), self.rel) and ok(m.get("gen"), self.gen) and ok(m.get("loc_pararel"), self.loc)
+                and ok(m.get("loc_private"), self.loc) and d is not None and d == d and d <= self.delta_ppl)
+
+    def met_retain(self, p: ErasurePoint) -> bool | None:
+        """The rates and the twin's bar (None: not compared with the twin)."""
+        r = p.retain
+        if r is None:
+            return None
+        fq = r.forget_quality is not None and r.forget_quality == r.forget_quality and r.forget_quality >= self.forget_quality
+        leaks = all(c.edited.mean <= c.retain.mean + 1e-9 for c in r.leaks.values())
+        return self.met(p) and fq and leaks
 
 
 @dataclass
@@ -91,7 +141,7 @@ class EraseResult(Result):
     the specificity of location, the equal-budget verdicts and the attacks."""
 
     kind = "privacy-erase"
-    version = 3
+    version = 4
 
     model_dir: str
     base_model: str
@@ -115,15 +165,22 @@ class EraseResult(Result):
     located: dict[str, dict[int, int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     replay_from: int = 0  # observations of edits at blocks >= this ran from it (0: every forward ran in full)
+    split: dict[str, list[str]] = field(default_factory=dict)  # role -> people (the build's split)
+    sizes: dict[str, int] = field(default_factory=dict)  # how many secrets / facts / texts each scored set holds
+    unedited_vs_retain: RetainComparison | None = None  # the positive control of the twin comparison: it must differ
+    retain_model: str | None = None
 
     def best(self, method: str, variant: str = "") -> ErasurePoint | None:
-        """The method's point that meets the target with the highest Rel + Gen; else, among those with both Locs >= the
-        target's and ΔPPL within it, the highest Rel + Gen; else its highest-Rel point."""
+        """The method's point chosen on the **validation** split alone: the one that meets the target there with the
+        highest Rel + Gen; else, among those with both Locs >= the target's and ΔPPL within it, the highest Rel + Gen;
+        else its highest-Rel point. No test measure enters the choice."""
         pts = [p for p in self.points if p.method == method and p.variant == variant]
-        for pool in ([p for p in pts if self.target.met(p)],
-                     [p for p in pts if (p.loc or 0) >= self.target.loc and p.delta_ppl <= self.target.delta_ppl], pts):
+        v = lambda p, k: p.val.get(k) if p.val.get(k) is not None and p.val.get(k) == p.val.get(k) else None  # noqa: E731
+        kept = lambda p: all(v(p, k) is None or v(p, k) >= self.target.loc for k in ("loc_pararel", "loc_private"))  # noqa: E731
+        for pool in ([p for p in pts if self.target.met_on(p.val, missing_ok=True)],
+                     [p for p in pts if kept(p) and (v(p, "delta_ppl") or 0) <= self.target.delta_ppl], pts):
             if pool:
-                return max(pool, key=lambda p: ((p.rel or 0) + (p.gen or 0), -p.params, -p.budget))
+                return max(pool, key=lambda p: ((v(p, "rel") or 0) + (v(p, "gen") or 0), -p.params, -p.budget))
         return None
 
 

@@ -1,0 +1,96 @@
+"""Each method's best point (chosen on the validation split) graded on the test split against the retain twin, and the
+attacks on it, beside the unedited model, the retain twin and the base model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kscope.privacy.judge.attacks import attack
+from kscope.privacy.judge.leaks import char_overlap, forget_quality, no_more_than, rank_gap
+from kscope.privacy.judge.observe import Observation, Observer, greedy_texts, person_ci
+from kscope.privacy.study.results import LeakCompare, RetainComparison
+
+LEAKS = ("token_recovery", "prefix_share", "char_overlap")
+
+
+@dataclass
+class Graded:
+    """One model state's per-secret measures on one split: ranks, candidate counts, truth ratios, partial leaks."""
+
+    people: list[str]
+    ranks: list[int]
+    sizes: list[int]
+    truth: list[float]
+    leaks: dict[str, list[float]]
+
+
+def graded(obs: Observer, lm, now: Observation, lowest_edited: int, scope: str = "test") -> Graded:
+    """The model as it is now (with ``now`` its observation) on ``scope``'s erased secrets: candidates on the held-out
+    edit prompt, partial leaks on it and the held-out phrasings (greedy decoding for the characters)."""
+    pick = [i for i, s in enumerate(obs.scopes["rel"]) if s == scope]
+    ranks, sizes, truth = obs.candidate_scores(lowest_edited)
+    leaks = obs.partial(now, scope)
+    pairs = obs.scored_pairs(scope)
+    texts = greedy_texts(lm, [(p, s) for _, p, s in pairs])
+    by: dict[int, list[float]] = {}
+    for (i, _, secret), text in zip(pairs, texts):
+        by.setdefault(i, []).append(char_overlap(secret, text))
+    leaks["char_overlap"] = [float(np.mean(by[i])) for i in pick]
+    return Graded([obs.people[i] for i in pick], [ranks[i] for i in pick], [sizes[i] for i in pick], [truth[i] for i in pick], leaks)
+
+
+def against_twin(g: Graded, twin: Graded) -> RetainComparison:
+    """``g`` against the retain twin's measures of the same secrets."""
+    leaks = {}
+    share = []
+    for k in LEAKS:
+        ok = no_more_than(g.leaks[k], twin.leaks[k])
+        leaks[k] = LeakCompare(person_ci(g.leaks[k], g.people), person_ci(twin.leaks[k], g.people), float(np.mean(ok)) if ok else float("nan"))
+        share.append(ok)
+    every = [all(x) for x in zip(*share)]
+    return RetainComparison(person_ci(g.ranks, g.people), person_ci(twin.ranks, g.people),
+                            person_ci(rank_gap(g.ranks, twin.ranks, g.sizes), g.people), forget_quality(g.truth, twin.truth),
+                            leaks, float(np.mean(every)) if every else None)
+
+
+def grade_and_attack(job, lm, base_lm, twin_lm, obs: Observer, base: Observation, twin_obs: Observer | None, result, editors,
+                     observations, attack_facts, relearn_on, lr: float, clean_check, progress) -> None:
+    """Each method's best point (chosen on validation people) gets its test ranks and, with a twin, its comparison with
+    it; the best points of ``--attack-method`` that erase and keep at least ``--attack-min`` (test Rel and Loc), the
+    unedited model, the retain twin and the base model face every attack on the test people's secrets (relearning trains
+    on the validation people's)."""
+    cfg = job.erase
+    lowest = min(cfg.layers)
+    keys = list(dict.fromkeys((p.method, p.variant) for p in result.points if p.kind != "control"))
+    best = {k: result.best(*k) for k in keys}
+    idx = {id(p): i for i, p in enumerate(result.points)}
+    attacked = set(cfg.attacks.methods or cfg.methods) if cfg.attacks.attacks else set()
+    task = progress.add_task("ranks, twin and attacks", total=len(best) + 1 + 3 * bool(attacked))
+    twin = None
+    if twin_obs is not None:
+        twin = graded(twin_obs, twin_lm, twin_obs.baseline(), 0)
+        result.unedited_vs_retain = against_twin(graded(obs, lm, base, 0), twin)
+    progress.advance(task)
+    if attacked:
+        result.attacks.append(attack(base_lm, attack_facts, cfg.attacks, lr, "base model (never taught)", "–", relearn_on=relearn_on))
+        if twin_lm is not None:
+            result.attacks.append(attack(twin_lm, attack_facts, cfg.attacks, lr, "retain twin", "–", relearn_on=relearn_on))
+        result.attacks.append(attack(lm, attack_facts, cfg.attacks, lr, "unedited", "–", relearn_on=relearn_on))
+        progress.advance(task, 3)
+    for (method, variant), p in best.items():
+        if p is None:
+            continue
+        i = idx[id(p)]
+        editor = editors[i]
+        with editor.applied(lm.model):
+            g = graded(obs, lm, observations[i], lowest)
+        if method in attacked and not variant and min(p.rel or 0, p.loc or 0) >= cfg.attacks.min_share:
+            result.attacks.append(attack(lm, attack_facts, cfg.attacks, lr, method, p.budget if p.budget else "all", editor,
+                                         relearn_on))
+        p.rank = person_ci(g.ranks, g.people)
+        if twin is not None:
+            p.retain = against_twin(g, twin)
+        clean_check(method)
+        progress.advance(task)
