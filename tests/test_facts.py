@@ -170,3 +170,13 @@ def test_max_facts_counts_only_facts_the_held_out_split_can_use(llama_lm, tmp_pa
     cfg = FactConfig(known_top_k=10_000, min_known_prompts=1, max_facts=2)
     assert {f.uid for f in filter_known(llama_lm, facts, cfg, holdout=True)} == {facts[1].uid, facts[2].uid}
     assert len(filter_known(llama_lm, facts, FactConfig(known_top_k=10_000, min_known_prompts=1), holdout=False)) == 3
+
+
+def test_a_pararel_fact_that_loses_a_prompt_keeps_its_template_indices():
+    """Issue 34: pruning a prompt of a fact with template indices used to raise in ``__post_init__``."""
+    from kscope.facts import asking
+
+    f = Fact("France", "P36", "Paris", ["The capital of France is", "France's capital, Paris", "The capital city of France is"],
+             templates=[0, 3, 5])
+    (g,) = asking([f])
+    assert g.prompts == ["The capital of France is", "The capital city of France is"] and g.templates == [0, 5]

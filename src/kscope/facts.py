@@ -321,7 +321,7 @@ def _prune_prompts(facts: Sequence[Fact], bad: Callable[[Fact, str], bool], what
         prompts, held = [p for p in f.prompts if not bad(f, p)], [p for p in f.heldout_prompts if not bad(f, p)]
         dropped += [repr(p) for p in f.prompts + f.heldout_prompts if p not in prompts + held]
         if prompts:
-            out.append(replace(f, prompts=prompts, heldout_prompts=held))
+            out.append(replace(f.with_prompts(prompts), heldout_prompts=held))  # template indices kept in step
         else:
             emptied.append(f.describe())
     _left_out(f"prompts that {what} are", dropped)

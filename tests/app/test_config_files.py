@@ -99,3 +99,17 @@ def test_bad_config_files_are_one_line_errors(tmp_path, text, suffix, fragment):
     lines = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0], r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_the_committed_privacy_study_config_is_large_enough_to_decide():
+    """configs/privacy-study.yaml: >= 40 people with >= 20 erased per model, 3 injection seeds, >= 5 draws per random control."""
+    from pathlib import Path
+
+    from kscope.app.options import config_from_file
+    from kscope.app.reproduce import ReproduceConfig
+    from kscope.privacy.data.splits import split_people
+
+    cfg = config_from_file(ReproduceConfig, str(Path(__file__).resolve().parents[2] / "configs" / "privacy-study.yaml"))
+    split = split_people([f"p{i}" for i in range(cfg.privacy.n_people)], cfg.privacy.forget, 0)
+    assert cfg.privacy.n_people >= 40 and len(split.forget) >= 20 and len(cfg.privacy_seeds) >= 3
+    assert cfg.erase.random_draws >= 5 and cfg.stages == ["privacy-build", "privacy-erase"] and cfg.privacy.retain_twin

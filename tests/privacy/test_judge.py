@@ -30,13 +30,17 @@ def test_people_get_one_role_each_seeded():
         split_people(people[:3], 0.5, 0)
 
 
-def test_each_erased_secret_holds_one_edit_template_out_and_every_template_is_held_out():
-    facts = build_private_facts(PrivacyConfig(n_people=4, attributes=["phone"]))
+def test_one_edit_template_per_attribute_is_held_out_of_every_edit():
+    facts = build_private_facts(PrivacyConfig(n_people=4))
     keys, held = key_facts(facts)
     for f, k, h in zip(facts, keys, held):
         assert h in f.prompts and h not in k.prompts and len(k.prompts) == len(f.prompts) - 1
         assert k.heldout_prompts == f.heldout_prompts
-    assert len({f.prompts.index(h) for f, h in zip(facts, held)}) == 3  # rotated over the templates
+    by_attr = {}
+    for f, h in zip(facts, held):
+        by_attr.setdefault(f.relation, set()).add(f.prompts.index(h))
+    assert all(len(v) == 1 for v in by_attr.values())  # one template per attribute, for every person
+    assert len({next(iter(v)) for v in by_attr.values()}) == 3  # rotated over the attributes
     fit, val, test = thirds(list(range(10)), "x")
     assert sorted(fit + val + test) == list(range(10)) and len(fit) == len(val) == 3
 
@@ -119,13 +123,14 @@ def _spied_erase(privacy_model, tmp_path, monkeypatch) -> tuple[dict, object]:
     from kscope.privacy.locate import scores
     from kscope.privacy.study import erase as erase_mod
 
-    fitted: dict[str, set] = {"pairs": set(), "people": set(), "subjects_facts": set()}
+    fitted: dict[str, set] = {"pairs": set(), "people": set(), "templates": set()}
     real_of, real_scores, real_trace = keyed.KeyRows.of.__func__, scores.score_matrices, erase_mod.trace_secrets
 
     def of(cls, tok, facts, prompts="prompts", per_fact=None):
         for f in facts:
             fitted["people"].add(f.subject)
             fitted["pairs"] |= {(p, f.object) for p in getattr(f, prompts)[:per_fact]}
+            fitted["templates"] |= {(f.relation, p.replace(f.subject, "[X]")) for p in getattr(f, prompts)[:per_fact]}
         return real_of(cls, tok, facts, prompts, per_fact)
 
     def spy_scores(lm, facts, *a, **kw):
@@ -162,6 +167,8 @@ def test_no_scored_prompt_or_person_fed_the_edit(privacy_model, tmp_path, monkey
     out_of_sample = scored["rel"] | scored["gen"] | scored["keep"] | scored["unrel"]
     assert fitted["pairs"] and out_of_sample
     assert not fitted["pairs"] & out_of_sample  # no scored (prompt, secret) pair fitted, located or traced anything
+    held = {(f.relation, p.replace(f.subject, "[X]")) for f, p in zip(obs.s.erased, obs.s.held_prompt)}
+    assert held and not held & fitted["templates"]  # Rel's template was in no key, erased or preserved, under any name
     m = read_manifest(privacy_model[1])
     held_people = set(m.split.people("keep-val", "keep-test"))
     assert not fitted["people"] & held_people  # kept people the solver preserved are never scored for locality
@@ -187,3 +194,39 @@ def test_best_points_are_chosen_on_validation_alone():
         for p in pts:
             p.rel, p.gen, p.loc_private = rng.random(), rng.random(), rng.random()
         assert res.best("keyed-features").budget == chosen == 128
+
+
+def test_random_controls_are_drawn_anew_and_verdicts_average_the_draws():
+    from kscope.privacy.edit.plan import Located, plan, units_of
+    from kscope.privacy.study.results import ErasurePoint, handle_verdicts
+    from kscope.stats import Interval
+
+    specs = plan(["keyed-features"], ["keyed-random-columns", "random-neurons"], [4], [2], [], [1.0], [], False, draws=3)
+    cols = [s for s in specs if s.method == "keyed-random-columns"]
+    assert [s.draw for s in cols] == [0, 1, 2] and len([s for s in specs if s.method == "random-neurons"]) == 3
+    loc = Located([0], {"neurons": [(0, i) for i in range(8)]}, {}, widths={0: (4, 16)})
+    drawn = [tuple(units_of(s, loc)) for s in cols]
+    assert len(set(drawn)) == 3  # three different column sets of one size
+    assert len({len(d) for d in drawn}) == 1
+
+    def pt(method, draw, rel):
+        return ErasurePoint(method, "keyed", 2, 2, 0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, None, Interval(0.0, None, None, 1),
+                            lam=1.0, draw=draw, rel_people=rel, dlogp_people={k: -v for k, v in rel.items()})
+
+    pts = [pt("keyed-features", 0, {"a": 1.0, "b": 1.0, "c": 0.9}),
+           pt("keyed-random-directions", 0, {"a": 0.0, "b": 0.2, "c": 0.1}),
+           pt("keyed-random-directions", 1, {"a": 0.4, "b": 0.0, "c": 0.3})]
+    v = next(x for x in handle_verdicts(pts, "keyed-features", "keyed-random-directions") if x.measure == "rel")
+    assert v.diff.mean == pytest.approx(np.mean([1.0 - 0.2, 1.0 - 0.1, 0.9 - 0.2]))
+
+
+def test_the_perplexity_change_has_a_paired_interval_over_texts():
+    from kscope.privacy.judge.observe import ppl_change_ci
+
+    base = [(20.0, 10), (30.0, 10), (25.0, 10)]
+    same = ppl_change_ci(base, base)
+    assert same.mean == 0.0 and same.lo == 0.0 and same.hi == 0.0
+    worse = ppl_change_ci(base, [(s + 1.0, n) for s, n in base])  # +0.1 nats per token on every text
+    assert worse.mean == pytest.approx(np.exp(0.1) - 1) and worse.lo == pytest.approx(worse.hi)
+    mixed = ppl_change_ci(base, [(21.0, 10), (30.0, 10), (25.0, 10)])  # one text worse: the interval spans it
+    assert mixed.lo < mixed.mean < mixed.hi and mixed.lo >= 0.0

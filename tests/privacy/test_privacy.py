@@ -238,8 +238,10 @@ def test_erase_records_the_trace_specificity_verdicts_and_attacks(erased):
     methods = [a.method for a in res.attacks]
     assert methods[:3] == ["base model (never taught)", "retain twin", "unedited"] and len(methods) > 3
     best = {m: res.best(m) for m in {q.method for q in res.points if q.kind != "control"}}
-    assert set(methods[3:]) == {m for m, p in best.items() if p is not None and min(p.rel or 0, p.loc or 0) >= 0.05}  # --attack-min
-    assert any(min(p.rel or 0, p.loc or 0) < 0.05 for p in best.values() if p is not None)  # so the rule left some method out
+    from kscope.privacy.study.graded import worth_attacking
+
+    assert set(methods[3:]) == {m for m, p in best.items() if p is not None and worth_attacking(p.val, 0.05)}  # --attack-min
+    assert any(not worth_attacking(p.val, 0.05) for p in best.values() if p is not None)  # so the rule left some method out
     unedited = res.attacks[2]
     assert unedited.leak["phrasings"].mean is not None
     assert unedited.leak["quantization"].mean > res.attacks[0].leak["quantization"].mean  # int8 keeps the secrets

@@ -83,7 +83,7 @@ def test_keyed_edit_moves_erased_keys_to_the_target_and_keeps_preserved_keys(lla
     C = preserved_moments(lm, [2], [kept], [])
     h, z = optimise_z(lm, rows, 2, cfg)
     assert (z - h).norm() > 0
-    new, params = keyed_edit(lm, rows, [2], Handle("unrestricted", {}), C, 0.0, cfg, z)
+    new, params, _ = keyed_edit(lm, rows, [2], Handle("unrestricted", {}), C, 0.0, cfg, z)
     out, resid = Site(2, "mlp.out"), Site(2, "resid.post")
     before = at_keys(lm, kept, [out])[out]
     with WeightEdit("keyed", new).applied(lm.model):
@@ -107,13 +107,30 @@ def test_keyed_edit_memoises_only_the_unedited_activations(llama_lm):
     forwards = []
     hook = lm.model.base_model.register_forward_hook(lambda *_: forwards.append(1))
     try:
-        plain, _ = keyed_edit(lm, rows, [1, 2], Handle("unrestricted", {}), C, 1.0, cfg, z)
+        plain, _, _ = keyed_edit(lm, rows, [1, 2], Handle("unrestricted", {}), C, 1.0, cfg, z)
         n_plain = len(forwards)
         memo: dict = {}
         for _ in range(2):
             forwards.clear()
-            got, _ = keyed_edit(lm, rows, [1, 2], Handle("unrestricted", {}), C, 1.0, cfg, z, memo)
+            got, _, _ = keyed_edit(lm, rows, [1, 2], Handle("unrestricted", {}), C, 1.0, cfg, z, memo)
             assert all(torch.equal(got[L], plain[L]) for L in (1, 2))
     finally:
         hook.remove()
     assert n_plain == 2 and len(forwards) == 1  # the second layer's keys are read on the model with layer 1 edited
+
+
+def test_the_share_a_handle_can_express_separates_geometry_from_location():
+    from kscope.privacy.edit.solver import expressible
+
+    torch.manual_seed(0)
+    d, m, n = 6, 12, 5
+    R, K = torch.randn(d, n), torch.randn(m, n)
+    held, total = expressible(R, K)
+    assert held == pytest.approx(total)  # unrestricted, n <= m keys of full rank: all of it
+    e0 = torch.zeros(1, d)
+    e0[0, 0] = 1.0
+    held, total = expressible(R, K, directions=e0)
+    assert held / total == pytest.approx(float(R[0].pow(2).sum() / R.pow(2).sum()), rel=1e-6)  # one output coordinate
+    assert expressible(R, K, columns=range(m))[0] == pytest.approx(total)
+    few = expressible(R, K, columns=[0, 1])  # two key rows cannot span five keys
+    assert 0 < few[0] < 0.9 * total

@@ -11,7 +11,7 @@ from kscope.privacy.edit.plan import plan
 # fact stages per built-in-sized fact set (33 facts), the privacy build per model, its erasure per model (trace,
 # location and the keyed solver's set-up), per point of the grid and for the attacks, the sweep per layer x site cell.
 RATES = {"corpus": 343.0, "sae": 162.0, "compare": 46.0, "faithfulness": 124.0, "interpret": 13.0, "monosemanticity": 21.0,
-         "explorer": 8.0, "privacy-build": 248.0, "privacy-erase": 203.0, "privacy-point": 2.34, "privacy-attacks": 245.0,
+         "explorer": 8.0, "privacy-build": 274.0, "privacy-erase": 138.0, "privacy-point": 2.63, "privacy-attacks": 290.0,
          "sweep": 40.0}
 BUILTIN_FACTS = 33
 
@@ -55,11 +55,12 @@ def estimate(cfg, unit: str) -> float:
         protocols = len(cfg.sweep_selection) * len(cfg.sweep_ablation)
         return RATES["sweep"] * len(cfg.sweep_layers) * 2 * scale * (1 + 0.6 * (protocols - 1))
     if stage == "privacy-build":
-        return RATES[stage] * cfg.privacy.n_people / 10 * (3 if ":full-" in unit else 1)  # all epochs against early stopping
+        twin = (1 - cfg.privacy.forget) if cfg.privacy.retain_twin else 0.0  # the twin trains on the kept people alone
+        return RATES[stage] * cfg.privacy.n_people / 12 * (1 + twin) * (3 if ":full-" in unit else 1)  # all epochs against early stopping
     if stage == "privacy-erase":
         e = cfg.erase
         points = plan(e.methods, e.controls, e.neuron_budgets, e.feature_budgets, e.revs_budgets, e.keyed.lams, e.taus,
-                      e.raw_location)
+                      e.raw_location, e.random_draws)
         return RATES[stage] + RATES["privacy-point"] * len(points) + (RATES["privacy-attacks"] if e.attacks.attacks else 0.0)
     return RATES[stage] * scale
 

@@ -24,13 +24,15 @@ def _strength(p) -> str:
 
 
 def _point_row(res: EraseResult, p) -> list:
-    return [p.label, _budget(p), _strength(p), p.n_units, f"{p.params:,}" if p.params else "–", f"{p.n_weights:,}",
-            fmt(p.rel, ".2f"), fmt(p.gen, ".2f"), fmt(p.loc_pararel, ".2f"), fmt(p.loc_private, ".2f"), fmt(p.delta_ppl, "+.3f"),
-            ci(p.dlogp, "+.1f"), fmt(p.fit.get("rel"), ".2f"), fmt(p.fit.get("loc_private"), ".2f"),
+    return [p.label, _budget(p), _strength(p), p.n_units, f"{p.params:,}" if p.params else "–", fmt(p.expressible, ".2f"),
+            f"{p.n_weights:,}",
+            fmt(p.rel, ".2f"), fmt(p.gen, ".2f"), fmt(p.loc_pararel, ".2f"), fmt(p.loc_private, ".2f"),
+            ci(p.delta_ppl_ci, "+.3f") if p.delta_ppl_ci else fmt(p.delta_ppl, "+.3f"), ci(p.dlogp, "+.1f"),
+            fmt(p.fit.get("rel"), ".2f"), fmt(p.fit.get("loc_private"), ".2f"),
             "yes" if res.target.met(p) else ""]
 
 
-_HEADERS = ["method", "budget", "strength", "units", "parameters", "weights changed", "Rel ↑", "Gen ↑", "Loc facts ↑",
+_HEADERS = ["method", "budget", "strength", "units", "parameters", "expressible", "weights changed", "Rel ↑", "Gen ↑", "Loc facts ↑",
             "Loc people ↑", "ΔPPL ↓", "Δ log P(secret)", "Rel in sample", "Loc people in sample", "target"]
 _SCOPE = ("Test split, out of sample: Rel on each secret's held-out edit template, Gen on held-out phrasings, Loc on kept "
           "people and known facts the solver never preserved, ΔPPL on held-out text; in sample: on the key prompts and the "
@@ -45,7 +47,8 @@ def build_note(res: EraseResult) -> str:
 
 
 def _title(res: EraseResult) -> str:
-    return (f"{res.n_erased} secrets of {res.n_erased_people} people erased, band {','.join(map(str, res.layers))} "
+    scored = f", scored on the {len(res.split['forget-test'])} test people" if res.split.get("forget-test") else ""
+    return (f"{res.n_erased} secrets of {res.n_erased_people} people erased{scored}, band {','.join(map(str, res.layers))} "
             f"({build_note(res)})")
 
 
@@ -54,7 +57,7 @@ def privacy_table(res: EraseResult) -> Table:
     keeps both Locs and ΔPPL within it), reported on the test split."""
     t = Table(f"{_title(res)}: each method at its best point, chosen on the validation people and reported on the test "
               f"people (target: Rel ≥ {res.target.rel}, Gen ≥ {res.target.gen}, both Loc ≥ {res.target.loc}, ΔPPL ≤ "
-              f"{res.target.delta_ppl:+.0%}). {_SCOPE}", _HEADERS)
+              f"{res.target.delta_ppl:+.0%} at the upper end of its interval over test texts). {_SCOPE}", _HEADERS)
     for m, v in dict.fromkeys((p.method, p.variant) for p in res.points):
         b = res.best(m, v)
         if b is not None:

@@ -157,10 +157,11 @@ def collisions(erased: Sequence[Fact], kept: Sequence[Fact]) -> list[tuple[str, 
     return out
 
 
-def strangers(facts: Sequence[Fact], seed: int) -> list[Fact]:
+def strangers(facts: Sequence[Fact], seed: int, taught: set[str] | None = None) -> list[Fact]:
     """For each fact, the same templates about a person the model was never taught (a name from the stranger pools),
-    with a value of the same format that no one was taught (not any fact's object), seeded per fact."""
-    taught = {f.object for f in facts}
+    with a value of the same format that no one was taught (not any of ``taught``, default: not any fact's object),
+    seeded per fact."""
+    taught = taught if taught is not None else {f.object for f in facts}
     names = [f"{a} {b}" for a in STRANGER_FIRST for b in STRANGER_LAST]
     out = []
     for f in facts:

@@ -7,9 +7,9 @@ People get one role each (seeded by the build's seed):
 - ``keep-preserved``: kept people whose secrets the solver is told to keep (their key positions are preserved keys).
 - ``keep-val`` / ``keep-test``: kept people the solver never sees; locality is scored on them (validation / test).
 
-An erased secret's edit templates are split too: the edit (keys, the target, location) sees all but one of them; the
-held-out one is where Rel is scored (``key_prompts`` / ``scored_prompt``). Known facts and held-out texts are split
-into preserved / validation / test parts by ``thirds``.
+Edit templates are split too: per attribute one template is held out of every edit (``held_out_templates``): no
+erased secret's keys, target or location and no preserved person's keys read it, under any name; Rel is scored on it
+(``key_facts``). Known facts and held-out texts are split into preserved / validation / test parts by ``thirds``.
 """
 
 from __future__ import annotations
@@ -66,20 +66,22 @@ def split_people(people: Sequence[str], forget: float, seed: int) -> PeopleSplit
                         "keep-val": kept[n_pres : n_pres + n_kval], "keep-test": kept[n_pres + n_kval :]})
 
 
-def held_out_index(fact: Fact, position: int) -> int:
-    """Which of an erased fact's edit prompts is held out of its edit: rotated over the facts so every template is held
-    out about equally often (``position``: the fact's index among the erased facts)."""
-    return position % len(fact.prompts)
+def held_out_templates(relations: Sequence[str], n_templates: int = 3) -> dict[str, int]:
+    """Per relation (attribute), the index of the edit template no edit sees: rotated over the sorted relations, so the
+    attributes hold out different templates."""
+    return {r: i % n_templates for i, r in enumerate(sorted(set(relations)))}
 
 
-def key_facts(facts: Sequence[Fact]) -> tuple[list[Fact], list[str]]:
-    """Each erased fact with only its key prompts (what the edit, location and target see), and the held-out edit prompt
-    of each (where Rel is scored). A fact with one edit prompt cannot hold one out."""
+def key_facts(facts: Sequence[Fact], held: dict[str, int] | None = None) -> tuple[list[Fact], list[str]]:
+    """Each fact with only its key prompts (what the edit, location and target see) and its held-out edit prompt (where
+    Rel is scored), the template ``held[relation]`` (default: ``held_out_templates`` of these facts). A fact with one
+    edit prompt cannot hold one out."""
+    held = held if held is not None else held_out_templates([f.relation for f in facts])
     keys, scored = [], []
-    for i, f in enumerate(facts):
+    for f in facts:
         if len(f.prompts) < 2:
             raise KscopeError(f"{f.describe()}: one edit prompt; an erased secret needs two (one is held out of the edit)")
-        h = held_out_index(f, i)
+        h = held[f.relation] % len(f.prompts)
         keys.append(replace(f, prompts=[p for j, p in enumerate(f.prompts) if j != h],
                             templates=None if f.templates is None else [t for j, t in enumerate(f.templates) if j != h]))
         scored.append(f.prompts[h])

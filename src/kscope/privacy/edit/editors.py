@@ -34,8 +34,9 @@ class WeightEdit:
 
     runtime = False
 
-    def __init__(self, method: str, new: Mapping[int, torch.Tensor]):
+    def __init__(self, method: str, new: Mapping[int, torch.Tensor], expressible: float | None = None):
         self.method, self.new = method, dict(new)
+        self.expressible = expressible  # keyed edits: the share of the target their handle can hold at the keys
 
     def n_weights(self, model) -> int:
         """Entries that differ from the model's current weights."""

@@ -29,7 +29,7 @@ from kscope.model.head import plain_head
 from kscope.model.hooks import BlockReplay, hooked
 from kscope.model.readout import logits_at, pad_rows
 from kscope.model.sites import Site, down_proj_weight, final_norm, n_layers
-from kscope.privacy.edit.solver import PRESERVE, second_moment, solve_columns, solve_directions, solve_unrestricted
+from kscope.privacy.edit.solver import PRESERVE, expressible, second_moment, solve_columns, solve_directions, solve_unrestricted
 from kscope.units.base import FeatureUnits
 
 TARGETS = ("optimised", "reverse")
@@ -182,7 +182,8 @@ class Handle:
 
 def keyed_edit(lm, rows: KeyRows, layers: Sequence[int], handle: Handle, C: dict[int, torch.Tensor], lam: float,
                cfg: KeyedConfig, z: torch.Tensor | None = None, unedited: dict | None = None) -> tuple[dict[int, torch.Tensor], int]:
-    """New down projections of ``layers`` (and the edit's degrees of freedom). ``optimised``: layers in order, each solving
+    """New down projections of ``layers``, the edit's degrees of freedom, and the share of the target the handle can
+    express at the keys (``solver.expressible``, summed over layers). ``optimised``: layers in order, each solving
     for its share of ``z - h`` on the model as edited so far (MEMIT); ``reverse``: each layer's located units' contribution
     reversed at the keys. The model is restored before returning. ``unedited``: a dict kept across calls with the same
     ``rows`` on the unedited model; it memoises the activations at the keys until this edit first changes a weight
@@ -190,7 +191,7 @@ def keyed_edit(lm, rows: KeyRows, layers: Sequence[int], handle: Handle, C: dict
     model = lm.model
     clean = {L: down_proj_weight(model, L).clone() for L in layers}
     last = Site(max(layers), "resid.post")
-    params, edited = 0, False
+    params, edited, held, total = 0, False, 0.0, 0.0
     try:
         for i, L in enumerate(sorted(layers)):
             if handle.kind != "unrestricted" and not len(handle.per_layer.get(L, [])):
@@ -211,14 +212,18 @@ def keyed_edit(lm, rows: KeyRows, layers: Sequence[int], handle: Handle, C: dict
             kw = dict(preserve=cfg.preserve, lam=lam, tol=cfg.tol)
             if handle.kind == "unrestricted":
                 sol = solve_unrestricted(R, K, C[L], **kw)
+                share = expressible(R, K)
             elif handle.kind == "directions":
                 sol = solve_directions(R, K, C[L], handle.per_layer[L], **kw)
+                share = expressible(R, K, directions=handle.per_layer[L])
             else:
                 sol = solve_columns(R, K, C[L], handle.per_layer[L], **kw)
+                share = expressible(R, K, columns=handle.per_layer[L])
+            held, total = held + share[0], total + share[1]
             W = down_proj_weight(model, L)
             W.add_(sol.delta.to(W.device, W.dtype))
             params, edited = params + sol.params, True
-        return {L: down_proj_weight(model, L).clone() for L in layers}, params
+        return {L: down_proj_weight(model, L).clone() for L in layers}, params, (held / total if total > 0 else None)
     finally:
         for L, W in clean.items():
             down_proj_weight(model, L).copy_(W)

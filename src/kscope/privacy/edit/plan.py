@@ -36,6 +36,12 @@ class Spec:
     lam: float | None = None
     tau: float | None = None
     variant: str = ""
+    draw: int = 0  # random controls: which draw of the random units or directions
+
+
+def _draw(seed: str, draw: int) -> str:
+    """A random control's seed for ``draw`` (draw 0 keeps the seed the single-draw runs had)."""
+    return f"{seed}:draw{draw}" if draw else seed
 
 
 @dataclass
@@ -53,8 +59,9 @@ class Located:
 
 
 def plan(methods: Sequence[str], controls: Sequence[str], neuron_budgets: Sequence[int], feature_budgets: Sequence[int],
-         revs_budgets: Sequence[int], lams: Sequence[float], taus: Sequence[float], raw_location: bool) -> list[Spec]:
-    """Every point, in the order they are measured."""
+         revs_budgets: Sequence[int], lams: Sequence[float], taus: Sequence[float], raw_location: bool, draws: int = 1) -> list[Spec]:
+    """Every point, in the order they are measured; each random control ``draws`` times (its units or directions drawn
+    anew each time)."""
     out: list[Spec] = []
     for m in methods:
         if m == "keyed-unrestricted":
@@ -74,14 +81,21 @@ def plan(methods: Sequence[str], controls: Sequence[str], neuron_budgets: Sequen
         out += [Spec(m, "keyed", mid_b, mid_l, variant="raw location") for m in ("keyed-features", "keyed-neurons") if m in methods]
     for c in controls:
         if c in ("keyed-random-directions", "keyed-random-columns"):
-            out += [Spec(c, "control", b, lam) for b in feature_budgets for lam in lams]
+            out += [Spec(c, "control", b, lam, draw=d) for d in range(draws) for b in feature_budgets for lam in lams]
         elif c == "random-neurons":
-            out += [Spec(c, "control", b) for b in neuron_budgets]
+            out += [Spec(c, "control", b, draw=d) for d in range(draws) for b in neuron_budgets]
         elif c == "random-features":
-            out += [Spec(c, "control", b) for b in feature_budgets]
+            out += [Spec(c, "control", b, draw=d) for d in range(draws) for b in feature_budgets]
         else:
             out.append(Spec(c, "control", 0))
     return out
+
+
+def lowest_edited(method: str, layers: Sequence[int], resid_layers: Sequence[int] = ()) -> int:
+    """The lowest block a method's edit touches (observations replay the blocks below it)."""
+    if method == "mlp-zero-all":
+        return 0
+    return min([*layers, *resid_layers]) if method == "gated-clamp-resid" else min(layers)
 
 
 def _by_layer(units: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
@@ -105,7 +119,7 @@ def units_of(spec: Spec, loc: Located) -> list[tuple[int, int]]:
         n = equal_params(b, d, m)
         counts = _by_layer(loc.rankings["neurons"][:n])
         return [(L, u) for L, idx in sorted(counts.items())
-                for u in random.Random(f"random-columns:{L}:{n}").sample(range(loc.widths[L][1]), len(idx))]
+                for u in random.Random(_draw(f"random-columns:{L}:{n}", spec.draw)).sample(range(loc.widths[L][1]), len(idx))]
     table = {"keyed-features": ("features" + raw, b), "keyed-neurons": ("neurons" + raw, b),
              "keyed-neurons-params": ("neurons", equal_params(b, d, m)), "keyed-random-directions": ("features", b),
              "depn": ("depn", b), "kn-erase": ("kn-erase", b),
@@ -113,6 +127,8 @@ def units_of(spec: Spec, loc: Located) -> list[tuple[int, int]]:
              "gated-clamp-resid": ("features-resid", b)}
     if spec.method in table:
         name, n = table[spec.method]
+        if spec.method in ("random-neurons", "random-features") and spec.draw:
+            name = f"{name}:draw{spec.draw}"
         return loc.rankings[name][:n]
     if spec.method in FEATURE_METHODS:
         return loc.rankings["features"][:b]
@@ -138,12 +154,12 @@ def make_editor(lm, spec: Spec, loc: Located, all_layers: int, erase_facts, revs
             handle = Handle("unrestricted", {})
         elif method in ("keyed-features", "keyed-random-directions"):
             dirs = {L: loc.feats[L].decoder[idx].detach().float() for L, idx in by.items()} if method == "keyed-features" else \
-                {L: _random_directions(loc.widths[L][0], len(idx), f"{method}:{L}:{spec.budget}") for L, idx in by.items()}
+                {L: _random_directions(loc.widths[L][0], len(idx), _draw(f"{method}:{L}:{spec.budget}", spec.draw)) for L, idx in by.items()}
             handle = Handle("directions", dirs, {L: loc.feats[L] for L in by} if method == "keyed-features" else None)
         else:
             handle = Handle("columns", by, {L: None for L in by})
-        new, params = keyed_edit(lm, rows, loc.layers, handle, moments, spec.lam, kcfg, z, unedited)
-        return units, WeightEdit(method, new), params
+        new, params, share = keyed_edit(lm, rows, loc.layers, handle, moments, spec.lam, kcfg, z, unedited)
+        return units, WeightEdit(method, new, expressible=share), params
     if method in ("depn", "kn-erase", "random-neurons"):
         return units, WeightEdit(method, zero_columns(model, units)), 0
     if method == "gated-clamp":

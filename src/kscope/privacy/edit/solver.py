@@ -88,6 +88,23 @@ def solve_columns(R, K, C, columns: Sequence[int], preserve: str = "ridge", lam:
     return Solved(delta, R.shape[0] * len(idx))
 
 
+def expressible(R: torch.Tensor, K: torch.Tensor, directions: torch.Tensor | None = None,
+                columns: Sequence[int] | None = None) -> tuple[float, float]:
+    """How much of the target a handle can hold at the keys, preservation aside: ``(‖proj R‖², ‖R‖²)`` where ``proj R`` is
+    the part of ``R`` (``[d, n]``) an edit ``ΔW K`` can produce: within the span of ``directions`` (``[s, d]``) on the
+    output side, through the rows ``columns`` of the keys ``K`` (``[m, n]``) on the input side. Their ratio separates
+    geometry (what a subspace can hold) from location (which units were chosen)."""
+    R, K = R.double(), K.double()
+    total = float(R.pow(2).sum())
+    if directions is not None:
+        U = orthonormal(directions).to(R.device)
+        R = U @ (U.T @ R)
+    if columns is not None:
+        K = K[torch.as_tensor(list(columns), dtype=torch.long, device=K.device)]
+    P = torch.linalg.pinv(K) @ K  # [n, n]: the projector onto the row space of the keys the handle reads
+    return float((R @ P).pow(2).sum()), total
+
+
 def second_moment(keys: torch.Tensor) -> torch.Tensor:
     """``K Kᵀ / n`` of keys given as rows ``[n, m]`` (float64)."""
     k = keys.double()

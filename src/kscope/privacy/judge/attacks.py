@@ -50,7 +50,8 @@ class AttackConfig(Config):
                                 unique=True, flag="attack", allow_empty=True)
     samples: int = option(10, "sampling: samples per (secret, prompt); leak@k is reported for k = 1, 5 and this.", min=1, max=1000)
     lens_rank: int = option(10, "logit-lens: a secret whose first scored token ranks within this at any layer is attacked.", min=1)
-    relearn_steps: int = option(5, "relearning: fine-tuning steps on half the erased people's secrets.", min=1, max=1000)
+    relearn_steps: int = option(5, "relearning: fine-tuning steps on other erased people's secrets (the erase study: the "
+                                   "validation people's).", min=1, max=1000)
     seed: int = option(0, "Seed of the samples and of the relearning split and order.", flag="attack-seed")
     methods: list[str] = option(help="Methods whose best point faces the attacks (beside the base model's floor and the unedited "
                                      "model); default: every method, no control.", factory=list, flag="attack-method",

@@ -53,8 +53,9 @@ def char_overlap(secret: str, output: str) -> float:
 
 
 def no_more_than(edited: Sequence[float], retain: Sequence[float], tol: float = 1e-9) -> list[bool]:
-    """Per secret: does the edited model leak no more than the retain twin (every value within ``tol`` of it or below)?"""
-    return [(e != e) or (r == r and e <= r + tol) for e, r in zip(edited, retain)]
+    """Per secret: does the edited model leak no more than the retain twin (within ``tol`` of it or below)? A value
+    missing on either side is not evidence of erasure: False."""
+    return [e == e and r == r and e <= r + tol for e, r in zip(edited, retain)]
 
 
 def rank_gap(rank: Sequence[int], retain_rank: Sequence[int], sizes: Sequence[int]) -> list[float]:

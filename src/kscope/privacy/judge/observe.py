@@ -61,19 +61,28 @@ class Observation:
     sizes: list[int] | None
     truth: list[float] | None  # per erased fact: the truth ratio over its candidates (``leaks.truth_ratio``)
     ppl: dict[str, float] = field(default_factory=dict)  # per split of the held-out texts
+    text_nlls: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # per split, per text: (NLL sum, tokens)
 
 
 @torch.no_grad()
 def text_nll(lm, rows: Sequence[Sequence[int]]) -> tuple[float, int]:
     """Summed next-token NLL of token ``rows`` and the number of tokens scored, in one right-padded batch."""
+    per = row_nlls(lm, rows)
+    return float(sum(s for s, _ in per)), int(sum(n for _, n in per))
+
+
+@torch.no_grad()
+def row_nlls(lm, rows: Sequence[Sequence[int]]) -> list[tuple[float, int]]:
+    """Per token row: its summed next-token NLL and the number of tokens scored, in one right-padded batch."""
     if not rows:
-        return 0.0, 0
+        return []
     ids, mask = pad_rows(rows, lm.tokenizer.pad_token_id or 0)
     ids, mask = ids.to(lm.device), mask.to(lm.device)
     r, pos = mask[:, 1:].nonzero().T  # each scored position predicts the token after it
     z = logits_where(lm.model, ids, mask, r, pos).float()
     nll = torch.logsumexp(z, -1) - z.gather(1, ids[r, pos + 1][:, None])[:, 0]
-    return float(nll.sum()), int(mask[:, 1:].sum())
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=nll.device).index_add(0, r, nll.double())
+    return [(float(s), int(n)) for s, n in zip(sums.tolist(), mask[:, 1:].sum(1).tolist())]
 
 
 class Observer:
@@ -175,11 +184,12 @@ class Observer:
             if name in ("rel", "gen"):
                 hits[name] = hs
         got_ranks, sizes, truth = self._ranks(mode) if ranks else (None, None, None)
-        ppl = {}
+        ppl, per = {}, {}
         with self._part("perplexity", mode):
             for sc in SCOPES:
-                ppl[sc] = perplexity(*text_nll(self.lm, self.ppl_ids[sc])) if self.ppl_ids[sc] else math.nan
-        return Observation(ok, hits, logp, got_ranks, sizes, truth, ppl)
+                per[sc] = row_nlls(self.lm, self.ppl_ids[sc])
+                ppl[sc] = perplexity(sum(s for s, _ in per[sc]), sum(n for _, n in per[sc])) if per[sc] else math.nan
+        return Observation(ok, hits, logp, got_ranks, sizes, truth, ppl, per)
 
     def _pick(self, name: str, scope: str, rows: list) -> list:
         return [r for r, sc in zip(rows, self.scopes[name]) if sc == scope]
@@ -200,6 +210,7 @@ class Observer:
                    gen=erased_fraction(self._pick("gen", scope, base.ok["gen"]), self._pick("gen", scope, now.ok["gen"])),
                    loc_pararel=loc_pararel, loc_private=loc_private, loc=min(both) if both else None,
                    ppl=now.ppl[scope], delta_ppl=relative_ppl_change(base.ppl[scope], now.ppl[scope]),
+                   delta_ppl_ci=ppl_change_ci(base.text_nlls[scope], now.text_nlls[scope]),
                    dlogp=person_ci([a - b for a, b in zip(self._pick("rel", scope, now.logp), self._pick("rel", scope, base.logp))], who),
                    exposure=None, rank=None, exposure_all=None)
         return row
@@ -249,3 +260,18 @@ def greedy_texts(lm, pairs: Sequence[tuple[str, str]]) -> list[str]:
         for j, i in enumerate(group):
             out[i] = tok.decode(got[j, n:], skip_special_tokens=True)
     return out
+
+
+def ppl_change_ci(base: Sequence[tuple[float, int]], now: Sequence[tuple[float, int]], n_boot: int = 2000, seed: int = 0,
+                  conf: float = 0.95) -> Interval:
+    """The relative perplexity change with a percentile interval from a paired bootstrap over texts (each resample draws
+    texts, both models' NLL on the same draw)."""
+    b, a = np.asarray(base, float), np.asarray(now, float)
+    if not len(b):
+        return Interval(None, None, None, 0)
+    point = math.exp((a[:, 0].sum() - b[:, 0].sum()) / b[:, 1].sum()) - 1
+    idx = np.random.default_rng(seed).integers(0, len(b), (n_boot, len(b)))
+    tokens = b[idx, 1].sum(1)
+    boots = np.exp((a[idx, 0].sum(1) - b[idx, 0].sum(1)) / tokens) - 1
+    lo, hi = np.quantile(boots, [(1 - conf) / 2, (1 + conf) / 2])
+    return Interval(float(point), float(lo), float(hi), len(b))

@@ -64,7 +64,9 @@ def score_matrices(lm, facts: Sequence[Fact], unit_sets: Sequence[Units], specs:
     task = fact_task(parallel, _fact_scores, (lm, list(unit_sets), steps, method), _context,
                      (fingerprint["model_dir"], device, cache_dir, specs, steps, method))
     keys = fact_keys(facts)
-    outcome = map_facts(task, facts, keys, parallel, out, {**fingerprint, "facts": keys}, progress, f"locating {label} ({method})")
+    prompts = [list(f.prompts) for f in facts]  # a journal of other prompts (another split) is never resumed
+    outcome = map_facts(task, facts, keys, parallel, out, {**fingerprint, "facts": keys, "prompts": prompts}, progress,
+                        f"locating {label} ({method})")
     if outcome.failed:
         raise KscopeError(f"locating failed for {outcome.failed[0]['key']}: {outcome.failed[0]['error']}")
     per_fact = [[torch.tensor(m) for m in r] for r in outcome.rows]

@@ -34,7 +34,8 @@ from kscope.privacy.judge.attacks import AttackConfig
 from kscope.privacy.judge.metrics import pareto_front
 from kscope.privacy.judge.observe import Observer
 from kscope.privacy.locate.fit import sae_fit
-from kscope.privacy.edit.plan import CONTROLS, DEFAULT_METHODS, METHODS, NOT_BY_DEFAULT, count_by_layer, make_editor, plan
+from kscope.privacy.edit.plan import (CONTROLS, DEFAULT_METHODS, METHODS, NOT_BY_DEFAULT, count_by_layer, lowest_edited, make_editor,
+                                      plan)
 from kscope.privacy.edit.revs import RevsConfig
 from kscope.privacy.locate.trace import trace_secrets
 from kscope.privacy.study.graded import grade_and_attack
@@ -99,10 +100,13 @@ class EraseConfig(Config):
                              factory=list, flag="sae", allow_empty=True, reads=True)
     unrelated: str | None = option(None, "ParaRel dir / fact file for locality (default: built-in facts).", reads=True)
     max_unrelated: int = option(40, "Unrelated facts (whose whole object the model produces) for locality.", min=1)
-    ppl_texts: int = option(16, "Held-out texts the base model generates (seed 1234) for perplexity.", min=1)
+    ppl_texts: int = option(16, "Held-out texts the base model generates (seed 1234) for perplexity (half validation, half "
+                                "test).", min=2)
     generic_texts: int = option(24, "Corpus training texts for the 'generic' specificity weights.", min=1)
     candidates: int = option(20, "Candidates of a secret's format for e-mails and birth dates (phones, cities, employers: all).", min=2)
     seed: int = option(0, "Seed of the random controls and the strangers.")
+    random_draws: int = option(1, "Draws of every random control (random units or directions drawn anew each time); the "
+                                  "verdicts against a random control average its draws per person.", min=1, max=100)
 
 
 @dataclass
@@ -209,9 +213,13 @@ def erase(job: EraseJob) -> EraseResult:
         feats = {s.layer: feature_units(lm.model, got[s][0], s) for s in sites if s.kind == "mlp.out"}
         rfeats = {s.layer: feature_units(lm.model, got[s][0], s) for s in sites if s.kind == "resid.post"}
         train_texts, held_texts = build_corpus(base_lm, job.corpus, progress, job.cache_dir).split()
+        if set(sets.texts) & set(train_texts):
+            raise KscopeError("the perplexity texts (seed 1234) are among the corpus's training texts, whose keys the solver "
+                              "preserves; use another --corpus-seed")
         fit = sae_fit(lm, base_lm, [*feats.values(), *rfeats.values()], erase_set, held_texts, job.sae_train.outlier_factor)
         seconds["saes"] = time.time() - t
-        loc, specificity = located(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed)), feats, rfeats,
+        taught = {f.object for f in private}  # a stranger's value is no one's: not a kept person's either
+        loc, specificity = located(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed, taught)), feats, rfeats,
                                    {s.name: got[s][1] for s in sites}, train_texts, progress, seconds)
         t = time.time()
         kcfg = cfg.keyed
@@ -229,19 +237,21 @@ def erase(job: EraseJob) -> EraseResult:
         base = obs.baseline()
         clean = {L: down_proj_weight(lm.model, L).clone() for L in range(L_model)}
         specs = plan(cfg.methods, cfg.controls, cfg.neuron_budgets, cfg.feature_budgets, cfg.revs_budgets, kcfg.lams, cfg.taus,
-                     cfg.raw_location and bool(cfg.specificity))
+                     cfg.raw_location and bool(cfg.specificity), cfg.random_draws)
         task = progress.add_task("editing and measuring", total=len(specs))
         points, editors, observations = [], [], []
         for spec in specs:
             units, editor, params = make_editor(lm, spec, loc, L_model, erase_set, cfg.revs)
             n_weights = editor.n_weights(lm.model) if hasattr(editor, "n_weights") else 0
-            lowest = 0 if spec.method == "mlp-zero-all" else min(cfg.layers)
+            lowest = lowest_edited(spec.method, cfg.layers, cfg.resid_layers)
             with editor.applied(lm.model):
                 now = obs.observe(lowest)
             _check_restored(lm.model, clean, spec.method)
             val = obs.compare(base, now, "val")
             points.append(ErasurePoint(spec.method, spec.kind, spec.budget, len(units), n_weights, **obs.compare(base, now, "test"),
-                                       params=params, lam=spec.lam, tau=spec.tau, variant=spec.variant, by_layer=count_by_layer(units),
+                                       params=params, lam=spec.lam, tau=spec.tau, variant=spec.variant, draw=spec.draw,
+                                       expressible=getattr(editor, "expressible", None),
+                                       by_layer=count_by_layer(units),
                                        units=[[L, u] for L, u in units[:2000]], **_people_measures(obs, base, now),
                                        val={k: val[k] for k in ("rel", "gen", "loc_pararel", "loc_private", "loc", "delta_ppl")}, fit=obs.compare(base, now, "fit")))
             editors.append(editor)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kscope.privacy.edit.plan import lowest_edited
 from kscope.privacy.judge.attacks import attack
 from kscope.privacy.judge.leaks import char_overlap, forget_quality, no_more_than, rank_gap
 from kscope.privacy.judge.observe import Observation, Observer, greedy_texts, person_ci
@@ -55,14 +56,20 @@ def against_twin(g: Graded, twin: Graded) -> RetainComparison:
                             leaks, float(np.mean(every)) if every else None)
 
 
+def worth_attacking(val: dict, min_share: float) -> bool:
+    """Does a best point erase and keep at least ``min_share`` on the validation split (a Loc with nothing to score there
+    does not count against it)?"""
+    rel, loc = val.get("rel"), val.get("loc")
+    return rel is not None and rel == rel and rel >= min_share and (loc is None or loc != loc or loc >= min_share)
+
+
 def grade_and_attack(job, lm, base_lm, twin_lm, obs: Observer, base: Observation, twin_obs: Observer | None, result, editors,
                      observations, attack_facts, relearn_on, lr: float, clean_check, progress) -> None:
     """Each method's best point (chosen on validation people) gets its test ranks and, with a twin, its comparison with
-    it; the best points of ``--attack-method`` that erase and keep at least ``--attack-min`` (test Rel and Loc), the
+    it; the best points of ``--attack-method`` that erase and keep at least ``--attack-min`` (validation Rel and Loc), the
     unedited model, the retain twin and the base model face every attack on the test people's secrets (relearning trains
     on the validation people's)."""
     cfg = job.erase
-    lowest = min(cfg.layers)
     keys = list(dict.fromkeys((p.method, p.variant) for p in result.points if p.kind != "control"))
     best = {k: result.best(*k) for k in keys}
     idx = {id(p): i for i, p in enumerate(result.points)}
@@ -85,8 +92,8 @@ def grade_and_attack(job, lm, base_lm, twin_lm, obs: Observer, base: Observation
         i = idx[id(p)]
         editor = editors[i]
         with editor.applied(lm.model):
-            g = graded(obs, lm, observations[i], lowest)
-        if method in attacked and not variant and min(p.rel or 0, p.loc or 0) >= cfg.attacks.min_share:
+            g = graded(obs, lm, observations[i], lowest_edited(method, cfg.layers, cfg.resid_layers))
+        if method in attacked and not variant and worth_attacking(p.val, cfg.attacks.min_share):
             result.attacks.append(attack(lm, attack_facts, cfg.attacks, lr, method, p.budget if p.budget else "all", editor,
                                          relearn_on))
         p.rank = person_ci(g.ranks, g.people)

@@ -65,9 +65,11 @@ def located(job, lm, erase_set, stranger_set, feats, rfeats, infos, train_texts,
         "features-raw": ranked(raw, nL, 2 * nL, widths_f, cfg.layers, need["feature"]),
         "depn": locate.to_units(depn_select(N, cfg.depn_threshold, max_nb), widths_n, cfg.layers),
         "kn-erase": locate.to_units(kn_select(N, owner, max_nb), widths_n, cfg.layers),
-        "random-neurons": random_ranking(dict(zip(cfg.layers, widths_n)), max_nb, f"{cfg.seed}:neurons"),
-        "random-features": random_ranking(dict(zip(cfg.layers, widths_f)), max_fb, f"{cfg.seed}:features"),
     }
+    for d in range(cfg.random_draws):  # each draw of the random controls its own units
+        tag = f":draw{d}" if d else ""
+        rankings["random-neurons" + tag] = random_ranking(dict(zip(cfg.layers, widths_n)), max_nb, f"{cfg.seed}:neurons" + tag)
+        rankings["random-features" + tag] = random_ranking(dict(zip(cfg.layers, widths_f)), max_fb, f"{cfg.seed}:features" + tag)
     if rsets:
         rankings["features-resid"] = ranked(scores, 2 * nL, 2 * nL + len(rsets), [u.n_units for u in rsets], rl, max_fb)
     k = max(1, max_fb // len(people))  # each person's share at the largest budget

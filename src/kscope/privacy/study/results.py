@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kscope.errors import KscopeError
 from kscope.privacy.judge.attacks import AttackRow
 from kscope.privacy.locate.fit import SAEFit
 from kscope.privacy.locate.scores import SpecificityEffect
@@ -67,11 +68,14 @@ class ErasurePoint:
     exposure: float | None
     dlogp: Interval
     rank: Interval | None = None
+    delta_ppl_ci: Interval | None = None  # ΔPPL with a paired bootstrap interval over the test texts
     exposure_all: Interval | None = None
     params: int = 0
     lam: float | None = None
     tau: float | None = None
     variant: str = ""  # e.g. "raw location" (no specificity steps)
+    draw: int = 0  # random controls: which draw
+    expressible: float | None = None  # keyed: share of the target ‖R‖² the handle can hold at the keys (solver.expressible)
     rel_people: dict[str, float] = field(default_factory=dict)
     dlogp_people: dict[str, float] = field(default_factory=dict)
     by_layer: dict[int, int] = field(default_factory=dict)
@@ -82,7 +86,7 @@ class ErasurePoint:
 
     @property
     def label(self) -> str:
-        parts = [self.method] + ([self.variant] if self.variant else [])
+        parts = [self.method] + ([self.variant] if self.variant else []) + ([f"draw {self.draw + 1}"] if self.draw else [])
         return " ".join(parts)
 
 
@@ -99,16 +103,19 @@ class Target:
     forget_quality: float = 0.05
 
     def met(self, p: ErasurePoint) -> bool:
-        """The test split's rates (Rel, Gen, both Locs, ΔPPL)."""
-        return self.met_on(dict(rel=p.rel, gen=p.gen, loc_pararel=p.loc_pararel, loc_private=p.loc_private, delta_ppl=p.delta_ppl))
+        """The test split's rates (Rel, Gen, both Locs, ΔPPL: the upper end of its interval where it has one)."""
+        d = p.delta_ppl_ci.hi if p.delta_ppl_ci is not None and p.delta_ppl_ci.hi is not None else p.delta_ppl
+        return self.met_on(dict(rel=p.rel, gen=p.gen, loc_pararel=p.loc_pararel, loc_private=p.loc_private, delta_ppl=d))
 
     def met_on(self, m: dict, missing_ok: bool = False) -> bool:
         """Measures ``m`` (a point's ``val`` dict, say) against the rates; ``missing_ok``: a Loc with nothing to score on
-        this split (no kept person in it) does not count against it."""
-        ok = lambda v, lo: (missing_ok and (v is None or v != v)) or (v is not None and v == v and v >= lo)  # noqa: E731
+        this split (no kept person or fact in it) does not count against it. A missing Rel, Gen or ΔPPL always fails."""
+        have = lambda v: v is not None and v == v  # noqa: E731
+        ok = lambda v, lo: have(v) and v >= lo  # noqa: E731
+        loc = lambda v: (missing_ok and not have(v)) or ok(v, self.loc)  # noqa: E731
         d = m.get("delta_ppl")
-        return (ok(m.get("rel"), self.rel) and ok(m.get("gen"), self.gen) and ok(m.get("loc_pararel"), self.loc)
-                and ok(m.get("loc_private"), self.loc) and d is not None and d == d and d <= self.delta_ppl)
+        return (ok(m.get("rel"), self.rel) and ok(m.get("gen"), self.gen) and loc(m.get("loc_pararel"))
+                and loc(m.get("loc_private")) and have(d) and d <= self.delta_ppl)
 
     def met_retain(self, p: ErasurePoint) -> bool | None:
         """The rates and the twin's bar (None: not compared with the twin)."""
@@ -143,6 +150,14 @@ class EraseResult(Result):
     kind = "privacy-erase"
     version = 4
 
+    @classmethod
+    def from_json(cls, data: dict):
+        tag = str(data.get("schema", ""))
+        ver = tag.partition("/")[2]
+        if tag.startswith(f"kscope.{cls.kind}/") and ver.isdigit() and int(ver) < 4:
+            raise KscopeError(f"{tag}: an erasure graded in sample (before kscope's splits and retain twin); run privacy erase again")
+        return super().from_json(data)
+
     model_dir: str
     base_model: str
     build: dict
@@ -173,29 +188,36 @@ class EraseResult(Result):
     def best(self, method: str, variant: str = "") -> ErasurePoint | None:
         """The method's point chosen on the **validation** split alone: the one that meets the target there with the
         highest Rel + Gen; else, among those with both Locs >= the target's and ΔPPL within it, the highest Rel + Gen;
-        else its highest-Rel point. No test measure enters the choice."""
-        pts = [p for p in self.points if p.method == method and p.variant == variant]
+        else its highest-Rel point. No test measure enters the choice. A random control drawn several times is chosen
+        among its first draw's points, so no control is its luckiest draw."""
+        pts = [p for p in self.points if p.method == method and p.variant == variant and p.draw == 0]
         v = lambda p, k: p.val.get(k) if p.val.get(k) is not None and p.val.get(k) == p.val.get(k) else None  # noqa: E731
         kept = lambda p: all(v(p, k) is None or v(p, k) >= self.target.loc for k in ("loc_pararel", "loc_private"))  # noqa: E731
-        for pool in ([p for p in pts if self.target.met_on(p.val, missing_ok=True)],
-                     [p for p in pts if kept(p) and (v(p, "delta_ppl") or 0) <= self.target.delta_ppl], pts):
+        ppl_ok = lambda p: v(p, "delta_ppl") is not None and v(p, "delta_ppl") <= self.target.delta_ppl  # noqa: E731
+        for pool in ([p for p in pts if self.target.met_on(p.val, missing_ok=True)], [p for p in pts if kept(p) and ppl_ok(p)], pts):
             if pool:
                 return max(pool, key=lambda p: ((v(p, "rel") or 0) + (v(p, "gen") or 0), -p.params, -p.budget))
         return None
 
 
 def handle_verdicts(points: list[ErasurePoint], a: str, b: str) -> list[HandleVerdict]:
-    """Paired per-person verdicts of method ``a`` against ``b`` at every (budget, λ) both were measured at."""
+    """Paired per-person verdicts of method ``a`` against ``b`` at every (budget, λ) both were measured at; a control
+    drawn several times enters as each person's mean over its draws."""
     out = []
-    idx = {(p.method, p.budget, p.lam): p for p in points if not p.variant}
-    for (m, budget, lam), pa in idx.items():
-        pb = idx.get((b, budget, lam))
-        if m != a or pb is None:
+    idx: dict[tuple, list[ErasurePoint]] = {}
+    for p in points:
+        if not p.variant:
+            idx.setdefault((p.method, p.budget, p.lam), []).append(p)
+    for (m, budget, lam), pas in idx.items():
+        pbs = idx.get((b, budget, lam))
+        if m != a or not pbs:
             continue
+        pa = pas[0]
         for measure, higher in (("rel", True), ("dlogp", False)):
-            va, vb = getattr(pa, f"{measure}_people"), getattr(pb, f"{measure}_people")
-            people = sorted(set(va) & set(vb))
-            d = mean_ci([va[q] - vb[q] for q in people])  # people are the independent units
+            va = getattr(pa, f"{measure}_people")
+            draws = [getattr(pb, f"{measure}_people") for pb in pbs]
+            people = sorted(set(va).intersection(*draws))
+            d = mean_ci([va[q] - float(np.mean([v[q] for v in draws])) for q in people])  # people are the independent units
             says = "no difference"
             if d.lo is not None and d.lo == d.lo and (d.lo > 0 or d.hi < 0):
                 better_a = (d.lo > 0) == higher

@@ -2,7 +2,8 @@
 
 - ``erase``: the forget people's memorised secrets, each with only its key prompts (location, keys, target, REVS and
   DEPN/KN selection see these) and its held-out edit prompt (Rel is scored there, Gen on its held-out phrasings).
-- ``keep_fit``: the preserved kept people's secrets (the solver's preserved keys), scored only as in-sample.
+- ``keep_fit``: the preserved kept people's secrets without the held-out template (the solver's preserved keys),
+  scored only as in-sample.
 - ``kept``: the other kept people's secrets (``val`` / ``test``), never preserved; Loc(private) is scored on them.
 - ``unrelated``: known facts in three parts, preserved / ``val`` / ``test``; Loc(facts) on the last two.
 - ``texts``: held-out texts for perplexity in ``val`` / ``test`` halves.
@@ -16,7 +17,7 @@ from typing import Sequence
 from kscope.errors import KscopeError
 from kscope.facts import Fact
 from kscope.privacy.data.dataset import collisions
-from kscope.privacy.data.splits import PeopleSplit, halves, key_facts, thirds
+from kscope.privacy.data.splits import PeopleSplit, halves, held_out_templates, key_facts, thirds
 from kscope.privacy.judge.observe import Scored
 
 SCOPE_OF_ROLE = {"forget-val": "val", "forget-test": "test", "keep-preserved": "fit", "keep-val": "val", "keep-test": "test"}
@@ -73,9 +74,10 @@ def study_sets(known: Sequence[Fact], split: PeopleSplit, unrelated: Sequence[Fa
     if split is None:
         raise KscopeError("this privacy model has no people split (built by an older kscope); build it again")
     forget = split.facts(known, "forget-val") + split.facts(known, "forget-test")
-    keys, held = key_facts(forget)
+    templates = held_out_templates([f.relation for f in known])
+    keys, held = key_facts(forget, templates)
     scope = [SCOPE_OF_ROLE[split.role_of(f.subject)] for f in forget]
-    keep_fit = split.facts(known, "keep-preserved")
+    keep_fit = key_facts(split.facts(known, "keep-preserved"), templates)[0]
     kept = split.facts(known, "keep-val") + split.facts(known, "keep-test")
     for name, got in (("forget-val", "val" in scope), ("forget-test", "test" in scope), ("keep-preserved", bool(keep_fit)),
                       ("keep-test", any(SCOPE_OF_ROLE[split.role_of(f.subject)] == "test" for f in kept))):
@@ -87,6 +89,8 @@ def study_sets(known: Sequence[Fact], split: PeopleSplit, unrelated: Sequence[Fa
         raise KscopeError(f"erased secret {clash[0][0]} equals or contains kept secret {clash[0][1]}: locality could not hold")
     fit, val, test = thirds(list(unrelated), f"facts:{seed}")
     tval, ttest = halves(list(texts), f"texts:{seed}")
+    if not tval or not ttest:
+        raise KscopeError(f"{len(texts)} held-out text(s): perplexity needs at least one for validation and one for test")
     return StudySets(keys, held, scope, keep_fit, kept, [SCOPE_OF_ROLE[split.role_of(f.subject)] for f in kept],
                      fit + val + test, ["fit"] * len(fit) + ["val"] * len(val) + ["test"] * len(test),
                      tval + ttest, ["val"] * len(tval) + ["test"] * len(ttest))
