@@ -66,3 +66,27 @@ def test_holm_on_a_hand_checked_example():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, None, 0.2]) == [0.5, None, 0.4]
     assert holm([0.6, 0.7]) == [1.0, 1.0]
+
+
+def test_cluster_robust_interval_is_t_for_one_value_per_cluster_and_covers_with_few_unequal_clusters():
+    import numpy as np
+
+    from kscope.stats import cluster_robust, mean_ci
+
+    x = [0.3, -0.1, 0.8, 0.2, 0.5]
+    got, t = cluster_robust(x, range(5)).interval, mean_ci(x)
+    assert got.mean == pytest.approx(t.mean) and got.lo == pytest.approx(t.lo) and got.hi == pytest.approx(t.hi)
+    equal = cluster_robust([1, 2, 3, 5, 6, 7, 2, 2, 3], [0, 0, 0, 1, 1, 1, 2, 2, 2]).interval
+    means = mean_ci([2.0, 6.0, 7 / 3])
+    assert equal.lo == pytest.approx(means.lo) and equal.hi == pytest.approx(means.hi)  # t over the cluster means
+    # 5 unequal clusters (the built-in facts' relations: 14/6/6/5/2), a cluster effect as large as the noise
+    rng = np.random.default_rng(0)
+    sizes = [14, 6, 6, 5, 2]
+    labels = np.repeat(np.arange(5), sizes)
+    hits = 0
+    n_sim = 2000
+    for _ in range(n_sim):
+        y = rng.normal(0, 1, 5)[labels] + rng.normal(0, 1, labels.size)
+        iv = cluster_robust(y, labels).interval
+        hits += iv.lo <= 0.0 <= iv.hi
+    assert hits / n_sim >= 0.93  # nominal 0.95 (the cluster bootstrap with t on G - 1 df gave about 0.91 here)

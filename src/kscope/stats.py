@@ -103,6 +103,37 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[object], n_boo
     return Test(Interval(m, m - half, m + half, int(x.size)), float(2 * _st.t.sf(abs(m) / se, df)))
 
 
+def cluster_robust(values: Sequence[float], clusters: Sequence[object], conf: float = 0.95) -> Test:
+    """Mean of ``values`` with a cluster-robust interval that holds with few, unequal clusters: the CR2 variance (Bell &
+    McCaffrey 2002) with their Satterthwaite degrees of freedom under a working model of independent errors (Imbens &
+    Kolesár 2016), for the intercept-only regression. With one value per cluster it is Student's t on G - 1 df; with
+    equal clusters, t over the cluster means. NaNs are dropped; fewer than 2 clusters give no interval and no p."""
+    x = np.asarray(values, dtype=float)
+    c = np.asarray([str(k) for k in clusters])
+    ok = ~np.isnan(x)
+    x, c = x[ok], c[ok]
+    N = int(x.size)
+    if N == 0:
+        return Test(Interval(None, None, None, 0), None)
+    m = float(x.mean())
+    names, inv = np.unique(c, return_inverse=True)
+    G = len(names)
+    if G < 2:
+        return Test(Interval(m, None, None, N), None)
+    n_g = np.bincount(inv).astype(float)
+    s_g = np.bincount(inv, weights=x - m)
+    c_g = 1.0 / np.sqrt(1.0 - n_g / N)  # A_g = (I - H_gg)^(-1/2) acts on a cluster's sum as c_g
+    var = float(np.sum((c_g * s_g) ** 2)) / N**2
+    # Satterthwaite df of the quadratic form: G'G with g-th column (c_g / N) (1_g - n_g / N 1)
+    M = np.outer(c_g, c_g) / N**2 * (np.diag(n_g) - np.outer(n_g, n_g) / N)
+    df = float(np.trace(M) ** 2 / np.trace(M @ M))
+    if var == 0:
+        return Test(Interval(m, m, m, N), 1.0 if m == 0 else 0.0)
+    se = math.sqrt(var)
+    half = float(_st.t.ppf(0.5 + conf / 2, df) * se)
+    return Test(Interval(m, m - half, m + half, N), float(2 * _st.t.sf(abs(m) / se, df)))
+
+
 def welch_test(a: Sequence[float], b: Sequence[float], conf: float = 0.95) -> Test:
     """Unpaired difference of means ``a - b`` with its Welch t interval and two-sided p (independent samples,
     unequal variances); NaNs dropped; no interval below 2 values a side."""

@@ -64,3 +64,18 @@ def test_a_result_of_another_kind_or_a_newer_version_is_refused(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({**data, "schema": "kscope.compare/1"}))
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "expected a kscope reproduce result" in r.output
+
+
+def test_the_pooled_study_table_pools_people_across_privacy_models():
+    """Two copies of one privacy model pooled: twice the test people, the same mean Rel, forget quality from the pooled
+    truth ratios, and the target counted per model."""
+    from kscope.app.report_privacy import study_table
+
+    res = ReproduceResult.load(DATA / "results_small.json")
+    erase = next(iter(res.privacy.values()))
+    t = study_table({"a": erase, "b": erase})
+    assert t.title.startswith("Pooled over 2 privacy models") and "| keyed-unrestricted |" in t.markdown()
+    b = erase.best("keyed-unrestricted")
+    row = next(r for r in t.rows if r[0] == "keyed-unrestricted")
+    assert row[1] == 2 * len(b.rel_people) and row[2].startswith(f"{sum(b.rel_people.values()) / len(b.rel_people):.2f}")
+    assert row[-1].endswith("of 2")

@@ -263,6 +263,7 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
             out.append((tb.title, tb, "sweep/sweep.png" if j == 0 else None))
     if results.privacy:
         if len(results.privacy) > 1:
+            out.append(("Erasure pooled over privacy models", report_privacy.study_table(results.privacy), None))
             out.append(("Erasure across privacy models: each method's best point", report_privacy.targets_table(results.privacy), None))
         for name, res in results.privacy.items():
             out += report_privacy.tables(name, res)

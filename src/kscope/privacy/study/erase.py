@@ -287,11 +287,16 @@ def erase(job: EraseJob) -> EraseResult:
 
 
 def _people_measures(obs: Observer, base, now) -> dict:
-    """Per test person: the share of their produced held-out-template pairs erased, and their mean Δ log P there."""
+    """Per test person: the share of their produced held-out-template (Rel) and held-out-phrasing (Gen) pairs erased, and
+    their mean Δ log P on the held-out template."""
     keep = [s == "test" for s in obs.scopes["rel"]]
-    rel = [(not a) for k, bs, as_ in zip(keep, base.ok["rel"], now.ok["rel"]) if k for b, a in zip(bs, as_) if b]
-    who = [p for k, p, bs in zip(keep, obs.people, base.ok["rel"]) if k for b in bs if b]
-    return {"rel_people": per_person(rel, who),
+
+    def erased(group: str) -> dict[str, float]:
+        gone = [(not a) for k, bs, as_ in zip(keep, base.ok[group], now.ok[group]) if k for b, a in zip(bs, as_) if b]
+        who = [p for k, p, bs in zip(keep, obs.people, base.ok[group]) if k for b in bs if b]
+        return per_person(gone, who)
+
+    return {"rel_people": erased("rel"), "gen_people": erased("gen"),
             "dlogp_people": per_person([a - b for k, a, b in zip(keep, now.logp, base.logp) if k],
                                        [p for k, p in zip(keep, obs.people) if k])}
 

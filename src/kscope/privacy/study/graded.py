@@ -53,7 +53,7 @@ def against_twin(g: Graded, twin: Graded) -> RetainComparison:
     every = [all(x) for x in zip(*share)]
     return RetainComparison(person_ci(g.ranks, g.people), person_ci(twin.ranks, g.people),
                             person_ci(rank_gap(g.ranks, twin.ranks, g.sizes), g.people), forget_quality(g.truth, twin.truth),
-                            leaks, float(np.mean(every)) if every else None)
+                            leaks, float(np.mean(every)) if every else None, list(g.truth), list(twin.truth), every)
 
 
 def worth_attacking(val: dict, min_share: float) -> bool:

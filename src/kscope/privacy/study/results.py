@@ -40,6 +40,9 @@ class RetainComparison:
     forget_quality: float | None
     leaks: dict[str, LeakCompare] = field(default_factory=dict)
     erased_share: float | None = None
+    truth: list[float] = field(default_factory=list)  # per test secret: the truth ratio, edited and twin (for pooling)
+    retain_truth: list[float] = field(default_factory=list)
+    erased: list[bool] = field(default_factory=list)  # per test secret: leaks no more than the twin on every measure
 
 
 @dataclass
@@ -76,8 +79,9 @@ class ErasurePoint:
     variant: str = ""  # e.g. "raw location" (no specificity steps)
     draw: int = 0  # random controls: which draw
     expressible: float | None = None  # keyed: share of the target ‖R‖² the handle can hold at the keys (solver.expressible)
-    rel_people: dict[str, float] = field(default_factory=dict)
+    rel_people: dict[str, float] = field(default_factory=dict)  # test people
     dlogp_people: dict[str, float] = field(default_factory=dict)
+    gen_people: dict[str, float] = field(default_factory=dict)
     by_layer: dict[int, int] = field(default_factory=dict)
     units: list[list[int]] = field(default_factory=list)
     val: dict[str, float | None] = field(default_factory=dict)
