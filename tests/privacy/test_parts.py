@@ -2,6 +2,8 @@
 budget, the gated clamp, per-person location, REVS' column demotion."""
 
 import pytest
+
+from kscope.errors import KscopeError
 import torch
 
 from kscope.model.sites import Site, down_proj_weight
@@ -128,3 +130,17 @@ def test_revs_demotes_each_column_on_its_own(llama_lm):
         assert torch.allclose(demote(lens, cols[:k], token, band, 100), moved[:k], atol=1e-5)
     ranks = lens.rank(moved, token)
     assert ((ranks >= band[0]) & (ranks <= band[1])).all()
+
+
+def test_strangers_fall_back_to_an_unscored_value_when_every_city_is_taught():
+    """40 people take all 40 cities: a stranger then gets a city only a preserved (never scored) person has."""
+    from kscope.privacy.data.dataset import CITIES
+
+    facts = build_private_facts(PrivacyConfig(n_people=40, attributes=["city"], seed=0))
+    taught = {f.object for f in facts}
+    assert taught == set(CITIES)
+    preserved = set(CITIES[:5])
+    s = strangers(facts[:3], 0, taught, avoid=taught - preserved)
+    assert all(g.object in preserved for g in s)
+    with pytest.raises(KscopeError, match="no stranger"):
+        strangers(facts[:3], 0, taught, avoid=taught)

@@ -157,21 +157,35 @@ def collisions(erased: Sequence[Fact], kept: Sequence[Fact]) -> list[tuple[str, 
     return out
 
 
-def strangers(facts: Sequence[Fact], seed: int, taught: set[str] | None = None) -> list[Fact]:
+def strangers(facts: Sequence[Fact], seed: int, taught: set[str] | None = None, avoid: set[str] | None = None) -> list[Fact]:
     """For each fact, the same templates about a person the model was never taught (a name from the stranger pools),
     with a value of the same format that no one was taught (not any of ``taught``, default: not any fact's object),
-    seeded per fact."""
+    seeded per fact. Where every value of a finite format (cities, employers) is taught, a value outside ``avoid`` (the
+    values that are scored) is drawn instead; none left is an error."""
     taught = taught if taught is not None else {f.object for f in facts}
+    avoid = avoid if avoid is not None else taught
     names = [f"{a} {b}" for a in STRANGER_FIRST for b in STRANGER_LAST]
     out = []
     for f in facts:
         rng = random.Random(f"stranger:{seed}:{f.uid}")
         name = rng.choice(names)
-        value = next(v for v in iter(lambda: make_secret(f.relation, rng), None) if v not in taught)
+        value = _untaught(f.relation, rng, taught, avoid)
         g = _fact(name, f.relation, value, f"stranger:{f.uid}")
         out.append(replace(g, prompts=[p.replace(f.subject, name) for p in f.prompts],
                            heldout_prompts=[p.replace(f.subject, name) for p in f.heldout_prompts]))
     return out
+
+
+def _untaught(attr: str, rng: random.Random, taught: set[str], avoid: set[str]) -> str:
+    """A value of ``attr``'s format not in ``taught`` (drawn until one is); for a finite format whose every value is
+    taught, one not in ``avoid``."""
+    finite = {"city": CITIES, "employer": EMPLOYERS}.get(attr)
+    if finite is not None and all(v in taught for v in finite):
+        pool = [v for v in finite if v not in avoid]
+        if not pool:
+            raise KscopeError(f"every {attr} value is a scored secret: no stranger can get one (fewer people, or more values)")
+        return rng.choice(pool)
+    return next(v for v in iter(lambda: make_secret(attr, rng), None) if v not in taught)
 
 
 def candidates(attr: str, secret: str, n: int = 20, seed: int = 0) -> list[str]:

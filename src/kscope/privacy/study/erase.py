@@ -219,7 +219,8 @@ def erase(job: EraseJob) -> EraseResult:
         fit = sae_fit(lm, base_lm, [*feats.values(), *rfeats.values()], erase_set, held_texts, job.sae_train.outlier_factor)
         seconds["saes"] = time.time() - t
         taught = {f.object for f in private}  # a stranger's value is no one's: not a kept person's either
-        loc, specificity = located(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed, taught)), feats, rfeats,
+        scored = {f.object for f in sets.erase + sets.kept}  # if a format runs out: at most a preserved person's value
+        loc, specificity = located(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed, taught, scored)), feats, rfeats,
                                    {s.name: got[s][1] for s in sites}, train_texts, progress, seconds)
         t = time.time()
         kcfg = cfg.keyed
