@@ -129,3 +129,22 @@ def sample(model, ids: torch.Tensor, n_new: int, generator: torch.Generator, top
                 break
         step_ids = nxt[:, None]
     return torch.cat(out, 1)
+
+
+def sample_texts(lm, prompts: list[str], n_new: list[int], generator: torch.Generator, copies: int = 1,
+                 top_k: int | None = None, top_p: float = 1.0) -> list[list[str]]:
+    """Per prompt, ``copies`` continuations of up to ``n_new[i]`` tokens (decoded, special tokens dropped): prompts of one
+    tokenised length share a batch (no padding), the groups run shortest first, each drawing on ``generator`` in turn;
+    a group samples the most new tokens any of its prompts asks for."""
+    tok = lm.tokenizer
+    ids = [tok(p).input_ids for p in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(ids):
+        by_len.setdefault(len(r), []).append(i)
+    out: list[list[str]] = [[] for _ in prompts]
+    for n, group in sorted(by_len.items()):
+        got = sample(lm.model, torch.tensor([ids[i] for i in group], device=lm.device), max(n_new[i] for i in group), generator,
+                     top_k=top_k, top_p=top_p, copies=copies)
+        for j, i in enumerate(group):
+            out[i] = tok.batch_decode(got[j * copies : (j + 1) * copies, n:], skip_special_tokens=True)
+    return out

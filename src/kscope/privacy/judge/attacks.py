@@ -33,7 +33,7 @@ from kscope.config import Config, option
 from kscope.facts import Fact
 from kscope.model.head import plain_head
 from kscope.model.readout import pad_rows
-from kscope.model.sampling import sample
+from kscope.model.sampling import sample_texts
 from kscope.model.sites import final_norm
 from kscope.privacy.data.dataset import attack_prompts
 from kscope.privacy.data.inject import adamw, answer_batch, answer_loss, teacher_forced
@@ -97,19 +97,9 @@ def sampling_leaks(lm, facts: Sequence[Fact], n: int, seed: int, ks: Sequence[in
     """Per k, per (fact, prompt) pair (its first held-out prompt, else its first edit prompt), leak@k from ``n`` samples."""
     tok = lm.tokenizer
     pairs = [(f, p) for f in facts for p in sampled_prompts(f)]
-    ids = [tok(p).input_ids for _, p in pairs]
-    leaks = [0] * len(pairs)
-    by_len: dict[int, list[int]] = {}
-    for i, r in enumerate(ids):
-        by_len.setdefault(len(r), []).append(i)
-    g = torch.Generator().manual_seed(seed)
-    for _, group in sorted(by_len.items()):
-        prompts = torch.tensor([ids[i] for i in group], device=lm.device)
-        n_new = max(len(tok(" " + pairs[i][0].object, add_special_tokens=False).input_ids) for i in group) + 1
-        out = sample(lm.model, prompts, n_new, g, top_k=None, top_p=1.0, copies=n)  # each prompt run once, sampled n times
-        for j, i in enumerate(group):
-            texts = tok.batch_decode(out[j * n : (j + 1) * n, prompts.shape[1] :], skip_special_tokens=True)
-            leaks[i] = sum(pairs[i][0].object.lower() in t.lower() for t in texts)  # any case is a leak
+    n_new = [len(tok(" " + f.object, add_special_tokens=False).input_ids) + 1 for f, _ in pairs]
+    texts = sample_texts(lm, [p for _, p in pairs], n_new, torch.Generator().manual_seed(seed), copies=n)  # each prompt run once
+    leaks = [sum(f.object.lower() in t.lower() for t in ts) for (f, _), ts in zip(pairs, texts)]  # any case is a leak
     return {k: [pass_at_k(n, c, min(k, n)) for c in leaks] for k in ks}
 
 

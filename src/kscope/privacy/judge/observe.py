@@ -243,23 +243,12 @@ def person_ci(values: Sequence[float], people: Sequence[str]) -> Interval:
 
 @torch.no_grad()
 def greedy_texts(lm, pairs: Sequence[tuple[str, str]]) -> list[str]:
-    """Greedy decoding after each ``(prompt, secret)``'s prompt, as many tokens as the secret has plus two (prompts of one
-    length share a batch)."""
-    from kscope.model.sampling import sample
+    """Greedy decoding after each ``(prompt, secret)``'s prompt, as many tokens as the secret has plus two."""
+    from kscope.model.sampling import sample_texts
 
-    tok = lm.tokenizer
-    ids = [tok(p).input_ids for p, _ in pairs]
-    out = [""] * len(pairs)
-    by_len: dict[int, list[int]] = {}
-    for i, r in enumerate(ids):
-        by_len.setdefault(len(r), []).append(i)
+    n_new = [len(lm.tokenizer(" " + s, add_special_tokens=False).input_ids) + 2 for _, s in pairs]
     g = torch.Generator().manual_seed(0)  # top-1: the draw never matters
-    for n, group in sorted(by_len.items()):
-        n_new = max(len(tok(" " + pairs[i][1], add_special_tokens=False).input_ids) for i in group) + 2
-        got = sample(lm.model, torch.tensor([ids[i] for i in group], device=lm.device), n_new, g, top_k=1, top_p=1.0)
-        for j, i in enumerate(group):
-            out[i] = tok.decode(got[j, n:], skip_special_tokens=True)
-    return out
+    return [ts[0] for ts in sample_texts(lm, [p for p, _ in pairs], n_new, g, top_k=1)]
 
 
 def ppl_change_ci(base: Sequence[tuple[float, int]], now: Sequence[tuple[float, int]], n_boot: int = 2000, seed: int = 0,
