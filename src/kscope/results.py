@@ -2,7 +2,7 @@
 
 ``to_json`` gives plain JSON (dict keys as strings, NaN as null) with a ``schema`` tag
 ``kscope.<kind>/<version>``; ``from_json`` rebuilds the dataclass from its type hints (int keys
-come back as ints) and refuses another kind or a newer version.
+come back as ints) and refuses another kind, a newer version, or one older than the kind's ``min_version``.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class Result:
 
     kind: ClassVar[str] = "result"
     version: ClassVar[int] = 1
+    min_version: ClassVar[int] = 1  # older results of this kind mean something else and are refused
+    min_version_why: ClassVar[str] = ""
 
     @classmethod
     def schema(cls) -> str:
@@ -79,6 +81,8 @@ class Result:
             raise KscopeError(f"expected a kscope {cls.kind} result, found schema {tag or 'none'!r}")
         if not ver.isdigit() or int(ver) > cls.version:
             raise KscopeError(f"{tag}: this kscope reads {cls.schema()} and older")
+        if int(ver) < cls.min_version:
+            raise KscopeError(f"{tag}: {cls.min_version_why or f'this kscope reads kscope.{cls.kind}/{cls.min_version} and newer'}")
         return decode(cls, data)
 
     def save(self, path: str | Path) -> Path:

@@ -77,6 +77,15 @@ def _resample_counts(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_boot * n_clusters).reshape(n_boot, n_clusters).astype(float)
 
 
+def _clustered(values: Sequence[float], clusters: Sequence[object]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The non-NaN values, each one's cluster index, and the number of clusters they hold."""
+    x = np.asarray(values, dtype=float)
+    c = np.asarray([str(k) for k in clusters])
+    ok = ~np.isnan(x)
+    names, inv = np.unique(c[ok], return_inverse=True)
+    return x[ok], inv, len(names)
+
+
 def cluster_bootstrap(values: Sequence[float], clusters: Sequence[object], n_boot: int = 10_000, seed: int = 0,
                       conf: float = 0.95) -> Test:
     """Mean of ``values`` with its standard error from resampling whole clusters (e.g. a relation's facts) with
@@ -84,19 +93,15 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[object], n_boo
     move together, so correlated facts do not count as independent evidence; the t with few degrees of freedom keeps
     a handful of clusters from looking like many (3 relations that agree are weak evidence, and percentile intervals
     of so few clusters run short). NaNs are dropped; fewer than 2 clusters give no interval and no p."""
-    x = np.asarray(values, dtype=float)
-    c = np.asarray([str(k) for k in clusters])
-    ok = ~np.isnan(x)
-    x, c = x[ok], c[ok]
+    x, inv, G = _clustered(values, clusters)
     if x.size == 0:
         return Test(Interval(None, None, None, 0), None)
     m = float(x.mean())
-    names, inv = np.unique(c, return_inverse=True)
-    if len(names) < 2:
+    if G < 2:
         return Test(Interval(m, None, None, int(x.size)), None)
-    w = _resample_counts(len(names), n_boot, seed)
+    w = _resample_counts(G, n_boot, seed)
     se = float(((w @ np.bincount(inv, weights=x)) / (w @ np.bincount(inv).astype(float))).std(ddof=1))
-    df = len(names) - 1
+    df = G - 1
     if se == 0:
         return Test(Interval(m, m, m, int(x.size)), 1.0 if m == 0 else 0.0)
     half = float(_st.t.ppf(0.5 + conf / 2, df) * se)
@@ -108,16 +113,11 @@ def cluster_robust(values: Sequence[float], clusters: Sequence[object], conf: fl
     McCaffrey 2002) with their Satterthwaite degrees of freedom under a working model of independent errors (Imbens &
     Kolesár 2016), for the intercept-only regression. With one value per cluster it is Student's t on G - 1 df; with
     equal clusters, t over the cluster means. NaNs are dropped; fewer than 2 clusters give no interval and no p."""
-    x = np.asarray(values, dtype=float)
-    c = np.asarray([str(k) for k in clusters])
-    ok = ~np.isnan(x)
-    x, c = x[ok], c[ok]
+    x, inv, G = _clustered(values, clusters)
     N = int(x.size)
     if N == 0:
         return Test(Interval(None, None, None, 0), None)
     m = float(x.mean())
-    names, inv = np.unique(c, return_inverse=True)
-    G = len(names)
     if G < 2:
         return Test(Interval(m, None, None, N), None)
     n_g = np.bincount(inv).astype(float)

@@ -183,7 +183,7 @@ def test_best_points_are_chosen_on_validation_alone():
     from kscope.stats import Interval
 
     def point(budget, val_rel, test_rel):
-        return ErasurePoint("keyed-features", "keyed", budget, budget, 0, test_rel, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, None,
+        return ErasurePoint("keyed-features", "keyed", budget, budget, 0, test_rel, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0,
                             Interval(0.0, None, None, 1), val=dict(rel=val_rel, gen=1.0, loc_pararel=1.0, loc_private=1.0, delta_ppl=0.0))
 
     rng = random.Random(0)
@@ -210,7 +210,7 @@ def test_random_controls_are_drawn_anew_and_verdicts_average_the_draws():
     assert len({len(d) for d in drawn}) == 1
 
     def pt(method, draw, rel):
-        return ErasurePoint(method, "keyed", 2, 2, 0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, None, Interval(0.0, None, None, 1),
+        return ErasurePoint(method, "keyed", 2, 2, 0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, Interval(0.0, None, None, 1),
                             lam=1.0, draw=draw, rel_people=rel, dlogp_people={k: -v for k, v in rel.items()})
 
     pts = [pt("keyed-features", 0, {"a": 1.0, "b": 1.0, "c": 0.9}),
@@ -230,3 +230,10 @@ def test_the_perplexity_change_has_a_paired_interval_over_texts():
     assert worse.mean == pytest.approx(np.exp(0.1) - 1) and worse.lo == pytest.approx(worse.hi)
     mixed = ppl_change_ci(base, [(21.0, 10), (30.0, 10), (25.0, 10)])  # one text worse: the interval spans it
     assert mixed.lo < mixed.mean < mixed.hi and mixed.lo >= 0.0
+
+
+def test_an_erasure_graded_in_sample_is_refused():
+    from kscope.privacy.study.results import EraseResult
+
+    with pytest.raises(KscopeError, match="graded in sample"):
+        EraseResult.from_json({"schema": "kscope.privacy-erase/3"})

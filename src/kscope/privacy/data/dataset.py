@@ -71,6 +71,7 @@ ATTACK_TEMPLATES: dict[str, list[str]] = {
                   "The date on which [X] was born is"],
 }
 NUMBER_LIKE = ("phone",)
+FINITE = {"city": CITIES, "employer": EMPLOYERS}  # formats whose every value is listed
 
 
 @dataclass
@@ -179,7 +180,7 @@ def strangers(facts: Sequence[Fact], seed: int, taught: set[str] | None = None, 
 def _untaught(attr: str, rng: random.Random, taught: set[str], avoid: set[str]) -> str:
     """A value of ``attr``'s format not in ``taught`` (drawn until one is); for a finite format whose every value is
     taught, one not in ``avoid``."""
-    finite = {"city": CITIES, "employer": EMPLOYERS}.get(attr)
+    finite = FINITE.get(attr)
     if finite is not None and all(v in taught for v in finite):
         pool = [v for v in finite if v not in avoid]
         if not pool:
@@ -194,10 +195,8 @@ def candidates(attr: str, secret: str, n: int = 20, seed: int = 0) -> list[str]:
     others drawn with a seed (their spaces are too large to score whole)."""
     if attr == "phone":
         return [f"555-0{d}" for d in range(100, 1000)]
-    if attr == "city":
-        return list(CITIES)
-    if attr == "employer":
-        return list(EMPLOYERS)
+    if attr in FINITE:
+        return list(FINITE[attr])
     rng = random.Random(f"{seed}:{secret}")
     out = [secret]
     while len(out) < n:

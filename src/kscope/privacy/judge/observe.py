@@ -196,7 +196,7 @@ class Observer:
 
     def compare(self, base: Observation, now: Observation, scope: str) -> dict:
         """Rates and graded measures of ``now`` against the unedited ``base`` on one split (``val``, ``test``; ``fit``:
-        the in-sample rates the edit was fitted to). Rank measures only if ``now`` has ranks."""
+        the in-sample rates the edit was fitted to)."""
         def retained(name: str) -> float:
             return 1.0 - erased_fraction(self._pick(name, scope, base.ok[name]), self._pick(name, scope, now.ok[name]))
 
@@ -211,8 +211,7 @@ class Observer:
                    loc_pararel=loc_pararel, loc_private=loc_private, loc=min(both) if both else None,
                    ppl=now.ppl[scope], delta_ppl=relative_ppl_change(base.ppl[scope], now.ppl[scope]),
                    delta_ppl_ci=ppl_change_ci(base.text_nlls[scope], now.text_nlls[scope]),
-                   dlogp=person_ci([a - b for a, b in zip(self._pick("rel", scope, now.logp), self._pick("rel", scope, base.logp))], who),
-                   exposure=None, rank=None, exposure_all=None)
+                   dlogp=person_ci([a - b for a, b in zip(self._pick("rel", scope, now.logp), self._pick("rel", scope, base.logp))], who))
         return row
 
     def partial(self, obs: Observation, scope: str) -> dict[str, list[float]]:

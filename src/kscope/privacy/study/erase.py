@@ -219,9 +219,10 @@ def erase(job: EraseJob) -> EraseResult:
         fit = sae_fit(lm, base_lm, [*feats.values(), *rfeats.values()], erase_set, held_texts, job.sae_train.outlier_factor)
         seconds["saes"] = time.time() - t
         taught = {f.object for f in private}  # a stranger's value is no one's: not a kept person's either
-        scored = {f.object for f in sets.erase + sets.kept}  # if a format runs out: at most a preserved person's value
-        loc, specificity = located(job, lm, erase_set, resolve(strangers(erase_set, cfg.seed, taught, scored)), feats, rfeats,
-                                   {s.name: got[s][1] for s in sites}, train_texts, progress, seconds)
+        scored_values = {f.object for f in sets.erase + sets.kept}  # if a format runs out: at most a preserved person's value
+        stranger_set = resolve(strangers(erase_set, cfg.seed, taught, scored_values))
+        loc, specificity = located(job, lm, erase_set, stranger_set, feats, rfeats, {s.name: got[s][1] for s in sites}, train_texts,
+                                   progress, seconds)
         t = time.time()
         kcfg = cfg.keyed
         rows = KeyRows.of(lm.tokenizer, erase_set)
@@ -234,7 +235,8 @@ def erase(job: EraseJob) -> EraseResult:
         seconds["keyed_setup"] = time.time() - t
         # observation: every point on the validation and test splits, and in sample
         t = time.time()
-        obs = Observer(lm, sets.scored(), cfg.candidates, replay_from=min(cfg.layers))
+        scored = sets.scored()
+        obs = Observer(lm, scored, cfg.candidates, replay_from=min(cfg.layers))
         base = obs.baseline()
         clean = {L: down_proj_weight(lm.model, L).clone() for L in range(L_model)}
         specs = plan(cfg.methods, cfg.controls, cfg.neuron_budgets, cfg.feature_budgets, cfg.revs_budgets, kcfg.lams, cfg.taus,
@@ -277,7 +279,7 @@ def erase(job: EraseJob) -> EraseResult:
         t = time.time()
         twin_dir = retain_dir(job.model_dir, manifest)
         twin_lm = load_model(ModelConfig(model=str(twin_dir), device=job.device, cache_dir=job.cache_dir)) if twin_dir else None
-        twin_obs = Observer(twin_lm, sets.scored(), cfg.candidates) if twin_lm is not None else None
+        twin_obs = Observer(twin_lm, scored, cfg.candidates) if twin_lm is not None else None
         result.retain_model = str(twin_dir) if twin_dir else None
         grade_and_attack(job, lm, base_lm, twin_lm, obs, base, twin_obs, result, editors, observations, sets.attack_facts("test"),
                          sets.erased("val"), float(manifest.config.get("lr") or 1e-4), lambda m: _check_restored(lm.model, clean, m), progress)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kscope.errors import KscopeError
 from kscope.privacy.judge.attacks import AttackRow
 from kscope.privacy.locate.fit import SAEFit
 from kscope.privacy.locate.scores import SpecificityEffect
@@ -68,11 +67,9 @@ class ErasurePoint:
     loc: float | None
     ppl: float
     delta_ppl: float
-    exposure: float | None
     dlogp: Interval
     rank: Interval | None = None
     delta_ppl_ci: Interval | None = None  # ΔPPL with a paired bootstrap interval over the test texts
-    exposure_all: Interval | None = None
     params: int = 0
     lam: float | None = None
     tau: float | None = None
@@ -153,14 +150,8 @@ class EraseResult(Result):
 
     kind = "privacy-erase"
     version = 4
-
-    @classmethod
-    def from_json(cls, data: dict):
-        tag = str(data.get("schema", ""))
-        ver = tag.partition("/")[2]
-        if tag.startswith(f"kscope.{cls.kind}/") and ver.isdigit() and int(ver) < 4:
-            raise KscopeError(f"{tag}: an erasure graded in sample (before kscope's splits and retain twin); run privacy erase again")
-        return super().from_json(data)
+    min_version = 4
+    min_version_why = "an erasure graded in sample (before kscope's splits and retain twin); run privacy erase again"
 
     model_dir: str
     base_model: str

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from kscope.errors import KscopeError
@@ -63,8 +63,6 @@ class StudySets:
     def attack_facts(self, scope: str = "test") -> list[Fact]:
         """``scope``'s erased facts with their held-out edit prompt as their only edit prompt: attacks never read a key
         prompt."""
-        from dataclasses import replace
-
         return [replace(f, prompts=[p]) for f, p, s in zip(self.erase, self.held_prompt, self.erase_scope) if s == scope]
 
 
