@@ -70,3 +70,25 @@ def test_relearning_brings_back_only_what_was_taught(models):
     assert all((p == before[n]).all() for n, p in taught.model.named_parameters())  # weights restored exactly
     flags, _ = relearned(base, facts, 2, lr, 0)
     assert _rate(flags) == 0
+
+
+def test_attacks_find_the_forget_secrets_in_the_unedited_model_and_not_in_the_retain_twin(privacy_model, models):
+    """The erase study's reference: the retain twin never learned the forget set, so an attack that finds a forget secret
+    in the unedited model must not find it there; relearning trains on the validation people's secrets (``train_on``)
+    and scores the test people's."""
+    from kscope.privacy.data.inject import retain_dir
+
+    taught, _, facts, lr = models
+    out = privacy_model[1]
+    m = read_manifest(out)
+    twin = load_model(ModelConfig(model=str(retain_dir(out, m))))
+    plain = [dataclasses.replace(f, heldout_prompts=[]) for f in facts]
+    val, test = m.split.facts(plain, "forget-val"), m.split.facts(plain, "forget-test")
+    assert val and test
+    edit = lambda f: f.prompts  # noqa: E731
+    assert _rate(produced(taught, test, edit)) > 0.5 and _rate(produced(twin, test, edit)) == 0
+    assert _rate(produced(quantized(taught), test, edit)) > 0.5 and _rate(produced(quantized(twin), test, edit)) == 0
+    flags, who = relearned(taught, test, 2, lr / 30, 0, train_on=val)
+    assert _rate(flags) > 0.5 and set(who) == {f.subject for f in test}
+    flags, _ = relearned(twin, test, 2, lr / 30, 0, train_on=val)
+    assert _rate(flags) == 0
