@@ -90,3 +90,16 @@ def test_cluster_robust_interval_is_t_for_one_value_per_cluster_and_covers_with_
         iv = cluster_robust(y, labels).interval
         hits += iv.lo <= 0.0 <= iv.hi
     assert hits / n_sim >= 0.93  # nominal 0.95 (the cluster bootstrap with t on G - 1 df gave about 0.91 here)
+
+
+def test_equivalence_p_is_tost_on_the_cr2_mean():
+    from scipy import stats as st
+
+    from kscope.stats import equivalence_p
+
+    x = [0.02, -0.01, 0.03, 0.00, 0.01]
+    m, se = np.mean(x), np.std(x, ddof=1) / np.sqrt(len(x))
+    want = max(st.t.sf((m + 0.1) / se, 4), st.t.sf((0.1 - m) / se, 4))
+    assert equivalence_p(x, range(5), 0.1) == pytest.approx(want)  # one value per cluster: plain TOST on t(G-1)
+    assert equivalence_p(x, range(5), 0.1) < 0.05 < equivalence_p(x, range(5), 0.01)
+    assert equivalence_p([0.0, 0.0], [0, 1], 0.1) == 0.0 and equivalence_p([1.0], [0], 0.1) is None

@@ -108,30 +108,48 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[object], n_boo
     return Test(Interval(m, m - half, m + half, int(x.size)), float(2 * _st.t.sf(abs(m) / se, df)))
 
 
-def cluster_robust(values: Sequence[float], clusters: Sequence[object], conf: float = 0.95) -> Test:
-    """Mean of ``values`` with a cluster-robust interval that holds with few, unequal clusters: the CR2 variance (Bell &
-    McCaffrey 2002) with their Satterthwaite degrees of freedom under a working model of independent errors (Imbens &
-    Kolesár 2016), for the intercept-only regression. With one value per cluster it is Student's t on G - 1 df; with
-    equal clusters, t over the cluster means. NaNs are dropped; fewer than 2 clusters give no interval and no p."""
+def _cr2(values: Sequence[float], clusters: Sequence[object]) -> tuple[float | None, float | None, float | None, int]:
+    """``(mean, CR2 standard error, Satterthwaite df, n)``; se and df are None with fewer than 2 clusters."""
     x, inv, G = _clustered(values, clusters)
     N = int(x.size)
     if N == 0:
-        return Test(Interval(None, None, None, 0), None)
+        return None, None, None, 0
     m = float(x.mean())
     if G < 2:
-        return Test(Interval(m, None, None, N), None)
+        return m, None, None, N
     n_g = np.bincount(inv).astype(float)
     s_g = np.bincount(inv, weights=x - m)
     c_g = 1.0 / np.sqrt(1.0 - n_g / N)  # A_g = (I - H_gg)^(-1/2) acts on a cluster's sum as c_g
     var = float(np.sum((c_g * s_g) ** 2)) / N**2
     # Satterthwaite df of the quadratic form: G'G with g-th column (c_g / N) (1_g - n_g / N 1)
     M = np.outer(c_g, c_g) / N**2 * (np.diag(n_g) - np.outer(n_g, n_g) / N)
-    df = float(np.trace(M) ** 2 / np.trace(M @ M))
-    if var == 0:
+    return m, math.sqrt(var), float(np.trace(M) ** 2 / np.trace(M @ M)), N
+
+
+def cluster_robust(values: Sequence[float], clusters: Sequence[object], conf: float = 0.95) -> Test:
+    """Mean of ``values`` with a cluster-robust interval that holds with few, unequal clusters: the CR2 variance (Bell &
+    McCaffrey 2002) with their Satterthwaite degrees of freedom under a working model of independent errors (Imbens &
+    Kolesár 2016), for the intercept-only regression. With one value per cluster it is Student's t on G - 1 df; with
+    equal clusters, t over the cluster means. NaNs are dropped; fewer than 2 clusters give no interval and no p."""
+    m, se, df, N = _cr2(values, clusters)
+    if se is None:
+        return Test(Interval(m, None, None, N), None)
+    if se == 0:
         return Test(Interval(m, m, m, N), 1.0 if m == 0 else 0.0)
-    se = math.sqrt(var)
     half = float(_st.t.ppf(0.5 + conf / 2, df) * se)
     return Test(Interval(m, m - half, m + half, N), float(2 * _st.t.sf(abs(m) / se, df)))
+
+
+def equivalence_p(values: Sequence[float], clusters: Sequence[object], margin: float) -> float | None:
+    """TOST (Schuirmann 1987) on the CR2 mean: the p-value of "the mean lies within ±``margin``", the larger of the two
+    one-sided tests (H0: mean <= -margin; H0: mean >= +margin). Small p: equivalent within the margin. None with fewer
+    than 2 clusters."""
+    m, se, df, _ = _cr2(values, clusters)
+    if se is None:
+        return None
+    if se == 0:
+        return 0.0 if abs(m) < margin else 1.0
+    return float(max(_st.t.sf((m + margin) / se, df), _st.t.sf((margin - m) / se, df)))
 
 
 def welch_test(a: Sequence[float], b: Sequence[float], conf: float = 0.95) -> Test:

@@ -237,3 +237,40 @@ def test_an_erasure_graded_in_sample_is_refused():
 
     with pytest.raises(KscopeError, match="graded in sample"):
         EraseResult.from_json({"schema": "kscope.privacy-erase/3"})
+
+
+def test_pooled_verdicts_pool_models_by_person_adjust_by_holm_and_call_equivalence_only_within_the_margin():
+    from types import SimpleNamespace
+
+    from kscope.privacy.study.results import ErasurePoint, pooled_verdicts
+    from kscope.stats import Interval, holm
+
+    def pt(method, budget, rel):
+        return ErasurePoint(method, "keyed", budget, budget, 0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, Interval(0.0, None, None, 1),
+                            lam=1.0, rel_people=rel, dlogp_people={k: -v for k, v in rel.items()})
+
+    rng = np.random.default_rng(0)
+    people = [f"p{i}" for i in range(8)]
+    runs = {}
+    for name in ("m0", "m1"):
+        base = {q: float(rng.random()) for q in people}
+        runs[name] = SimpleNamespace(points=[
+            pt("keyed-neurons", 4, base), pt("keyed-features", 4, {q: v + 0.5 for q, v in base.items()}),  # clearly more
+            pt("keyed-neurons", 8, base), pt("keyed-features", 8, {q: v + rng.normal(0, 0.01) for q, v in base.items()}),
+            pt("keyed-neurons", 16, base), pt("keyed-features", 16, {q: v + rng.normal(0, 0.5) for q, v in base.items()})])
+    vs = {(v.budget, v.measure): v for v in pooled_verdicts(runs, "keyed-features", ["keyed-neurons"])}
+    assert all(v.people == 16 for v in vs.values())  # the same person name in two models is two people
+    assert vs[(4, "rel")].says == "keyed-features erases more" and vs[(4, "dlogp")].says == "keyed-features erases more"
+    assert vs[(8, "rel")].says == "equivalent within ±0.1"  # tiny, tight difference
+    assert vs[(16, "rel")].says == "inconclusive"  # wide: neither different nor within the margin
+    from kscope.stats import cluster_robust
+
+    got = pooled_verdicts(runs, "keyed-features", ["keyed-neurons"])
+    raw = []
+    for v in got:
+        diffs = [getattr(a, f"{v.measure}_people")[q] - getattr(b, f"{v.measure}_people")[q]
+                 for r in runs.values() for a, b in [(next(p for p in r.points if p.method == "keyed-features" and p.budget == v.budget),
+                                                      next(p for p in r.points if p.method == "keyed-neurons" and p.budget == v.budget))]
+                 for q in people]
+        raw.append(cluster_robust(diffs, range(len(diffs))).p)
+    assert [v.p for v in got] == pytest.approx(holm(raw))  # one family over every budget and measure

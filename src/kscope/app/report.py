@@ -265,6 +265,8 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
         if len(results.privacy) > 1:
             out.append(("Erasure pooled over privacy models", report_privacy.study_table(results.privacy), None))
             out.append(("Erasure across privacy models: each method's best point", report_privacy.targets_table(results.privacy), None))
+            out.append(("Erasure across privacy models: which handle erases more", report_privacy.pooled_verdict_table(results.privacy),
+                        None))
         for name, res in results.privacy.items():
             out += report_privacy.tables(name, res)
     return out

@@ -6,7 +6,7 @@ import numpy as np
 
 from kscope.app.tables import Table, ci, fmt
 from kscope.plots import pyplot, save_figure
-from kscope.privacy.study.results import EraseResult
+from kscope.privacy.study.results import EraseResult, pooled_verdicts
 
 HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": "#3182bd", "keyed-neurons": "#e6550d",
                  "keyed-neurons-params": "#fd8d3c", "keyed-random-directions": "#9ecae1", "keyed-random-columns": "#fdd0a2",
@@ -139,10 +139,30 @@ def specificity_table(res: EraseResult) -> Table:
 
 def verdict_table(res: EraseResult) -> Table:
     t = Table("Features against neurons through the same keyed solver, per budget s (features: s directions; neurons at equal "
-              "rank: s columns; at equal parameters: s·d_mlp/d_model columns): paired over erased people",
+              "rank: s columns; at equal parameters: s·d_mlp/d_model columns): paired over erased people, 95 % t intervals, "
+              "unadjusted (one model; the verdict over every model, Holm-adjusted, is the pooled table)",
               ["budget", "strength", "against", "measure", "features − other", "verdict"])
     for v in res.verdicts:
-        t.rows.append([v.budget, f"λ {v.lam:g}" if v.lam is not None else "–", v.b, v.measure, ci(v.diff, "+.2f"), v.says])
+        says = "inconclusive" if v.says == "no difference" else v.says  # results before the pooled verdicts
+        t.rows.append([v.budget, f"λ {v.lam:g}" if v.lam is not None else "–", v.b, v.measure, ci(v.diff, "+.2f"), says])
+    return t
+
+
+HANDLE_RIVALS = ["keyed-neurons-params", "keyed-neurons", "keyed-random-directions", "keyed-random-columns"]
+
+
+def pooled_verdict_table(runs: dict[str, EraseResult]) -> Table:
+    """Located features against each rival handle through the same solver, pooled over every model's test people."""
+    vs = pooled_verdicts(runs, "keyed-features", HANDLE_RIVALS)
+    t = Table(f"Located features against each handle through the same keyed solver, pooled over {len(runs)} privacy models' "
+              f"test people: features − other per person (rel: share of the person's held-out prompts erased, higher erases "
+              f"more; dlogp: Δ log P(secret), lower erases more), 95 % CR2 intervals clustered by person within a model; one "
+              f"family of {len(vs)} verdicts, Holm-adjusted p of a difference and of equivalence (TOST within the margin)",
+              ["budget", "strength", "against", "measure", "people", "features − other", "p (Holm)", "p equivalent (Holm)",
+               "margin", "verdict"])
+    for v in vs:
+        t.rows.append([v.budget, f"λ {v.lam:g}" if v.lam is not None else "–", v.b, v.measure, v.people, ci(v.diff, "+.2f"),
+                       fmt(v.p, ".3f"), fmt(v.p_equivalent, ".3f"), f"±{v.margin:g}", v.says])
     return t
 
 

@@ -195,10 +195,9 @@ class EraseResult(Result):
         return None
 
 
-def handle_verdicts(points: list[ErasurePoint], a: str, b: str) -> list[HandleVerdict]:
-    """Paired per-person verdicts of method ``a`` against ``b`` at every (budget, λ) both were measured at; a control
-    drawn several times enters as each person's mean over its draws."""
-    out = []
+def _paired(points: list[ErasurePoint], a: str, b: str):
+    """``(budget, λ, measure, higher_erases, {person: a − b})`` at every (budget, λ) both methods were measured at; a
+    control drawn several times enters as each person's mean over its draws."""
     idx: dict[tuple, list[ErasurePoint]] = {}
     for p in points:
         if not p.variant:
@@ -207,17 +206,77 @@ def handle_verdicts(points: list[ErasurePoint], a: str, b: str) -> list[HandleVe
         pbs = idx.get((b, budget, lam))
         if m != a or not pbs:
             continue
-        pa = pas[0]
         for measure, higher in (("rel", True), ("dlogp", False)):
-            va = getattr(pa, f"{measure}_people")
+            va = getattr(pas[0], f"{measure}_people")
             draws = [getattr(pb, f"{measure}_people") for pb in pbs]
             people = sorted(set(va).intersection(*draws))
-            d = mean_ci([va[q] - float(np.mean([v[q] for v in draws])) for q in people])  # people are the independent units
-            says = "no difference"
-            if d.lo is not None and d.lo == d.lo and (d.lo > 0 or d.hi < 0):
-                better_a = (d.lo > 0) == higher
-                says = f"{a} erases more" if better_a else f"{b} erases more"
-            out.append(HandleVerdict(budget, lam, a, b, measure, d, says))
+            yield budget, lam, measure, higher, {q: va[q] - float(np.mean([v[q] for v in draws])) for q in people}
+
+
+def _direction(d: Interval, a: str, b: str, higher: bool) -> str:
+    return f"{a} erases more" if (d.mean > 0) == higher else f"{b} erases more"
+
+
+def handle_verdicts(points: list[ErasurePoint], a: str, b: str) -> list[HandleVerdict]:
+    """Paired per-person verdicts of method ``a`` against ``b`` on one model, unadjusted (the decision is
+    ``pooled_verdicts``, over every model with Holm and an equivalence margin)."""
+    out = []
+    for budget, lam, measure, higher, diffs in _paired(points, a, b):
+        d = mean_ci(list(diffs.values()))  # people are the independent units
+        decided = d.lo is not None and d.lo == d.lo and (d.lo > 0 or d.hi < 0)
+        out.append(HandleVerdict(budget, lam, a, b, measure, d, _direction(d, a, b, higher) if decided else "inconclusive"))
+    return out
+
+
+MARGINS = {"rel": 0.10, "dlogp": 1.0}
+"""Equivalence margins of the handle verdicts: a tenth of a person's prompts erased; one nat of log P(secret)."""
+
+
+@dataclass
+class PooledVerdict:
+    """``a`` against ``b`` at one budget and strength over every privacy model's test people: the paired difference with
+    its CR2 interval (clusters: people within a model), Holm-adjusted p of a difference and of equivalence (TOST within
+    ±``margin``) over the whole family, and the verdict they give."""
+
+    budget: int
+    lam: float | None
+    a: str
+    b: str
+    measure: str
+    diff: Interval
+    people: int
+    p: float | None
+    p_equivalent: float | None
+    margin: float
+    says: str
+
+
+def pooled_verdicts(runs: dict[str, "EraseResult"], a: str, rivals: list[str], margins: dict[str, float] = MARGINS,
+                    alpha: float = 0.05) -> list[PooledVerdict]:
+    """One family of verdicts, ``a`` against each rival at every shared (budget, λ) and measure: a difference when its
+    Holm-adjusted p < ``alpha``, else "equivalent within ±margin" when the Holm-adjusted TOST p < ``alpha``, else
+    "inconclusive"."""
+    from kscope.stats import cluster_robust, equivalence_p, holm
+
+    pooled: dict[tuple, tuple[bool, dict[str, float]]] = {}
+    for name, res in runs.items():
+        for b in rivals:
+            for budget, lam, measure, higher, diffs in _paired(res.points, a, b):
+                got = pooled.setdefault((budget, lam, b, measure), (higher, {}))[1]
+                got.update({f"{name}:{q}": v for q, v in diffs.items()})
+    rows = []
+    for (budget, lam, b, measure), (higher, diffs) in sorted(pooled.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0], kv[0][1] or 0)):
+        keys = list(diffs)
+        t = cluster_robust([diffs[k] for k in keys], keys)
+        rows.append((budget, lam, b, measure, higher, t, equivalence_p([diffs[k] for k in keys], keys, margins[measure]), len(keys)))
+    p_adj = holm([r[5].p for r in rows])
+    e_adj = holm([r[6] for r in rows])
+    out = []
+    for (budget, lam, b, measure, higher, t, _, n), p, e in zip(rows, p_adj, e_adj):
+        m = margins[measure]
+        says = (_direction(t.interval, a, b, higher) if p is not None and p < alpha
+                else f"equivalent within ±{m:g}" if e is not None and e < alpha else "inconclusive")
+        out.append(PooledVerdict(budget, lam, a, b, measure, t.interval, n, p, e, m, says))
     return out
 
 
