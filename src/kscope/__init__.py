@@ -4,6 +4,7 @@ The public API is re-exported here (imported on first use, so ``import kscope`` 
 
     from kscope import load_model, FactConfig, prepare_facts, neuron_units, load_sae, feature_units
     from kscope import AttributionConfig, attribute_fact, DeltaProbConfig, fact_delta_prob
+    from kscope import forget  # erase records from a model you own: forget(model, records, out, keep=...)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _API = {
     "AttributionConfig": "kscope.locate.attribution", "attribute_fact": "kscope.locate.attribution",
     "DeltaProbConfig": "kscope.locate.delta_prob", "fact_delta_prob": "kscope.locate.delta_prob",
     "CompareConfig": "kscope.locate.compare", "LocateConfig": "kscope.locate.compare", "run_study": "kscope.locate.compare",
+    "forget": "kscope.privacy.forget.run", "ForgetConfig": "kscope.privacy.forget.run", "ForgetResult": "kscope.privacy.forget.audit",
 }
 
 __all__ = ["__version__", *_API]

@@ -12,12 +12,20 @@ import dataclasses
 import math
 import re
 from dataclasses import MISSING, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kscope.errors import KscopeError
+from kscope.outputs import Written, check_outputs, journal_path
 
-MAX_STEPS = 1000  # IG steps: beyond this the Riemann sum has long converged; a larger value is a typo that costs hours
+# Upper bounds of counts whose larger values can only be typos that cost hours or all memory (shown in --help)
+MAX_STEPS = 1000  # IG steps: beyond this the Riemann sum has long converged
 MAX_EPOCHS = 1000  # training epochs (SAEs, privacy injection), for the same reason
+MAX_DRAWS = 100  # draws of a random control per fact
+MAX_TEXTS = 1_000_000  # texts generated or read (768 sequences take ~4 min on 2 CPU cores)
+MAX_EXPANSION = 1024  # SAE width / site width (Gemma Scope's widest: ~455)
+MAX_TOKENS = 1_000_000_000  # activation tokens held in memory (the default: 120,000)
+MAX_LENGTH = 100_000  # tokens per text or window, beyond any model's context
 
 
 def option(
@@ -88,9 +96,14 @@ def check_value(f: dataclasses.Field, value: Any, flag: str) -> None:
             what = md.get("label") or f"{flag} value"
             raise KscopeError(f"unknown {what} {v!r}; choose from {', '.join(map(str, md['choices']))}")
         if md.get("min") is not None and v < md["min"]:
-            raise KscopeError(f"{flag} must be >= {md['min']:g}, got {v}")
+            raise KscopeError(f"{flag} must be >= {show_bound(md['min'])}, got {v}")
         if md.get("max") is not None and v > md["max"]:
-            raise KscopeError(f"{flag} must be <= {md['max']:g}, got {v}")
+            raise KscopeError(f"{flag} must be <= {show_bound(md['max'])}, got {v}")
+
+
+def show_bound(x: float) -> str:
+    """A bound as written: ``1000000000``, not ``1e+09``; ``0.9``, not ``0.900000``."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 class Config:
@@ -100,6 +113,33 @@ class Config:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if "help" in f.metadata:
                 check_value(f, getattr(self, f.name), flag_of(f))
+
+    def writes(self) -> list[Written]:
+        """Every path the job writes, declared before any work so that none may touch an input: a file output with its
+        journal of per-fact rows beside it; an output directory with what ``written_inside`` names in it (by default the
+        whole directory). A job that writes more declares it by overriding this (figures, further journals)."""
+        out: list[Written] = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            kind, value = f.metadata.get("output"), getattr(self, f.name)
+            if not kind or not value:
+                continue
+            p, flag = Path(value), flag_of(f)
+            if kind == "file":
+                out += [Written(p, flag, value), Written(journal_path(p), flag, value)]
+                continue
+            inside = self.written_inside()
+            out.append(Written(p, flag, value, whole=inside is None, directory=True))
+            out += [Written(p / name, flag, value) for name in inside or ()]
+        return out
+
+    def written_inside(self) -> list[str] | None:
+        """The names the job writes inside its output directory; None: it writes (or replaces) the whole directory."""
+        return None
+
+    def check_writes(self, also: Sequence[Written] = (), inputs: Sequence[str | Path | None] = ()) -> None:
+        """Refuse, before any work, a path ``writes()`` (and ``also``) names that would touch an input (``reads()`` and
+        ``inputs``), or one the file system cannot take (``kscope.outputs.check_outputs``)."""
+        check_outputs([*self.writes(), *also], [*self.reads(), *inputs])
 
     def reads(self) -> list[str]:
         """The files and directories this config names as inputs (options declared ``reads=True``, nested configs
@@ -123,14 +163,14 @@ def parse_int(text: str) -> int:
     try:
         return int(str(text).strip())
     except ValueError:
-        raise KscopeError(f"not an integer: {text!r}") from None
+        raise KscopeError(f"expected an integer, got {text!r}") from None
 
 
 def parse_float(text: str) -> float:
     try:
         return float(str(text).strip())
     except ValueError:
-        raise KscopeError(f"not a number: {text!r}") from None
+        raise KscopeError(f"expected a number, got {text!r}") from None
 
 
 def parse_layers(text: str) -> list[int]:

@@ -432,10 +432,11 @@ def context_length(model) -> int | None:
 
 
 def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 64, chunk: int = 128, progress=None,
-                 holdout: bool = False) -> list[Fact]:
+                 holdout: bool = False, why: dict[str, int] | None = None) -> list[Fact]:
     """Keep facts the model knows: the answer is in the top ``known_top_k`` on at least
     ``min_known_prompts`` prompts (with ``holdout``, known prompts on both sides of the held-out split too).
-    Unknown prompts are dropped from kept facts.
+    Unknown prompts are dropped from kept facts. ``why`` counts the facts left out: ``"unknown"`` (too few known
+    prompts), ``"one side"`` (known, but not on both sides of the held-out split).
 
     With ``max_facts``, facts are visited in a seeded random order (so relations mix) and scoring
     stops once enough are kept.
@@ -455,6 +456,9 @@ def filter_known(lm, facts: Sequence[Fact], cfg: FactConfig, batch_size: int = 6
             ok = known.get(i, [])
             if len(ok) >= cfg.min_known_prompts and (not holdout or all(_halves(f.with_prompts(ok)))):
                 kept.append(f.with_prompts(ok))
+            elif why is not None:
+                reason = "unknown" if len(ok) < cfg.min_known_prompts else "one side"
+                why[reason] = why.get(reason, 0) + 1
             if cfg.max_facts is not None and len(kept) >= cfg.max_facts:
                 return kept
         if task is not None:
@@ -468,12 +472,22 @@ def prepare_facts(lm, cfg: FactConfig, facts: list[Fact] | None = None, progress
     ``max_facts``); raise if nothing is left. Returns ``(known, all_loaded)``."""
     if facts is None:
         facts = cfg.load()
-    kept = filter_known(lm, facts, cfg, progress=progress, holdout=holdout)
+    why: dict[str, int] = {}
+    kept = filter_known(lm, facts, cfg, progress=progress, holdout=holdout, why=why)
     if not kept:
-        raise KscopeError(
-            f"none of the {len(facts)} facts is known by the model (answer in top {cfg.known_top_k} "
-            f"on >= {cfg.min_known_prompts} prompts); loosen --known-top-k / --min-known-prompts"
-        )
+        unknown = (f"known by the model (answer in top {cfg.known_top_k} on >= {cfg.min_known_prompts} prompts); loosen "
+                   "--known-top-k / --min-known-prompts")
+        dropped = len(facts) - sum(why.values())  # left out at load, each named in a note
+        if why.get("unknown") == len(facts):
+            raise KscopeError(f"none of the {len(facts)} facts is {unknown}")
+        reasons = [f"{dropped} left out at load (see the notes)"] if dropped else []
+        if why.get("unknown"):
+            reasons.append(f"{why['unknown']} not {unknown}")
+        if why.get("one side"):
+            reasons.append(f"{why['one side']} known on one side of the held-out split only (a held-out run needs a known "
+                           "prompt on each side: one to choose units on, one to measure them on); give more paraphrases or "
+                           "use --no-holdout")
+        raise KscopeError(f"none of the {len(facts)} facts can be studied: {'; '.join(reasons)}")
     if cfg.max_facts is not None and len(kept) < cfg.max_facts:
         known = "all of them are known" if len(kept) == len(facts) else f"{len(kept)} are known by the model" + \
             (" with prompts on both sides of the held-out split" if holdout else "")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from kscope.errors import KscopeError
+from kscope.outputs import Written, check_outputs
 
 
 def _clean(obj: Any) -> Any:
@@ -91,8 +92,8 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-{os.getpid()}-"))
-    honour_umask(tmp, directory=True)
     try:
+        honour_umask(tmp, directory=True)
         yield tmp
         for d, dirs, files in os.walk(tmp):  # writers such as safetensors and save_pretrained make 0600 files
             for name in dirs + files:
@@ -109,37 +110,10 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
 
 def check_writable(path: str | Path | None, inputs: Sequence[str | Path | None] = (), directory: bool = False,
                    writes: Sequence[str] = (), flag: str | None = None) -> None:
-    """Refuse, before any work, an output of the wrong kind, not writable, or that would touch an input.
-
-    The output may not be one of the ``inputs`` nor lie inside an input directory. ``writes`` names what a directory
-    output writes or replaces (relative to it; ``"."`` for the directory itself): none of those may be an input or hold
-    one. An input inside an output directory is otherwise fine (a run directory holds the results its later stages read).
-    """
+    """Refuse, before any work, an output of the wrong kind, not writable, or that would touch an input
+    (``kscope.outputs.check_outputs`` of ``path`` and of what it writes inside, ``writes``; ``"."``: the whole directory)."""
     if path is None:
         return
-    p = Path(path)
     flag = flag or ("--out-dir" if directory else "--out")
-    if directory and p.exists() and not p.is_dir():
-        raise KscopeError(f"{flag} {path} is a file, not a directory")
-    if not directory and p.is_dir():
-        raise KscopeError(f"{flag} {path} is a directory; give a file path")
-    out = p.expanduser().resolve()
-    targets = [out, *((out / w).resolve() for w in writes)]
-    for i in inputs:
-        if i is None or str(i) == "":
-            continue
-        src = Path(i).expanduser().resolve()
-        if out == src:
-            raise KscopeError(f"{flag} {path} is also an input; choose another path")
-        if src.is_dir() and src in out.parents:
-            raise KscopeError(f"{flag} {path} lies inside the input directory {i}; choose another path")
-        for t in targets[1:]:
-            if t == src or t in src.parents:
-                raise KscopeError(f"{flag} {path}: writing {t} would overwrite the input {i}; choose another path")
-    anc = p if directory else p.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
-        raise KscopeError(f"cannot write {path}: {anc} is not a writable directory")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise KscopeError(f"cannot write {path}: permission denied")
+    main = Written(Path(path), flag, str(path), whole=not directory or "." in writes, directory=directory)
+    check_outputs([main, *(Written(Path(path) / w, flag, str(path)) for w in writes if w != ".")], inputs)

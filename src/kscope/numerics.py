@@ -47,6 +47,18 @@ def tensor_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def unsound_tensor(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """``(name, what is wrong)`` of the first tensor that is not floating point or holds NaN or infinity (in the mapping's
+    order), or None: weights are checked at load, so a broken file is refused instead of scoring every unit as NaN."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            return name, f"tensor {name} is {t.dtype}, not floating point"
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            return name, f"tensor {name} holds {bad} of {t.numel()} values that are NaN or infinite"
+    return None
+
+
 @contextmanager
 def fixed_threads(n: int) -> Iterator[None]:
     """Inside, torch runs on ``n`` intra-op threads whatever the process uses: torch's own long reductions (gradient

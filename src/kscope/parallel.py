@@ -20,7 +20,10 @@ from typing import Any, Callable, Sequence
 
 from kscope.config import Config, option
 from kscope.errors import KscopeError
+from kscope.io import write_text
 from kscope.net import reachable
+from kscope.outputs import journal_path
+from kscope.progress import note
 
 
 @dataclass
@@ -40,6 +43,9 @@ class ParallelConfig(Config):
     def validate(self) -> None:
         """Refusals that need no model: Ray installed, the cluster reachable, the GPUs there."""
         if not self.distributed:
+            if self.gpus_per_worker:
+                raise KscopeError(f"--gpus-per-worker {self.gpus_per_worker:g} needs --workers or --ray-address (without them "
+                                  "everything runs in this process, on --device)")
             return
         try:
             import ray  # noqa: F401
@@ -93,47 +99,79 @@ class Outcome:
     resumed: int = 0
 
 
-def journal_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.parent / f".{out.name}.journal.jsonl"
-
-
 def _fingerprint(fingerprint_of: Any) -> str:
     return hashlib.sha256(json.dumps(fingerprint_of, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Journal:
-    """Per-fact rows appended as they finish; line 1 holds the fingerprint of the options that made them."""
+    """Per-fact rows appended as they finish; line 1 holds the fingerprint of the options that made them.
+
+    Each row is one ``write`` of a whole line, fsynced; a write that fails (a full disk) is cut back to the last whole
+    line, so the journal stays one that ``--resume`` reads."""
 
     def __init__(self, path: Path, fingerprint: str, resume: bool):
         self.path, self.fingerprint = path, fingerprint
         self.done: dict[str, Any] = {}
         if resume and path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            head = json.loads(lines[0]) if lines else {}
-            if head.get("fingerprint") != fingerprint:
-                raise KscopeError(f"{path} was written with other options; drop --resume or delete it")
-            for line in lines[1:]:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by the interruption: that fact runs again
+            size = self._read()
+        else:
+            size = write_text(path, json.dumps({"fingerprint": fingerprint}) + "\n").stat().st_size  # atomic: whole or absent
+        self._fd = os.open(path, os.O_WRONLY)
+        os.ftruncate(self._fd, size)  # a row cut by an interruption goes: its fact runs again
+        self._size = size
+
+    def _read(self) -> int:
+        """Rows of a journal to resume; the size of its whole lines. A line that is not the journal's own is refused
+        with its number; a last line cut by the interruption is dropped with a note."""
+        data = self.path.read_bytes()
+        *lines, tail = data.split(b"\n")
+        for n, raw in enumerate(lines, 1):
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except ValueError as e:  # UnicodeDecodeError too
+                raise KscopeError(f"{self.path}:{n}: not a journal line ({type(e).__name__}); delete the journal to start "
+                                  "over, or drop --resume") from None
+            if n == 1 and not (isinstance(rec, dict) and "fingerprint" in rec):
+                raise KscopeError(f"{self.path}:1: not a kscope journal (no fingerprint); delete it or drop --resume")
+            if n == 1 and rec["fingerprint"] != self.fingerprint:
+                raise KscopeError(f"{self.path} was written with other options; drop --resume or delete it")
+            if n > 1:
+                if not (isinstance(rec, dict) and isinstance(rec.get("key"), str) and "row" in rec):
+                    raise KscopeError(f"{self.path}:{n}: not a journal row (expected an object with key and row); delete the "
+                                      "journal to start over, or drop --resume")
                 self.done[rec["key"]] = rec["row"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not (resume and path.exists()):
-            path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
-        self._f = path.open("a", encoding="utf-8")
+        if not lines:
+            raise KscopeError(f"{self.path}:1: not a kscope journal (no whole first line); delete it or drop --resume")
+        if tail:
+            note(f"{self.path}:{len(lines) + 1}: a row cut by the interruption is dropped; its fact runs again")
+        return len(data) - len(tail)
 
     def add(self, key: str, row: Any) -> None:
-        self._f.write(json.dumps({"key": key, "row": row}) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        data = (json.dumps({"key": key, "row": row}) + "\n").encode()
+        try:
+            _write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+        self._size += len(data)
         self.done[key] = row
 
     def close(self, remove: bool) -> None:
-        self._f.close()
+        os.close(self._fd)
         if remove:
             self.path.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``data`` at the end of the file behind ``fd`` (a short write continues, an error raises)."""
+    os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _die_for_tests(n_done: int) -> None:

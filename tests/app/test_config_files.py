@@ -84,7 +84,7 @@ def test_toml_and_yaml_values_read_as_on_the_command_line(tmp_path):
 @pytest.mark.parametrize("text,suffix,fragment", [
     ("sae-k: 64\nbogus-option: 1\n", ".yaml", "unknown option 'bogus-option'"),
     ("sae-kk: 64\n", ".yaml", "unknown option 'sae-kk'; did you mean 'sae-k'?"),
-    ("max-facts: 2.5\n", ".yaml", "max-facts: not an integer: '2.5'"),
+    ("max-facts: 2.5\n", ".yaml", "max-facts: expected an integer, got '2.5'"),
     ("holdout: 1\n", ".yaml", "holdout: expected true or false, got 1"),
     ("coarse-threshold: .nan\n", ".yaml", "--coarse-threshold must be a finite number"),
     ("- a list\n", ".yaml", "expected a mapping of option names to values"),

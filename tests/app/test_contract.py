@@ -13,33 +13,8 @@ from typer.testing import CliRunner
 
 from kscope.app.cli import app
 from kscope.errors import KscopeError
-from kscope.facts import write_fact_file
-from tests.helpers import capital_facts, save_tiny_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A tiny model, a fact file, an SAE on 1/mlp.out, a privacy model and a located file."""
-    root = tmp_path_factory.mktemp("contract")
-    model = root / "model"
-    save_tiny_model(model)
-    facts = root / "facts.jsonl"
-    write_fact_file(capital_facts()[:2], facts)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(["the capital of france is paris", "people in spain speak spanish", "new york is a city",
-                                   "history and science today"] * 10))
-    sae = root / "sae"
-    r = runner.invoke(app, ["train-sae", "--model", str(model), "--site", "1/mlp.out", "--out", str(sae), "--expansion", "2",
-                            "--k", "4", "--max-tokens", "300", "--generate", "0", "--text", str(corpus), "--epochs", "1"])
-    assert r.exit_code == 0, r.output
-    run = root / "run"
-    r = runner.invoke(app, ["compare", "--model", str(model), "--facts", str(facts), "--known-top-k", "100", "--min-known-prompts", "1",
-                            "--steps", "2", "--layers", "1", "--sae", str(sae), "--generate", "0", "--text", str(corpus),
-                            "--out", str(run / "compare.json")])
-    assert r.exit_code == 0, r.output
-    return {"root": root, "model": str(model), "facts": str(facts), "sae": str(sae), "corpus": str(corpus), "run": str(run)}
 
 
 def _fill(args, env, tmp):
@@ -144,6 +119,77 @@ CASES = [
      "--epochs must be <= 1000"),
     ("build epochs 1e11", ["privacy", "build", "--model", "{model}", "--out", "{tmp}/pm", "--epochs", "100000000000"],
      "--epochs must be <= 1000"),
+    ("generate 1e15", ["compare", *BASE, "--generate", "1000000000000000", "--out", "{tmp}/o.json"], "--generate must be <= 1000000"),
+    ("expansion 1e15", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--expansion", "1000000000000000", "--out",
+                        "{tmp}/s"], "--expansion must be <= 1024"),
+    ("sae tokens 1e15", ["compare", *BASE, "--sae-tokens", "1000000000000000", "--out", "{tmp}/o.json"],
+     "--sae-max-tokens must be <= 1000000000"),
+    ("random draws 1e15", ["compare", *BASE, "--random-draws", "1000000000000000", "--out", "{tmp}/o.json"],
+     "--random-draws must be <= 100"),
+    ("erase random draws 1e15", ["privacy", "erase", "--model-dir", "{tmp}", "--random-draws", "1000000000000000"],
+     "--random-draws must be <= 100"),
+    ("gen-len 1e15", ["compare", *BASE, "--gen-len", "1000000000000000", "--out", "{tmp}/o.json"], "--gen-len must be <= 100000"),
+    # one error format: the CLI library's own refusals are one line too (issue 39)
+    ("steps abc", ["compare", *BASE, "--steps", "abc", "--out", "{tmp}/o.json"], "--steps: expected an integer, got 'abc'"),
+    ("seed 1.5", ["compare", *BASE, "--seed", "1.5", "--out", "{tmp}/o.json"], "--seed: expected an integer, got '1.5'"),
+    ("lr abc", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--lr", "abc", "--out", "{tmp}/s"],
+     "--lr: expected a number, got 'abc'"),
+    ("ks 1,x", ["compare", *BASE, "--ks", "1,x", "--out", "{tmp}/o.json"], "--ks: expected an integer, got 'x'"),
+    ("unknown option", ["compare", *BASE, "--bogus", "1"], "No such option: --bogus"),
+    ("missing option", ["privacy", "erase"], "Missing option '--model-dir'"),
+    ("flag given a value", ["compare", *BASE, "--holdout=3"], "Option '--holdout' does not take a value"),
+    # silent once: now refused
+    ("gpus without workers", ["compare", *BASE, "--gpus-per-worker", "1", "--out", "{tmp}/o.json"],
+     "--gpus-per-worker 1 needs --workers or --ray-address"),
+    ("prompt empty", ["locate", "--model", "{model}", "--subject", "france", "--object", "paris", "--prompt", ",", "--out",
+                      "{tmp}/o.json"], "--prompt needs at least one value"),
+    ("a fact left out by the held-out split", ["compare", "--model", "{model}", "--facts", "{long_fact}", "--known-top-k", "100",
+                                               "--min-known-prompts", "1", "--layers", "1", "--out", "{tmp}/o.json"],
+     "1 known on one side of the held-out split only"),
+    # weights are checked at load: NaN scored every unit as null and exited 0
+    ("nan sae compare", ["compare", *BASE, "--layers", "1", "--sae", "{nan_sae}", "--out", "{tmp}/o.json"],
+     "nan_sae/sae_weights.safetensors: tensor W_dec holds 2048 of 2048 values that are NaN"),
+    ("nan sae faithfulness", ["faithfulness", *BASE, "--layer", "1", "--sae", "{nan_sae}", "--out-dir", "{tmp}/o"],
+     "tensor W_dec holds 2048 of 2048 values that are NaN"),
+    ("nan sae interpret", ["interpret", *BASE, "--layer", "1", "--sae", "{nan_sae}", "--out-dir", "{tmp}/o"],
+     "tensor W_dec holds 2048 of 2048 values that are NaN"),
+    ("nan sae monosemanticity", ["monosemanticity", *BASE, "--layer", "1", "--sae", "{nan_sae}", "--out-dir", "{tmp}/o"],
+     "tensor W_dec holds 2048 of 2048 values that are NaN"),
+    ("nan model", ["compare", "--model", "{nan_model}", "--facts", "{facts}", "--out", "{tmp}/o.json"],
+     "nan_model/model.safetensors: tensor lm_head.weight holds"),
+    ("model lacking a tensor", ["compare", "--model", "{holed_model}", "--facts", "{facts}", "--out", "{tmp}/o.json"],
+     "holed_model/model.safetensors: the checkpoint lacks the tensor lm_head.weight"),
+    # servers are probed for what they are: a web page answering 404 passed once
+    ("llm url answers 404", ["interpret", *BASE, "--layer", "1", "--sae", "{sae}", "--llm-url", "{web}", "--out-dir", "{tmp}/o"],
+     "the server there is not an OpenAI-style API (GET /models: HTTP 404"),
+    ("llm url bad ipv6", ["interpret", *BASE, "--layer", "1", "--sae", "{sae}", "--llm-url", "http://[::1/v1", "--out-dir", "{tmp}/o"],
+     "--llm-url 'http://[::1/v1' is not an http(s) URL"),
+    # every file a command writes is checked against the inputs, the side outputs too (issue 39)
+    ("out is the config", ["compare", *BASE, "--config", "{root}/c.yaml", "--out", "{root}/c.yaml"], "is also an input"),
+    ("resolved config over the config", ["compare", *BASE, "--config", "{root}/o.config.yaml", "--out", "{root}/o.json"],
+     "o.config.yaml would overwrite the input"),
+    ("out-dir config over the config", ["faithfulness", *BASE, "--config", "{root}/faithfulness.config.yaml", "--out-dir", "{root}"],
+     "faithfulness.config.yaml would overwrite the input"),
+    ("erase figure over its text", ["privacy", "erase", "--model-dir", "{tmp}", "--text", "{root}/e.png", "--out", "{root}/e.json"],
+     "e.png would overwrite the input"),
+    ("resolved config is a symlink to the config", ["compare", *BASE, "--config", "{root}/c.yaml", "--out", "{root}/sl.json"],
+     "sl.config.yaml would overwrite the input {root}/c.yaml (" + "{root}/sl.config.yaml is a link to it)"),
+    ("resolved config is a hard link of the config", ["compare", *BASE, "--config", "{root}/c.yaml", "--out", "{root}/hl.json"],
+     "hl.config.yaml would overwrite the input {root}/c.yaml (" + "{root}/hl.config.yaml is a link to it)"),
+    ("journal is a symlink to the facts", ["compare", *BASE, "--out", "{root}/sj.json"],
+     ".sj.json.journal.jsonl would overwrite the input"),
+    ("out inside an input directory", ["compare", *BASE, "--layers", "1", "--sae", "{sae}", "--out", "{sae}/o.json"],
+     "lies inside the input directory"),
+    ("out inside an input directory through a link", ["compare", *BASE, "--layers", "1", "--sae", "{sae}", "--out",
+                                                       "{root}/in_sae/o.json"], "lies inside the input directory"),
+    ("sae directory holding an input, through a link", ["train-sae", "--model", "{model}", "--site", "1/mlp.out", "--generate",
+                                                         "0", "--text", "{sae}/cfg.json", "--out", "{root}/in_sae"],
+     "writing {root}/in_sae would overwrite the input {sae}/cfg.json"),
+    ("journal over the facts", ["compare", "--model", "{model}", "--facts", "{root}/.o.json.journal.jsonl", "--out", "{root}/o.json"],
+     ".o.json.journal.jsonl would overwrite the input"),
+    ("out name too long", ["compare", *BASE, "--out", "{tmp}/" + "a" * 300 + ".json"], "is too long"),
+    # a lock per output: two runs on one --out both exited 0, the last writer winning
+    ("out held by another run", ["compare", *BASE, "--out", "{root}/held.json"], "is being written by another kscope run (pid"),
 ]
 
 
@@ -153,7 +199,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, tmp_path, name, ar
     r = runner.invoke(app, _fill(args, env, tmp_path), env={"KSCOPE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and fragment in lines[0], r.output
+    assert len(lines) == 1 and fragment.format(**env, tmp=tmp_path) in lines[0], r.output
     assert [p for p in _files(tmp_path) if p.parts[0] != "cache"] == []
     assert _files(env["root"]) == before
 
@@ -411,3 +457,4 @@ def test_llm_explainer_failure_mid_run_is_one_error():
 
     with pytest.raises(KscopeError, match="the LLM explainer at http://127.0.0.1:9/v1/chat/completions failed"):
         LLMExplainer("http://127.0.0.1:9/v1", "m", timeout=3).explain([["a"]], [[1.0]])
+

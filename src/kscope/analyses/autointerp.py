@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from kscope.analyses.common import AnalysisConfig, AnalysisResult, save_outputs, setup
-from kscope.config import Config, nested, option
+from kscope.config import MAX_LENGTH, MAX_TEXTS, Config, nested, option
 from kscope.errors import KscopeError
 from kscope.model.hooks import site_activations
 from kscope.model.readout import pad_rows
-from kscope.net import check_url
+from kscope.net import check_openai_url
 from kscope.plots import pyplot, save_figure
 from kscope.progress import make_progress
 from kscope.stats import Interval, mean_ci
@@ -39,8 +39,8 @@ from kscope.units.provision import SAEInfo
 class InterpretConfig(Config):
     """Top-activating contexts, explanation and simulation."""
 
-    n_contexts: int = option(600, "Text windows scanned for activations.", flag="contexts", min=4)
-    window: int = option(24, "Tokens per window.", min=4)
+    n_contexts: int = option(600, "Text windows scanned for activations.", flag="contexts", min=4, max=MAX_TEXTS)
+    window: int = option(24, "Tokens per window.", min=4, max=MAX_LENGTH)
     top_contexts: int = option(20, "Top-activating windows shown to the explainer.", min=1)
     heldout_frac: float = option(0.3, "Windows held out for simulation.", min=0.05, max=0.95)
     explanation_tokens: int = option(10, "Tokens in the offline explanation.", min=1)
@@ -90,7 +90,7 @@ class InterpretJob(AnalysisConfig):
     def validate(self) -> None:
         super().validate()
         if self.interpret.llm_url:
-            check_url(self.interpret.llm_url, "--llm-url")
+            check_openai_url(self.interpret.llm_url, "--llm-url", self.interpret.llm_model)
 
 
 def pearson(a: Sequence[float], b: Sequence[float]) -> float:

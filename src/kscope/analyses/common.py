@@ -10,16 +10,19 @@ from typing import Callable, ClassVar
 from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, holdout_option, prepare_facts, split_prompts, splittable
-from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.model.loading import LoadedModel, ModelConfig, load_model
 from kscope.model.sites import check_layer
+from kscope.outputs import journal_path
 from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.results import Result
 from kscope.units.base import Units
 from kscope.units.corpus import CorpusConfig
 from kscope.units.provision import SAEInfo, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
+
+
+LOCATED = "located.json"  # the name the journal of each fact's top units is kept under (no such file is written)
 
 
 @dataclass
@@ -59,7 +62,12 @@ class AnalysisConfig(Config):
             raise KscopeError(f"{self.located} does not exist")
         if self.facts.facts is not None and not Path(self.facts.facts).exists():
             raise KscopeError(f"fact source {self.facts.facts} does not exist")
-        check_writable(self.out_dir, self.reads(), directory=True, writes=[f"{self.output_name}.json", f"{self.output_name}.png"])
+        self.check_writes()
+        self.parallel.validate()
+
+    def written_inside(self) -> list[str]:
+        """The result, its figure and the journal of the facts' top units (``setup``)."""
+        return [f"{self.output_name}.json", f"{self.output_name}.png", journal_path(LOCATED).name]
 
 
 @dataclass
@@ -97,7 +105,7 @@ def setup(cfg: AnalysisConfig, progress, need_tops: bool = True) -> Setup:
             keys = fact_keys(select)
             fp = {"model": asdict(cfg.model), "facts": keys, "layer": cfg.layer, "sae": infos[cfg.layer].key or infos[cfg.layer].path,
                   "attribution": asdict(cfg.attribution), "holdout": cfg.holdout}
-            outcome = map_facts(task, select, keys, cfg.parallel, Path(cfg.out_dir) / "located.json", fp, progress, "locating")
+            outcome = map_facts(task, select, keys, cfg.parallel, Path(cfg.out_dir) / LOCATED, fp, progress, "locating")
             kept = [i for i, r in enumerate(outcome.rows) if r is not None]
             facts = [facts[i] for i in kept]
             tops = {"neuron": [outcome.rows[i][0] for i in kept], "feature": [outcome.rows[i][1] for i in kept]}

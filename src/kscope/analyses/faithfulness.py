@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kscope.analyses.common import AnalysisConfig, save_outputs, setup
-from kscope.config import MAX_STEPS, Config, nested, option
+from kscope.config import MAX_STEPS, MAX_TOKENS, Config, nested, option
 from kscope.errors import KscopeError
 from kscope.facts import Fact
 from kscope.locate.attribution import AttributionConfig, attribute_fact
@@ -37,8 +37,9 @@ from kscope.units.provision import SAEInfo
 class FaithfulnessConfig(Config):
     """Compare the SAE with PCA, ICA and random directions at one site."""
 
-    fit_tokens: int = option(20_000, "Activation tokens (from the corpus's training texts) to fit PCA/ICA on.", min=10)
-    eval_tokens: int = option(10_000, "Held-out activation tokens (texts no decomposition was fitted on) to score all of them on.", min=10)
+    fit_tokens: int = option(20_000, "Activation tokens (from the corpus's training texts) to fit PCA/ICA on.", min=10, max=MAX_TOKENS)
+    eval_tokens: int = option(10_000, "Held-out activation tokens (texts no decomposition was fitted on) to score all of them on.", min=10,
+                             max=MAX_TOKENS)
     ks: list[int] = option(help="Top-k units ablated per fact.", factory=lambda: [1, 5, 10], min=1, unique=True)
     ica_iter: int = option(300, "FastICA iterations.", min=1)
     attribution_steps: int = option(10, "IG steps when ranking units for ablation.", min=1, max=MAX_STEPS)

@@ -26,10 +26,10 @@ from kscope.analyses.cells import Cell, adjust_tables, build_cell
 from kscope.analyses.monosemanticity import orientation_note
 from kscope.analyses.quality import QualityCell, interpretability, monosemanticity, quality_cells
 from kscope.analyses.sweep_plot import plot_sweep
-from kscope.config import Config, nested, option, parse_layers
+from kscope.config import MAX_EXPANSION, Config, nested, option, parse_layers
 from kscope.errors import KscopeError
 from kscope.facts import Fact, FactConfig, holdout_option, prepare_facts, split_kind, split_prompts, splittable
-from kscope.io import check_writable
+from kscope.outputs import journal_path
 from kscope.locate.attribution import AttributionConfig, coarse_select, prompt_scores, rank_units, refine_select
 from kscope.locate.conditions import CONTROLLED, SetEffects, SetJob, SetSummary, measure_sets, summarize_effects
 from kscope.locate.delta_prob import DeltaProbConfig
@@ -76,7 +76,7 @@ class SweepConfig(Config):
     mono_units: int = option(3, "Top units per fact tested for monosemanticity.", min=1)
     n_unrelated: int = option(24, "Unrelated prompts per fact (monosemanticity).", min=1)
     widths: list[int] = option(help="SAE widths (x site width) for the width sweep at --width-layer; empty: none.", factory=list,
-                               min=1, unique=True, allow_empty=True)
+                               min=1, max=MAX_EXPANSION, unique=True, allow_empty=True)
     width_layer: int = option(12, "Layer of the width sweep.", min=0)
     sae_release: str | None = option(None, "SAELens pretrained release (e.g. gemma-scope-2b-pt-res-canonical); needs the hub.")
     sae_id: str = option("layer_{layer}/width_16k/canonical", "SAE id within the release; {layer} is filled in.")
@@ -96,7 +96,11 @@ class SweepConfig(Config):
             raise KscopeError("give --sae-release or --sae-dirs, not both")
         if self.sae_release:
             check_release(self.sae_release)
-        check_writable(self.out_dir, self.reads(), directory=True, writes=["sweep.json", "sweep.png"])
+        self.check_writes()
+        self.parallel.validate()
+
+    def written_inside(self) -> list[str]:
+        return ["sweep.json", "sweep.png", journal_path("sweep.json").name]
 
     def reads(self) -> list[str]:
         dirs = [self.sae_dirs.format(layer=L, site=s) for L in self.layers for s in self.sites] if self.sae_dirs else []

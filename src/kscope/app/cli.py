@@ -9,16 +9,18 @@ from kscope.analyses.faithfulness import FaithfulnessJob
 from kscope.analyses.monosemanticity import MonosemanticityJob
 from kscope.analyses.sweep import SweepConfig
 from kscope.app.explorer import ExploreConfig
-from kscope.app.options import command, friendly
+from kscope.app.failures import OneLineGroup, friendly
+from kscope.app.options import command
 from kscope.app.reproduce import ReproduceConfig
 from kscope.locate.compare import CompareConfig, LocateConfig
 from kscope.privacy.study.erase import EraseJob
 from kscope.privacy.data.inject import BuildConfig
+from kscope.privacy.forget.run import ForgetConfig
 from kscope.progress import console
 from kscope.units.provision import TrainSAEJob
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="kscope, the Knowledge Microscope: neurons vs SAE features for facts in LMs.")
-privacy_app = typer.Typer(no_args_is_help=True, help="PrivacyParaRel: inject private facts, then erase them with FeatureEdit / DEPN / KN erase.")
+app = typer.Typer(cls=OneLineGroup, add_completion=False, no_args_is_help=True, help="kscope, the Knowledge Microscope: neurons vs SAE features for facts in LMs.")
+privacy_app = typer.Typer(cls=OneLineGroup, no_args_is_help=True, help="PrivacyParaRel: inject private facts, then erase them with FeatureEdit / DEPN / KN erase.")
 app.add_typer(privacy_app, name="privacy")
 
 
@@ -111,6 +113,29 @@ def _privacy_erase(cfg: EraseJob) -> None:
     console.print(f"wrote {cfg.out} and its figures ({out.parent}/{out.stem}*.png)")
 
 
+def _forget(cfg: ForgetConfig):
+    from kscope.privacy.forget.run import AUDIT, PAGE, run_forget
+
+    res = run_forget(cfg)
+    erased = sum(r.status == "erased" for r in res.records)
+    produced = sum(r.status != "not produced" for r in res.records)
+    d = res.delta_ppl
+    console.print(f"erased {erased} of {produced} produced records on held-out prompts; kept records "
+                  f"{_share(res.keep_records.get('kept'))}, known facts {_share(res.keep_facts.get('kept'))}; "
+                  f"perplexity {d.fmt('+.1%')} (layers {','.join(map(str, res.layers))})")
+    for reason in res.reasons:
+        console.print(f"[red]failed:[/] {reason}")
+    what = "the edited model and " if res.written else ""
+    console.print(f"wrote {what}{cfg.out}/{AUDIT} and {PAGE}" + ("" if res.written else " (model not written: exit 3; "
+                                                                   "--allow-partial writes it)"))
+    res.exit_code = 0 if res.written else 3
+    return res
+
+
+def _share(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def _explore(cfg: ExploreConfig) -> None:
     from kscope.app.explorer import build_explorer
 
@@ -135,6 +160,7 @@ command(privacy_app, "build", BuildConfig, _privacy_build, group="privacy")
 command(privacy_app, "erase", EraseJob, _privacy_erase, group="privacy")
 command(app, "reproduce", ReproduceConfig, _reproduce)
 command(app, "explore", ExploreConfig, _explore)
+command(app, "forget", ForgetConfig, _forget)
 
 
 @app.command("report")

@@ -49,9 +49,23 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _head(command: str) -> str:
+    return f"# kscope {command}: every option of the run that wrote this file."
+
+
 def write_mapping(path: str | Path, mapping: dict[str, Any], command: str) -> Path:
     """``mapping`` as YAML at ``path`` (atomically), headed by how to rerun it."""
     import yaml
 
-    head = f"# kscope {command}: every option of the run that wrote this file. Rerun: kscope {command} --config {Path(path).name}\n"
+    head = f"{_head(command)} Rerun: kscope {command} --config {Path(path).name}\n"
     return write_text(path, head + yaml.safe_dump(mapping, sort_keys=False, allow_unicode=True))
+
+
+def written_by(path: str | Path, command: str) -> bool:
+    """Did ``kscope <command>`` write the config file at ``path`` (``write_mapping``)? A rerun from it may replace it with
+    the options it runs with; a config file a person wrote is an input, never written over."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(_head(command))
+    except (OSError, ValueError):
+        return False

@@ -22,21 +22,11 @@ from kscope.io import check_writable, write_text
 from kscope.locate.compare import CompareResult
 from kscope.model.loading import ModelConfig, load_model, same_model
 from kscope.model.sites import Site
+from kscope.pages import CHECK, STYLE
 from kscope.progress import make_progress
 from kscope.units.corpus import CorpusConfig, build_corpus
 from kscope.units.provision import neuron_units
 from kscope.units.sae import feature_units, load_sae
-
-CHECK = """<script>window.__errors=[];window.addEventListener('error',function(e){window.__errors.push(String(e.message||e))});
-window.addEventListener('load',function(){var bad=[];for(var i=0;i<document.images.length;i++){var im=document.images[i];
-if(!im.complete||im.naturalWidth===0)bad.push('broken image '+im.getAttribute('src'))}
-var ts=document.getElementsByTagName('table');for(var j=0;j<ts.length;j++){if(ts[j].getElementsByTagName('td').length===0)bad.push('empty table')}
-bad=bad.concat(window.__errors.map(function(m){return 'script error '+m}));document.body.setAttribute('data-check',bad.length?bad.join('; '):'ok')});</script>"""
-STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:.6em 0}"
-         "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}a{color:#2256a6}"
-         ".ctx{font-family:monospace;white-space:pre-wrap;margin:.25em 0;padding:2px 4px;border-left:3px solid #ddd}"
-         ".bar{display:inline-block;height:10px;vertical-align:middle}img{max-width:100%}.muted{color:#777}")
-
 
 @dataclass
 class ExploreConfig(Config):
@@ -51,6 +41,10 @@ class ExploreConfig(Config):
     runtime: ModelConfig = nested(ModelConfig, hide=("model", "dtype"))  # --device, --cache-dir; the model and dtype are the run's
     interpret: InterpretConfig = nested(InterpretConfig, prefix="is-", hide=("top_contexts", "heldout_frac", "explanation_tokens",
                                                                              "llm_url", "llm_model", "seed"))
+
+    def written_inside(self) -> list[str]:
+        """The explorer's directory, replaced whole; the run's results beside it are its inputs."""
+        return ["explorer"]
 
 
 def _known(cls: type, values: dict) -> Config:

@@ -7,11 +7,10 @@ fields take comma-separated values and may repeat. The command's help is the con
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
-import functools
 import inspect
-import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -20,9 +19,11 @@ from typing import Any, Callable, Optional, Union
 
 import typer
 
-from kscope.app.configfile import read_mapping, write_mapping
-from kscope.config import check_value, flag_of, parse_float, parse_int, parse_list
+from kscope.app.configfile import read_mapping, write_mapping, written_by
+from kscope.app.failures import friendly
+from kscope.config import check_value, flag_of, parse_float, parse_int, parse_list, show_bound
 from kscope.errors import KscopeError
+from kscope.outputs import Written, check_outputs, lock_path, output_lock
 
 
 @dataclass
@@ -91,28 +92,31 @@ def _param(o: _Opt) -> inspect.Parameter:
     f = o.fields[0]
     md = f.metadata
     help_ = md.get("help", "")
-    base, optional = _unwrap_optional(o.hint)
+    base, _ = _unwrap_optional(o.hint)
     if _is_list(o.hint):
         ann: Any = Optional[list[str]]
         default = None
         help_ += " Comma-separated; may repeat."
+        if md.get("allow_empty") and "empty" not in help_.lower():  # `--controls ,` ran none without saying so
+            help_ += " Empty ('' or ','): none."
         if o.default:
             help_ += f" (default: {_show(o.default)})"
     elif base is bool:
         ann, default = bool, o.default
-    else:
-        ann = Optional[str] if base not in (int, float, str) else (Optional[base] if optional or o.default is None else base)
-        default = o.default
+    else:  # numbers reach kscope as text and are parsed there, so a bad one reads as every other error (_value)
+        ann, default = Optional[str], o.default
     if md.get("choices"):
         help_ += f" One of: {', '.join(map(str, md['choices']))}."
     if md.get("max") is not None:  # upper bounds surprise; lower ones (>= 1, >= 0) go without saying
-        help_ += f" From {md['min']:g} to {md['max']:g}." if md.get("min") is not None else f" At most {md['max']:g}."
+        lo, hi = md.get("min"), show_bound(md["max"])
+        help_ += f" From {show_bound(lo)} to {hi}." if lo is not None else f" At most {hi}."
     flags = list(o.flags)
     if base is bool:
         name = flags[0][2:]
         flags = [f"--{name}/--no-{name}"]
+    metavar = "LIST" if _is_list(o.hint) else {int: "INTEGER", float: "FLOAT"}.get(base)
     opt = typer.Option(... if md.get("required") else default, *flags, help=help_, show_default=not _is_list(o.hint),
-                       metavar="LIST" if _is_list(o.hint) else None)
+                       metavar=metavar)
     return inspect.Parameter(o.ident, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
 
 
@@ -127,8 +131,8 @@ def _value(o: _Opt, raw: Any) -> Any:
             return parse(",".join(raw))
         elem = _elem_parser(f, o.hint)
         return [elem(x) for r in raw for x in parse_list(r)]
-    if parse and isinstance(raw, str):
-        return parse(raw)
+    if isinstance(raw, str):
+        return (parse or _elem_parser(f, o.hint))(raw)
     return raw
 
 
@@ -199,7 +203,10 @@ def build(cfg_cls: type, values: dict[str, Any], opts: list[_Opt], preset: dict[
     tree: dict = {}
     preset = preset or {}
     for o in opts:
-        v = preset[o.ident] if o.ident in preset else _value(o, values.get(o.ident))
+        try:
+            v = preset[o.ident] if o.ident in preset else _value(o, values.get(o.ident))
+        except KscopeError as e:
+            raise KscopeError(f"{o.flags[0]}: {e}") from None
         for f, path in zip(o.fields, o.paths):
             check_value(f, v, o.flags[0])
             node = tree
@@ -222,24 +229,15 @@ def build(cfg_cls: type, values: dict[str, Any], opts: list[_Opt], preset: dict[
     return make(cfg_cls, tree, cfg_cls())
 
 
-def print_error(message: str) -> None:
-    """One line on stderr, never wrapped (logs and pipes read it whole)."""
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
-
-
-def friendly(fn: Callable) -> Callable:
-    """Print ``KscopeError`` as one line and exit 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KscopeError as e:
-            print_error(str(e))
-            raise typer.Exit(2) from None
-
-    return wrapper
+def declared_writes(cfg: Any, command_name: str) -> list[Written]:
+    """Everything ``kscope <command_name>`` writes: what its job declares (``Config.writes``), the resolved config saved
+    beside the result, and the lock beside the output."""
+    written = cfg.writes()
+    main = next((w for w in written if w.main), None)
+    if main is None:
+        return written
+    saved = saved_config_path(cfg, command_name)
+    return [*written, *(Written(p, main.flag, main.of) for p in (saved, lock_path(main.path)) if p is not None)]
 
 
 CONFIG_HELP = ("YAML or TOML file of options: names as on the command line without the dashes, e.g. `layers: 10-14` or "
@@ -247,21 +245,36 @@ CONFIG_HELP = ("YAML or TOML file of options: names as on the command line witho
                "beside its result (<command>.config.yaml in an output directory, <stem>.config.yaml beside an output file).")
 
 
+COMMANDS: dict[str, type] = {}  # "privacy erase" -> its config class: every command, for the contract test to enumerate
+
+
 def command(app: typer.Typer, name: str, cfg_cls: type, run: Callable[[Any], Any], help: str | None = None, group: str = "") -> Callable:
-    """Register ``kscope [group] <name>``: its options are ``cfg_cls``'s fields and ``--config FILE``; it calls ``run(cfg)``,
-    then saves the options it ran with beside the result."""
+    """Register ``kscope [group] <name>``: its options are ``cfg_cls``'s fields and ``--config FILE``. Before any work it
+    refuses what would write over an input (``declared_writes``), validates, and takes the output's lock; it calls
+    ``run(cfg)``, then saves the options it ran with beside the result."""
     opts = collect(cfg_cls)
     full = f"{group} {name}".strip()
+    COMMANDS[full] = cfg_cls
 
     def cmd(ctx: typer.Context, config: str | None = None, **values):
         sources = {k: ctx.get_parameter_source(k) for k in values}  # typer bundles its own click: compare by name
         given = {k for k, src in sources.items() if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")}
         preset = {k: v for k, v in from_file(config, opts).items() if k not in given} if config else {}
         cfg = build(cfg_cls, values, opts, preset)
-        result = run(cfg)
-        path = saved_config_path(cfg, full)
-        if path is not None:
-            write_mapping(path, resolved(cfg, opts), full)
+        written = declared_writes(cfg, full)
+        saved = saved_config_path(cfg, full)
+        own = config is not None and saved is not None and saved.exists() and saved.resolve() == Path(config).resolve() \
+            and written_by(config, full)  # rerun from the file this command saved: it is rewritten, not an input
+        check_outputs(written, [*cfg.reads(), None if own else config])  # a config file is an input too
+        if hasattr(cfg, "validate"):
+            cfg.validate()  # refused input takes no lock and leaves nothing (the job validates again: cheap checks)
+        main = next((w for w in written if w.main), None)
+        with output_lock(main) if main is not None else contextlib.nullcontext():
+            result = run(cfg)
+            if saved is not None:
+                write_mapping(saved, resolved(cfg, opts), full)
+        if getattr(result, "exit_code", 0):  # a command that ran but refused part of its job (kscope forget: exit 3)
+            raise typer.Exit(result.exit_code)
         return result
 
     config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],

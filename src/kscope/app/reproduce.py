@@ -19,13 +19,14 @@ from kscope.analyses.autointerp import InterpretJob, InterpretResult, run_interp
 from kscope.analyses.faithfulness import FaithfulnessJob, FaithfulnessResult, run_faithfulness_job
 from kscope.analyses.sweep import SweepConfig, SweepResult
 from kscope.analyses.monosemanticity import MonosemanticityJob, MonosemanticityResult, run_monosemanticity_job
-from kscope.config import Config, nested, option, parse_layers
+from kscope.config import MAX_EXPANSION, Config, nested, option, parse_layers
 from kscope.errors import KscopeError
 from kscope.facts import FactConfig, holdout_option
-from kscope.io import check_writable, read_json, write_json
+from kscope.io import read_json, write_json
 from kscope.locate.attribution import AttributionConfig
 from kscope.locate.compare import CompareConfig, CompareResult, run_study
 from kscope.model.loading import ModelConfig
+from kscope.outputs import Written
 from kscope.privacy.study.erase import EraseConfig, EraseJob, EraseResult, erase
 from kscope.privacy.data.inject import MANIFEST, BuildConfig, BuildSummary, build, read_manifest
 from kscope.privacy.data.dataset import PrivacyConfig
@@ -55,7 +56,7 @@ class ReproduceConfig(Config):
     sweep_selection: list[str] = option(help="Sweep: how top units are chosen, 'ig' and/or 'activation' (the paper's protocol).",
                                         factory=lambda: ["ig"], choices=("ig", "activation"), label="selection protocol", unique=True)
     sweep_widths: list[int] = option(help="Sweep: SAE widths (x site width) of a width sweep at --layer, e.g. 1,4,8; empty: none.",
-                                     factory=list, min=1, unique=True, allow_empty=True)
+                                     factory=list, min=1, max=MAX_EXPANSION, unique=True, allow_empty=True)
     sweep_ablation: list[str] = option(help="Sweep: features ablated with the SAE 'error' term kept and/or by 'reconstruction' (the "
                                             "paper's protocol).", factory=lambda: ["error"], choices=("error", "reconstruction"),
                                        label="ablation protocol", unique=True)
@@ -80,10 +81,20 @@ class ReproduceConfig(Config):
     def validate(self) -> None:
         if self.facts is not None and not Path(self.facts).exists():
             raise KscopeError(f"fact source {self.facts} does not exist")
-        check_writable(self.out, self.reads(), directory=True, writes=_written(self), flag="--out")
+        self.check_writes()
         for name in self.privacy_runs:
             if not re.fullmatch(r"(early|full)-s\d+", name):
                 raise KscopeError(f"privacy run {name!r}: expected STRENGTH-sSEED with STRENGTH early or full, e.g. early-s0")
+
+    def writes(self) -> list[Written]:
+        """The report and what every stage writes under ``--out``: results, figures, journals, the explorer and the
+        directories of the sweep and the privacy models."""
+        out = Path(self.out)
+        ws = [Written(out, "--out", self.out, whole=False, directory=True)]
+        ws += [Written(out / name, "--out", self.out) for name in ("results.json", "index.html", FINGERPRINTS, "compare.png")]
+        for scfg in stage_configs(self).values():
+            ws += [Written(w.path, "--out", self.out, whole=w.whole) for w in scfg.writes() if w.path != out]
+        return ws
 
 
 @dataclass
@@ -134,18 +145,6 @@ def _files(cfg: ReproduceConfig) -> dict[str, Path]:
     return files
 
 
-def _written(cfg: ReproduceConfig) -> list[str]:
-    """What a run writes or replaces under ``--out``: each stage's result and figure, the directories of the explorer,
-    the sweep and the privacy models, and the report."""
-    out = Path(cfg.out)
-    names = {"results.json", "index.html", FINGERPRINTS, "explorer", "sweep", "privacy"}
-    for path in _files(cfg).values():
-        rel = path.relative_to(out)
-        if len(rel.parts) == 1:
-            names |= {str(rel), str(rel.with_suffix(".png"))}
-    return sorted(names)
-
-
 def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
     """The config each unit of work runs with: what its fingerprint covers."""
     out = Path(cfg.out)
@@ -181,10 +180,24 @@ def _stage(unit: str) -> str:
     return unit.split(":")[0]
 
 
-def fingerprint(stage_cfg: Config, upstream: str = "") -> str:
-    """A hash of everything that shapes a stage: its config and the fingerprints of the stages it reads."""
-    text = json.dumps(asdict(stage_cfg), sort_keys=True, default=str) + upstream
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def fingerprint(stage_cfg: Config, upstream: str = "", run_dir: str | None = None) -> str:
+    """A hash of everything that shapes a stage: its config and the fingerprints of the stages it reads. Paths inside
+    ``run_dir`` count relative to it: where a run directory lies is not an input, so a copy reruns nothing."""
+    text = json.dumps(asdict(stage_cfg), sort_keys=True, default=str)
+    if run_dir:
+        text = re.sub(re.escape(json.dumps(run_dir)[1:-1]) + r'(?=[/\\"])', "<run>", text)
+    return hashlib.sha256((text + upstream).encode()).hexdigest()[:16]
+
+
+def stage_fingerprints(configs: dict[str, Config], run_dir: str | None) -> dict[str, str]:
+    """Each unit's fingerprint, chained through the units it reads."""
+    prints: dict[str, str] = {}
+    for unit in configs:
+        upstream = {"interpret": ["compare"], "monosemanticity": ["compare"], "explorer": ["compare", "interpret"]}.get(unit, [])
+        if unit.startswith("privacy-erase:"):
+            upstream = ["privacy-build:" + unit.split(":", 1)[1]]
+        prints[unit] = fingerprint(configs[unit], "".join(prints[u] for u in upstream), run_dir)
+    return prints
 
 
 def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
@@ -197,12 +210,11 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
     configs = stage_configs(cfg)
     fp_path = out / FINGERPRINTS
     done_fps: dict = read_json(fp_path) if fp_path.exists() else {}
-    prints: dict[str, str] = {}
-    for unit in configs:
-        upstream = {"interpret": ["compare"], "monosemanticity": ["compare"], "explorer": ["compare", "interpret"]}.get(unit, [])
-        if unit.startswith("privacy-erase:"):
-            upstream = ["privacy-build:" + unit.split(":", 1)[1]]
-        prints[unit] = fingerprint(configs[unit], "".join(prints[u] for u in upstream))
+    prints = stage_fingerprints(configs, cfg.out)
+    legacy = stage_fingerprints(configs, None)  # runs made before fingerprints were relative: the same run at its old path
+    for unit, fp in legacy.items():
+        if done_fps.get(unit) == fp:
+            done_fps[unit] = prints[unit]
     units = [u for u in configs if _stage(u) in cfg.stages]
     reused = {u: files[u].exists() and done_fps.get(u) == prints[u] and not cfg.fresh for u in units}
     from kscope.app.plan import plan_lines, sae_sites

@@ -10,7 +10,6 @@ from kscope.config import Config, nested, option, parse_layers
 from kscope.errors import KscopeError
 from kscope.facts import (Fact, FactConfig, asking, context_length, holdout_option, prepare_facts, resolve_targets, split_kind,
                           split_prompts, splittable)
-from kscope.io import check_writable
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.conditions import CONTROLLED, SetEffects, SetJob, SetSummary, measure_sets, summarize_effects
 from kscope.locate.delta_prob import DeltaProbConfig
@@ -49,7 +48,8 @@ class StudyConfig(Config):
         for sae in self.saes:
             if not Path(sae).is_dir():
                 raise KscopeError(f"SAE directory {sae} does not exist")
-        check_writable(self.out, self.reads())
+        self.check_writes()
+        self.parallel.validate()
 
 
 @dataclass
@@ -60,8 +60,8 @@ class LocateConfig(StudyConfig):
     subject: str | None = option(None, "A single fact: its subject.")
     relation: str = option("fact", "A single fact: its relation name.")
     object: str | None = option(None, "A single fact: its object (the answer).")
-    prompts: list[str] = option(help="A single fact: prompts ending right before the object (repeat for paraphrases).", factory=list, flag="prompt",
-                                 allow_empty=True)
+    prompts: list[str] | None = option(None, "A single fact: prompts ending right before the object (repeat for paraphrases).",
+                                       flag="prompt")
 
     def single_fact(self) -> Fact | None:
         if not (self.subject or self.object or self.prompts):

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kscope.config import Config, option
+from kscope.config import MAX_DRAWS, Config, option
 from kscope.facts import Fact
 from kscope.errors import KscopeError
 from kscope.model.readout import fact_probs
@@ -23,10 +23,10 @@ class DeltaProbConfig(Config):
     ops: list[str] = option(help="suppress (zero) and/or enhance (x2).", factory=lambda: ["suppress", "enhance"], choices=("suppress", "enhance"), label="op", unique=True)
     positions: str = option("last", "Intervene at the 'last' token (as attributed) or at 'all' tokens.", choices=("last", "all"))
     random_draws: int = option(1, "Random unit sets of each size per fact and unit kind, measured the same way (the control); 0: none.",
-                               min=0)
+                               min=0, max=MAX_DRAWS)
     matched_draws: int = option(1, "Matched random unit sets per fact and unit kind: units active at the answer-reading position, "
                                    "each drawn among the 5 nearest a top unit in contribution norm (|activation| x direction "
-                                   "norm); 0: none.", min=0)
+                                   "norm); 0: none.", min=0, max=MAX_DRAWS)
     seed: int = option(0, "Seed of the random unit sets (drawn per fact, so results do not depend on order or workers).",
                        flag="random-seed")
     bootstrap: int = option(10_000, "Cluster-bootstrap resamples (a relation's facts resampled together) behind every interval "

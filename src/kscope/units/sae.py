@@ -28,17 +28,37 @@ def load_sae(source: str, device: str = "cpu", sae_id: str | None = None):
         if not any(p.glob("*.safetensors")):
             raise KscopeError(f"SAE {p} has no weights (no .safetensors file)")
         try:
-            return SAE.load_from_disk(p, device=device)
+            sae = SAE.load_from_disk(p, device=device)
         except Exception as e:  # noqa: BLE001 - bad JSON, truncated or mismatched tensors, unknown architecture...
             msg = str(e).splitlines()[0] if str(e) else ""
             raise KscopeError(f"cannot load SAE {p}: {type(e).__name__}: {msg[:200]}") from None
+        return check_sae_weights(sae, str(next(p.glob("*.safetensors"))))
     if sae_id is None:
         raise KscopeError(f"SAE {source!r} is not a directory; for a pretrained release also give --sae-id")
     try:
         with _offline_unless_reachable():
-            return SAE.from_pretrained(source, sae_id, device=device)
+            sae = SAE.from_pretrained(source, sae_id, device=device)
     except Exception as e:  # noqa: BLE001 - the hub or the release table can fail many ways
         raise KscopeError(f"cannot load pretrained SAE {source}/{sae_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return check_sae_weights(sae, f"{source}/{sae_id}")
+
+
+def check_sae_weights(sae, where: str):
+    """``sae``, unless a tensor of it has the wrong shape for its ``d_in`` x ``d_sae``, is not a float or holds NaN or
+    infinity: refused in one line naming ``where`` (its file) and the tensor."""
+    from kscope.numerics import unsound_tensor
+
+    d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+    tensors = sae.state_dict()
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    for name, shape in want.items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise KscopeError(f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, not {shape} (d_in {d_in}, "
+                              f"d_sae {d_sae})")
+    bad = unsound_tensor(tensors)
+    if bad:
+        raise KscopeError(f"{where}: {bad[1]}; the SAE is broken (retrain it, or remove it from the cache)")
+    return sae
 
 
 @contextmanager

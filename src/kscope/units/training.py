@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from kscope.config import MAX_EPOCHS, Config, option
+from kscope.config import MAX_EPOCHS, MAX_EXPANSION, MAX_TOKENS, Config, option
 from kscope.errors import KscopeError
 from kscope.model.sites import Site
 from kscope.numerics import fixed_threads
@@ -24,14 +24,14 @@ class TrainSAEConfig(Config):
 
     expansion: int = option(2, "SAE width = expansion x site width. 2: on SmolLM2's 1024-sequence corpus a 2x SAE explains more "
                                 "held-out variance than a 4x one at 45 % of its training time (0.815 vs 0.805, layer-12 mlp.out).",
-                            min=1)
+                            min=1, max=MAX_EXPANSION)
     k: int = option(128, "Active features per token (TopK). SmolLM2's MLP outputs need 128 for held-out explained variance "
                          ">= 0.8 on 300k tokens (k 32: 0.65, k 64: 0.72).", min=1)
     lr: float = option(3e-3, "Adam learning rate.", min=1e-12)
-    batch_tokens: int = option(512, "Tokens per training step.", min=1)
+    batch_tokens: int = option(512, "Tokens per training step.", min=1, max=MAX_TOKENS)
     epochs: int = option(16, "Passes over the collected activations.", min=1, max=MAX_EPOCHS)
     max_tokens: int = option(120_000, "Activation tokens to collect (training texts; held-out texts come on top).", min=1,
-                             aliases=("tokens",))
+                             max=MAX_TOKENS, aliases=("tokens",))
     aux_coef: float = option(1.0, "Weight of SAELens' TopK auxiliary loss, which revives dead features.", min=0.0)
     dead_window: int = option(200, "Steps without firing after which a feature counts as dead (for the auxiliary loss).", min=1)
     outlier_factor: float = option(10.0, "Tokens whose activation norm exceeds this multiple of the site's median norm are left out "

@@ -115,13 +115,26 @@ def corpus_keys(lm, windows: Sequence[Sequence[int]], sites: Sequence[Site], bat
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-def preserved_moments(lm, layers: Sequence[int], groups: Sequence[KeyRows], windows: Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
-    """Per layer, the mean of each preserved group's second moment of MLP keys (kept secrets, known facts, corpus)."""
+def preserved_moments(lm, layers: Sequence[int], groups: Sequence[KeyRows], windows: Sequence[Sequence[int]],
+                      extra: Sequence[dict[int, torch.Tensor]] = ()) -> dict[int, torch.Tensor]:
+    """Per layer, the mean of each preserved group's second moment of MLP keys (kept secrets, known facts, corpus, and
+    ``extra`` groups given as moments: ``kscope forget``'s earlier erasures)."""
     sites = [Site(L, "mlp.neurons") for L in layers]
-    parts = [at_keys(lm, g, sites) for g in groups if g.ids.shape[0]]
+    parts = [{s.layer: second_moment(v) for s, v in at_keys(lm, g, sites).items()} for g in groups if g.ids.shape[0]]
     if windows:
-        parts.append(corpus_keys(lm, windows, sites))
-    return {s.layer: sum(second_moment(p[s]) for p in parts) / len(parts) for s in sites}
+        parts.append({s.layer: second_moment(v) for s, v in corpus_keys(lm, windows, sites).items()})
+    parts += [{L: m[L].to(lm.device) for L in layers} for m in extra]
+    return {L: sum(p[L] for p in parts) / len(parts) for L in layers}
+
+
+def keyed_inputs(lm, erase: Sequence[Fact], preserved: Sequence[KeyRows], windows: Sequence[Sequence[int]], layers: Sequence[int],
+                 cfg: KeyedConfig, extra: Sequence[dict[int, torch.Tensor]] = ()) -> tuple[KeyRows, dict[int, torch.Tensor], torch.Tensor | None]:
+    """What every keyed edit of ``erase`` needs, on the model as it is: the key rows, each layer's preserved moment and
+    (``optimised``) the target residual ``z`` after the band's last layer. The erase study and ``kscope forget`` share it."""
+    rows = KeyRows.of(lm.tokenizer, erase)
+    moments = preserved_moments(lm, layers, preserved, windows, extra)
+    z = optimise_z(lm, rows, max(layers), cfg)[1] if cfg.target == "optimised" else None
+    return rows, moments, z
 
 
 def optimise_z(lm, rows: KeyRows, layer: int, cfg: KeyedConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -187,6 +187,22 @@ def quantized(lm):
     return type(lm)(quantize_dynamic(m, spec, dtype=torch.qint8), lm.tokenizer, lm.name)
 
 
+def weight_quantized(lm, bits: int):
+    """A copy of ``lm`` whose linear weights (every one but the head) are rounded to ``bits``-bit integers and back:
+    symmetric, one scale per output channel, round to nearest (the RTN baseline of Zhang et al. 2024, "Does your LLM
+    truly unlearn?"); activations stay in floating point, so the unedited model keeps what it knew."""
+    m = copy.deepcopy(lm.model)
+    head = m.get_output_embeddings()
+    top = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear) and mod is not head:
+                w = mod.weight.float()
+                scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+                mod.weight.copy_((w / scale).round().clamp(-top - 1, top).mul(scale).to(mod.weight.dtype))
+    return type(lm)(m, lm.tokenizer, lm.name)
+
+
 class NoEdit:
     """The model as it is (the base model's floor, the unedited model's ceiling)."""
 

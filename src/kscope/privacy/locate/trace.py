@@ -119,7 +119,8 @@ def _per_person(values: np.ndarray, owner: Sequence[int], facts: Sequence[Fact])
 def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | None = None, band: Sequence[int] = (),
                   progress=None, prompts: int | None = None) -> SecretTrace:
     """The trace of ``facts`` (resolved to whole-answer targets) in ``lm``, against ``base_lm`` (the model before the
-    secrets were injected), with the edited ``band``'s MLPs restored together; ``suggested``: the ``len(band)``
+    secrets were injected; ``None``: the zeroing interventions alone, as ``kscope forget`` has no such model), with the
+    edited ``band``'s MLPs restored together; ``suggested``: the ``len(band)``
     consecutive traced layers where zeroing the MLP output at the answer positions lowers log P(secret) most (where an
     edit of the MLP output reaches the secret)."""
     layers = list(range(n_layers(lm.model))) if layers is None else list(layers)
@@ -131,10 +132,13 @@ def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | No
             stack.enter_context(r.recording())
         clean = _logp(lm, ids, mask, pred, tgt)
     out = SecretTrace(len(facts), len({f.subject for f in facts}), _per_person(clean, owner, facts))
-    task = progress.add_task("where the secrets live", total=len(layers) * 4 + len(GROUPS) + bool(band)) if progress else None
+    restores = base_lm is not None
+    total = len(layers) * (4 if restores else 2) + (len(GROUPS) + bool(band) if restores else 0)
+    task = progress.add_task("where the secrets live", total=total) if progress else None
     for L in layers:
-        base_mlp = mlp_module(base_lm.model, L)
-        fns = {"zero": lambda x, y: torch.zeros_like(y), "restore": lambda x, y, m=base_mlp: m(x)}
+        fns = {"zero": lambda x, y: torch.zeros_like(y)}
+        if restores:
+            fns["restore"] = lambda x, y, m=mlp_module(base_lm.model, L): m(x)
         for position in POSITIONS:
             for name, fn in fns.items():
                 with mlp_output_from(lm.model, L, fn, where[position].to(lm.device)), \
@@ -143,10 +147,10 @@ def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | No
                 out.cells.append(TraceCell(L, position, name, _per_person(d, owner, facts)))
                 if progress:
                     progress.advance(task)
-    base = dict(base_lm.model.named_parameters())
+    base = dict(base_lm.model.named_parameters()) if restores else {}
     prefix = {id(m): n for n, m in lm.model.named_modules()}
     restore = {**GROUPS, **({"band": "^(" + "|".join(re.escape(prefix[id(mlp_module(lm.model, L))]) for L in band) + r")\."}
-                            if band else {})}
+                            if band else {})} if restores else {}
     for group, pattern in restore.items():
         new = {n: base[n] for n, _ in lm.model.named_parameters() if re.search(pattern, n)}
         with swapped_weights(lm.model, new):

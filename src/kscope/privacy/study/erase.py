@@ -22,14 +22,14 @@ import torch
 from kscope.config import MAX_STEPS, Config, nested, option, parse_layers, require
 from kscope.errors import KscopeError
 from kscope.facts import FactConfig, filter_known, load_facts, resolve_targets
-from kscope.io import check_writable
 from kscope.locate.attribution import METHODS as ATTRIBUTION_METHODS
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.sites import Site, config_shape, down_proj_weight, n_layers
+from kscope.outputs import Written, journal_path
 from kscope.parallel import ParallelConfig
 from kscope.privacy.data.dataset import strangers
 from kscope.privacy.data.inject import PrivacyManifest, read_manifest, retain_dir
-from kscope.privacy.edit.keyed import KeyedConfig, KeyRows, optimise_z, preserved_moments
+from kscope.privacy.edit.keyed import KeyedConfig, KeyRows, keyed_inputs
 from kscope.privacy.judge.attacks import AttackConfig
 from kscope.privacy.judge.metrics import pareto_front
 from kscope.privacy.judge.observe import Observer
@@ -124,6 +124,12 @@ class EraseJob(Config):
     parallel: ParallelConfig = nested(ParallelConfig)
     out: str = option("runs/privacy.json", "JSON results.", output="file")
 
+    def writes(self) -> list[Written]:
+        """The result and its journal, the strangers' journal (``located``) and the figures beside it (``plot_all``)."""
+        out = Path(self.out)
+        side = [journal_path(str(out) + "strangers"), *(out.with_name(out.stem + s + ".png") for s in ("", "-budget", "-trace"))]
+        return super().writes() + [Written(p, "--out", self.out) for p in side]
+
     def validate(self) -> None:
         require(self.model_dir, "--model-dir")
         self.parallel.validate()
@@ -145,7 +151,7 @@ class EraseJob(Config):
             raise KscopeError("gated-clamp-resid needs --resid-layers (residual SAE features to clamp)")
         if cfg.unrelated is not None and not Path(cfg.unrelated).exists():
             raise KscopeError(f"fact source {cfg.unrelated} does not exist")
-        check_writable(self.out, self.reads())
+        self.check_writes()
         read_manifest(self.model_dir)  # a privacy model at all, before anything is read from its config
         self.check_shape()
 
@@ -225,13 +231,10 @@ def erase(job: EraseJob) -> EraseResult:
                                    progress, seconds)
         t = time.time()
         kcfg = cfg.keyed
-        rows = KeyRows.of(lm.tokenizer, erase_set)
         preserved = [KeyRows.of(lm.tokenizer, sets.keep_fit),
                      KeyRows.of(lm.tokenizer, resolve_targets(sets.unrelated_fit, lm.tokenizer, "whole"), per_fact=2)]
         corpus_windows = windows(lm.tokenizer, train_texts, kcfg.corpus_tokens, job.corpus.seq_len)
-        moments = preserved_moments(lm, cfg.layers, preserved, corpus_windows)
-        z = optimise_z(lm, rows, max(cfg.layers), kcfg)[1] if kcfg.target == "optimised" else None
-        loc.keyed = (rows, moments, z, kcfg, {})
+        loc.keyed = (*keyed_inputs(lm, erase_set, preserved, corpus_windows, cfg.layers, kcfg), kcfg, {})
         seconds["keyed_setup"] = time.time() - t
         # observation: every point on the validation and test splits, and in sample
         t = time.time()
