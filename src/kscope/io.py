@@ -57,6 +57,18 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(_clean(data), indent=2))
 
 
+def read_utf8(path: str | Path, what: str) -> str:
+    """A text file's contents, or a one-line error naming ``what`` (``--records FILE``, ``text file FILE``) when it is
+    missing or not UTF-8."""
+    p = Path(path)
+    if not p.is_file():
+        raise KscopeError(f"{what}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KscopeError(f"{what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_json(path: str | Path) -> Any:
     """The JSON in ``path``; a missing, unreadable or malformed file is a ``KscopeError`` naming it."""
     try:

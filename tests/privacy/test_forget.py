@@ -297,3 +297,19 @@ def test_forget_on_a_built_privacy_model_makes_the_studys_edit(privacy_model, tm
     saved = load_file(tmp_path / "out" / "model.safetensors")
     for L in layers:
         assert torch.equal(saved[f"model.layers.{L}.mlp.down_proj.weight"], edit.new[L].float()), L
+
+
+def test_the_audit_page_answers_first_and_passes_its_browser_check(forgotten, tmp_path):
+    from tests.app.test_browser import CHROMIUM, check, chromium
+
+    if CHROMIUM is None:
+        pytest.skip("needs headless Chromium (apt-get install chromium)")
+    page = forgotten[1] / "forget-audit.html"
+    assert check(page) == "ok"
+    dom = chromium("--dump-dom", page.as_uri())
+    first = dom.split("<h1>kscope forget audit</h1>", 1)[1].split("<h2>", 1)[0]  # the verdict before any table
+    assert ("failed:" in first or "passed:" in first) and "<table" not in first
+    for section in ("Records", "Attacks", "Where the records are read out", "Weights changed", "Inputs"):
+        assert f"<h2>{section}</h2>" in dom
+    chromium(f"--screenshot={tmp_path / 'audit.png'}", "--window-size=1200,1600", page.as_uri())
+    assert (tmp_path / "audit.png").stat().st_size > 10_000

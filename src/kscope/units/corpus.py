@@ -19,7 +19,7 @@ from rich.progress import Progress
 
 from kscope.config import MAX_LENGTH, MAX_TEXTS, Config, option
 from kscope.errors import KscopeError
-from kscope.io import read_json, write_json
+from kscope.io import read_json, read_utf8, write_json
 from kscope.model.hooks import site_activations
 from kscope.model.loading import default_cache_dir, model_slug
 from kscope.model.readout import pad_rows
@@ -78,13 +78,7 @@ class Corpus:
 def read_texts(paths: Sequence[str]) -> list[str]:
     texts = []
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise KscopeError(f"text file {p} does not exist")
-        try:
-            body = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise KscopeError(f"text file {p} is not UTF-8 (byte {e.start})") from None
+        body = read_utf8(p, f"text file {p}")
         texts.extend(t.strip() for t in body.split("\n\n") if t.strip())
     return texts
 

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from kscope.errors import KscopeError
+from kscope.io import read_utf8
 from kscope.facts import Fact
 from kscope.privacy.data.dataset import ATTACK_TEMPLATES, TEMPLATES
 from kscope.privacy.data.splits import held_out_templates
@@ -106,13 +107,7 @@ def record_of(obj: dict, line: int, held: dict[str, int]) -> Record:
 
 def read_records(path: str | Path, what: str = "--records") -> list[Record]:
     """Every record of a JSONL file; one-line errors ``FILE:LINE: ...`` for anything malformed, repeats included."""
-    p = Path(path)
-    if not p.is_file():
-        raise KscopeError(f"{what} {path}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise KscopeError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_utf8(path, f"{what} {path}")
     objs: list[tuple[int, dict]] = []
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():

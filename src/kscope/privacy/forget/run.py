@@ -64,7 +64,8 @@ class ForgetConfig(Config):
                                                "only editor that erased every secret out of sample in the erase study "
                                                "(docs/design.md).", choices=METHODS)
     layers: list[int] | None = option(None, "Layers whose down projections change (default: an earlier forget's layers, else "
-                                            "the traced layers where the secrets are read out).", parse=parse_layers, min=0)
+                                            "the --band consecutive layers, from layer 1 on, where zeroing the MLP output at "
+                                            "the answer lowers log P(secret) most).", parse=parse_layers, min=0)
     band: int = option(1, "Consecutive layers the trace chooses when --layers is not given.", min=1, max=8)
     lam: float = option(3.0, "Ridge weight of the preserved keys (the study's validation choice for this editor).", min=0.0,
                         max=1e6)
@@ -80,7 +81,7 @@ class ForgetConfig(Config):
     min_locality: float = option(0.95, "Refuse to write the model when the held-out kept records or facts keep less than this.",
                                  min=0.0, max=1.0)
     allow_partial: bool = option(False, "Write the model even when the audit fails (exit 0; the audit says what failed).")
-    corpus: CorpusConfig = nested(CorpusConfig)
+    corpus: CorpusConfig = nested(CorpusConfig, generate=128)  # 16k tokens: enough for --keyed-corpus-tokens 12000
     seed: int = option(0, "Seed of the keep split.")
 
     def validate(self) -> list:
@@ -146,19 +147,21 @@ def run_forget(cfg: ForgetConfig) -> A.ForgetResult:
         for n in notes:
             note(n)
         state = load_state(path)
-        layers = list(cfg.layers) if cfg.layers else sorted(state.moments) if state else None
-        t = time.time()
-        key_facts = resolve_targets([r.key_fact() for r in producing[: cfg.batch_records]], tok, "whole")  # a bounded sample
-        tr = trace_secrets(lm, None, key_facts, None, list(range(cfg.band)) if not layers else layers, progress)
-        effects = {c.layer: c.dlogp.mean for c in tr.cells if c.position == "answer" and c.intervention == "zero"}
-        layers = layers or list(tr.suggested)
-        if max(layers) >= n_layers(lm.model):
-            raise KscopeError(f"--layers {max(layers)}: the model has layers 0..{n_layers(lm.model) - 1}")
-        seconds["trace"] = time.time() - t
-        # what must survive: half the kept people and half the known facts preserved, the rest scored
+        # what must survive: a share of the kept people and half the known facts preserved, the rest scored
         keep_fit, keep_scored = _split_people(keep, cfg.keep_scored, cfg.seed)
         facts = _known_facts(lm, cfg.keep_facts, progress)
         facts_fit, facts_scored = halves(facts, f"forget-facts:{cfg.seed}") if facts else ([], [])
+        layers = list(cfg.layers) if cfg.layers else sorted(state.moments) if state else None
+        t = time.time()
+        key_facts = resolve_targets([r.key_fact() for r in producing[: cfg.batch_records]], tok, "whole")  # a bounded sample
+        effects = _zero_effects(lm, key_facts, layers or range(1, n_layers(lm.model)), progress)
+        if not layers:  # where zeroing the MLP output at the answer lowers log P(secret) most
+            ranked = sorted(effects)
+            layers = min((ranked[i : i + cfg.band] for i in range(max(1, len(ranked) - cfg.band + 1))),
+                         key=lambda w: sum(effects[L] for L in w))
+        if max(layers) >= n_layers(lm.model):
+            raise KscopeError(f"--layers {max(layers)}: the model has layers 0..{n_layers(lm.model) - 1}")
+        seconds["trace"] = time.time() - t
         corpus_train, _ = build_corpus(lm, cfg.corpus, progress, cfg.model.cache_dir).split()
         texts = [x for x in cached_generation(lm, cfg.ppl_texts, 64, 1234, progress, cfg.model.cache_dir) if x not in set(corpus_train)]
         groups = [KeyRows.of(tok, resolve_targets([r.key_fact() for r in keep_fit], tok, "whole")),
@@ -308,6 +311,14 @@ def _split_people(keep: list[Record], scored: float, seed: str | int) -> tuple[l
     n_scored = 0 if scored == 0 else max(1, round(scored * len(people)))
     fit = set(people[: len(people) - n_scored])
     return [r for r in keep if r.subject in fit], [r for r in keep if r.subject not in fit]
+
+
+def _zero_effects(lm, facts, layers, progress) -> dict[int, float]:
+    """Per layer: mean Δ log P(answer) when its MLP output at the answer positions is zeroed. Layer 0 is traced only when
+    named: its MLP is part of every token's embedding in the models we tried (SmolLM2: zeroing it costs the records
+    10.4 nats, known facts 8.6, kept records 15.0), so it says nothing about where a record is read out."""
+    tr = trace_secrets(lm, None, facts, list(layers), (), progress)
+    return {c.layer: c.dlogp.mean for c in tr.cells if c.position == "answer" and c.intervention == "zero"}
 
 
 def _known_facts(lm, n: int, progress) -> list:
