@@ -47,13 +47,53 @@ def report(tmp_path_factory):
 
 
 def test_report_and_explorer_pages_render_whole(report, tmp_path):
-    pages = [report / "index.html", report / "explorer" / "index.html", report / "explorer" / "fact-0.html",
-             next((report / "explorer" / "units").glob("L1-feature-*.html"))]
+    unit = next((report / "explorer" / "units").glob("L1-feature-*.html"))
+    pages = [report / "index.html", report / "explorer" / "index.html", report / "explorer" / "fact-0.html", unit,
+             next((report / "explorer" / "units").glob("L1-neuron-*.html"))]
     for page in pages:
         assert check(page) == "ok", page
-    shot = tmp_path / "report.png"
-    chromium(f"--screenshot={shot}", "--window-size=1100,900", (report / "index.html").as_uri())
-    assert shot.exists() and shot.stat().st_size > 5000
+    for name, page in (("report", report / "index.html"), ("unit", unit), ("fact", report / "explorer" / "fact-0.html"),
+                       ("explorer", report / "explorer" / "index.html")):
+        shot = tmp_path / f"{name}.png"
+        chromium(f"--screenshot={shot}", "--window-size=1100,900", page.as_uri())
+        assert shot.exists() and shot.stat().st_size > 5000, name
+
+
+def test_the_report_answers_first(report):
+    """The verdict block comes before any table, one answer per question, each with its verdict."""
+    dom = chromium("--dump-dom", (report / "index.html").as_uri())
+    assert 'id="verdicts"' in dom and dom.index('id="verdicts"') < dom.index("<table")
+    answers = dom.split('id="verdicts"', 1)[1].split("</section>", 1)[0]
+    for key in ("locate", "interpret", "monosemantic"):
+        assert f'data-key="{key}"' in answers
+    assert answers.count('class="says"') >= 3 and "no difference" not in answers
+    assert "<details>" in dom and "<figure>" in dom
+
+
+def test_a_unit_page_is_a_dashboard(report):
+    """Logit effects (10 tokens promoted, 10 suppressed), density in the title, a histogram with axes, centred contexts."""
+    for glob in ("L1-feature-*.html", "L1-neuron-*.html"):
+        page = next((report / "explorer" / "units").glob(glob))
+        dom = chromium("--dump-dom", page.as_uri())
+        title = dom.split("<h1>", 1)[1].split("</h1>", 1)[0]
+        assert "density" in title and "%" in title
+        for cls in ("logit-top", "logit-bottom"):
+            table = dom.split(f'class="{cls}"', 1)[1].split("</table>", 1)[0]
+            assert table.count("<tr>") == 11, glob  # a header and 10 tokens
+        assert ">activation</text>" in dom and ">tokens</text>" in dom
+        assert 'class="ctxc"' in dom and 'class="m"' in dom
+        assert "interpretability score" in dom
+
+
+def test_the_explorer_finds_units_and_facts(report):
+    """The index's search box filters units and facts client-side (from disk, no server)."""
+    idx = report / "explorer" / "index.html"
+    dom = chromium("--dump-dom", idx.as_uri())
+    assert "no match" not in dom and "units/L1-feature-" in dom and "fact-0.html" in dom
+    js = (report / "explorer" / "search.js").read_text()
+    assert '"t": "unit"' in js and '"t": "fact"' in js
+    fact = (report / "explorer" / "fact-0.html").read_text()
+    assert "class='dp'" in fact and "full width" in fact  # the unit sets' ΔP bars side by side, on one scale
 
 
 def test_the_check_catches_a_broken_page(report, tmp_path):

@@ -118,7 +118,7 @@ def test_only_the_edited_down_projections_change(forgotten):
 def test_attacks_find_the_secrets_in_the_unedited_model(forgotten):
     """Each attack in the audit is able to succeed: on the unedited model it recovers the records it is later run on."""
     audit = json.loads((forgotten[1] / "forget-audit.json").read_text())
-    for name in ("logit-lens", "phrasings", "int8 weights", "int4 weights", "sampling@40"):
+    for name in ("head-projection@4", "probability-delta@4", "logit-lens", "phrasings", "int8 weights", "int4 weights", "sampling@40"):
         assert audit["attacks"][name]["before"] > 0, name
 
 

@@ -27,7 +27,7 @@ from kscope.errors import KscopeError
 from kscope.model.hooks import site_activations
 from kscope.model.readout import pad_rows
 from kscope.net import check_openai_url
-from kscope.plots import pyplot, save_figure
+from kscope.plots import pyplot, save_figure, unit_color
 from kscope.progress import make_progress
 from kscope.stats import Interval, mean_ci
 from kscope.units.base import Units
@@ -264,8 +264,8 @@ def plot_interpretability(results: dict[str, UnitSetIS], path) -> None:
     data = [[r.score for r in results[k].rows] for k in kinds]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.boxplot(data, tick_labels=[f"{k}s" for k in kinds])
-    for i, d in enumerate(data, 1):
-        ax.scatter(np.random.default_rng(0).normal(i, 0.04, len(d)), d, s=8, alpha=0.6)
+    for i, (k, d) in enumerate(zip(kinds, data), 1):
+        ax.scatter(np.random.default_rng(0).normal(i, 0.04, len(d)), d, s=8, alpha=0.6, color=unit_color(k))
     ax.set_ylabel("interpretability score (Pearson r)")
     ax.set_title("IS of top fact units")
     save_figure(fig, path)

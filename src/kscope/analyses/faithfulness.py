@@ -22,7 +22,7 @@ from kscope.facts import Fact
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.delta_prob import DeltaProbConfig, aggregate, fact_delta_prob
 from kscope.model.readout import fact_probs
-from kscope.plots import pyplot, save_figure
+from kscope.plots import pyplot, save_figure, unit_color
 from kscope.progress import make_progress
 from kscope.results import Result
 from kscope.stats import Interval, mean_ci
@@ -183,7 +183,7 @@ def plot_faithfulness(result: FaithfulnessResult, path) -> None:
         (f"ΔProb, top-{kmax} ablated", [rows[n].ablation[kmax].mean if kmax in rows[n].ablation else np.nan for n in names]),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    colors = ["#2b8cbe" if n == "feature" else "#bbbbbb" for n in names]
+    colors = [unit_color(n) for n in names]
     for ax, (title, vals) in zip(axes, panels):
         ax.bar(["SAE" if n == "feature" else n.upper() if n != "random" else "random" for n in names],
                [np.nan if v is None else v for v in vals], color=colors)

@@ -25,7 +25,7 @@ from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
 from kscope.facts import Fact
 from kscope.model.readout import unit_activations
-from kscope.plots import pyplot, save_figure
+from kscope.plots import legend_outside, pyplot, save_figure, unit_color
 from kscope.progress import make_progress
 from kscope.stats import Interval, mean_ci
 from kscope.units.base import Units
@@ -209,20 +209,21 @@ def plot_monosemanticity(results: dict[str, UnitSetSeparation], fracs: Sequence[
         rel = np.concatenate([r.related for r in rows]) if rows else np.zeros(0)
         un = np.concatenate([r.unrelated for r in rows]) if rows else np.zeros(0)
         ax.hist(un, bins=bins, alpha=0.6, density=True, label="unrelated", color="#999999")
-        ax.hist(rel, bins=bins, alpha=0.6, density=True, label="related", color="#d7301f")
+        ax.hist(rel, bins=bins, alpha=0.6, density=True, label="related", color=unit_color(kind))
         s = results[kind].summary
         ax.set_title(f"{kind}s: AUROC {s.auroc.mean if s else float('nan'):.2f}")
         ax.set_xlabel("activation / unit max")
-        ax.legend()
+        ax.set_ylabel("density")
+        legend_outside(ax)
     ax = axes[-1]
     for kind in kinds:
         s = results[kind].summary
         if s and s.mix_curve:
-            ax.plot([100 * f for f in fracs], s.mix_curve, marker="o", label=f"{kind}s")
+            ax.plot([100 * f for f in fracs], s.mix_curve, marker="o", label=f"{kind}s", color=unit_color(kind))
     ax.set_xlabel("% related prompts in pool")
     ax.set_ylabel("mean activation / unit max")
     ax.set_title("mixed pools")
-    ax.legend()
+    legend_outside(ax)
     save_figure(fig, path)
 
 

@@ -180,6 +180,12 @@ def report_cmd(
     if markdown:
         typer.echo(to_markdown(res), nl=False)
         return
+    from rich.markup import escape
+
+    from kscope.app.verdicts import answers
+
+    for a in answers(res):
+        console.print(f"[bold]{escape(a.question)}[/bold] {escape(f'[{a.says}]')} {escape(a.sentence)}", highlight=False)
     for _, table, _ in stage_tables(res):
         console.print(table.rich())
 

@@ -1,6 +1,7 @@
-"""A static explorer of a run (opens from disk, no server): per fact, its top neurons and features by layer with
-IG scores and ΔProb bars; per unit, its top-activating contexts with tokens shaded by activation, its
-activation histogram and its interpretability explanation; links both ways; the study's figures.
+"""A static explorer of a run (opens from disk, no server): per fact, its unit sets side by side with their top units
+and ΔP bars on one scale; per unit (neurons, features and the same-site baselines), a dashboard: logit effects,
+activation density, a histogram with axes, top contexts centred on the activating token, its explanation and score,
+the facts it serves; an index with a client-side search over units and facts; the study's figures.
 
 ``sae-dashboard`` needs a TransformerLens model, which a GGUF/HF-only model is not, so this is a small template.
 Every page checks itself after loading (images decoded, tables filled, no script error) and writes the
@@ -15,18 +16,22 @@ from pathlib import Path
 
 import torch
 
-from kscope.analyses.autointerp import InterpretConfig, InterpretResult, record_many
+from kscope.analyses.autointerp import InterpretConfig, InterpretResult, TokenExplainer, interpretability_score, record_many
+from kscope.app import explorer_pages as pages
 from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
 from kscope.io import check_writable, write_text
 from kscope.locate.compare import CompareResult
 from kscope.model.loading import ModelConfig, load_model, same_model
-from kscope.model.sites import Site
-from kscope.pages import CHECK, STYLE
+from kscope.model.sites import Site, down_proj_weight
+from kscope.plots import unit_color
 from kscope.progress import make_progress
+from kscope.units.base import FeatureUnits, Units
 from kscope.units.corpus import CorpusConfig, build_corpus
-from kscope.units.provision import neuron_units
+from kscope.units.decompositions import LinearDictUnits
+from kscope.units.provision import BaselineConfig, neuron_units, site_baselines
 from kscope.units.sae import feature_units, load_sae
+
 
 @dataclass
 class ExploreConfig(Config):
@@ -62,53 +67,6 @@ def run_inputs(cfg: ExploreConfig, res: CompareResult) -> tuple[ModelConfig, Cor
     return model, _known(CorpusConfig, res.config.get("corpus", {}))
 
 
-def page(title: str, body: str, depth: int = 0) -> str:
-    up = "../" * depth
-    nav = f'<p class="muted"><a href="{up}index.html">explorer</a> · <a href="{up}../index.html">report</a></p>'
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>{CHECK}"
-            f"</head><body>{nav}<h1>{html.escape(title)}</h1>{body}</body></html>")
-
-
-def shade(tokens: list[str], acts: list[float], peak: float) -> str:
-    """Tokens as spans whose background deepens with the activation (orange: positive, blue: negative)."""
-    out = []
-    for tok, a in zip(tokens, acts):
-        alpha = min(1.0, abs(a) / peak) if peak > 0 else 0.0
-        color = f"rgba(230,85,13,{alpha:.2f})" if a >= 0 else f"rgba(49,130,189,{alpha:.2f})"
-        out.append(f'<span style="background:{color}" title="{a:.3g}">{html.escape(tok)}</span>')
-    return "".join(out)
-
-
-def histogram(values: torch.Tensor, bins: int = 30, width: int = 420, height: int = 90) -> str:
-    """An inline SVG histogram of the non-zero activations."""
-    v = values[values != 0].float()
-    if v.numel() == 0:
-        return '<p class="muted">never active on these contexts</p>'
-    counts = torch.histc(v, bins=bins, min=float(v.min()), max=float(v.max()) + 1e-6)
-    top = float(counts.max())
-    w = width / bins
-    rects = "".join(f'<rect x="{i * w:.1f}" y="{height - height * float(c) / top:.1f}" width="{w - 1:.1f}" '
-                    f'height="{height * float(c) / top:.1f}" fill="#3182bd"/>' for i, c in enumerate(counts))
-    return (f'<svg width="{width}" height="{height + 16}" role="img"><title>activation histogram</title>{rects}'
-            f'<text x="0" y="{height + 13}" font-size="10">{float(v.min()):.3g}</text>'
-            f'<text x="{width - 40}" y="{height + 13}" font-size="10">{float(v.max()):.3g}</text></svg>'
-            f'<p class="muted">{v.numel()} of {values.numel()} token activations are non-zero</p>')
-
-
-def bars(delta: dict | None) -> str:
-    """ΔProb per op and k as a small table of signed bars."""
-    if not delta:
-        return '<span class="muted">–</span>'
-    rows = []
-    for op, by_k in delta.items():
-        for k, v in by_k.items():
-            w = min(100, abs(v) * 100)
-            color = "#e6550d" if v < 0 else "#31a354"
-            rows.append(f"<tr><td>{op} top-{k}</td><td style='text-align:left'><span class='bar' style='width:{w:.0f}px;background:{color}'>"
-                        f"</span> {v:+.3f}</td></tr>")
-    return f"<table>{''.join(rows)}</table>"
-
-
 def _rel(loc) -> dict | None:
     """Relative ΔP of the top-k edits, per op and k."""
     return {op: {k: e.rel for k, e in by_k.items()} for op, by_k in loc.effects.top.items()} if loc.effects else None
@@ -118,8 +76,72 @@ def unit_file(layer: int, kind: str, unit: int) -> str:
     return f"units/L{layer}-{kind}-{unit}.html"
 
 
-def _unit_link(layer: int, kind: str, unit: int, made: set) -> str:
-    return f'<a href="{unit_file(layer, kind, unit)}">{unit}</a>' if (layer, kind, unit) in made else str(unit)
+def directions(lm, units: Units, idx: list[int]) -> tuple[torch.Tensor, str]:
+    """``[len(idx), d_model]``: what one unit of activation writes to the residual stream (neurons: their down-projection
+    column; features: their decoder direction; PCA / random directions: their direction; the basis: its coordinate),
+    and how it was read."""
+    ix = torch.as_tensor(idx, dtype=torch.long)
+    if isinstance(units, FeatureUnits):
+        return units.decoder.detach().float().cpu()[ix], "the feature's decoder direction"
+    if isinstance(units, LinearDictUnits):
+        return units.dec.detach().float().cpu()[ix], f"the {units.kind} direction"
+    if units.kind == "neuron":
+        return down_proj_weight(lm.model, units.site.layer).detach().float().cpu().T[ix], "the neuron's down-projection column"
+    d = units.n_units
+    return torch.eye(d)[ix], "the site's own coordinate"
+
+
+def unembedding(lm) -> torch.Tensor | None:
+    """``W_U`` ``[vocab, d_model]`` with the final norm's weight folded in (what a direction added to the last residual
+    state does to the logits, norm scale aside); None if the model has no linear output head."""
+    head = lm.model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        return None
+    w = head.weight.detach().float().cpu()
+    base = lm.model.base_model
+    norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm", "final_layer_norm") if hasattr(base, n)), None)
+    g = getattr(norm, "weight", None)
+    return w * g.detach().float().cpu()[None] if g is not None and g.shape[-1] == w.shape[1] else w
+
+
+def logit_effects(lm, w_u: torch.Tensor | None, dirs: torch.Tensor, n: int = 10) -> list[tuple[list, list]]:
+    """Per direction, the ``n`` tokens it promotes most and least: one ``dirs @ W_U.T`` matmul for the whole set."""
+    if w_u is None or dirs.shape[1] != w_u.shape[1]:
+        return [([], []) for _ in range(dirs.shape[0])]
+    logits = dirs @ w_u.T
+    top, bot = logits.topk(n, dim=1), (-logits).topk(n, dim=1)
+    dec = lambda ids, vals: [(lm.tokenizer.decode([i]), float(v)) for i, v in zip(ids.tolist(), vals.tolist())]  # noqa: E731
+    return [(dec(top.indices[j], top.values[j]), dec(bot.indices[j], -bot.values[j])) for j in range(dirs.shape[0])]
+
+
+def _unit_sets(lm, res: CompareResult, model: ModelConfig, corpus: CorpusConfig, progress) -> dict[tuple[int, str], Units]:
+    """Every unit set the run located units in: the layer's neurons, its SAE's features, the same-site baselines."""
+    out: dict[tuple[int, str], Units] = {}
+    layers = sorted({L for f in res.facts for L in f.layers})
+    for L in layers:
+        out[(L, "neuron")] = neuron_units(lm, L)
+        if L in res.saes:
+            info = res.saes[L]
+            out[(L, "feature")] = feature_units(lm.model, load_sae(info.path, model.device), Site.parse(info.site))
+    base_cfg = _known(BaselineConfig, res.config.get("baselines", {}))
+    wanted = {k for f in res.facts for e in f.layers.values() for k in e} & set(base_cfg.baselines)
+    if wanted:
+        base_cfg.baselines = [b for b in base_cfg.baselines if b in wanted]
+        site = res.config.get("feature_site", "mlp.out")
+        outlier = res.config.get("sae_train", {}).get("outlier_factor", 10.0)
+        got = site_baselines(lm, [Site(L, site) for L in layers], base_cfg, corpus, outlier, model.cache_dir, progress)
+        for s, units in got.items():
+            for u in units:
+                out[(s.layer, u.kind)] = u
+    return out
+
+
+def _interpreted(run: Path) -> dict[tuple[int, str, int], tuple]:
+    interp = InterpretResult.load(run / "interpret.json") if (run / "interpret.json").exists() else None
+    if interp is None:
+        return {}
+    return {(interp.layer, kind, u.unit): (u.explanation, u.score, f"{r.explainer}, the run's interpret stage")
+            for kind, r in interp.results.items() for u in r.rows}
 
 
 def build_explorer(cfg: ExploreConfig) -> Path:
@@ -133,71 +155,74 @@ def build_explorer(cfg: ExploreConfig) -> Path:
     model, corpus = run_inputs(cfg, res)
     inputs = [*model.reads(), *corpus.reads(), *(info.path for info in res.saes.values()), run / "compare.json", run / "interpret.json"]
     check_writable(run / "explorer", inputs, directory=True, writes=["."], flag="--run-dir")
-    interp = InterpretResult.load(run / "interpret.json") if (run / "interpret.json").exists() else None
-    explained = {}
-    if interp:
-        for kind, r in interp.results.items():
-            for u in r.rows:
-                explained[(interp.layer, kind, u.unit)] = u
+    explained = _interpreted(run)
     out = run / "explorer"
     lm = load_model(model)
     wanted: dict[tuple[int, str], list[int]] = {}
-    for f in res.facts:
+    facts_of: dict[tuple[int, str, int], list[tuple[int, float, int]]] = {}
+    for i, f in enumerate(res.facts):
         for L, entry in f.layers.items():
             for kind, loc in entry.items():
                 lst = wanted.setdefault((L, kind), [])
-                lst.extend(u.unit for u in loc.top[: cfg.units_per_fact] if u.unit not in lst)
-    picks = []
-    for (L, kind), idx in wanted.items():
-        if kind == "neuron":
-            units = neuron_units(lm, L)
-        elif kind == "feature":
-            info = res.saes.get(L)
-            if info is None:
-                continue
-            units = feature_units(lm.model, load_sae(info.path, model.device), Site.parse(info.site))
-        else:  # same-site baselines have no unit pages
-            continue
-        picks.append(((L, kind), units, idx))
+                for r, u in enumerate(loc.top[: cfg.units_per_fact]):
+                    lst += [u.unit] if u.unit not in lst else []
+                    facts_of.setdefault((L, kind, u.unit), []).append((i, u.score, r + 1))
     with make_progress() as progress:
+        sets = _unit_sets(lm, res, model, corpus, progress)
+        picks = [(key, sets[key], idx) for key, idx in wanted.items() if key in sets]
         _, texts = build_corpus(lm, corpus, progress, model.cache_dir).split()
         records = record_many(lm, [(u, idx) for _, u, idx in picks], texts, cfg.interpret, progress)
-    facts_of: dict[tuple[int, str, int], list[int]] = {}
-    for i, f in enumerate(res.facts):
-        for L, entry in f.layers.items():
-            for kind, loc in entry.items():
-                for u in loc.top[: cfg.units_per_fact]:
-                    facts_of.setdefault((L, kind, u.unit), []).append(i)
-    for ((L, kind), _, idx), rec in zip(picks, records):
+    w_u = unembedding(lm)
+    explainer, entries, made = TokenExplainer(), [], set()
+    for ((L, kind), units, idx), rec in zip(picks, records):
+        dirs, how = directions(lm, units, idx)
+        logits = logit_effects(lm, w_u, dirs)
+        lengths = torch.tensor([len(t) for t in rec.tokens])
+        valid = torch.arange(rec.acts.shape[1])[None, :] < lengths[:, None]
         for c, unit in enumerate(idx):
             a = rec.acts[..., c]
             peak = float(a.abs().max())
+            active = a[valid][a[valid].abs() > 0.01 * peak] if peak > 0 else a[:0, 0]
             order = torch.argsort(a.abs().amax(1), descending=True)[: cfg.contexts].tolist()
-            ctxs = "".join(f'<div class="ctx">{shade(rec.tokens[w], a[w, : len(rec.tokens[w])].tolist(), peak)}</div>' for w in order)
             e = explained.get((L, kind, unit))
-            expl = (f"<p>explanation: <b>{html.escape(str(e.explanation))}</b>; interpretability score {e.score:.2f}</p>"
-                    if e else '<p class="muted">no interpretability score for this unit in this run</p>')
-            links = "".join(f'<li><a href="../fact-{i}.html">{html.escape(res.facts[i].subject)} → {html.escape(res.facts[i].object)}</a></li>'
-                            for i in facts_of.get((L, kind, unit), []))
-            body = (f"<p>{kind} {unit} at layer {L}</p>{expl}<h2>Top-activating contexts</h2>{ctxs}<h2>Activations</h2>"
-                    f"{histogram(a)}<h2>Top unit of</h2><ul>{links}</ul>")
-            write_text(out / unit_file(L, kind, unit), page(f"{kind} {unit}, layer {L}", body, depth=1))
-    made = {(L, kind, u) for (L, kind), _, idx in picks for u in idx}
+            if e is None and peak > 0:  # every top unit gets an explanation and a score (offline token explainer)
+                got = interpretability_score(rec, c, explainer, cfg.interpret)
+                e = (got["explanation"], got["score"], "TokenExplainer, scored by the explorer")
+            text = ", ".join(map(str, e[0])) if e and isinstance(e[0], dict) else (str(e[0]) if e else "")
+            fs = [(i, f"{res.facts[i].subject} → {res.facts[i].object}", score, rank, _dp_line(res.facts[i].layers[L][kind]))
+                  for i, score, rank in facts_of.get((L, kind, unit), [])]
+            u = dict(layer=L, kind=kind, unit=unit, site=units.site.name, density=float(active.numel()) / max(1, int(valid.sum())),
+                     n_tokens=int(valid.sum()), peak=peak, logits=logits[c], direction=how,
+                     hist=pages.histogram(active, unit_color(kind)), explanation=e, facts=fs,
+                     contexts=[pages.centred(rec.tokens[w], a[w, : len(rec.tokens[w])].tolist(), peak) for w in order])
+            write_text(out / unit_file(L, kind, unit), pages.unit_page(u))
+            made.add((L, kind, unit))
+            entries.append(dict(t="unit", k=f"L{L} layer {L} {kind}", n=f"L{L} {kind} {unit}", h=unit_file(L, kind, unit),
+                                x=f"{100 * u['density']:.2f} % dense; {text[:120]}"))
+    link = lambda L, kind, unit: (f'<a href="{unit_file(L, kind, unit)}">{unit}</a>' if (L, kind, unit) in made  # noqa: E731
+                                  else str(unit))
     for i, f in enumerate(res.facts):
+        vals = [abs(v) for entry in f.layers.values() for loc in entry.values() for by_k in (_rel(loc) or {}).values()
+                for v in by_k.values() if v == v]
+        scale = max(vals, default=0.0)
         parts = [f"<p>{html.escape(f.relation)}: <b>{html.escape(f.subject)}</b> → <b>{html.escape(f.object)}</b> "
                  f"(scored token {html.escape(repr(f.target_token))})</p><ul>"
                  + "".join(f"<li>{html.escape(p)}</li>" for p in f.prompts) + "</ul>"]
         for L, entry in f.layers.items():
-            parts.append(f"<h2>Layer {L}</h2>")
-            for kind, loc in entry.items():
-                rows = "".join(f"<tr><td>{_unit_link(L, kind, u.unit, made)}</td><td>{u.score:.3g}</td><td>{u.freq:.2f}</td></tr>"
-                               for u in loc.top)
-                parts.append(f"<h3>{kind}s</h3><table><tr><th>unit</th><th>IG score</th><th>selected on</th></tr>{rows}</table>"
-                             f"<p>ΔP(answer) when its top units are edited:</p>{bars(_rel(loc))}")
-        write_text(out / f"fact-{i}.html", page(f"{f.subject} → {f.object}", "".join(parts)))
+            parts.append(f"<h2>Layer {L}</h2>{pages.side_by_side(L, entry, link, scale)}")
+        write_text(out / f"fact-{i}.html", pages.page(f"{f.subject} → {f.object}", "".join(parts)))
+        entries.append(dict(t="fact", k=f.relation, n=f"{f.subject} → {f.object}", h=f"fact-{i}.html",
+                            x=f"{f.relation}; {len(f.prompts)} prompts"))
     figs = "".join(f'<h2>{p.stem}</h2><img src="../{p.name}" alt="{p.stem}">' for p in sorted(run.glob("*.png")))
-    rows = "".join(f"<tr><td><a href='fact-{i}.html'>{html.escape(f.subject)}</a></td><td>{html.escape(f.relation)}</td>"
-                   f"<td>{html.escape(f.object)}</td><td>{len(f.prompts)}</td></tr>" for i, f in enumerate(res.facts))
-    body = (f"<p>{res.n_facts} facts, model {html.escape(res.model)}; {len(made)} unit pages.</p>"
-            f"<table><tr><th>subject</th><th>relation</th><th>object</th><th>prompts</th></tr>{rows}</table>{figs}")
-    return write_text(out / "index.html", page("kscope explorer", body))
+    write_text(out / "search.js", pages.search_index(entries))
+    intro = (f"<p>{res.n_facts} facts, model {html.escape(res.model)}; {len(made)} unit pages "
+             f"({', '.join(f'{pages.swatch(k)}{html.escape(k)}' for k in dict.fromkeys(k for _, k, _ in made))}). Search by "
+             "layer (L12), kind, unit number, explanation tokens, subject, object or relation.</p>")
+    return write_text(out / "index.html", pages.index_page(intro, figs))
+
+
+def _dp_line(loc) -> str:
+    rel = _rel(loc)
+    if not rel:
+        return "–"
+    return "; ".join(f"{op} {k}: {v:+.3f}" for op, by_k in rel.items() for k, v in by_k.items() if k == max(by_k))

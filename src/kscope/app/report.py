@@ -1,9 +1,9 @@
-"""Tables of typed results (for the terminal, the HTML report and the README's Markdown), the study's figures,
-and ``index.html``. Every table is built once here and rendered three ways."""
+"""Tables of typed results (for the terminal, the HTML report and the README's Markdown) and the compare figure. Every
+table is built once here and rendered three ways; ``report_html`` lays them out as ``index.html``, ``verdicts`` writes
+the answers above them."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 
@@ -13,10 +13,10 @@ from kscope.analyses.faithfulness import FaithfulnessResult
 from kscope.analyses.monosemanticity import MonosemanticityResult
 from kscope.analyses.sweep import SweepResult
 from kscope.app.tables import Table, ci, fmt
-from kscope.io import write_text
 from kscope.locate.compare import CompareResult
-from kscope.plots import pyplot, save_figure
+from kscope.plots import legend_outside, pyplot, save_figure, unit_color
 from kscope.app import report_privacy
+from kscope.app.verdicts import answers, markdown_block
 
 
 def compare_table(res: CompareResult) -> Table:
@@ -218,30 +218,38 @@ def sweep_tables(res: SweepResult) -> list[Table]:
 
 def plot_compare(result: CompareResult, path) -> None:
     """log P'/P vs k for each unit set (top units solid; neurons' and features' random and matched random units
-    faint), suppress and enhance, with 95 % intervals."""
+    faint), suppress and enhance, with 95 % intervals; one colour per unit kind, the legend outside the axes."""
+    from matplotlib.lines import Line2D
+
     plt = pyplot()
     layers = list(result.summary)
     fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
-    colors = {"neuron": "#e6550d", "feature": "#3182bd", "basis": "#756bb1", "pca": "#31a354", "random": "#969696"}
+    kinds: list[str] = []
     for ax, L in zip(axes[0], layers):
         for kind, s in result.summary[L].items():
-            color = colors.get(kind, "k")
-            for attr, marker, alpha, who in (("top", "o", 1.0, f"top {kind}s"), ("random", "x", 0.45, f"random {kind}s"),
-                                             ("matched", "+", 0.45, f"matched {kind}s")):
+            color = unit_color(kind)
+            kinds += [kind] if kind not in kinds else []
+            for attr, marker, alpha in (("top", "o", 1.0), ("random", "x", 0.45), ("matched", "+", 0.45)):
                 grid = (getattr(s.effects, attr) if s.effects else None) or {}
                 for op, style in (("suppress", "-"), ("enhance", "--")):
                     if op not in grid:
                         continue
                     ks = sorted(grid[op])
                     iv = [grid[op][k].log for k in ks]
-                    ax.plot(ks, [i.mean for i in iv], style, marker=marker, color=color, alpha=alpha, label=f"{who}, {op}")
+                    ax.plot(ks, [i.mean for i in iv], style, marker=marker, color=color, alpha=alpha)
                     ax.fill_between(ks, [i.lo if i.lo is not None else i.mean for i in iv],
                                     [i.hi if i.hi is not None else i.mean for i in iv], color=color, alpha=0.15 * alpha)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("top-k units")
         ax.set_ylabel("log P'(answer) / P(answer)")
         ax.set_title(f"layer {L}, {result.n_facts} facts")
-        ax.legend(fontsize=6)
+    # the legend says each colour (unit kind) once and each style once: 5 + 5 entries, not one per line
+    handles = [Line2D([], [], color=unit_color(k), lw=2) for k in kinds]
+    labels = [LABELS.get(k, k) for k in kinds]
+    handles += [Line2D([], [], color="k", ls="-"), Line2D([], [], color="k", ls="--"), Line2D([], [], color="k", marker="o", ls=""),
+                Line2D([], [], color="k", marker="x", ls="", alpha=0.45), Line2D([], [], color="k", marker="+", ls="", alpha=0.45)]
+    labels += ["suppressed", "enhanced", "top units", "random units (faint)", "matched random units (faint)"]
+    legend_outside(axes[0][-1], handles, labels)
     save_figure(fig, path)
 
 
@@ -270,24 +278,6 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
         for name, res in results.privacy.items():
             out += report_privacy.tables(name, res)
     return out
-
-
-def write_html(report_dir: Path, results) -> Path:
-    """``index.html`` with a section per stage: its table and its figure."""
-    parts = [f"<h1>kscope reproduction: {html.escape(str(results.model))}</h1>", f"<p>{html.escape(results.facts_note)}</p>"]
-    for heading, table, fig in stage_tables(results):
-        parts += [f"<h2>{html.escape(heading)}</h2>", table.html()]
-        if fig and (Path(report_dir) / fig).exists():
-            parts.append(f'<img src="{fig}" alt="{html.escape(heading)}">')
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}" \
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
-    from kscope.app.explorer import CHECK
-
-    if (Path(report_dir) / "explorer" / "index.html").exists():
-        parts.insert(2, '<p><a href="explorer/index.html">Explore facts and units</a></p>')
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>kscope report</title><style>{style}</style>{CHECK}</head>"
-            f"<body>{''.join(parts)}</body></html>")
-    return write_text(Path(report_dir) / "index.html", page)
 
 
 def _saes_of(results) -> dict:
@@ -324,8 +314,8 @@ def stamp(results) -> str:
 
 
 def markdown(results) -> str:
-    """The README's result tables from a reproduce result, stamped with what produced them."""
-    lines = [stamp(results)]
+    """The README's result tables from a reproduce result, stamped with what produced them, the answers first."""
+    lines = [stamp(results), *markdown_block(answers(results))]
     for heading, table, _ in stage_tables(results):
         lines += ["", f"**{heading}**", "", table.markdown()]
     return "\n".join(lines) + "\n"

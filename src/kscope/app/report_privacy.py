@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from kscope.app.tables import Table, ci, fmt
-from kscope.plots import pyplot, save_figure
+from kscope.plots import UNIT_COLORS, legend_outside, pyplot, save_figure
 from kscope.privacy.study.results import EraseResult, pooled_verdicts
 
-HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": "#3182bd", "keyed-neurons": "#e6550d",
+HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": UNIT_COLORS["feature"], "keyed-neurons": UNIT_COLORS["neuron"],
                  "keyed-neurons-params": "#fd8d3c", "keyed-random-directions": "#9ecae1", "keyed-random-columns": "#fdd0a2",
                  "feature-edit": "#31a354"}
 
@@ -167,13 +167,29 @@ def pooled_verdict_table(runs: dict[str, EraseResult]) -> Table:
 
 
 def attack_table(res: EraseResult) -> Table:
-    """Per method's best point: the share of (secret, prompt) pairs each attack recovers, with people who never leak."""
+    """Per model state (each attacked best point, the random controls, the unedited model, the retain twin and the
+    never-taught base model): the share of (secret, prompt) pairs each attack recovers, with people who never leak;
+    then the same per attribute (the floor differs by format: a phone's digits are candidates anywhere). Relearning is
+    one column, its curve over the step counts."""
     names = list(dict.fromkeys(k for r in res.attacks for k in r.leak))
+    steps = [n for n in names if n.startswith("relearning@")]
+    cols = [n for n in names if n not in steps] + (["relearning @ " + "/".join(n.split("@")[1] for n in steps)] if steps else [])
     t = Table(f"Attacks on each method's best point ({_title(res)}): share of pairs leaked, 95 % CI over people "
-              "(people who never leak)", ["method", "budget", *names])
+              "(people who never leak); per attribute below each row; relearning: the mean after each step count",
+              ["method", "budget", *cols])
+
+    def cells(leak: dict, clean: dict | None) -> list[str]:
+        out = [(f"{ci(leak[n], '.2f')}" + (f" ({100 * clean[n]:.0f} %)" if clean else "")) if n in leak else "–"
+               for n in names if n not in steps]
+        if steps:
+            out.append("/".join(fmt(leak[n].mean, ".2f") if n in leak else "–" for n in steps))
+        return out
+
     for r in res.attacks:
-        t.rows.append([r.method, r.budget, *(f"{ci(r.leak[n], '.2f')} ({100 * r.people_clean[n]:.0f} %)" if n in r.leak else "–"
-                                             for n in names)])
+        t.rows.append([r.method, r.budget, *cells(r.leak, r.people_clean)])
+        by_attr = getattr(r, "by_attribute", None) or {}
+        for rel in sorted({a for v in by_attr.values() for a in v}):
+            t.rows.append([f"  {rel}", "", *cells({n: v[rel] for n, v in by_attr.items() if rel in v}, None)])
     return t
 
 
@@ -270,7 +286,7 @@ def plot_trace(res: EraseResult, path) -> None:
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set_xlabel("layer (band shaded)")
     ax.set_ylabel("Δ log P(secret)")
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     groups = [(f"every {g.group}", g.dlogp) for g in tr.groups] + ([("band MLPs", tr.band_restore)] if tr.band_restore else [])
     bx.barh([n for n, _ in groups], [iv.mean or 0 for _, iv in groups], color="#999999")
     bx.set_xlabel("Δ log P, restored to the base model")
@@ -302,7 +318,7 @@ def plot_budget(res: EraseResult, path) -> None:
         ax.axvline(res.target.loc, color="k", lw=0.5, ls=":")
     axes[0].axhline(res.target.rel, color="k", lw=0.5, ls=":")
     axes[2].axhline(res.target.gen, color="k", lw=0.5, ls=":")
-    axes[0].legend(fontsize=5, ncol=2)
+    legend_outside(axes[-1], fontsize=6)
     fig.suptitle(f"Equal budgets through the keyed solver ({_title(res)}); lines join strengths λ, darker = larger budget")
     save_figure(fig, path)
 
@@ -333,7 +349,8 @@ def plot_points(res: EraseResult, path) -> None:
         for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
             ax.plot(*_xy(pts, x, y), "o", ms=3, color=cmap(i % 20), label=f"{m} {v}".strip())
     _label_panels(axes, "Loc ↑")
-    axes[0].legend(fontsize=5, ncol=2)
+    legend_outside(axes[-1], handles=axes[0].get_legend_handles_labels()[0], labels=axes[0].get_legend_handles_labels()[1],
+                   fontsize=6, ncol=2)
     fig.suptitle(f"Every point ({_title(res)})")
     save_figure(fig, path)
 

@@ -18,6 +18,7 @@ from kscope.app.explorer import ExploreConfig
 from kscope.analyses.autointerp import InterpretJob, InterpretResult, run_interpret_job
 from kscope.analyses.faithfulness import FaithfulnessJob, FaithfulnessResult, run_faithfulness_job
 from kscope.analyses.sweep import SweepConfig, SweepResult
+from kscope.analyses.verdicts import Verdict
 from kscope.analyses.monosemanticity import MonosemanticityJob, MonosemanticityResult, run_monosemanticity_job
 from kscope.config import MAX_EXPANSION, Config, nested, option, parse_layers
 from kscope.errors import KscopeError
@@ -116,6 +117,7 @@ class ReproduceResult(Result):
     sweep: SweepResult | None = None
     kscope_version: str = ""
     config: dict = field(default_factory=dict)
+    paired: dict[str, Verdict] = field(default_factory=dict)  # the answers' per-fact verdicts (app.verdicts.paired_verdicts)
 
 
 def _earlier_seconds(out: Path) -> dict[str, float]:
@@ -287,7 +289,6 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
     current = {u: files[u].exists() and done_fps.get(u) == prints[u] for u in configs}
     if current["compare"]:
         results.compare = CompareResult.load(files["compare"])
-        results.compare.facts = []
     if current["sweep"]:
         results.sweep = SweepResult.load(files["sweep"])
     if current["faithfulness"]:
@@ -296,15 +297,20 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
         results.interpret = InterpretResult.load(files["interpret"])
     if current["monosemanticity"]:
         results.monosemanticity = MonosemanticityResult.load(files["monosemanticity"])
-        for r in results.monosemanticity.results.values():
-            r.rows = []
     for name, _, _ in privacy_runs(cfg):
         if current[f"privacy-build:{name}"]:
             results.privacy_build[name] = read_manifest(files[f"privacy-build:{name}"].parent).summary
         if current[f"privacy-erase:{name}"]:
             results.privacy[name] = EraseResult.load(files[f"privacy-erase:{name}"])
+    from kscope.app.verdicts import paired_verdicts
+
+    results.paired = paired_verdicts(results)  # the answers' per-fact verdicts, before the per-fact detail is left out
+    if results.compare:
+        results.compare.facts = []
+    for r in (results.monosemanticity.results.values() if results.monosemanticity else []):
+        r.rows = []
     results.save(out / "results.json")
-    from kscope.app.report import write_html
+    from kscope.app.report_html import write_html
 
     write_html(out, results)
     return results

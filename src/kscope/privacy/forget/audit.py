@@ -16,6 +16,7 @@ from kscope.privacy.forget.records import Record
 from kscope.privacy.judge.attacks import AttackConfig, lens_ranks, sampling_leaks, weight_quantized
 from kscope.privacy.judge.leaks import char_overlap, prefix_share, token_recovery
 from kscope.privacy.judge.observe import greedy_texts, ppl_change_ci, row_nlls
+from kscope.privacy.judge.whitebox import extraction
 from kscope.results import Result
 from kscope.stats import Interval
 
@@ -126,7 +127,8 @@ def ppl_change(base: Sequence[tuple[float, int]], now: Sequence[tuple[float, int
 
 def attack_record_leaks(lm, records: Sequence[Record], cfg: AttackConfig, edit) -> dict[str, list[float]]:
     """Per attack, per record: its leak with ``edit`` on (a ``WeightEdit`` or ``attacks.NoEdit``): sampling leak@k after
-    its held-out prompts, the logit lens (the first scored token within ``lens_rank`` at any layer), new phrasings
+    its held-out prompts, Head Projection and Probability Delta (Patil et al.: every token of the secret among the
+    top-B candidates at some layer, ``judge.whitebox``), the logit lens (the first scored token within ``lens_rank``), new phrasings
     (greedy, whole secret; built-in attributes only) and weight-only int8 and int4 quantization of the edited model
     (``attacks.weight_quantized``; greedy, whole, on the held-out prompts)."""
     facts = resolve_targets([r.audit_fact() for r in records], lm.tokenizer, "whole")  # records are resolvable (run checks)
@@ -136,6 +138,15 @@ def attack_record_leaks(lm, records: Sequence[Record], cfg: AttackConfig, edit) 
             k = cfg.samples
             per_pair = sampling_leaks(lm, facts, k, cfg.seed, [k])[k]  # one sampled prompt per record
             out[f"sampling@{k}"] = [float(v) for v in per_pair]
+        if {"head-projection", "probability-delta"} & set(cfg.attacks):
+            ex = extraction(lm, facts, cfg.wb_top)
+            for name, flags in (("head-projection", ex.head), ("probability-delta", ex.delta)):
+                if name in cfg.attacks:
+                    out[f"{name}@{cfg.wb_top}"], i = [], 0
+                    for f in facts:
+                        n = len(f.prompts) + len(f.heldout_prompts)
+                        out[f"{name}@{cfg.wb_top}"].append(float(any(flags[i : i + n])))
+                        i += n
         if "logit-lens" in cfg.attacks:
             ranks = lens_ranks(lm, facts)
             out["logit-lens"], i = [], 0

@@ -45,7 +45,7 @@ from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, w
 AUDIT = "forget-audit.json"
 PAGE = "forget-audit.html"
 METHODS = ("keyed-unrestricted",)
-FORGET_ATTACKS = ("sampling", "logit-lens", "phrasings", "quantization")
+FORGET_ATTACKS = ("sampling", "head-projection", "probability-delta", "logit-lens", "phrasings", "quantization")
 
 
 @dataclass

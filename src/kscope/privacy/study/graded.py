@@ -63,18 +63,32 @@ def worth_attacking(val: dict, min_share: float) -> bool:
     return rel is not None and rel == rel and rel >= min_share and (loc is None or loc != loc or loc >= min_share)
 
 
+ATTACKED_CONTROLS = ("keyed-random-directions", "keyed-random-columns")
+
+
+def attacked_methods(cfg) -> set[str]:
+    """The methods whose best point may face the attacks: ``--attack-method``, else every method and the keyed random
+    controls (random directions and columns through the same solver), so a located handle's resistance is read beside
+    a random one's."""
+    if not cfg.attacks.attacks:
+        return set()
+    return set(cfg.attacks.methods or [*cfg.methods, *(c for c in cfg.controls if c in ATTACKED_CONTROLS)])
+
+
 def grade_and_attack(job, lm, base_lm, twin_lm, obs: Observer, base: Observation, twin_obs: Observer | None, result, editors,
                      observations, attack_facts, relearn_on, lr: float, clean_check, progress) -> None:
     """Each method's best point (chosen on validation people) gets its test ranks and, with a twin, its comparison with
-    it; the best points of ``--attack-method`` that erase and keep at least ``--attack-min`` (validation Rel and Loc), the
-    unedited model, the retain twin and the base model face every attack on the test people's secrets (relearning trains
-    on the validation people's)."""
+    it; the best points of ``--attack-method`` (default: every method and the keyed random controls, each control's
+    best point chosen on validation as a method's is) that erase and keep at least ``--attack-min`` (validation Rel
+    and Loc), the unedited model, the retain twin and the base model face every attack on the test people's secrets
+    (relearning trains on the validation people's)."""
     cfg = job.erase
     keys = list(dict.fromkeys((p.method, p.variant) for p in result.points if p.kind != "control"))
+    attacked = attacked_methods(cfg)
+    controls = [(p.method, "") for p in result.points if p.kind == "control" and p.method in attacked]
     best = {k: result.best(*k) for k in keys}
     idx = {id(p): i for i, p in enumerate(result.points)}
-    attacked = set(cfg.attacks.methods or cfg.methods) if cfg.attacks.attacks else set()
-    task = progress.add_task("ranks, twin and attacks", total=len(best) + 1 + 3 * bool(attacked))
+    task = progress.add_task("ranks, twin and attacks", total=len(best) + 1 + 3 * bool(attacked) + len(set(controls)))
     twin = None
     if twin_obs is not None:
         twin = graded(twin_obs, twin_lm, twin_obs.baseline(), 0)
@@ -100,4 +114,12 @@ def grade_and_attack(job, lm, base_lm, twin_lm, obs: Observer, base: Observation
         if twin is not None:
             p.retain = against_twin(g, twin)
         clean_check(method)
+        progress.advance(task)
+    for method, _ in dict.fromkeys(controls):  # the random controls, attacked like the located handles
+        p = result.best(method)
+        if p is not None and worth_attacking(p.val, cfg.attacks.min_share):
+            label = f"{method} (control)" + (f", λ {p.lam:g}" if p.lam is not None else "")
+            result.attacks.append(attack(lm, attack_facts, cfg.attacks, lr, label, p.budget if p.budget else "all",
+                                         editors[idx[id(p)]], relearn_on))
+            clean_check(method)
         progress.advance(task)

@@ -149,7 +149,7 @@ class EraseResult(Result):
     the specificity of location, the equal-budget verdicts and the attacks."""
 
     kind = "privacy-erase"
-    version = 4
+    version = 5  # 5: attacks per attribute and per layer, white-box extraction, relearning curve, weight-only quantization
     min_version = 4
     min_version_why = "an erasure graded in sample (before kscope's splits and retain twin); run privacy erase again"
 

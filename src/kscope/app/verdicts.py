@@ -1,0 +1,297 @@
+"""The study's answers, one sentence per question, from a run's results: the verdict block at the top of ``index.html``
+and of ``kscope report --markdown`` (the README quotes it), produced here alone so the page and the README cannot drift.
+
+A sentence is never stronger than its table: "features beat neurons" only when the verdict's p (Holm-adjusted where
+the table adjusts) is below 0.05; "equivalent within ±m" only when the whole 95 % interval of the difference lies inside
+±m (stricter than a TOST at 5 %, which needs only the 90 % interval) or, for the pooled privacy verdicts, when their
+Holm-adjusted TOST says so; otherwise "inconclusive". Each answer names the table its numbers come from.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+from kscope.analyses.cells import BOTH, LABELS, strength
+from kscope.analyses.verdicts import Verdict, paired_verdict, unpaired_verdict
+from kscope.stats import Interval, cluster_robust, mean_ci
+
+MARGINS = {"log": 0.10, "is": 0.05, "auroc": 0.05}
+"""Equivalence margins: log P'/P (nats, suppress and enhance combined), interpretability score (Pearson r), AUROC."""
+COMPARE = "Neurons, features and same-site baselines"
+MEASURES = {"rel": "the share of a person's held-out prompts erased (rel, higher erases more)",
+            "dlogp": "Δ log P(secret) (dlogp, lower erases more)"}
+
+
+@dataclass
+class Answer:
+    """One question's answer: ``says`` is the verdict as its table cell says it ("features better", "inconclusive",
+    "equivalent within ±0.1", ...); ``diff`` the number it rests on (features − the other units) with its interval;
+    ``figure`` the report's figure for it; ``table`` the heading of the table holding the numbers."""
+
+    key: str
+    question: str
+    sentence: str
+    says: str
+    diff: Interval | None = None
+    figure: str | None = None
+    table: str | None = None
+
+
+def _ci(iv: Interval | None, spec: str = "+.2f") -> str:
+    return "–" if iv is None else iv.fmt(spec)
+
+
+def call(v: Verdict | None, margin: float) -> str:
+    """The verdict a sentence may state: the test's "<a> better" as is; "no difference" becomes "equivalent within
+    ±margin" when the whole 95 % interval lies inside it, else "inconclusive" (never "no difference")."""
+    if v is None or v.diff.mean is None:
+        return "inconclusive"
+    if v.says != "no difference":
+        return v.says
+    d = v.diff
+    if d.lo is not None and d.hi is not None and -margin < d.lo and d.hi < margin:
+        return f"equivalent within ±{margin:g}"
+    return "inconclusive"
+
+
+def _phrase(says: str, a: str = "features", b: str = "neurons") -> str:
+    if says == f"{a} better":
+        return f"{a} beat {b}"
+    if says == f"{b} better":
+        return f"{b} beat {a}"
+    if says.startswith("equivalent"):
+        return f"{a} and {b} are {says}"
+    return "inconclusive: neither is shown to beat the other"
+
+
+def _k(res) -> int:
+    return max(int(x) for x in (res.config.get("delta_prob", {}).get("ks") or [10]))
+
+
+def _locate_verdict(res, L: int) -> Verdict | None:
+    """Features against the layer's MLP neurons, paired over facts (suppress and enhance combined at the largest k),
+    cluster bootstrap over relations, as the sweep's cells do; None without two facts' per-fact effects."""
+    k = _k(res)
+    rows = [f for f in res.facts if all(x in f.layers.get(L, {}) and f.layers[L][x].effects for x in ("neuron", "feature"))]
+    if len(rows) < 2:
+        return None
+    return paired_verdict([strength(f.layers[L]["feature"].effects.top, BOTH, k) for f in rows],
+                          [strength(f.layers[L]["neuron"].effects.top, BOTH, k) for f in rows], [f.relation for f in rows])
+
+
+def _mono_verdict(results) -> Verdict | None:
+    """Per fact, the mean oriented AUROC of its top units of each kind, paired over facts, clustered by relation."""
+    res = results.monosemanticity
+    rel = {f.uid: f.relation for f in results.compare.facts} if results.compare else {}
+    per: dict[str, dict[str, list[float]]] = {}
+    for kind in ("feature", "neuron"):
+        for r in res.results[kind].rows if kind in res.results else []:
+            per.setdefault(r.fact, {}).setdefault(kind, []).append(r.auroc)
+    facts = [f for f, d in per.items() if len(d) == 2]
+    if len(facts) < 2:
+        return None
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return paired_verdict([mean(per[f]["feature"]) for f in facts], [mean(per[f]["neuron"]) for f in facts],
+                          [rel.get(f, f) for f in facts])
+
+
+def paired_verdicts(results) -> dict[str, Verdict]:
+    """The verdicts that need per-fact detail (which ``results.json`` leaves out), computed while it is at hand:
+    ``locate/<layer>`` and ``monosemantic``."""
+    out = {}
+    if results.compare:
+        for L in results.compare.summary:
+            v = _locate_verdict(results.compare, L)
+            if v is not None:
+                out[f"locate/{L}"] = v
+    if results.monosemanticity:
+        v = _mono_verdict(results)
+        if v is not None:
+            out["monosemantic"] = v
+    return out
+
+
+def _paired(results, key: str, compute) -> Verdict | None:
+    got = getattr(results, "paired", None) or {}
+    return got[key] if key in got else compute()
+
+
+def _locate(results) -> list[Answer]:
+    res = results.compare
+    out = []
+    k = _k(res)
+    for L, by_kind in res.summary.items():
+        if not {"neuron", "feature"} <= set(by_kind):
+            continue
+        sup = {kind: (u.effects.top["suppress"][k].log if u.effects and k in u.effects.top.get("suppress", {}) else None)
+               for kind, u in by_kind.items()}
+        base = ", ".join(f"{LABELS.get(x, x)} {_ci(sup[x])}" for x in by_kind if x not in ("neuron", "feature") and sup[x])
+        lead = (f"At layer {L} ({res.n_facts} facts; {res.split or 'split not recorded'}), suppressing the top {k} features "
+                f"changes log P(answer) by {_ci(sup['feature'])} and the top {k} neurons by {_ci(sup['neuron'])}"
+                + (f" (same-site {base})" if base else ""))
+        q = f"Do features beat neurons at locating a fact (layer {L})?"
+        v = _paired(results, f"locate/{L}", lambda: _locate_verdict(res, L))
+        if v is None:
+            out.append(Answer("locate", q, f"{lead}; not compared: the run kept no per-fact effects to pair.", "inconclusive",
+                              None, "compare.png", COMPARE))
+            continue
+        says = call(v, MARGINS["log"])
+        p = f", p {v.p:.2g}" if v.p is not None else ""
+        out.append(Answer("locate", q, f"{lead}; features − neurons, suppressed and enhanced combined, {_ci(v.diff)} (95 % "
+                                       f"cluster bootstrap over relations{p}): {_phrase(says)}.", says, v.diff, "compare.png",
+                          COMPARE))
+    return out
+
+
+def _sweep(results) -> list[Answer]:
+    """Counts of the sweep's Holm-adjusted cell verdicts, features against MLP neurons, per site."""
+    res = results.sweep
+    sel, abl = res.config["selection"][0], res.config["ablation"][0]
+    k = max(res.config["delta_prob"]["ks"])
+    parts, tot, won = [], 0, 0
+    for site in res.sites:
+        cells = sorted((c for c in res.cells if (c.site, c.selection, c.ablation) == (site, sel, abl)
+                        and "feature vs neuron" in c.verdicts), key=lambda c: c.layer)
+        says = {c.layer: c.verdicts["feature vs neuron"][BOTH][k].says for c in cells}
+        f = [L for L, s in says.items() if s == "features better"]
+        n = [L for L, s in says.items() if s == "neurons better"]
+        rest = len(says) - len(f) - len(n)
+        tot, won = tot + len(says), won + len(f)
+        lst = lambda xs: f" ({', '.join(map(str, xs))})" if xs else ""  # noqa: E731
+        parts.append(f"at {site} features beat neurons at {len(f)} of {len(says)} layers{lst(f)}, neurons beat features at "
+                     f"{len(n)}{lst(n)}, inconclusive at {rest}")
+    return [Answer("sweep", "Do features beat neurons across layers and sites (the sweep)?",
+                   f"Over {res.n_facts} facts from {res.n_relations} relations (top {k} suppressed and enhanced combined, one "
+                   f"Holm-adjusted verdict per cell; selection {sel}, ablation {abl}): {'; '.join(parts)}.",
+                   f"features beat neurons in {won} of {tot} cells", None, "sweep/sweep.png", "Verdicts by layer band")]
+
+
+def _interpret(results) -> Answer | None:
+    res = results.interpret
+    if not {"neuron", "feature"} <= set(res.results):
+        return None
+    f, n = res.results["feature"], res.results["neuron"]
+    v = unpaired_verdict([r.score for r in f.rows], [r.score for r in n.rows])
+    says = call(v, MARGINS["is"])
+    return Answer("interpret", "Are features more interpretable than neurons?",
+                  f"Interpretability score at layer {res.layer} ({f.explainer}, Pearson r on held-out text): features "
+                  f"{_ci(f.summary)}, neurons {_ci(n.summary)}; features − neurons {_ci(v.diff)} (Welch): {_phrase(says)}.",
+                  says, v.diff, "interpret.png", "Interpretability score")
+
+
+def _monosemantic(results) -> Answer | None:
+    res = results.monosemanticity
+    if not {"neuron", "feature"} <= set(res.results):
+        return None
+    v = _paired(results, "monosemantic", lambda: _mono_verdict(results))
+    s = {k: res.results[k].summary for k in ("feature", "neuron")}
+    lead = (f"Monosemanticity AUROC at layer {res.layer} (related against unrelated prompts, each unit oriented on "
+            f"{res.orientation or 'its related prompts'}): features {_ci(s['feature'].auroc if s['feature'] else None, '.2f')}, "
+            f"neurons {_ci(s['neuron'].auroc if s['neuron'] else None, '.2f')}")
+    q = "Are features more monosemantic than neurons?"
+    if v is None:
+        return Answer("monosemantic", q, f"{lead}; not compared: the run kept no per-fact AUROCs to pair.", "inconclusive",
+                      None, "monosemanticity.png", "Monosemanticity")
+    says = call(v, MARGINS["auroc"])
+    return Answer("monosemantic", q, f"{lead}; features − neurons per fact {_ci(v.diff)} ({v.diff.n} facts, cluster bootstrap "
+                                     f"over relations): {_phrase(says)}.", says, v.diff, "monosemanticity.png", "Monosemanticity")
+
+
+def _pooled_rel(runs: dict, method: str) -> tuple[Interval | None, int, int]:
+    """Rel of a method's best points per test person, pooled over models (CR2 by person), and in how many models the
+    best point meets the target."""
+    vals, met = [], 0
+    for name, res in runs.items():
+        b = res.best(method)
+        if b is None:
+            continue
+        vals += [(f"{name}:{who}", x) for who, x in b.rel_people.items()]
+        met += bool(res.target.met(b))
+    if not vals:
+        return None, 0, met
+    iv = cluster_robust([x for _, x in vals], [k for k, _ in vals]).interval if len(runs) > 1 else mean_ci([x for _, x in vals])
+    return iv, len(vals), met
+
+
+def _erase(results) -> list[Answer]:
+    from kscope.app.report_privacy import HANDLE_RIVALS, pooled_verdicts
+
+    runs = results.privacy
+    first = next(iter(runs.values()))
+    name = next(iter(runs))
+    methods = list(dict.fromkeys(p.method for r in runs.values() for p in r.points if not p.variant))
+    reach = {m: _pooled_rel(runs, m) for m in methods}
+    t = first.target
+    hit = [m for m, (_, _, met) in reach.items() if met]
+    where = f"{name}'s test people" if len(runs) == 1 else f"the test people of {len(runs)} privacy models"
+    rel = lambda m: f"{m} Rel {_ci(reach[m][0], '.2f')}" if reach.get(m) and reach[m][0] else f"{m} –"  # noqa: E731
+    count = (lambda m: "") if len(runs) == 1 else (lambda m: f" ({reach[m][2]} of {len(runs)} models)")
+    handles = [m for m in ("keyed-features", "keyed-neurons", "keyed-unrestricted") if m in reach]
+    sentence = (f"On {where}, at the point each method's validation people chose, "
+                + (f"{len(hit)} of {len(methods)} methods reach the target (Rel ≥ {t.rel}, Gen ≥ {t.gen}, Loc ≥ {t.loc}, "
+                   f"ΔPPL ≤ {t.delta_ppl:+.0%}): {', '.join(m + count(m) for m in hit)}" if hit else
+                   f"none of {len(methods)} methods reaches the target (Rel ≥ {t.rel}, Gen ≥ {t.gen}, Loc ≥ {t.loc}, "
+                   f"ΔPPL ≤ {t.delta_ppl:+.0%})")
+                + (f"; {', '.join(rel(m) for m in handles)} (95 % interval over people)" if handles else "") + ".")
+    out = [Answer("erase", "Can the secrets be erased?", sentence, f"{len(hit)} of {len(methods)} reach the target",
+                  reach["keyed-features"][0] if "keyed-features" in reach else None, f"privacy-{name}.png",
+                  "each method at its best point" if len(runs) == 1 else "Erasure pooled over privacy models")]
+    b = first.best("keyed-features")
+    if len(runs) > 1:
+        vs = [v for v in pooled_verdicts(runs, "keyed-features", HANDLE_RIVALS)]
+        how, table = "pooled over models, Holm-adjusted with a TOST margin", "which handle erases more"
+    else:
+        vs = first.verdicts
+        how, table = "one model, unadjusted", "features against neurons at equal budgets"
+    if not vs:
+        return out
+    said = lambda v: "inconclusive" if v.says == "no difference" else v.says  # noqa: E731
+    head = next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel" and b is not None and v.budget == b.budget
+                 and v.lam == b.lam), None) or next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel"), vs[0])
+    tally = {}
+    for v in vs:
+        s = said(v)
+        key = "features erase more" if s.startswith("keyed-features") else "the other erases more" if "erases more" in s else \
+            "equivalent" if s.startswith("equivalent") else "inconclusive"
+        tally[key] = tally.get(key, 0) + 1
+    lam = f", λ {head.lam:g}" if head.lam is not None else ""
+    out.append(Answer("handle", "Which handle erases them: located features or located neurons?",
+                      f"Through the same keyed solver at budget {head.budget}{lam}, located features − {head.b} on "
+                      f"{MEASURES.get(head.measure, head.measure)}: {_ci(head.diff)} ({how}): {said(head)}; over "
+                      f"all {len(vs)} budget × strength × measure comparisons: "
+                      + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) + ".",
+                      said(head), head.diff, f"privacy-{name}-budget.png", table))
+    return out
+
+
+def answers(results) -> list[Answer]:
+    """Every question the run can answer, in the order the report asks them."""
+    out: list[Answer] = []
+    if results.compare:
+        out += _locate(results)
+    if results.sweep:
+        out += _sweep(results)
+    for fn, present in ((_interpret, results.interpret), (_monosemantic, results.monosemanticity)):
+        a = fn(results) if present else None
+        out += [a] if a else []
+    if results.privacy:
+        out += _erase(results)
+    return out
+
+
+def markdown_block(items: list[Answer]) -> list[str]:
+    """The verdict block as Markdown lines (a heading and one bullet per question)."""
+    if not items:
+        return []
+    return ["", "**Answers**", ""] + [f"- **{a.question}** {a.sentence}" for a in items]
+
+
+def html_block(items: list[Answer]) -> str:
+    """The verdict block of ``index.html``: one line per question, its verdict highlighted."""
+    if not items:
+        return ""
+    rows = "".join(f'<div class="answer" data-key="{a.key}"><div class="q">{html.escape(a.question)}</div>'
+                   f'<div class="a"><span class="says">{html.escape(a.says)}</span> {html.escape(a.sentence)}</div></div>'
+                   for a in items)
+    return f'<section id="verdicts"><h2>Answers</h2>{rows}</section>'

@@ -1,0 +1,86 @@
+"""The answers at the top of the report: one function writes them, and a sentence is never stronger than its numbers."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from kscope.analyses.verdicts import Verdict
+from kscope.app.reproduce import ReproduceResult
+from kscope.app.verdicts import answers, call, markdown_block
+from kscope.stats import Interval
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def small():
+    return ReproduceResult.load(DATA / "results_small.json")
+
+
+def _with(res, verdict: Verdict):
+    out = copy.copy(res)
+    out.paired = {"locate/1": verdict}
+    return out
+
+
+def test_a_decided_verdict_gives_the_expected_sentence(small):
+    v = Verdict(Interval(0.12, 0.05, 0.19, 10), 0.003, ["features", "neurons"], says="features better")
+    a = next(x for x in answers(_with(small, v)) if x.key == "locate")
+    assert a.says == "features better"
+    assert a.sentence.endswith("features − neurons, suppressed and enhanced combined, +0.12 [+0.05, +0.19] (95 % cluster "
+                               "bootstrap over relations, p 0.003): features beat neurons.")
+    assert a.sentence.startswith("At layer 1 (10 facts; ") and "the top 10 features changes log P(answer) by " in a.sentence
+
+
+@pytest.mark.parametrize("iv,p,expect", [
+    (Interval(0.12, -0.01, 0.25, 10), 0.07, "inconclusive"),         # crosses 0, wider than the margin
+    (Interval(0.02, -0.05, 0.09, 10), 0.50, "equivalent within ±0.1"),  # the whole interval inside ±0.1
+    (Interval(0.02, -0.05, 0.15, 10), 0.60, "inconclusive"),          # inside on one side only
+    (Interval(0.30, None, None, 1), None, "inconclusive"),            # no interval at all
+])
+def test_an_undecided_interval_never_says_beats(small, iv, p, expect):
+    v = Verdict(iv, p, ["features", "neurons"], says="no difference")
+    a = next(x for x in answers(_with(small, v)) if x.key == "locate")
+    assert a.says == expect
+    assert "beat neurons" not in a.sentence.replace("neither is shown to beat", "") and "no difference" not in a.sentence
+    assert call(v, 0.1) == expect
+
+
+def test_neurons_better_reads_the_other_way(small):
+    v = Verdict(Interval(-0.2, -0.3, -0.1, 10), 0.001, ["features", "neurons"], says="neurons better")
+    a = next(x for x in answers(_with(small, v)) if x.key == "locate")
+    assert a.sentence.endswith("neurons beat features.") and "features beat neurons" not in a.sentence
+
+
+def test_every_question_of_the_small_run_is_answered_and_none_says_no_difference(small):
+    got = answers(small)
+    assert [a.key for a in got] == ["locate", "sweep", "interpret", "monosemantic", "erase", "handle"]
+    for a in got:
+        assert a.sentence.endswith(".") and "no difference" not in a.sentence + a.says
+    # without per-fact effects (results.json leaves them out) the comparison is not made up
+    assert "not compared" in got[0].sentence and got[0].says == "inconclusive"
+    md = markdown_block(got)
+    assert md[1] == "**Answers**" and len(md) == 3 + len(got)
+
+
+def test_the_markdown_report_opens_with_the_answers(small):
+    from kscope.app.report import markdown
+
+    lines = markdown(small).splitlines()
+    assert lines[2] == "**Answers**" and lines[4].startswith("- **Do features beat neurons")
+    assert lines.index("**Answers**") < next(i for i, x in enumerate(lines) if x.startswith("| "))
+
+
+def test_pooled_privacy_verdicts_come_from_the_pooled_family(small):
+    """Two privacy models: the handle answer quotes the Holm-adjusted pooled verdicts, never a stronger word."""
+    res = copy.copy(small)
+    erase = next(iter(small.privacy.values()))
+    res.privacy = {"a": erase, "b": erase}
+    a = next(x for x in answers(res) if x.key == "handle")
+    assert "pooled over models, Holm-adjusted" in a.sentence
+    assert a.says in ("inconclusive", "keyed-features erases more", "keyed-neurons erases more") or a.says.startswith("equivalent")
+    e = next(x for x in answers(res) if x.key == "erase")
+    assert "the test people of 2 privacy models" in e.sentence
