@@ -273,6 +273,20 @@ def test_erase_bad_inputs(tmp_path, privacy_model):
     assert r.exit_code == 2 and "unknown layer 9" in r.output
 
 
+def test_a_garbage_sae_is_refused_before_the_model_loads(tmp_path, privacy_model, monkeypatch):
+    import kscope.privacy.study.erase as erase_mod
+
+    _, out, _ = privacy_model
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cfg.json").write_text("{not json")
+    (bad / "sae_weights.safetensors").write_bytes(b"garbage")
+    monkeypatch.setattr(erase_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), "--layers", "0", "--sae", str(bad),
+                            "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "cannot load SAE" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
 def test_a_weight_editor_refuses_residual_features(tmp_path, privacy_model):
     from kscope.model.sites import Site
     from kscope.units.sae import save_sae

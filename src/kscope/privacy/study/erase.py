@@ -45,7 +45,7 @@ from kscope.privacy.study.sets import study_sets
 from kscope.progress import make_progress
 from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, windows
 from kscope.units.provision import obtain_saes
-from kscope.units.sae import feature_units, sae_site_on_disk
+from kscope.units.sae import feature_units, load_sae, sae_site_on_disk
 from kscope.units.training import TrainSAEConfig
 
 
@@ -139,6 +139,8 @@ class EraseJob(Config):
         for s in cfg.saes:
             if not Path(s).is_dir():
                 raise KscopeError(f"SAE directory {s} does not exist")
+        for path in cfg.saes:
+            load_sae(path)  # garbage, NaN or misshapen weights: one line now, not after the model has loaded
         for path, L in zip(cfg.saes, cfg.layers):
             site = sae_site_on_disk(path)
             if site is not None and site.kind != "mlp.out":
