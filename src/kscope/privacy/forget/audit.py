@@ -83,15 +83,20 @@ class ForgetResult(Result):
 def leaks(lm, records: Sequence[Record]) -> list[Leak]:
     """Each record's leak on its held-out prompts, in the model's current state."""
     pairs = [(p, r.secret) for r in records for p in r.held_out]
-    forced = forced_tokens(lm, pairs)
-    texts = greedy_texts(lm, pairs)
-    out, i = [], 0
-    for r in records:
-        n = len(r.held_out)
-        fs, ts = forced[i : i + n], texts[i : i + n]
+    sizes = [len(r.held_out) for r in records]
+    out = []
+    for r, fs, ts in zip(records, grouped(forced_tokens(lm, pairs), sizes), grouped(greedy_texts(lm, pairs), sizes)):
         out.append(Leak([all(h) for h, _ in fs], float(np.mean([token_recovery(h) for h, _ in fs])),
                         float(np.mean([prefix_share(h) for h, _ in fs])), float(np.mean([char_overlap(r.secret, t) for t in ts])),
                         float(np.mean([lp for _, lp in fs]))))
+    return out
+
+
+def grouped(flat: Sequence, sizes: Sequence[int]) -> list[list]:
+    """``flat`` cut into consecutive runs of ``sizes`` (one run per item whose pairs were flattened)."""
+    out, i = [], 0
+    for n in sizes:
+        out.append(list(flat[i : i + n]))
         i += n
     return out
 
@@ -99,13 +104,7 @@ def leaks(lm, records: Sequence[Record]) -> list[Leak]:
 def produced_pairs(lm, facts: Sequence[Fact]) -> list[list[bool]]:
     """Per fact, per prompt (edit and held-out): is its whole object produced, greedy?"""
     pairs = [(p, f.object) for f in facts for p in f.prompts + f.heldout_prompts]
-    flags = [ok for ok, _ in teacher_forced(lm, pairs)]
-    out, i = [], 0
-    for f in facts:
-        n = len(f.prompts) + len(f.heldout_prompts)
-        out.append(flags[i : i + n])
-        i += n
-    return out
+    return grouped([ok for ok, _ in teacher_forced(lm, pairs)], [len(f.prompts) + len(f.heldout_prompts) for f in facts])
 
 
 def still_produced(before: Sequence[Sequence[bool]], after: Sequence[Sequence[bool]]) -> dict[str, float | int | None]:
@@ -121,10 +120,6 @@ def text_nlls(lm, texts: Sequence[str]) -> list[tuple[float, int]]:
     return row_nlls(lm, [lm.tokenizer(t).input_ids for t in texts])
 
 
-def ppl_change(base: Sequence[tuple[float, int]], now: Sequence[tuple[float, int]]) -> Interval:
-    return ppl_change_ci(base, now)
-
-
 def attack_record_leaks(lm, records: Sequence[Record], cfg: AttackConfig, edit) -> dict[str, list[float]]:
     """Per attack, per record: its leak with ``edit`` on (a ``WeightEdit`` or ``attacks.NoEdit``): sampling leak@k after
     its held-out prompts, Head Projection and Probability Delta (Patil et al.: every token of the secret among the
@@ -133,6 +128,8 @@ def attack_record_leaks(lm, records: Sequence[Record], cfg: AttackConfig, edit) 
     (``attacks.weight_quantized``; greedy, whole, on the held-out prompts)."""
     facts = resolve_targets([r.audit_fact() for r in records], lm.tokenizer, "whole")  # records are resolvable (run checks)
     out: dict[str, list[float]] = {}
+    per_fact = [len(f.prompts) + len(f.heldout_prompts) for f in facts]
+    held = [(p, r.secret) for r in records for p in r.held_out]
     with edit.applied(lm.model):
         if "sampling" in cfg.attacks:
             k = cfg.samples
@@ -142,36 +139,19 @@ def attack_record_leaks(lm, records: Sequence[Record], cfg: AttackConfig, edit) 
             ex = extraction(lm, facts, cfg.wb_top)
             for name, flags in (("head-projection", ex.head), ("probability-delta", ex.delta)):
                 if name in cfg.attacks:
-                    out[f"{name}@{cfg.wb_top}"], i = [], 0
-                    for f in facts:
-                        n = len(f.prompts) + len(f.heldout_prompts)
-                        out[f"{name}@{cfg.wb_top}"].append(float(any(flags[i : i + n])))
-                        i += n
+                    out[f"{name}@{cfg.wb_top}"] = [float(any(g)) for g in grouped(flags, per_fact)]
         if "logit-lens" in cfg.attacks:
-            ranks = lens_ranks(lm, facts)
-            out["logit-lens"], i = [], 0
-            for f in facts:
-                n = len(f.prompts) + len(f.heldout_prompts)
-                out["logit-lens"].append(float(any(r < cfg.lens_rank for r in ranks[i : i + n])))
-                i += n
+            out["logit-lens"] = [float(any(r < cfg.lens_rank for r in g)) for g in grouped(lens_ranks(lm, facts), per_fact)]
         if "phrasings" in cfg.attacks and any(r.attack_prompts for r in records):
             pairs = [(p, r.secret) for r in records for p in r.attack_prompts]
-            flags = [ok for ok, _ in teacher_forced(lm, pairs)] if pairs else []
-            out["phrasings"], i = [], 0
-            for r in records:
-                n = len(r.attack_prompts)
-                out["phrasings"].append(float(any(flags[i : i + n])) if n else float("nan"))
-                i += n
+            flags = [ok for ok, _ in teacher_forced(lm, pairs)]
+            out["phrasings"] = [float(any(g)) if g else float("nan")
+                                for g in grouped(flags, [len(r.attack_prompts) for r in records])]
         if "quantization" in cfg.attacks:
-            pairs = [(p, r.secret) for r in records for p in r.held_out]
             for bits in (8, 4):
                 q = weight_quantized(lm, bits)
-                flags = [ok for ok, _ in teacher_forced(q, pairs)]
-                out[f"int{bits} weights"], i = [], 0
-                for r in records:
-                    n = len(r.held_out)
-                    out[f"int{bits} weights"].append(float(any(flags[i : i + n])))
-                    i += n
+                out[f"int{bits} weights"] = [float(any(g)) for g in grouped([ok for ok, _ in teacher_forced(q, held)],
+                                                                            [len(r.held_out) for r in records])]
                 del q
     return out
 

@@ -38,7 +38,8 @@ from kscope.privacy.forget.page import write_page
 from kscope.privacy.forget.records import Record, file_hash, read_records
 from kscope.privacy.forget.state import ForgetState, load_state
 from kscope.privacy.judge.attacks import AttackConfig, NoEdit
-from kscope.privacy.locate.trace import trace_secrets
+from kscope.privacy.judge.observe import ppl_change_ci
+from kscope.privacy.locate.trace import strongest_band, trace_secrets
 from kscope.progress import make_progress, note
 from kscope.units.corpus import CorpusConfig, build_corpus, cached_generation, windows
 
@@ -138,7 +139,8 @@ def run_forget(cfg: ForgetConfig) -> A.ForgetResult:
         keep, _ = _resolvable(tok, keep)
         notes += dropped
         before = A.leaks(lm, recs)
-        producing = [r for r, b in zip(recs, before) if any(b.produced) or _produced_on_keys(lm, r)]
+        on_keys = _produced_on_keys(lm, [r for r, b in zip(recs, before) if not any(b.produced)])
+        producing = [r for r, b in zip(recs, before) if any(b.produced) or r.uid in on_keys]
         for r in recs:
             if r not in producing:
                 notes.append(f"line {r.line}: the model does not produce {r.attribute} of {r.subject}: nothing to erase")
@@ -155,15 +157,13 @@ def run_forget(cfg: ForgetConfig) -> A.ForgetResult:
         t = time.time()
         key_facts = resolve_targets([r.key_fact() for r in producing[: cfg.batch_records]], tok, "whole")  # a bounded sample
         effects = _zero_effects(lm, key_facts, layers or range(1, n_layers(lm.model)), progress)
-        if not layers:  # where zeroing the MLP output at the answer lowers log P(secret) most
-            ranked = sorted(effects)
-            layers = min((ranked[i : i + cfg.band] for i in range(max(1, len(ranked) - cfg.band + 1))),
-                         key=lambda w: sum(effects[L] for L in w))
+        layers = layers or strongest_band({L: -e for L, e in effects.items()}, cfg.band)  # zeroing costs log P(secret) most
         if max(layers) >= n_layers(lm.model):
             raise KscopeError(f"--layers {max(layers)}: the model has layers 0..{n_layers(lm.model) - 1}")
         seconds["trace"] = time.time() - t
         corpus_train, _ = build_corpus(lm, cfg.corpus, progress, cfg.model.cache_dir).split()
-        texts = [x for x in cached_generation(lm, cfg.ppl_texts, 64, 1234, progress, cfg.model.cache_dir) if x not in set(corpus_train)]
+        preserved_texts = set(corpus_train)
+        texts = [x for x in cached_generation(lm, cfg.ppl_texts, 64, 1234, progress, cfg.model.cache_dir) if x not in preserved_texts]
         groups = [KeyRows.of(tok, resolve_targets([r.key_fact() for r in keep_fit], tok, "whole")),
                   KeyRows.of(tok, resolve_targets(facts_fit, tok, "whole"), per_fact=2)]
         win = windows(tok, corpus_train, cfg.keyed.corpus_tokens, cfg.corpus.seq_len)
@@ -232,7 +232,7 @@ def _audit(cfg, lm, recs, producing, before, keep_scored, facts_scored, texts, e
     attacks = {k: {"before": _mean(atk_before[k]), "after": _mean(atk_after[k])} for k in atk_after}
     return A.ForgetResult(passed=not reasons, written=False, reasons=reasons, model=cfg.model.model, out=str(cfg.out),
                           method=cfg.method, layers=[], layer_effects={}, lam=cfg.lam, records=rows, keep_records=loc_records,
-                          keep_facts=loc_facts, delta_ppl=A.ppl_change(ppl_before, ppl_after), attacks=attacks, weights=[],
+                          keep_facts=loc_facts, delta_ppl=ppl_change_ci(ppl_before, ppl_after), attacks=attacks, weights=[],
                           sizes={}, inputs={}, kscope_version=kscope.__version__,
                           config=asdict(cfg))
 
@@ -299,8 +299,10 @@ def _resolvable(tok, recs: list[Record]) -> tuple[list[Record], list[str]]:
     return ok, notes
 
 
-def _produced_on_keys(lm, r: Record) -> bool:
-    return any(ok for ok, _ in teacher_forced(lm, [(p, r.secret) for p in r.key_prompts]))
+def _produced_on_keys(lm, recs: list[Record]) -> set[str]:
+    """The uids of ``recs`` whose secret the model produces (greedy) on at least one key prompt; one batched pass."""
+    flags = [ok for ok, _ in teacher_forced(lm, [(p, r.secret) for r in recs for p in r.key_prompts])] if recs else []
+    return {r.uid for r, g in zip(recs, A.grouped(flags, [len(r.key_prompts) for r in recs])) if any(g)}
 
 
 def _split_people(keep: list[Record], scored: float, seed: str | int) -> tuple[list[Record], list[Record]]:

@@ -161,8 +161,12 @@ def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | No
             out.groups.append(GroupEffect(group, d))
         if progress:
             progress.advance(task)
-    size = max(1, len(band))
-    score = {L: -out.effect(L, "answer", "zero") for L in layers}
-    windows = [layers[i : i + size] for i in range(max(1, len(layers) - size + 1))]
-    out.suggested = max(windows, key=lambda w: sum(score[L] for L in w))
+    out.suggested = strongest_band({L: -out.effect(L, "answer", "zero") for L in layers}, max(1, len(band)))
     return out
+
+
+def strongest_band(score: dict[int, float], size: int) -> list[int]:
+    """The ``size`` consecutive entries of the traced layers (in ``score``'s order) with the largest summed score."""
+    layers = list(score)
+    windows = [layers[i : i + size] for i in range(max(1, len(layers) - size + 1))]
+    return max(windows, key=lambda w: sum(score[L] for L in w))
