@@ -313,3 +313,30 @@ def test_the_audit_page_answers_first_and_passes_its_browser_check(forgotten, tm
         assert f"<h2>{section}</h2>" in dom
     chromium(f"--screenshot={tmp_path / 'audit.png'}", "--window-size=1200,1600", page.as_uri())
     assert (tmp_path / "audit.png").stat().st_size > 10_000
+
+
+def test_nothing_the_audit_scores_fed_the_edit(five_records, tmp_path, monkeypatch):
+    """Spy on the solver's inputs: the erased keys are the records' key prompts only (no held-out or attack prompt), and no
+    kept person the audit scores is among the preserved keys, while every preserved one is."""
+    import kscope.privacy.forget.run as run
+
+    seen = []
+    real = run.keyed_inputs
+
+    def spy(lm, erase, preserved, windows, layers, cfg, extra=()):
+        seen.append(([p for f in erase for p in f.prompts],
+                     [lm.tokenizer.decode(r[m.bool()].tolist()).lower() for g in preserved for r, m in zip(g.ids, g.mask)]))
+        return real(lm, erase, preserved, windows, layers, cfg, extra)
+
+    monkeypatch.setattr(run, "keyed_inputs", spy)
+    root = five_records
+    r = _forget(root, tmp_path / "out", "--allow-partial")
+    assert r.exit_code == 0, r.output
+    audit = json.loads((tmp_path / "out" / "forget-audit.json").read_text())
+    recs, keep = read_records(root / "records.jsonl"), read_records(root / "keep.jsonl")
+    (erased, preserved), = seen
+    assert sorted(erased) == sorted(p for x in recs for p in x.key_prompts)
+    assert not set(erased) & {p for x in recs for p in x.held_out + x.attack_prompts}
+    scored = set(audit["kept_people"]["scored"])
+    assert scored and not any(person.lower() in text for person in scored for text in preserved)
+    assert all(any(x.subject.lower() in text for text in preserved) for x in keep if x.subject in audit["kept_people"]["preserved"])
