@@ -1,5 +1,6 @@
 """Pure statistics: the log-ratio, the cluster bootstrap (wider than the naive interval when facts of a relation
-move together, with about the right coverage), Welch's test and Holm's adjustment on a hand-checked example."""
+move together; short with few unequal clusters), CR2 (its matrices, its coverage on 5 and 11 unequal clusters), TOST,
+Welch's test and Holm's adjustment on a hand-checked example."""
 
 import math
 
@@ -68,10 +69,8 @@ def test_holm_on_a_hand_checked_example():
     assert holm([0.6, 0.7]) == [1.0, 1.0]
 
 
-def test_cluster_robust_interval_is_t_for_one_value_per_cluster_and_covers_with_few_unequal_clusters():
-    import numpy as np
-
-    from kscope.stats import cluster_robust, mean_ci
+def test_cluster_robust_interval_is_t_for_one_value_per_cluster_and_over_equal_clusters_means():
+    from kscope.stats import cluster_robust
 
     x = [0.3, -0.1, 0.8, 0.2, 0.5]
     got, t = cluster_robust(x, range(5)).interval, mean_ci(x)
@@ -79,17 +78,70 @@ def test_cluster_robust_interval_is_t_for_one_value_per_cluster_and_covers_with_
     equal = cluster_robust([1, 2, 3, 5, 6, 7, 2, 2, 3], [0, 0, 0, 1, 1, 1, 2, 2, 2]).interval
     means = mean_ci([2.0, 6.0, 7 / 3])
     assert equal.lo == pytest.approx(means.lo) and equal.hi == pytest.approx(means.hi)  # t over the cluster means
-    # 5 unequal clusters (the built-in facts' relations: 14/6/6/5/2), a cluster effect as large as the noise
+
+
+def test_cr2_and_its_df_match_the_matrix_formulas():
+    """The closed form against Bell & McCaffrey's matrices for X = 1: A_g = (I - H_gg)^(-1/2), V = sum (1'A_g e_g)^2 / N^2,
+    df = tr(W)^2 / tr(W^2), W = G' Omega G, G's columns (I - H)' A_g' 1_g / N, Omega the random-effects working model with
+    the ANOVA estimate of the cluster variance (Imbens & Kolesár)."""
+    from kscope.stats import _cr2, _within_ratio
+
+    rng = np.random.default_rng(3)
+    sizes = [5, 3, 3, 2, 1]
+    labels = np.repeat(np.arange(5), sizes)
+    y = rng.normal(0, 1, 5)[labels] + rng.normal(0, 1, labels.size)
+    N = labels.size
+    H = np.full((N, N), 1 / N)
+    e = y - y.mean()
+    cols, var = [], 0.0
+    for g in range(5):
+        idx = labels == g
+        w, U = np.linalg.eigh(np.eye(idx.sum()) - H[np.ix_(idx, idx)])
+        A = U @ np.diag(w**-0.5) @ U.T
+        var += (np.ones(idx.sum()) @ A @ e[idx]) ** 2 / N**2
+        a = np.zeros(N)
+        a[idx] = A @ np.ones(idx.sum()) / N
+        cols.append((np.eye(N) - H) @ a)
+    Gm = np.stack(cols, 1)
+    rho = _within_ratio(y, labels, np.bincount(labels).astype(float))
+    omega = np.eye(N) + rho * (labels[:, None] == labels[None, :])
+    W = Gm.T @ omega @ Gm
+    m, se, df, n = _cr2(y, labels)
+    assert rho > 0 and n == N and m == pytest.approx(y.mean())
+    assert se == pytest.approx(np.sqrt(var)) and df == pytest.approx(np.trace(W) ** 2 / np.trace(W @ W))
+
+
+@pytest.mark.parametrize("sizes", [[14, 6, 6, 5, 2], [14, 9, 7, 6, 6, 5, 4, 3, 2, 2, 2]])
+def test_cluster_robust_covers_with_few_unequal_clusters(sizes):
+    """5 unequal clusters (the built-in facts' relations: 14/6/6/5/2) and 11 (a ParaRel sample's), a cluster effect as
+    large as the noise: the nominal 95 % interval covers at least 93 % (the cluster bootstrap with t on G - 1 df, the
+    sweep's verdicts before issue 34, covered about 0.90 on both: see ``test_the_cluster_bootstrap_ran_short``)."""
+    from kscope.stats import cluster_robust
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    n_sim = 600
+    hits = 0
+    for _ in range(n_sim):
+        y = rng.normal(0, 1, len(sizes))[labels] + rng.normal(0, 1, labels.size)
+        iv = cluster_robust(y, labels).interval
+        hits += iv.lo <= 0.0 <= iv.hi
+    assert hits / n_sim >= 0.93
+
+
+def test_the_cluster_bootstrap_ran_short():
+    """Why the verdicts moved to CR2: on the same 5 unequal clusters the bootstrap-SD interval with t on G - 1 df
+    covers clearly less than 95 %."""
     rng = np.random.default_rng(0)
     sizes = [14, 6, 6, 5, 2]
     labels = np.repeat(np.arange(5), sizes)
+    n_sim = 600
     hits = 0
-    n_sim = 2000
     for _ in range(n_sim):
         y = rng.normal(0, 1, 5)[labels] + rng.normal(0, 1, labels.size)
-        iv = cluster_robust(y, labels).interval
+        iv = cluster_bootstrap(y, labels, n_boot=1000, seed=0).interval
         hits += iv.lo <= 0.0 <= iv.hi
-    assert hits / n_sim >= 0.93  # nominal 0.95 (the cluster bootstrap with t on G - 1 df gave about 0.91 here)
+    assert hits / n_sim < 0.93
 
 
 def test_equivalence_p_is_tost_on_the_cr2_mean():
@@ -103,3 +155,18 @@ def test_equivalence_p_is_tost_on_the_cr2_mean():
     assert equivalence_p(x, range(5), 0.1) == pytest.approx(want)  # one value per cluster: plain TOST on t(G-1)
     assert equivalence_p(x, range(5), 0.1) < 0.05 < equivalence_p(x, range(5), 0.01)
     assert equivalence_p([0.0, 0.0], [0, 1], 0.1) == 0.0 and equivalence_p([1.0], [0], 0.1) is None
+
+
+def test_welch_equivalence_is_tost_on_welchs_difference():
+    from scipy import stats as st
+
+    from kscope.stats import welch_equivalence_p
+
+    a, b = [0.50, 0.52, 0.49, 0.51], [0.50, 0.48, 0.51]
+    t = st.ttest_ind(a, b, equal_var=False)
+    d = np.mean(a) - np.mean(b)
+    se = d / t.statistic
+    df = t.df
+    want = max(st.t.sf((d + 0.05) / se, df), st.t.sf((0.05 - d) / se, df))
+    assert welch_equivalence_p(a, b, 0.05) == pytest.approx(want) and want < 0.05
+    assert welch_equivalence_p([1.0], b, 0.05) is None

@@ -1,4 +1,4 @@
-"""The sweep on tiny models: every cell and control is there, verdicts follow the paired intervals, and
+"""The sweep on tiny models: every cell and control is there, verdicts follow the paired CR2 intervals, and
 released SAEs (JumpReLU, Gemma-2 with soft-capping) load through the release path offline."""
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ def files(tmp_path_factory, request):
     return {"root": root, "model": str(model), "facts": str(facts), "corpus": str(corpus)}
 
 
-def test_verdicts_follow_the_cluster_bootstrap():
+def test_verdicts_follow_the_cluster_robust_interval():
     rel = ["a", "a", "b", "b", "c", "c"]
     assert paired_verdict([1.0, 1.1, 0.9, 1.2, 1.0, 1.3], [0.0, 0.1, -0.1, 0.05, 0.0, 0.1], rel).says == "features better"
     assert paired_verdict([0.0, 0.1, -0.1, 0.05, 0.0, 0.1], [1.0, 1.1, 0.9, 1.2, 1.0, 1.3], rel).says == "neurons better"
-    assert paired_verdict([1.0, -1.0, 0.5, -0.4, 0.3, -0.3], [0.0, 0.1, 0.0, 0.1, 0.0, 0.0], rel).says == "no difference"
+    assert paired_verdict([1.0, -1.0, 0.5, -0.4, 0.3, -0.3], [0.0, 0.1, 0.0, 0.1, 0.0, 0.0], rel).says == "inconclusive"
     # one relation: its facts are one piece of evidence, however many there are
-    assert paired_verdict([1.0, 1.1, 0.9, 1.2], [0.0, 0.1, -0.1, 0.05], ["a"] * 4).says == "no difference"
+    assert paired_verdict([1.0, 1.1, 0.9, 1.2], [0.0, 0.1, -0.1, 0.05], ["a"] * 4).says == "inconclusive"
 
 
 def test_holm_decides_each_table_on_adjusted_p():
@@ -45,7 +45,7 @@ def test_holm_decides_each_table_on_adjusted_p():
     family = [Verdict(Interval(d, None, None, 9), p) for d, p in ((0.5, 0.01), (-0.4, 0.03), (0.2, 0.04))]
     adjust(family)
     assert [v.p_holm for v in family] == pytest.approx([0.03, 0.06, 0.06])
-    assert [v.says for v in family] == ["features better", "no difference", "no difference"]  # 0.03 alone would pass
+    assert [v.says for v in family] == ["features better", "inconclusive", "inconclusive"]  # 0.03 alone would pass
 
 
 def test_interpretability_counts_each_distinct_unit_once():
@@ -82,10 +82,11 @@ def test_sweep_writes_every_cell_with_controls(files, tmp_path):
                    "neuron vs matched neuron", "feature vs random feature", "feature vs matched feature"}
     for c in res.cells:
         assert set(c.units) == {"neuron", "feature", "basis", "pca", "random"}
-        assert set(c.verdicts) == comparisons and set(c.verdicts["feature vs pca"]) == {"suppress", "enhance", "both"}
-        assert set(c.verdicts["feature vs neuron"]["both"]) == {1, 3}
-        v = c.verdicts["feature vs neuron"]["both"][3]
-        assert v.p_holm is not None and v.p_holm >= v.p and v.says in ("features better", "neurons better", "no difference")
+        assert set(c.verdicts) == comparisons and set(c.verdicts["feature vs neuron"]) == {1, 3}
+        v = c.verdicts["feature vs neuron"][3]
+        assert set(v.ops) == {"suppress", "enhance"} and v.margin == 0.1
+        assert v.p_holm is not None and v.p_holm >= v.p and all(o.p_holm >= o.p for o in v.ops.values())
+        assert v.says in ("features better", "neurons better", "inconclusive", "equivalent within ±0.1") or v.says.startswith("disagree")
         f, n = c.units["feature"], c.units["neuron"]
         assert f.random["suppress"][3].log.n == 3 and n.matched["enhance"][1].rel.n == 3 and f.matched_norm is not None
         assert c.units["pca"].random is None and c.units["pca"].all is not None  # baselines: no random controls
@@ -93,21 +94,72 @@ def test_sweep_writes_every_cell_with_controls(files, tmp_path):
         assert n.all is not None and f.all.log.n == 3
     e = [c for c in res.cells if c.ablation == "error" and c.selection == "ig"]
     rc = [c for c in res.cells if c.ablation == "reconstruction" and c.selection == "ig"]
+    # one edit rule for every set of every cell and width (--ablate-to mean): every unit suppressed leaves the site at its
+    # mean, for the basis as for PCA (and random directions)
+    assert {u.ablated_to for c in res.cells for u in c.units.values()} | {w.effects.ablated_to for w in res.widths} == {"mean"}
+    for c in (c for c in e if c.site == "resid.post"):
+        assert c.units["basis"].all.log.mean == pytest.approx(c.units["pca"].all.log.mean, abs=1e-4)
+        assert c.units["basis"].all.log.mean == pytest.approx(c.units["random"].all.log.mean, abs=1e-4)
+        assert c.units["basis"].all.dx.mean == pytest.approx(c.units["pca"].all.dx.mean, rel=1e-3)
+    # collateral on other relations' facts, for the first selection protocol only
+    assert all(c.units["feature"].top["suppress"][3].collateral is not None for c in e)
+    assert all(c.units["feature"].top["suppress"][3].collateral is None for c in res.cells if c.selection == "activation")
     # only features have a reconstruction: both protocols report the same numbers for every other set
     for kind in ("neuron", "basis", "pca", "random"):
         assert [c.units[kind].top["suppress"][3].log.mean for c in e] == [c.units[kind].top["suppress"][3].log.mean for c in rc]
     assert len(res.quality) == 4 and all(q.is_feature is not None and q.auroc_neuron is not None for q in res.quality)
-    assert all(q.auroc_verdict.p_holm is not None for q in res.quality)
+    # unrelated prompts: other subjects of the fact's relation; spain has none, so 2 facts of one relation are paired
+    assert all(q.auroc_verdict.diff.n == 2 and q.auroc_verdict.margin == 0.05 for q in res.quality)
+    assert all(q.auroc_verdict.says == "inconclusive" for q in res.quality)  # one relation: no interval, no call
+    assert all(q.null_neuron is not None and q.null_feature is not None and q.det_verdict is not None for q in res.quality)
+    assert all(q.is_verdict.margin == 0.05 and q.det_verdict.margin == 0.05 for q in res.quality)
+    # per fact, the first protocol's (ig, error term kept) ΔP/P of every set's top units, keyed as the explorer reads them
+    from kscope.app.explorer import layer_grid, sweep_per_fact
+
+    assert set(res.per_fact) == set(sweep_per_fact(tmp_path))  # <run>/sweep/sweep.json
+    sets = {f"{L}/mlp.neurons/neuron" for L in (0, 2)} | {f"{L}/{s}/{k}" for L in (0, 2) for s in ("mlp.out", "resid.post")
+                                                          for k in ("feature", "basis", "pca", "random")}
+    assert res.per_fact and all(set(row) == sets for row in res.per_fact.values())
+    e3 = {c.site: c for c in e if c.layer == 2}
+    mean = [v["2/mlp.out/feature"] for v in res.per_fact.values() if v["2/mlp.out/feature"] is not None]
+    assert sum(mean) / len(mean) == pytest.approx(e3["mlp.out"].units["feature"].top["suppress"][3].rel.mean, abs=1e-6)
+    grid, _ = layer_grid(None, next(iter(res.per_fact.values())))
+    assert set(grid["neuron"]) == {0, 2} and "feature @ resid.post" in grid
     assert {(w.site, w.expansion) for w in res.widths} == {(s, x) for s in ("mlp.out", "resid.post") for x in (1, 2)}
     assert all(w.effects.random["suppress"][3].log.n == 3 and w.effects.matched is not None and w.effects.all.log.n == 3
                for w in res.widths)  # controls at every width
     from kscope.app.report import sweep_band_table
 
     band = sweep_band_table(res)  # one verdict per cell and comparison: each band counts its one layer once
-    assert all(sum(int(x) for x in cnt.split(" / ")) == 1 for row in band.rows for cnt in row[4:])
+    assert all(len(cnt.split(" / ")) == 5 and sum(int(x) for x in cnt.split(" / ")) == 1 for row in band.rows for cnt in row[4:])
     assert {row[3] for row in band.rows} >= {"MLP neurons (paper)", "basis", "PCA", "random directions"}
+    assert {row[1] for row in band.rows} >= {"interpretability score", "detection AUROC", "monosemanticity AUROC − null"}
+    from kscope.app.report import sweep_quality_table, sweep_tables
+
+    qt = sweep_quality_table(res)
+    assert "CR2 intervals" in qt.title and "AUROC verdict on AUROC − null, paired over facts" in qt.title and "TOST" in qt.title
+    assert {"null neurons", "null features", "detection neurons", "detection verdict"} <= set(qt.headers)
+    assert len(qt.rows) == 4 and all(len(row) == len(qt.headers) and row[9] != "–" for row in qt.rows)
+    assert all(t.markdown() for t in sweep_tables(res))
     assert set(res.saes) == {"0/mlp.out", "0/resid.post", "2/mlp.out", "2/resid.post"}
     assert all(i.stats and i.stats["n_train_tokens"] > 0 for i in res.saes.values())
+
+
+def test_ablate_to_zero_zeroes_every_set(files, tmp_path):
+    """``--ablate-to zero``: every set's codes zeroed (recorded), the basis then unlike PCA (whose codes are centred)."""
+    out = tmp_path / "sweep"
+    r = runner.invoke(app, ["sweep", "--model", files["model"], "--facts", files["facts"], "--known-top-k", "100",
+                            "--min-known-prompts", "1", "--layers", "1", "--sites", "resid.post", "--ks", "1", "--steps", "2",
+                            "--random-draws", "0", "--matched-draws", "0", "--measures", "delta", "--ablate-to", "zero",
+                            "--collateral-facts", "0", "--generate", "0", "--text", files["corpus"], "--sae-max-tokens", "400",
+                            "--sae-expansion", "2", "--sae-k", "4", "--out-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    res = SweepResult.load(out / "sweep.json")
+    assert res.config["edits"]["ablate_to"] == "zero"
+    assert {u.ablated_to for c in res.cells for u in c.units.values()} == {"zero"}
+    c = res.cells[0]
+    assert c.units["basis"].all.log.mean != pytest.approx(c.units["pca"].all.log.mean, abs=1e-4)
+    assert c.units["feature"].top["suppress"][1].collateral is None
 
 
 def test_released_jumprelu_saes_on_gemma2_through_the_release_path(tmp_path, monkeypatch):
@@ -190,3 +242,53 @@ def test_units_are_chosen_on_prompts_they_are_never_measured_on(files, tmp_path,
             assert not sel & meas and sel | meas == set(f.prompts)
         else:
             assert sel == meas == set(f.prompts)
+
+
+def test_fact_effects_keep_the_first_protocol_error_mode_largest_k():
+    """``per_fact``: each fact's ΔP/P with each set's top units suppressed at the largest k, first selection protocol,
+    error term kept; an undefined ΔP/P is None."""
+    from kscope.analyses.sweep import SweepConfig, fact_effects
+    from kscope.locate.conditions import Effect, SetEffects
+    from kscope.results import encode
+
+    def eff(rel1, rel3):
+        return encode(SetEffects({"suppress": {1: Effect(rel1, 0.0), 3: Effect(rel3, 0.0)}, "enhance": {3: Effect(9.0, 0.0)}}))
+
+    cfg = SweepConfig()
+    cfg.selection, cfg.ablation, cfg.delta_prob.ks = ["activation", "ig"], ["reconstruction", "error"], [1, 3]
+    facts = capital_facts()[:2]
+    for i, f in enumerate(facts):
+        f.uid = f"f{i}"
+    rows = [{"effects": {"activation|error|0/mlp.neurons/neuron": eff(-0.1, -0.5), "activation|error|0/mlp.out/feature": eff(0.0, float("nan")),
+                         "activation|reconstruction|0/mlp.out/feature": eff(0.0, -0.9), "ig|error|0/mlp.neurons/neuron": eff(0.0, -0.7)}},
+            {"effects": {}}]
+    assert fact_effects(cfg, facts, rows) == {"f0": {"0/mlp.neurons/neuron": -0.5, "0/mlp.out/feature": None}}
+
+
+def test_quality_verdicts_compare_the_excess_over_each_sets_null():
+    """Features with the higher raw AUROC but the smaller excess over their activity-matched null do not win; equal
+    excesses within ±0.05 read "equivalent"; interpretability gets a detection verdict beside Pearson r."""
+    from kscope.analyses.quality import FactAurocs, UnitScores, quality_cells
+
+    rel = [r for r in "abcde" for _ in range(4)]
+    w = [0.01 * ((i * 7) % 5 - 2) for i in range(20)]
+    index = {"0/mlp.neurons/neuron": 0, "0/mlp.out/feature": 1}
+    neurons = FactAurocs([0.7 + x for x in w], [0.5] * 20)
+    feats = FactAurocs([0.9 - x for x in w], [0.85] * 20)  # raw +0.2, excess -0.15
+    scores = [UnitScores([0.3 + x for x in w], [0.6 + x for x in w], [[str(i)] for i in range(20)]),
+              UnitScores([0.8 + x for x in w], [0.6 - x for x in w], [[str(i)] for i in range(20)])]
+    q, = quality_cells([0], ["mlp.out"], index, scores, [neurons, feats], rel)
+    assert q.auroc_verdict.says == "neurons better" and q.auroc_verdict.diff.mean == pytest.approx(-0.15)
+    assert q.null_feature.mean == pytest.approx(0.85) and q.auroc_feature.mean == pytest.approx(0.9)
+    assert q.is_verdict.says == "features better" and q.det_verdict.says == "equivalent within ±0.05"
+    feats = FactAurocs([0.9 - x for x in w], [0.7] * 20)  # excess 0.2 each
+    q, = quality_cells([0], ["mlp.out"], index, None, [neurons, feats], rel)
+    assert q.auroc_verdict.says == "equivalent within ±0.05" and q.is_verdict is None
+
+
+def test_reproduce_gives_the_sweep_the_same_edits_as_compare():
+    from kscope.app.reproduce import ReproduceConfig, stage_configs
+    from kscope.locate.edits import EditConfig
+
+    got = stage_configs(ReproduceConfig(stages=["compare", "sweep"], edits=EditConfig(ablate_to="zero", collateral=2)))
+    assert got["sweep"].edits == got["compare"].edits == EditConfig(ablate_to="zero", collateral=2)

@@ -102,3 +102,34 @@ def env(tmp_path_factory):
     server.shutdown()
     holder.kill()
     holder.wait()
+
+
+def hand_made_erase():
+    """A small ``privacy erase`` result made by hand (the real one takes minutes): two test people with two secrets
+    each, two methods' best points, the floors and three attacked model states, located units on layer 1."""
+    from kscope.privacy.judge.attacks import AttackRow
+    from kscope.privacy.study.results import EraseResult, ErasurePoint, SecretOutcome, Target
+    from kscope.stats import Interval
+
+    people, attrs = ["Ada Lind", "Bo Ek"], ["city", "phone"]
+    leaks = lambda x: {"token_recovery": x, "prefix_share": x / 2, "char_overlap": x / 3}  # noqa: E731
+    secrets = lambda rel, x: [SecretOutcome(p, a, rel, 1.0 if rel else 0.0, 0 if rel else 7, 20, leaks(x))  # noqa: E731
+                              for p in people for a in attrs]
+    val = {"rel": 0.9, "gen": 0.9, "loc_pararel": 1.0, "loc_private": 1.0, "loc": 1.0, "delta_ppl": 0.0}
+
+    def point(method: str, kind: str, budget: int, rel: float) -> ErasurePoint:
+        return ErasurePoint(method, kind, budget, budget, 64 * budget, rel, rel, 1.0, 1.0, 1.0, 10.0, 0.001, Interval(-2.0),
+                            lam=1.0, val=val, rel_people={p: rel for p in people}, gen_people={p: rel for p in people},
+                            dlogp_people={p: -2.0 for p in people}, secrets=secrets(rel < 0.5, 0.1 if rel > 0.5 else 0.9))
+
+    points = [point("keyed-unrestricted", "keyed", 0, 1.0), point("keyed-features", "keyed", 4, 0.25)]
+    rows = []
+    for m, x in (("base model (never taught)", 0.0), ("retain twin", 0.05), ("unedited", 1.0), ("keyed-unrestricted", 0.1)):
+        rows.append(AttackRow(m, "–" if m != "keyed-unrestricted" else "all", {"phrasings": Interval(x), "int8 weights": Interval(x)},
+                              people={"phrasings": {p: x for p in people}, "int8 weights": {p: x for p in people}}))
+    units = {p: {"neurons": [[1, u, 1.0 / (u + 1)] for u in range(10)], "features": [[1, u, 0.5 / (u + 1)] for u in range(10)]}
+             for p in people}
+    return EraseResult(model_dir="privacy/hand", base_model="tiny", build={}, layers=[1], config={"specificity": ["format"]},
+                       n_erased=8, n_kept_private=4, n_unrelated=2, points=points, frontier=[0], reach_target=[0], target=Target(),
+                       n_erased_people=4, attacks=rows, split={"forget-val": ["Cy Val", "Di Val"], "forget-test": people},
+                       secret_floors={"unedited": secrets(True, 1.0), "retain twin": secrets(False, 0.2)}, person_units=units)

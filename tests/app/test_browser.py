@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kscope.app.cli import app
+from tests.app.conftest import hand_made_erase
 from tests.helpers import save_tiny_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -31,6 +32,19 @@ def check(page) -> str:
     return dom.split('data-check="', 1)[1].split('"', 1)[0]
 
 
+def tiny_sweep(path) -> None:
+    """A sweep result over three layers that records per-fact effects for every built-in fact (no sweep is run)."""
+    from kscope.analyses.sweep import SweepResult
+    from kscope.facts import FactConfig
+
+    SweepResult("tiny", 1, "built-in", [0, 1, 2], ["mlp.out"], [], [], [], {}, {}, {}).save(path)
+    data = json.loads(path.read_text())
+    data["per_fact"] = {f.uid: {f"{L}/{site}/{kind}": -0.1 * (L + 1) * (1 + i % 3)
+                                for L in (0, 1, 2) for site, kind in (("mlp.neurons", "neuron"), ("mlp.out", "feature"))}
+                        for i, f in enumerate(FactConfig().load())}
+    path.write_text(json.dumps(data))
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
@@ -39,6 +53,9 @@ def report(tmp_path_factory):
     corpus.write_text("\n\n".join(["the capital of france is paris", "people in spain speak spanish", "new york is a city",
                                    "history and science today", "the eiffel tower is in paris"] * 20))
     out = root / "report"
+    out.mkdir()
+    hand_made_erase().save(out / "privacy-hand.json")  # a privacy result beside the run: the explorer gives it pages
+    tiny_sweep(out / "sweep" / "sweep.json")
     r = runner.invoke(app, ["reproduce", "--model", str(root / "model"), "--layer", "1", "--out", str(out), "--known-top-k", "100",
                             "--min-known-prompts", "1", "--sae-tokens", "400", "--generate", "0", "--text", str(corpus),
                             "--sae-expansion", "2", "--sae-k", "32", "--stages", "compare,interpret,monosemanticity,explorer"])
@@ -48,12 +65,13 @@ def report(tmp_path_factory):
 
 def test_report_and_explorer_pages_render_whole(report, tmp_path):
     unit = next((report / "explorer" / "units").glob("L1-feature-*.html"))
+    person = next((report / "explorer" / "privacy").glob("hand-*.html"))
     pages = [report / "index.html", report / "explorer" / "index.html", report / "explorer" / "fact-0.html", unit,
-             next((report / "explorer" / "units").glob("L1-neuron-*.html"))]
+             next((report / "explorer" / "units").glob("L1-neuron-*.html")), report / "explorer" / "privacy" / "index.html", person]
     for page in pages:
         assert check(page) == "ok", page
     for name, page in (("report", report / "index.html"), ("unit", unit), ("fact", report / "explorer" / "fact-0.html"),
-                       ("explorer", report / "explorer" / "index.html")):
+                       ("explorer", report / "explorer" / "index.html"), ("privacy", person)):
         shot = tmp_path / f"{name}.png"
         chromium(f"--screenshot={shot}", "--window-size=1100,900", page.as_uri())
         assert shot.exists() and shot.stat().st_size > 5000, name
@@ -105,3 +123,30 @@ def test_the_check_catches_a_broken_page(report, tmp_path):
     verdict = check(broken)
     assert "broken image nowhere.png" in verdict and "empty table" in verdict and "script error" in verdict
     assert json.loads((report / "results.json").read_text())["compare"]["n_facts"] >= 1
+
+
+def test_a_privacy_page_shows_each_persons_units_secrets_and_attacks(report):
+    """Linked from the report and the explorer; per test person their located units, each method's outcome on each secret
+    beside the unedited model and the retain twin, each attack beside the floors; every table filled."""
+    assert "explorer/privacy/index.html" in (report / "index.html").read_text()
+    assert "privacy/index.html" in chromium("--dump-dom", (report / "explorer" / "index.html").as_uri())
+    index = chromium("--dump-dom", (report / "explorer" / "privacy" / "index.html").as_uri())
+    assert "hand-ada-lind.html" in index and "hand-bo-ek.html" in index and "Cy Val" not in index  # test people only
+    assert "unedited produces 2 of 2 secrets" in index
+    dom = chromium("--dump-dom", (report / "explorer" / "privacy" / "hand-ada-lind.html").as_uri())
+    for cls in ("located", "methods", "secret", "attacks"):
+        table = dom.split(f'class="{cls}"', 1)[1].split("</table>", 1)[0]
+        assert table.count("<td") > 2, cls
+    secret = dom.split('class="secret"', 1)[1].split("</table>", 1)[0]
+    assert "unedited" in secret and "retain twin" in secret and "keyed-features" in secret and "not produced" in secret
+    attacks = dom.split('class="attacks"', 1)[1].split("</table>", 1)[0]
+    assert "base model (never taught)" in attacks and "retain twin" in attacks and "unedited" in attacks
+    assert "Ada Lind" in (report / "explorer" / "search.js").read_text()
+
+
+def test_a_fact_page_maps_its_units_across_the_sweeps_layers(report):
+    """With a sweep that records per-fact effects, the fact page shows a layers x unit-set heat map."""
+    dom = chromium("--dump-dom", (report / "explorer" / "fact-0.html").as_uri())
+    heat = dom.split('class="heat"', 1)[1].split("</figure>", 1)[0]
+    assert heat.count("<rect") >= 6 + 2 and ">layer</text>" in heat  # 3 layers x 2 sets, and the 2 row swatches
+    assert dom.index('class="heat"') < dom.index("<h2>Layer 1</h2>")

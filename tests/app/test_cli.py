@@ -44,13 +44,15 @@ def test_train_sae_then_compare(model_dir, fact_file, facts, tmp_path):
                             "--ks", "1,2", "--generate", "40", "--gen-len", "16", "--baseline-fit-tokens", "200", "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert res["n_facts"] == 3 and res["split"].startswith("paraphrase") and res["schema"] == "kscope.compare/2"
+    assert res["n_facts"] == 3 and res["split"].startswith("paraphrase") and res["schema"] == "kscope.compare/3"
     s = res["summary"]["1"]
     assert set(s) == {"neuron", "feature", "basis", "pca", "random"}  # the same-site baselines beside the paper's two kinds
     assert s["neuron"]["site"] == "1/mlp.neurons" and s["feature"]["site"] == "1/mlp.out" and s["pca"]["site"] == "1/mlp.out"
     e = s["neuron"]["effects"]
     assert set(e["top"]) == {"suppress", "enhance"} and set(e["top"]["suppress"]) == {"1", "2"}
-    assert set(e["top"]["suppress"]["2"]) == {"rel", "log"}
+    assert set(e["top"]["suppress"]["2"]) == {"rel", "log", "dx", "per_dx", "collateral"}  # the edit's size and collateral
+    assert e["top"]["suppress"]["2"]["dx"]["mean"] > 0 and e["top"]["suppress"]["2"]["collateral"]["mean"] is not None
+    assert e["random"]["suppress"]["2"]["collateral"] is None and {s[k]["effects"]["ablated_to"] for k in s} == {"mean"}
     for kind in ("neuron", "feature"):  # the controls: k random and k matched random units of each kind, per fact
         assert set(s[kind]["effects"]["random"]["suppress"]) == {"1", "2"} and s[kind]["effects"]["matched"] is not None
         assert all(f["layers"]["1"][kind]["effects"]["random"] for f in res["facts"])

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from kscope.app.cli import app
 from kscope.app.report import markdown
 from kscope.app.reproduce import ReproduceResult
+from kscope.privacy.study.results import EraseResult
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -46,10 +47,11 @@ def test_the_tables_carry_the_json_numbers():
     top = data["compare"]["summary"]["1"]["neuron"]["effects"]["top"]["suppress"]["10"]
     assert f"| 1 | neurons | suppress | 10 | {top['rel']['mean']:+.3f} [" in md and f"| {top['log']['mean']:+.3f} [" in md
     cell = next(c for c in data["sweep"]["cells"] if c["site"] == "resid.post" and c["selection"] == "ig" and c["ablation"] == "error")
-    v = cell["verdicts"]["feature vs neuron"]["both"]["10"]  # the Holm-adjusted verdict, as the table says it
-    d = v["diff"]
-    assert f"| resid.post | {cell['layer']} | {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {v['says']} |" in md
-    assert v["p_holm"] >= v["p"]
+    v = cell["verdicts"]["feature vs neuron"]["10"]  # the Holm-adjusted verdict, as the table says it, with each op's difference
+    s, e = (v["ops"][op]["diff"] for op in ("suppress", "enhance"))
+    assert (f"| resid.post | {cell['layer']} | sup {s['mean']:+.2f} [{s['lo']:+.2f}, {s['hi']:+.2f}] · enh {e['mean']:+.2f} "
+            f"[{e['lo']:+.2f}, {e['hi']:+.2f}]: {v['says']} |") in md
+    assert v["p_holm"] >= v["p"] and "no difference" not in md
     erase = next(iter(data["privacy"].values()))
     top = erase["points"][-1]  # the last point: the all-layers MLP control
     assert top["method"] == "mlp-zero-all"
@@ -60,7 +62,7 @@ def test_a_result_of_another_kind_or_a_newer_version_is_refused(tmp_path):
     data = json.loads((DATA / "results_small.json").read_text())
     (tmp_path / "results.json").write_text(json.dumps({**data, "schema": "kscope.reproduce/99"}))
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert r.exit_code == 2 and "reads kscope.reproduce/1 and older" in r.output
+    assert r.exit_code == 2 and "reads kscope.reproduce/2 and older" in r.output
     (tmp_path / "results.json").write_text(json.dumps({**data, "schema": "kscope.compare/1"}))
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "expected a kscope reproduce result" in r.output
@@ -79,3 +81,48 @@ def test_the_pooled_study_table_pools_people_across_privacy_models():
     row = next(r for r in t.rows if r[0] == "keyed-unrestricted")
     assert row[1] == 2 * len(b.rel_people) and row[2].startswith(f"{sum(b.rel_people.values()) / len(b.rel_people):.2f}")
     assert row[-1].endswith("of 2")
+
+
+def test_privacy_pages_show_each_test_person_and_survive_an_older_result(tmp_path):
+    """A page per test person and an index line each; a result made before per-person data gives notes, not empty tables."""
+    from kscope.app.privacy_pages import outcome_line, write_privacy_pages
+    from tests.app.conftest import hand_made_erase
+
+    res = hand_made_erase()
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "L1-neuron-3.html").write_text("a unit page")
+    index = write_privacy_pages(tmp_path, {"hand": res}).read_text()
+    assert index.count("<tr><td class='s who'>") == 2 and "Cy Val" not in index
+    assert outcome_line(res, "Ada Lind").startswith("unedited produces 2 of 2 secrets · erased on the held-out template, most by "
+                                                    "keyed-unrestricted 2/2 · keyed-features 0/2")
+    page = (tmp_path / "privacy" / "hand-ada-lind.html").read_text()
+    assert '<a href="../units/L1-neuron-3.html">3</a>' in page and "<td>4</td>" in page  # linked when the explorer has it
+    old = EraseResult.from_json({**json.loads(json.dumps(res.to_json())), "schema": "kscope.privacy-erase/5",
+                                 "secret_floors": {}, "person_units": {}})
+    for p in old.points + old.attacks:
+        p.secrets = []
+        p.people = {}
+    write_privacy_pages(tmp_path / "old", {"old": old})
+    page = (tmp_path / "old" / "privacy" / "old-ada-lind.html").read_text()
+    assert "keeps no per-secret outcomes" in page and "keeps no per-person located units" in page
+    assert "<tbody></tbody>" not in page
+
+
+def test_a_fact_page_maps_layers_only_when_a_sweep_or_several_layers_say_so(tmp_path):
+    """No sweep and one layer: no heat map; a sweep's per-fact record gives one row per unit set, one column per layer."""
+    from kscope.analyses.sweep import SweepResult
+    from kscope.app.explorer import fact_page, layer_grid, sweep_per_fact
+    from kscope.locate.compare import FactLocation
+
+    f = FactLocation("capital:France", "France", "capital", "Paris", " Paris", False, ["The capital of France is"])
+    assert sweep_per_fact(tmp_path) == {} and layer_grid(f, None) == ({}, "")
+    assert 'class="heat"' not in fact_page(f, str, None)
+    SweepResult("tiny", 1, "built-in", [0, 3], ["mlp.out", "resid.post"], [], [], [], {}, {}, {}).save(tmp_path / "sweep" / "sweep.json")
+    data = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    data["per_fact"] = {f.uid: {"0/mlp.neurons/neuron": -0.5, "3/mlp.neurons/neuron": -0.1, "0/mlp.out/feature": -0.9,
+                                "3/resid.post/feature": 0.2, "3/mlp.out/pca": None}}
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(data))
+    grid, caption = layer_grid(f, sweep_per_fact(tmp_path)[f.uid])
+    assert grid == {"neuron": {0: -0.5, 3: -0.1}, "feature @ mlp.out": {0: -0.9}, "feature @ resid.post": {3: 0.2}}
+    page = fact_page(f, str, sweep_per_fact(tmp_path)[f.uid])
+    assert 'class="heat"' in page and "not measured" in page and "+0.20" in page and "sweep" in caption

@@ -60,8 +60,12 @@ def test_every_question_of_the_small_run_is_answered_and_none_says_no_difference
     assert [a.key for a in got] == ["locate", "sweep", "interpret", "monosemantic", "erase", "handle"]
     for a in got:
         assert a.sentence.endswith(".") and "no difference" not in a.sentence + a.says
-    # without per-fact effects (results.json leaves them out) the comparison is not made up
-    assert "not compared" in got[0].sentence and got[0].says == "inconclusive"
+    assert "not compared" not in got[0].sentence  # reproduce keeps the paired verdicts the per-fact detail gave
+    # without the paired per-fact effects (an older results.json) the comparison is not made up
+    old = copy.copy(small)
+    old.paired = {}
+    first = answers(old)[0]
+    assert "not compared" in first.sentence and first.says == "inconclusive"
     md = markdown_block(got)
     assert md[1] == "**Answers**" and len(md) == 3 + len(got)
 
@@ -84,3 +88,58 @@ def test_pooled_privacy_verdicts_come_from_the_pooled_family(small):
     assert a.says in ("inconclusive", "keyed-features erases more", "keyed-neurons erases more") or a.says.startswith("equivalent")
     e = next(x for x in answers(res) if x.key == "erase")
     assert "the test people of 2 privacy models" in e.sentence
+
+
+def test_the_locate_answer_judges_suppress_and_enhance_apart(small):
+    """A two-operation verdict: both ops' differences are quoted, and opposite significant ops are a disagreement, never
+    a win."""
+    from kscope.analyses.verdicts import ops_verdict
+
+    rel = [r for r in "abcde" for _ in range(3)]
+    base = [1.0 + 0.1 * i for i in range(15)]
+    wobble = [0.01 * ((i * 7) % 5 - 2) for i in range(15)]
+    a = {"suppress": [x - 3.0 + w for x, w in zip(base, wobble)], "enhance": [x + 1.0 - w for x, w in zip(base, wobble)]}
+    v = ops_verdict(a, {"suppress": base, "enhance": base}, rel)
+    got = next(x for x in answers(_with(small, v)) if x.key == "locate")
+    assert got.says == "disagree (suppress favours neurons, enhance favours features)"
+    assert "suppressed -3.00 [" in got.sentence and "enhanced +1.00 [" in got.sentence
+    assert "neither is shown to beat" in got.sentence
+    assert "features beat neurons" not in got.sentence and "neurons beat features" not in got.sentence
+    a = {op: [x + 0.5 + w for x, w in zip(base, wobble)] for op in ("suppress", "enhance")}
+    v = ops_verdict(a, {"suppress": base, "enhance": base}, rel)
+    got = next(x for x in answers(_with(small, v)) if x.key == "locate")
+    assert got.says == "features better" and got.sentence.endswith("features beat neurons.")
+    assert "called only when both agree" in got.sentence
+
+
+def test_the_monosemantic_answer_pairs_the_excess_over_each_sets_null(small):
+    """Features with the higher raw AUROC but the smaller excess over their own null: the answer is on AUROC − null,
+    never "features beat neurons", and quotes each set's AUROC beside its null."""
+    from kscope.analyses.monosemanticity import UnitSeparation
+    from kscope.analyses.selectivity import NullSummary
+
+    res = copy.copy(small)
+    res.paired = {}
+    mono = copy.deepcopy(small.monosemanticity)
+    for kind, (auc, null) in (("feature", (0.9, 0.85)), ("neuron", (0.7, 0.5))):
+        mono.results[kind].rows = [UnitSeparation(f"f{i}", 0, 0, 1.0, 0.0, auc + 0.01 * ((i * 7) % 5 - 2), 0.5, [], [], [],
+                                                  relation="abcde"[i % 5], null=null) for i in range(20)]
+        mono.results[kind].summary.null = NullSummary(null, null - 0.02, null + 0.02, 20)
+    res.monosemanticity = mono
+    a = next(x for x in answers(res) if x.key == "monosemantic")
+    assert a.says == "neurons better" and a.diff.mean == pytest.approx(-0.15)
+    assert "AUROC − null per fact -0.15 [" in a.sentence and "against its null 0.85 (95 % of draws 0.83–0.87)" in a.sentence
+    assert "features beat neurons" not in a.sentence
+
+
+def test_the_interpret_answer_gives_the_detection_verdict_beside_pearson_r(small):
+    from kscope.analyses.autointerp import UnitIS
+
+    res = copy.copy(small)
+    interp = copy.deepcopy(small.interpret)
+    for kind, det in (("feature", 0.9), ("neuron", 0.6)):
+        interp.results[kind].rows = [UnitIS(i, "", 0.5 + 0.01 * (i % 3), 10, 1.0, detection=det + 0.01 * (i % 3)) for i in range(12)]
+    res.interpret = interp
+    a = next(x for x in answers(res) if x.key == "interpret")
+    assert "detection AUROC (top against random held-out windows" in a.sentence and "(Welch): features beat neurons." in a.sentence
+    assert a.says == "Pearson r: equivalent within ±0.05; detection: features better"

@@ -49,7 +49,7 @@ def test_every_row_equals_its_own_forward(lm, facts, positions):
             (BasisUnits(Site(1, "resid.post"), 32), "error")]
     jobs = [(u, factor_rows(u.n_units, [("suppress", [0, 3]), ("enhance", [1]), ("keep", []), ("suppress", range(u.n_units))]), m)
             for u, m in sets]
-    clean, got = condition_logps(lm, fact, jobs, positions, max_rows=9)  # small passes: the sets split across them
+    clean, got, _ = condition_logps(lm, fact, jobs, positions, max_rows=9)  # small passes: the sets split across them
     p0, _ = fact_probs(lm.model, lm.tokenizer, fact)
     assert clean == pytest.approx(p0.double().log().numpy(), abs=1e-5)
     for (units, factors, mode), lp in zip(jobs, got):
@@ -63,7 +63,7 @@ def test_whole_answer_rows_equal_their_own_forward(llama_lm, facts):
     fact.target_tokens = [fact.target_id, tok(" is", add_special_tokens=False).input_ids[0]]
     units = neuron_units(llama_lm, 1)
     factors = factor_rows(units.n_units, [("suppress", [0, 1, 2]), ("enhance", [5])])
-    _, (lp,) = condition_logps(llama_lm, fact, [(units, factors, "error")])
+    _, (lp,), _ = condition_logps(llama_lm, fact, [(units, factors, "error")])
     assert lp == pytest.approx(_reference(llama_lm, fact, units, factors, "error", "last"), abs=2e-5)
 
 

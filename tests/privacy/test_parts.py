@@ -10,7 +10,7 @@ from kscope.model.sites import Site, down_proj_weight
 from kscope.privacy.data.dataset import (FIRST, LAST, STRANGER_FIRST, STRANGER_LAST, PrivacyConfig, attack_prompts, build_private_facts,
                                     collisions, strangers)
 from kscope.privacy.edit.editors import feature_edit
-from kscope.privacy.edit.guardrail import GatedClamp
+from kscope.privacy.edit.guardrail import ClampAll
 from kscope.privacy.locate.scores import per_person, removed_share
 
 
@@ -87,10 +87,11 @@ class _Ident:
         self.units = FeatureUnits(site, S())
 
 
-def test_gated_clamp_leaves_inputs_where_no_located_feature_fires_bit_identical(llama_lm):
+def test_clamp_all_leaves_inputs_where_no_located_feature_fires_bit_identical(llama_lm):
+    """kscope's earlier per-token clamp (``clamp-all``)."""
     site = Site(1, "mlp.out")
     units = _Ident(site, 32).units
-    clamp = GatedClamp({1: (units, [3, 7], torch.tensor([1.0, 1.0]))}, gate=0.5, clamp=2.0)
+    clamp = ClampAll({1: (units, [3, 7], torch.tensor([1.0, 1.0]))}, gate=0.5, clamp=2.0)
     fn = clamp.edit(units, [3, 7], torch.tensor([1.0, 1.0]))
     x = torch.randn(2, 5, 32)
     x[..., [3, 7]] = -1.0  # the located features are silent everywhere
@@ -102,7 +103,7 @@ def test_gated_clamp_leaves_inputs_where_no_located_feature_fires_bit_identical(
     assert out[1, 2, 7] < 0 and out[1, 2, 3] < 0  # clamped negatively where it fires
     ids = llama_lm.tokenizer("the capital of france is", return_tensors="pt").input_ids
     clean = llama_lm.model(ids).logits
-    silent = GatedClamp({1: (units, [3], torch.tensor([1e9]))}, gate=0.5)  # a gate nothing reaches
+    silent = ClampAll({1: (units, [3], torch.tensor([1e9]))}, gate=0.5)  # a gate nothing reaches
     with silent.applied(llama_lm.model):
         assert torch.equal(llama_lm.model(ids).logits, clean)
 

@@ -1,6 +1,7 @@
 import hashlib
 import os
 import stat
+import time
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_the_default_grid_needs_no_residual_sae():
     from kscope.app.reproduce import ReproduceConfig
 
     cfg = ReproduceConfig()
-    assert set(METHODS) - set(cfg.erase.methods) == {"feature-project", "runtime-negative", "gated-clamp-resid"}
+    assert set(METHODS) - set(cfg.erase.methods) == {"feature-project", "runtime-negative", "clamp-all", "gated-clamp-resid"}
     assert {s.kind for s in sae_sites(cfg, {"privacy-erase"})} == {"mlp.out"}
     assert EraseConfig().methods == cfg.erase.methods and cfg.erase.keyed.lams == [3.0, 10.0]
 
@@ -420,3 +421,46 @@ def test_text_nll_in_one_batch_equals_each_text_on_its_own(llama_lm):
         n += len(ids) - 1
     got = text_nll(llama_lm, rows)
     assert got[1] == n and abs(got[0] - total) < 1e-3 * max(1.0, abs(total))
+
+
+def test_erase_keeps_what_the_privacy_pages_show(erased):
+    """Per test secret each best point's and the floors' outcomes, per person the located units and the attack rates."""
+    res, _ = erased
+    test = set(res.split["forget-test"])
+    floors = res.secret_floors
+    assert set(floors) == {"unedited", "retain twin"} and {s.person for s in floors["unedited"]} == test
+    best = res.best("keyed-unrestricted")
+    assert len(best.secrets) == len(floors["unedited"]) and set(best.secrets[0].leaks) == {"token_recovery", "prefix_share", "char_overlap"}
+    assert set(res.person_units) >= test and all(len(u["neurons"]) == 10 and len(u["features"]) == 10 for u in res.person_units.values())
+    unedited = res.attacks[2]
+    assert set(unedited.people["phrasings"]) == test
+
+
+@pytest.fixture(scope="module")
+def chosen(privacy_model, tmp_path_factory):
+    _, out, corpus = privacy_model
+    args = _erase_args(corpus)
+    i = args.index("--layers")
+    args[i + 1] = "1"
+    path = tmp_path_factory.mktemp("choice") / "privacy.json"
+    t = time.time()
+    r = runner.invoke(app, ["privacy", "erase", "--model-dir", str(out), *args, "--choice-layers", "2", "--feature-choice-layers", "2",
+                            "--method", "depn,kn-erase,revs,feature-edit,runtime-zero,gated-clamp,clamp-all", "--controls", "",
+                            "--attack", "", "--out", str(path)])
+    assert r.exit_code == 0, r.output
+    return EraseResult.load(path), time.time() - t
+
+
+def test_erase_measures_each_baseline_at_its_candidates_and_chooses_on_validation(chosen):
+    res, seconds = chosen
+    print(f"erase with layer choice: {seconds:.1f} s; {res.seconds}")
+    for m in ("depn", "kn-erase", "revs", "feature-edit", "runtime-zero", "gated-clamp", "clamp-all"):
+        pts = [p for p in res.points if p.method == m]
+        assert {p.layer for p in pts} == {None, 2}
+        assert all(set(p.by_layer) <= ({1} if p.layer is None else {2}) for p in pts)
+        assert any(p.label.endswith("@ layer 2") for p in pts)
+        best = res.best(m)
+        # poison every test measure: the choice does not move
+        for p in res.points:
+            p.rel, p.gen, p.loc, p.loc_private, p.loc_pararel, p.delta_ppl = 1 - (p.rel or 0), 0.0, 0.0, 0.0, 0.0, 9.0
+        assert res.best(m) is best

@@ -1,6 +1,12 @@
 """Interpretability score (IS): explain a unit from its top-activating contexts, simulate its
 activations from the explanation on held-out contexts, IS = Pearson r(simulated, true).
 
+Pearson r over every token favours sparse units: a TopK feature's exact zeros are easy to predict, a dense neuron's
+background activity is not. Beside it, the **detection** score is sparsity-robust: the AUROC with which the simulated
+activation (its maximum over a window) tells the held-out top-activating windows from as many random held-out windows,
+a balanced classification as in EleutherAI's delphi detection scorer (``delphi/scorers/classifier/detection.py``:
+activating against non-activating examples; ``delphi/log/result_analysis.py``: AUC and class-balanced accuracy).
+
 Two explainer/simulators:
 - ``TokenExplainer`` (offline default, a *proxy*): the explanation is the tokens at which the unit
   fires most (weighted by its mean activation there); the simulation predicts, at each token, the
@@ -8,6 +14,9 @@ Two explainer/simulators:
   tokens", not a natural-language explanation.
 - ``LLMExplainer``: any OpenAI-compatible chat endpoint (``--llm-url``), in the spirit of Bills et al.
   2023: the LLM writes an explanation from marked top contexts, then scores held-out contexts 0–10.
+
+Every unit set is scored the same way: neurons, features and the same-site baselines the job has; intervals are
+cluster-robust (CR2) over facts, facts that share a scored unit counting as one cluster.
 """
 
 from __future__ import annotations
@@ -15,13 +24,14 @@ from __future__ import annotations
 import json
 import random
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from kscope.analyses.common import AnalysisConfig, AnalysisResult, save_outputs, setup
+from kscope.analyses.monosemanticity import auroc
 from kscope.config import MAX_LENGTH, MAX_TEXTS, Config, nested, option
 from kscope.errors import KscopeError
 from kscope.model.hooks import site_activations
@@ -29,10 +39,10 @@ from kscope.model.readout import pad_rows
 from kscope.net import check_openai_url
 from kscope.plots import pyplot, save_figure, unit_color
 from kscope.progress import make_progress
-from kscope.stats import Interval, mean_ci
+from kscope.stats import Interval, cluster_robust
 from kscope.units.base import Units
 from kscope.units.corpus import build_corpus
-from kscope.units.provision import SAEInfo
+from kscope.units.provision import BaselineConfig, SAEInfo
 
 
 @dataclass
@@ -51,7 +61,8 @@ class InterpretConfig(Config):
 
 @dataclass
 class UnitIS:
-    """One unit's interpretability score: its explanation, Pearson r on held-out windows, windows scored, peak activation."""
+    """One unit's interpretability score: its explanation, Pearson r on held-out windows, windows scored, peak activation;
+    ``detection``: the balanced top-vs-random window AUROC; ``facts``: the facts whose top unit it is."""
 
     unit: int
     explanation: Any
@@ -59,14 +70,21 @@ class UnitIS:
     n_eval: int
     fires: float
     sign: float = 1.0  # -1: oriented, the unit fires most strongly negative
+    detection: float | None = None
+    facts: list[str] = field(default_factory=list)
 
 
 @dataclass
 class UnitSetIS:
+    """``summary``: Pearson r, ``detection``: the detection AUROC, each a mean with its CR2 interval over ``n_clusters``
+    clusters of facts (facts sharing a scored unit are one cluster; each unit counts once)."""
+
     units: str
     explainer: str
     rows: list[UnitIS]
     summary: Interval
+    detection: Interval | None = None
+    n_clusters: int = 0
 
 
 @dataclass
@@ -74,6 +92,7 @@ class InterpretResult(AnalysisResult):
     """Interpretability score of each fact's top neurons and top features."""
 
     kind = "interpret"
+    version = 2
 
     results: dict[str, UnitSetIS]
     sae: SAEInfo | None = None
@@ -86,6 +105,7 @@ class InterpretJob(AnalysisConfig):
 
     interpret: InterpretConfig = nested(InterpretConfig)
     per_fact: int = option(1, "Top units per fact to score.", min=1)
+    baselines: BaselineConfig = nested(BaselineConfig, baselines=[])
 
     def validate(self) -> None:
         super().validate()
@@ -216,9 +236,10 @@ def interpretability_score(records: ActivationRecords, col: int, explainer, cfg:
     """IS of unit column ``col``: explain on top training windows, simulate held-out windows.
 
     Held-out windows are half top-activating and half random (as in Bills et al.), so a unit that never
-    fires on held-out text does not get a meaningless score. The unit is first oriented by the sign of
-    its strongest activation on the training windows: a neuron that fires strongly negative (SwiGLU
-    allows it) is explained and scored like its positive mirror.
+    fires on held-out text does not get a meaningless score. ``detection``: the AUROC of the simulation's maximum
+    over a window, for the top-activating held-out windows where the unit fires against the random ones. The unit is
+    first oriented by the sign of its strongest activation on the training windows: a neuron that fires strongly
+    negative (SwiGLU allows it) is explained and scored like its positive mirror.
     """
     acts = records.acts[..., col]
     n = acts.shape[0]
@@ -238,46 +259,91 @@ def interpretability_score(records: ActivationRecords, col: int, explainer, cfg:
     held_rand = rng.sample([i for i in held if i not in held_top], min(len(held_top), len(held) - len(held_top)))
     eval_idx = held_top + held_rand
     sim = explainer.simulate(explanation, [records.tokens[i] for i in eval_idx])
+    peak_sim = [max(x) if x else 0.0 for x in sim]
+    fired = [j for j, i in enumerate(held_top) if float(peak[i]) > 0]  # a window where the unit is silent is no top context
+    detection = auroc([peak_sim[j] for j in fired], peak_sim[len(held_top) :])
     if context_level:
         true = [float(peak[i]) for i in eval_idx]
         pred = [max(s) if s else 0.0 for s in sim]
     else:
         true = [float(v) for i in eval_idx for v in acts[i, : L[i]]]
         pred = [float(v) for s in sim for v in s]
-    return {"explanation": explanation, "score": pearson(pred, true), "n_eval": len(eval_idx), "fires": float(peak.max()), "sign": sign}
+    return {"explanation": explanation, "score": pearson(pred, true), "n_eval": len(eval_idx), "fires": float(peak.max()), "sign": sign,
+            "detection": None if detection != detection else detection}
+
+
+def fact_clusters(unit_facts: Sequence[Sequence[str]]) -> list[str]:
+    """Per unit, a cluster label: facts that share a unit are joined (transitively), a unit takes its facts' cluster;
+    a unit with no facts is its own cluster."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for fs in unit_facts:
+        for a in fs[1:]:
+            parent[find(a)] = find(fs[0])
+    return [find(fs[0]) if fs else f"unit {i}" for i, fs in enumerate(unit_facts)]
 
 
 def score_units(lm, units: Units, unit_idx: Sequence[int], texts: Sequence[str], cfg: InterpretConfig, explainer=None,
-                records: ActivationRecords | None = None) -> UnitSetIS:
-    """IS for each unit in ``unit_idx``; summary mean/CI. ``records``: their activations on ``texts`` if already recorded."""
+                records: ActivationRecords | None = None, facts: Sequence[Sequence[str]] | None = None) -> UnitSetIS:
+    """IS for each unit in ``unit_idx``; summaries with CR2 intervals clustered by fact (``facts[j]``: the facts whose top
+    unit ``unit_idx[j]`` is; without them every unit is its own cluster). ``records``: their activations on ``texts`` if
+    already recorded."""
     explainer = explainer or (LLMExplainer(cfg.llm_url, cfg.llm_model) if cfg.llm_url else TokenExplainer(cfg.explanation_tokens))
     context_level = isinstance(explainer, LLMExplainer)
     records = record_activations(lm, units, texts, unit_idx, cfg) if records is None else records
-    rows = [UnitIS(int(u), **interpretability_score(records, c, explainer, cfg, context_level)) for c, u in enumerate(unit_idx)]
-    return UnitSetIS(units.label, type(explainer).__name__, rows, mean_ci([r.score for r in rows]))
+    facts = [list(f) for f in facts] if facts is not None else [[] for _ in unit_idx]
+    rows = [UnitIS(int(u), **interpretability_score(records, c, explainer, cfg, context_level), facts=facts[c])
+            for c, u in enumerate(unit_idx)]
+    return summarize_is(units.label, type(explainer).__name__, rows)
+
+
+def summarize_is(label: str, explainer: str, rows: list[UnitIS]) -> UnitSetIS:
+    clusters = fact_clusters([r.facts for r in rows])
+    det = [r.detection if r.detection is not None else float("nan") for r in rows]
+    return UnitSetIS(label, explainer, rows, cluster_robust([r.score for r in rows], clusters).interval,
+                     cluster_robust(det, clusters).interval, len(set(clusters)))
 
 
 def plot_interpretability(results: dict[str, UnitSetIS], path) -> None:
-    """IS distributions of neurons vs features (box + strip)."""
+    """Per unit set, the distribution of Pearson r and of the detection AUROC (box + strip)."""
+    from kscope.analyses.cells import LABELS
+
     plt = pyplot()
     kinds = list(results)
-    data = [[r.score for r in results[k].rows] for k in kinds]
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.boxplot(data, tick_labels=[f"{k}s" for k in kinds])
-    for i, (k, d) in enumerate(zip(kinds, data), 1):
-        ax.scatter(np.random.default_rng(0).normal(i, 0.04, len(d)), d, s=8, alpha=0.6, color=unit_color(k))
-    ax.set_ylabel("interpretability score (Pearson r)")
-    ax.set_title("IS of top fact units")
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(kinds), 3.6))
+    for ax, attr, name, ref in ((axes[0], "score", "IS (Pearson r, every token)", 0.0),
+                                (axes[1], "detection", "detection AUROC (top vs random windows)", 0.5)):
+        data = [[getattr(r, attr) for r in results[k].rows if getattr(r, attr) is not None] for k in kinds]
+        ax.boxplot(data, tick_labels=[LABELS.get(k, k) for k in kinds])
+        for i, (k, d) in enumerate(zip(kinds, data), 1):
+            ax.scatter(np.random.default_rng(0).normal(i, 0.04, len(d)), d, s=8, alpha=0.6, color=unit_color(k))
+        ax.axhline(ref, color="k", lw=0.5)
+        ax.set_ylabel(name)
+        ax.tick_params(axis="x", labelrotation=30)
+    axes[0].set_title("IS of top fact units")
+    axes[1].set_title("sparsity-robust score")
     save_figure(fig, path)
 
 
 def run_interpret_job(cfg: InterpretJob) -> InterpretResult:
     with make_progress() as progress:
-        s = setup(cfg, progress)
+        s = setup(cfg, progress, baselines=cfg.baselines)
         _, texts = build_corpus(s.lm, cfg.corpus, progress, cfg.model.cache_dir).split()  # held-out texts: no SAE saw them
-        sets = {"neuron": s.neurons, "feature": s.features}
-        picks = {kind: list(dict.fromkeys(u for top in s.tops[kind] for u in top[: cfg.per_fact])) for kind in sets}
+        sets = {"neuron": s.neurons, "feature": s.features, **s.baselines}
+        owners: dict[str, dict[int, list[str]]] = {kind: {} for kind in sets}  # unit -> the facts whose top unit it is
+        for kind in sets:
+            for f, top in zip(s.facts, s.tops[kind]):
+                for u in top[: cfg.per_fact]:
+                    owners[kind].setdefault(int(u), []).append(f.uid)
+        picks = {kind: list(owners[kind]) for kind in sets}
         records = dict(zip(sets, record_many(s.lm, [(sets[k], picks[k]) for k in sets], texts, cfg.interpret, progress)))  # one pass
-        results = {kind: score_units(s.lm, sets[kind], picks[kind], texts, cfg.interpret, records=records[kind]) for kind in sets}
+        results = {kind: score_units(s.lm, sets[kind], picks[kind], texts, cfg.interpret, records=records[kind],
+                                     facts=list(owners[kind].values())) for kind in sets}
     result = InterpretResult(s.lm.name, cfg.layer, len(s.facts), asdict(cfg.interpret), results, s.sae)
     return save_outputs(cfg.out_dir, cfg.output_name, result, lambda path: plot_interpretability(results, path))

@@ -4,17 +4,18 @@ random and matched random controls, same-site baselines and Holm-adjusted verdic
 For every layer and site (``mlp.out``, ``resid.post``): each known fact's top units are chosen by IG (kscope's
 default; ``--method atp`` or ``atp-ig`` too) or by activation at the last token (the paper, as it is summarised),
 for the layer's MLP neurons, the site's SAE features and the same-site baselines (the site's basis, PCA and random
-directions). Their top-k are suppressed and enhanced (``locate.conditions``: features with the SAE error term kept,
-or with the site replaced by the SAE reconstruction, then measured against the reconstruction alone), beside random
+directions). Their top-k are suppressed and enhanced, every set by one rule: about its units' corpus mean codes, where
+IG starts too (``--ablate-to``, ``locate.edits``); features with the SAE error term kept, or with the site replaced by
+the SAE reconstruction, then measured against the reconstruction alone (``locate.conditions``); beside random
 units of each kind, random active units matched on contribution norm, and every unit suppressed. Units are chosen
 on some of each fact's prompts and measured on the others (ParaRel: on disjoint templates of the relation;
 ``--no-holdout``: the same prompts, as the paper does). Cells, verdicts and statistics are in ``analyses.cells``,
-interpretability and monosemanticity in ``analyses.quality``, the figure in ``analyses.sweep_plot``.
+interpretability and monosemanticity in ``analyses.quality``, the figure in ``analyses.sweep_plot``; each verdict judges
+suppress and enhance apart (``analyses.verdicts``).
 """
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from kscope.outputs import journal_path
 from kscope.locate.attribution import AttributionConfig, coarse_select, prompt_scores, rank_units, refine_select
 from kscope.locate.conditions import CONTROLLED, SetEffects, SetJob, SetSummary, measure_sets, summarize_effects
 from kscope.locate.delta_prob import DeltaProbConfig
+from kscope.locate.edits import EditConfig, collateral_panel
 from kscope.locate.objectives import fact_objective
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import last_token_activations
@@ -42,6 +44,7 @@ from kscope.progress import make_progress
 from kscope.results import Result, decode, encode
 from kscope.units.base import Units
 from kscope.units.corpus import CorpusConfig
+from kscope.units.means import fit_code_means
 from kscope.units.provision import BaselineConfig, SAEInfo, neuron_units, obtain_saes, site_baselines
 from kscope.units.sae import check_release, feature_units, load_sae
 from kscope.units.training import TrainSAEConfig
@@ -70,11 +73,13 @@ class SweepConfig(Config):
     holdout: bool = holdout_option()
     tau: float = option(0.5, "Activation selection: eligible units fire at >= tau x the fact's strongest unit.", min=0.0, max=1.0)
     delta_prob: DeltaProbConfig = nested(DeltaProbConfig, hide=("ops", "positions", "seed"), random_draws=3, matched_draws=3)
+    edits: EditConfig = nested(EditConfig)  # collateral: measured for the first selection protocol only
     baselines: BaselineConfig = nested(BaselineConfig)
     measures: list[str] = option(help="What to measure.", factory=lambda: list(MEASURES), choices=MEASURES, label="measure", unique=True)
     is_units: int = option(1, "Top units per fact whose interpretability score is taken (each distinct unit counted once).", min=1)
     mono_units: int = option(3, "Top units per fact tested for monosemanticity.", min=1)
-    n_unrelated: int = option(24, "Unrelated prompts per fact (monosemanticity).", min=1)
+    n_unrelated: int = option(24, "Unrelated prompts per fact (monosemanticity): its measured templates filled with other "
+                                  "subjects of its relation.", min=1)
     widths: list[int] = option(help="SAE widths (x site width) for the width sweep at --width-layer; empty: none.", factory=list,
                                min=1, max=MAX_EXPANSION, unique=True, allow_empty=True)
     width_layer: int = option(12, "Layer of the width sweep.", min=0)
@@ -123,7 +128,9 @@ class SweepResult(Result):
     """Every layer x site x protocol cell, the quality cells, the width sweep, the SAEs used."""
 
     kind = "sweep"
-    version = 2
+    version = 3
+    min_version = 3
+    min_version_why = "verdicts on suppress and enhance combined and a cluster bootstrap (before issue 34); run the sweep again"
 
     model: str
     n_facts: int
@@ -141,8 +148,9 @@ class SweepResult(Result):
     workers: dict[str, dict] = field(default_factory=dict)
     resumed: int = 0
     split: str = ""  # how prompts were split between selection and measurement (facts.split_kind)
-    n_relations: int = 0  # clusters of the bootstrap
+    n_relations: int = 0  # clusters of the intervals and verdicts
     orientation: str = ""  # which prompts orient each unit for monosemanticity
+    per_fact: dict[str, dict[str, float | None]] = field(default_factory=dict)  # uid -> set name -> ΔP/P (``fact_effects``)
 
 
 def set_name(units: Units) -> str:
@@ -180,10 +188,13 @@ class _SweepContext:
     lm: object
     sets: list[Units]
     cfg: SweepConfig
+    pool: list[Fact] = field(default_factory=list)  # every fact's measurement view: the collateral panels' source
 
 
-def _sweep_context(cfg: SweepConfig, sae_paths: dict[str, str], baselines: list[Units]) -> _SweepContext:
-    """A worker's model and unit sets (SAEs loaded from their directories or the release; the fitted baselines given)."""
+def _sweep_context(cfg: SweepConfig, sae_paths: dict[str, str], baselines: list[Units], means: dict[str, object] | None = None,
+                   pool: list[Fact] | None = None) -> _SweepContext:
+    """A worker's model and unit sets (SAEs loaded from their directories or the release; the fitted baselines given),
+    each set's mean codes (the centre of its edits, by ``Units.label``) and the collateral pool."""
     lm = load_model(cfg.model)
     feats = []
     for L in cfg.layers:
@@ -192,7 +203,10 @@ def _sweep_context(cfg: SweepConfig, sae_paths: dict[str, str], baselines: list[
             sae = load_sae(cfg.sae_release, cfg.model.device, cfg.sae_id.format(layer=L)) if cfg.sae_release else \
                 load_sae(sae_paths[site.name], cfg.model.device)
             feats.append(feature_units(lm.model, sae, site))
-    return _SweepContext(lm, [neuron_units(lm, L) for L in cfg.layers] + feats + list(baselines), cfg)
+    sets = [neuron_units(lm, L) for L in cfg.layers] + feats + list(baselines)
+    for u in sets:
+        u.code_mean = (means or {}).get(u.label)
+    return _SweepContext(lm, sets, cfg, pool or [])
 
 
 def _sweep_fact(ctx: _SweepContext, fact: Fact) -> dict:
@@ -210,14 +224,16 @@ def _sweep_fact(ctx: _SweepContext, fact: Fact) -> dict:
         ranks["activation"] = [activation_ranking(a, u.signed, cfg.tau, n_rank) for a, u in zip(acts, sets)]
     effects: dict[str, dict] = {}
     if "delta" in cfg.measures:
-        keys, jobs = [], []
         for proto, ranked in ranks.items():
+            keys, jobs = [], []
             for mode in cfg.ablation:
                 for u, top in zip(sets, ranked):
                     if mode == "error" or u.kind == "feature":  # the other sets have no error term: 'error' serves
                         keys.append(f"{proto}|{mode}|{set_name(u)}")
                         jobs.append(SetJob(u, top, mode, u.kind in CONTROLLED, set_name(u)))
-        effects = {k: encode(e) for k, e in zip(keys, measure_sets(lm, fact, jobs, cfg.delta_prob, cfg.seed))}
+            # collateral for the first protocol only: it repeats every top-k edit on the panel's prompts
+            panel = collateral_panel(fact, ctx.pool, cfg.edits.collateral, cfg.seed) if proto == cfg.selection[0] else []
+            effects |= {k: encode(e) for k, e in zip(keys, measure_sets(lm, fact, jobs, cfg.delta_prob, cfg.seed, panel=panel))}
     return {"ranks": ranks, "effects": effects}
 
 
@@ -237,6 +253,24 @@ def _cells(cfg: SweepConfig, rows: list[dict], clusters: list[str], baseline_kin
                     cells.append(build_cell(L, site, proto, mode, units, clusters, cfg.delta_prob.ks, cfg.delta_prob.bootstrap, cfg.seed))
     adjust_tables(cells)
     return cells
+
+
+def fact_effects(cfg: SweepConfig, facts: list[Fact], rows: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Per fact uid, ``set_name`` -> ΔP/P (``rel``) on its measured prompts with the set's top units (largest k)
+    suppressed, for the first selection protocol and the error ablation (what every set but features has): the fact
+    page's heat map (``app.explorer.sweep_per_fact``). None where ΔP/P is undefined."""
+    k = max(cfg.delta_prob.ks)
+    prefix = f"{cfg.selection[0]}|{'error' if 'error' in cfg.ablation else cfg.ablation[0]}|"
+    out: dict[str, dict[str, float | None]] = {}
+    for f, r in zip(facts, rows):
+        got = {}
+        for key, enc in r["effects"].items():
+            if key.startswith(prefix):
+                v = decode(SetEffects, enc).top["suppress"][k].rel
+                got[key[len(prefix):]] = None if v is None or v != v else float(v)
+        if got:
+            out[f.uid] = got
+    return out
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
@@ -267,8 +301,12 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         seconds["baselines"] = time.time() - t
         sets = [neuron_units(lm, L) for L in cfg.layers] + feats + baselines
         t = time.time()
-        task = fact_task(cfg.parallel, _sweep_fact, _SweepContext(lm, sets, cfg), _sweep_context,
-                         (cfg, {n: i.path for n, i in infos.items()}, baselines))
+        means = _fit_means(cfg, lm, sets, progress)
+        seconds["means"] = time.time() - t
+        pool = [split_prompts(f, cfg.holdout)[1] for f in facts]
+        t = time.time()
+        task = fact_task(cfg.parallel, _sweep_fact, _SweepContext(lm, sets, cfg, pool), _sweep_context,
+                         (cfg, {n: i.path for n, i in infos.items()}, baselines, means, pool))
         keys = fact_keys(facts)
         fp = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "parallel")} | {"facts": keys,
                                                                                           "saes": {n: i.key or i.path for n, i in infos.items()}}
@@ -290,11 +328,23 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     seconds["total"] = time.time() - t0
     result = SweepResult(lm.name, len(facts), cfg.facts.facts or "built-in", list(cfg.layers), list(cfg.sites), cells, quality, widths,
                          infos, asdict(cfg), seconds, __version__, outcome.failed, outcome.per_worker, outcome.resumed,
-                         split_kind(facts, cfg.holdout), len(set(clusters)), orientation_note(cfg.holdout))
+                         split_kind(facts, cfg.holdout), len(set(clusters)), orientation_note(cfg.holdout),
+                         fact_effects(cfg, facts, rows))
     out = Path(cfg.out_dir)
     plot_sweep(result, out / "sweep.png")
     result.save(out / "sweep.json")
     return result
+
+
+def _fit_means(cfg: SweepConfig, lm, sets: list[Units], progress) -> dict[str, torch.Tensor]:
+    """Every set's mean codes (``--ablate-to mean``), set on the units and keyed by label for the workers; with
+    ``--ablate-to zero``, none (codes zeroed, for every set alike)."""
+    if cfg.edits.ablate_to != "mean":
+        for u in sets:
+            u.code_mean = None
+        return {}
+    got = fit_code_means(lm, sets, cfg.baselines.fit_tokens, cfg.corpus, cfg.sae_train.outlier_factor, cfg.model.cache_dir, progress)
+    return {u.label: m for u, m in zip(sets, got)}
 
 
 def _quality(cfg: SweepConfig, lm, facts: list[Fact], sets: list[Units], rows: list[dict], clusters: list[str],
@@ -308,13 +358,14 @@ def _quality(cfg: SweepConfig, lm, facts: list[Fact], sets: list[Units], rows: l
     ranks = [[r["ranks"][proto][s] for s in idx] for r in rows]
     is_scores = aurocs = None
     if "interpret" in cfg.measures:
-        is_scores = interpretability(lm, qsets, ranks, cfg.is_units, cfg.interpret, cfg.corpus, cfg.model.cache_dir, progress)
+        is_scores = interpretability(lm, qsets, ranks, cfg.is_units, cfg.interpret, cfg.corpus, cfg.model.cache_dir, progress,
+                                     [f.uid for f in facts])
     if "monosemanticity" in cfg.measures and len(facts) > 1:
         views = [split_prompts(f, cfg.holdout) for f in facts]
         aurocs = monosemanticity(lm, qsets, [m for _, m in views], [s for s, _ in views], ranks, cfg.mono_units, cfg.n_unrelated,
-                                 random.Random(cfg.seed), progress)
+                                 cfg.seed, progress)
     index = {set_name(u): j for j, u in enumerate(qsets)}
-    return quality_cells(cfg.layers, cfg.sites, index, is_scores, aurocs, clusters, cfg.delta_prob.bootstrap, cfg.seed)
+    return quality_cells(cfg.layers, cfg.sites, index, is_scores, aurocs, clusters)
 
 
 def _width_sweep(cfg: SweepConfig, lm, facts: list[Fact], clusters: list[str], progress) -> list[WidthPoint]:
@@ -327,6 +378,7 @@ def _width_sweep(cfg: SweepConfig, lm, facts: list[Fact], clusters: list[str], p
         sites = [Site(L, s) for s in cfg.sites]
         got = obtain_saes(lm, sites, tcfg, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress)
         units = [feature_units(lm.model, got[s][0], s) for s in sites]
+        _fit_means(cfg, lm, units, progress)  # the same edit rule as every cell
         rows: list[list[SetEffects]] = [[] for _ in sites]
         for f in facts:
             select, f = split_prompts(f, cfg.holdout)

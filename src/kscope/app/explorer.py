@@ -18,13 +18,15 @@ import torch
 
 from kscope.analyses.autointerp import InterpretConfig, InterpretResult, TokenExplainer, interpretability_score, record_many
 from kscope.app import explorer_pages as pages
+from kscope.app import privacy_pages
 from kscope.config import Config, nested, option
 from kscope.errors import KscopeError
-from kscope.io import check_writable, write_text
+from kscope.io import check_writable, read_json, write_text
 from kscope.locate.compare import CompareResult
 from kscope.model.loading import ModelConfig, load_model, same_model
 from kscope.model.sites import Site, down_proj_weight
 from kscope.plots import unit_color
+from kscope.privacy.study.results import EraseResult
 from kscope.progress import make_progress
 from kscope.units.base import FeatureUnits, Units
 from kscope.units.corpus import CorpusConfig, build_corpus
@@ -153,7 +155,8 @@ def build_explorer(cfg: ExploreConfig) -> Path:
     if not res.facts:
         raise KscopeError(f"{run}/compare.json holds no per-fact results")
     model, corpus = run_inputs(cfg, res)
-    inputs = [*model.reads(), *corpus.reads(), *(info.path for info in res.saes.values()), run / "compare.json", run / "interpret.json"]
+    inputs = [*model.reads(), *corpus.reads(), *(info.path for info in res.saes.values()), run / "compare.json", run / "interpret.json",
+              run / "sweep" / "sweep.json", *run.glob("privacy-*.json")]
     check_writable(run / "explorer", inputs, directory=True, writes=["."], flag="--run-dir")
     explained = _interpreted(run)
     out = run / "explorer"
@@ -201,24 +204,86 @@ def build_explorer(cfg: ExploreConfig) -> Path:
                                 x=f"{100 * u['density']:.2f} % dense; {text[:120]}"))
     link = lambda L, kind, unit: (f'<a href="{unit_file(L, kind, unit)}">{unit}</a>' if (L, kind, unit) in made  # noqa: E731
                                   else str(unit))
+    heat = sweep_per_fact(run)
     for i, f in enumerate(res.facts):
-        vals = [abs(v) for entry in f.layers.values() for loc in entry.values() for by_k in (_rel(loc) or {}).values()
-                for v in by_k.values() if v == v]
-        scale = max(vals, default=0.0)
-        parts = [f"<p>{html.escape(f.relation)}: <b>{html.escape(f.subject)}</b> → <b>{html.escape(f.object)}</b> "
-                 f"(scored token {html.escape(repr(f.target_token))})</p><ul>"
-                 + "".join(f"<li>{html.escape(p)}</li>" for p in f.prompts) + "</ul>"]
-        for L, entry in f.layers.items():
-            parts.append(f"<h2>Layer {L}</h2>{pages.side_by_side(L, entry, link, scale)}")
-        write_text(out / f"fact-{i}.html", pages.page(f"{f.subject} → {f.object}", "".join(parts)))
+        write_text(out / f"fact-{i}.html", fact_page(f, link, heat.get(f.uid)))
         entries.append(dict(t="fact", k=f.relation, n=f"{f.subject} → {f.object}", h=f"fact-{i}.html",
                             x=f"{f.relation}; {len(f.prompts)} prompts"))
+    erased = privacy_results(run)
+    people = privacy_pages.write_privacy_pages(out, erased)
+    entries += [dict(t="person", k=f"privacy {name}", n=f"{who} ({name})", h=privacy_pages.person_file(name, who),
+                     x=privacy_pages.outcome_line(r, who)) for name, r in erased.items() for who in privacy_pages.graded_people(r)]
     figs = "".join(f'<h2>{p.stem}</h2><img src="../{p.name}" alt="{p.stem}">' for p in sorted(run.glob("*.png")))
     write_text(out / "search.js", pages.search_index(entries))
     intro = (f"<p>{res.n_facts} facts, model {html.escape(res.model)}; {len(made)} unit pages "
              f"({', '.join(f'{pages.swatch(k)}{html.escape(k)}' for k in dict.fromkeys(k for _, k, _ in made))}). Search by "
-             "layer (L12), kind, unit number, explanation tokens, subject, object or relation.</p>")
+             "layer (L12), kind, unit number, explanation tokens, subject, object or relation.</p>"
+             + ('<p><a href="privacy/index.html">Erased people</a>: per privacy model and test person, the located units, '
+                "each method's outcome on each secret and the attacks.</p>" if people is not None else ""))
     return write_text(out / "index.html", pages.index_page(intro, figs))
+
+
+def fact_page(f, link, swept: dict[str, float] | None) -> str:
+    """A fact: its prompts, per layer its unit sets side by side on one ΔP scale, and its top units across layers (the
+    sweep's per-fact effects, else the run's own layers when it located at several)."""
+    vals = [abs(v) for entry in f.layers.values() for loc in entry.values() for by_k in (_rel(loc) or {}).values()
+            for v in by_k.values() if v == v]
+    scale = max(vals, default=0.0)
+    parts = [f"<p>{html.escape(f.relation)}: <b>{html.escape(f.subject)}</b> → <b>{html.escape(f.object)}</b> "
+             f"(scored token {html.escape(repr(f.target_token))})</p><ul>"
+             + "".join(f"<li>{html.escape(p)}</li>" for p in f.prompts) + "</ul>"]
+    grid, caption = layer_grid(f, swept)
+    if grid:
+        parts.append(f"<h2>Across layers</h2>{pages.heat_map(grid, caption)}")
+    for L, entry in f.layers.items():
+        parts.append(f"<h2>Layer {L}</h2>{pages.side_by_side(L, entry, link, scale)}")
+    return pages.page(f"{f.subject} → {f.object}", "".join(parts))
+
+
+def layer_grid(f, swept: dict[str, float] | None) -> tuple[dict[str, dict[int, float]], str]:
+    """Rows (unit set) x layers of the fact's ΔP/P with its top units suppressed, and where they come from: the sweep's
+    per-fact record (``"<layer>/<site>/<kind>"`` keys) when it has one, else the run's own layers if there are two or
+    more; empty otherwise (the page then shows no heat map)."""
+    grid: dict[str, dict[int, float]] = {}
+    if swept:
+        for key, v in swept.items():
+            L, site, kind = key.split("/", 2)
+            grid.setdefault(kind if site == "mlp.neurons" else f"{kind} @ {site}", {})[int(L)] = v
+        return grid, ("ΔP/P of the answer when each set's top-k units (the sweep's selection, SAE error term kept) are "
+                      "suppressed, on the fact's held-out prompts where the sweep split them")
+    if len(f.layers) < 2:
+        return {}, ""
+    for L, entry in f.layers.items():
+        for kind, loc in entry.items():
+            sup = (_rel(loc) or {}).get("suppress")
+            if sup:
+                grid.setdefault(kind, {})[L] = sup[max(sup)]
+    k = max((max(b) for e in f.layers.values() for loc in e.values() for b in (_rel(loc) or {}).values() if b), default=0)
+    return grid, f"ΔP/P of the answer when each set's top-{k} units at each layer of this run are suppressed"
+
+
+def sweep_per_fact(run: Path) -> dict[str, dict[str, float]]:
+    """The sweep's per-fact effects, fact uid -> ``"<layer>/<site>/<kind>"`` -> ΔP/P with that set's top-k suppressed,
+    if ``<run>/sweep/sweep.json`` records them (``per_fact``); {} otherwise."""
+    path = run / "sweep" / "sweep.json"
+    try:
+        data = read_json(path) if path.exists() else {}
+    except KscopeError:
+        return {}
+    if not str(data.get("schema", "")).startswith("kscope.sweep/"):
+        return {}
+    return {uid: {k: float(v) for k, v in row.items() if v is not None} for uid, row in (data.get("per_fact") or {}).items()}
+
+
+def privacy_results(run: Path) -> dict[str, EraseResult]:
+    """The run's privacy erasures (``privacy-<name>.json``), those this kscope reads."""
+    out = {}
+    for path in sorted(run.glob("privacy-*.json")):
+        try:
+            out[path.stem[len("privacy-"):]] = EraseResult.load(path)
+        except (KscopeError, KeyError, TypeError, ValueError):
+            continue  # another kind or an older version: no pages
+    return out
 
 
 def _dp_line(loc) -> str:

@@ -178,3 +178,40 @@ def index_page(intro: str, figs: str) -> str:
             f"<table><thead><tr><th>what</th><th>name</th><th>details</th></tr></thead><tbody id='hits'>"
             f"<tr><td colspan=3>loading…</td></tr></tbody></table>{figs}")
     return page("kscope explorer", body, head='<script src="search.js"></script>')
+
+
+def heat_map(grid: dict[str, dict[int, float]], caption: str, cell: int = 34) -> str:
+    """An inline SVG heat map, layers across and unit sets down: each cell the fact's ΔP/P when that set's top units are
+    suppressed (blue: lowers P, orange: raises it; one scale, full colour at the largest |ΔP/P| or 1), its value written
+    in it, a missing cell grey. ``grid``: row label (a unit kind, or "kind @ site") -> layer -> value."""
+    layers = sorted({L for row in grid.values() for L in row})
+    vals = [abs(v) for row in grid.values() for v in row.values() if v == v]
+    scale = min(1.0, max(vals, default=1.0)) or 1.0
+    shown = {label: LABELS.get(label.split(" @ ")[0], label.split(" @ ")[0]) + label[len(label.split(" @ ")[0]):] for label in grid}
+    ml, mt = 26 + 6 * max(map(len, shown.values()), default=10), 22
+    width, height = ml + cell * len(layers) + 10, mt + cell * len(grid) + 30
+    out = []
+    for j, L in enumerate(layers):
+        out.append(f'<text x="{ml + (j + 0.5) * cell:.0f}" y="{mt - 6}" font-size="10" text-anchor="middle">{L}</text>')
+    for i, (label, row) in enumerate(grid.items()):
+        y = mt + i * cell
+        kind = label.split(" @ ")[0]
+        out.append(f'<rect x="4" y="{y + cell / 2 - 5:.0f}" width="10" height="10" rx="2" fill="{unit_color(kind)}"/>'
+                   f'<text x="18" y="{y + cell / 2 + 4:.0f}" font-size="11">{html.escape(shown[label])}</text>')
+        for j, L in enumerate(layers):
+            v = row.get(L)
+            x = ml + j * cell
+            if v is None or v != v:
+                out.append(f'<rect x="{x}" y="{y}" width="{cell - 1}" height="{cell - 1}" fill="#eee"><title>not measured</title></rect>')
+                continue
+            a = min(1.0, abs(v) / scale)
+            color = f"rgba(49,130,189,{a:.2f})" if v < 0 else f"rgba(230,85,13,{a:.2f})"
+            ink = "#fff" if a > 0.6 else "#222"
+            out.append(f'<rect x="{x}" y="{y}" width="{cell - 1}" height="{cell - 1}" fill="{color}" stroke="#ccc">'
+                       f"<title>{html.escape(label)}, layer {L}: {v:+.3f}</title></rect>"
+                       f'<text x="{x + cell / 2:.0f}" y="{y + cell / 2 + 3:.0f}" font-size="9" text-anchor="middle" fill="{ink}">'
+                       f"{0.0 if abs(v) < 0.005 else v:+.2f}</text>")
+    out.append(f'<text x="{ml + cell * len(layers) / 2:.0f}" y="{height - 6}" font-size="11" text-anchor="middle">layer</text>')
+    return (f'<figure class="heat"><svg width="{width}" height="{height}" role="img"><title>ΔP/P across layers</title>'
+            f'{"".join(out)}</svg><figcaption class="muted">{html.escape(caption)}; blue: lowers P(answer), orange: raises it, '
+            f"full colour at |ΔP/P| = {scale:.2g}; grey: not measured</figcaption></figure>")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kscope.model.sites import Site
 from kscope.privacy.edit.plan import plan
+from kscope.privacy.study.erase import candidate_layers
 
 # Seconds of each part on the 2-core CPU of the README's run (default options; see docs/results.md), and what they scale
 # with: the SAE corpus per 1024 sequences, an SAE per site (its share of the activation pass and its training), the
@@ -59,8 +60,9 @@ def estimate(cfg, unit: str) -> float:
         return RATES[stage] * cfg.privacy.n_people / 12 * (1 + twin) * (3 if ":full-" in unit else 1)  # all epochs against early stopping
     if stage == "privacy-erase":
         e = cfg.erase
+        choice, fchoice = candidate_layers(e, 10**6)  # the model's depth is unknown here: assume the layer above the band exists
         points = plan(e.methods, e.controls, e.neuron_budgets, e.feature_budgets, e.revs_budgets, e.keyed.lams, e.taus,
-                      e.raw_location, e.random_draws)
+                      e.raw_location, e.random_draws, choice, fchoice)
         return RATES[stage] + RATES["privacy-point"] * len(points) + (RATES["privacy-attacks"] if e.attacks.attacks else 0.0)
     return RATES[stage] * scale
 

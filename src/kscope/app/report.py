@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kscope.analyses.autointerp import InterpretResult
 from kscope.analyses.cells import LABELS, control_key
+from kscope.analyses.verdicts import MARGINS
 from kscope.analyses.faithfulness import FaithfulnessResult
 from kscope.analyses.monosemanticity import MonosemanticityResult
 from kscope.analyses.sweep import SweepResult
@@ -19,12 +20,30 @@ from kscope.app import report_privacy
 from kscope.app.verdicts import answers, markdown_block
 
 
+def _centre_note(res: CompareResult) -> str:
+    got = {u.effects.ablated_to for by_kind in res.summary.values() for u in by_kind.values() if u.effects is not None}
+    if not got:
+        return "no edits measured"
+    if got == {"mean"}:
+        return "every set's edits move a unit to (suppress) or twice as far from (enhance) its mean code over the corpus"
+    if got == {"zero"}:
+        return "every set's codes zeroed (suppress) or doubled (enhance)"
+    return "edit centres differ between sets"
+
+
 def compare_table(res: CompareResult) -> Table:
     t = Table(f"Effect of editing the top-k units, {res.n_facts} facts, {res.model} ({res.split or 'split not recorded'}; "
-              "log P'/P and ΔP/P, mean over facts, 95 % cluster-bootstrap interval over relations; random / matched: random "
-              "units of the set, uniform / active and matched on contribution norm; basis, PCA, random directions: same-site "
-              "baselines at the features' site)",
-              ["layer", "units", "op", "k", "ΔP/P", "log P'/P", "random log P'/P", "matched log P'/P"])
+              f"{_centre_note(res)}; log P'/P and ΔP/P, mean over facts, 95 % cluster-bootstrap interval over relations; "
+              "‖Δx‖: the edit's size at the site (at MLP neurons: what the MLP writes), mean over the measured positions; "
+              "per ‖Δx‖: log P'/P over ‖Δx‖ per fact; collateral: log P'/P of the same edit on other relations' facts; "
+              "random / matched: random units of the set, uniform / active and matched on contribution norm; basis, PCA, "
+              "random directions: same-site baselines at the features' site)",
+              ["layer", "units", "op", "k", "ΔP/P", "log P'/P", "‖Δx‖", "log P'/P per ‖Δx‖", "collateral log P'/P",
+               "random log P'/P", "matched log P'/P"])
+
+    def size(c) -> list[str]:
+        return [ci(c.dx, ".3f"), ci(c.per_dx, "+.4f"), ci(c.collateral)]
+
     for L, by_kind in res.summary.items():
         for kind, u in by_kind.items():
             e = u.effects
@@ -32,10 +51,10 @@ def compare_table(res: CompareResult) -> Table:
                 continue
             for op, by_k in e.top.items():
                 for k, c in by_k.items():
-                    t.rows.append([L, LABELS.get(kind, kind), op, k, ci(c.rel), ci(c.log),
+                    t.rows.append([L, LABELS.get(kind, kind), op, k, ci(c.rel), ci(c.log), *size(c),
                                    *(ci(g[op][k].log) if g else "–" for g in (e.random, e.matched))])
             if e.all is not None:  # the positive control: every unit of the set suppressed
-                t.rows.append([L, LABELS.get(kind, kind), "suppress", "all", ci(e.all.rel), ci(e.all.log), "–", "–"])
+                t.rows.append([L, LABELS.get(kind, kind), "suppress", "all", ci(e.all.rel), ci(e.all.log), *size(e.all), "–", "–"])
     return t
 
 
@@ -50,27 +69,43 @@ def faithfulness_table(res: FaithfulnessResult) -> Table:
 
 
 def interpret_table(res: InterpretResult) -> Table:
-    t = Table(f"Interpretability score, layer {res.layer}", ["units", "explainer", "n", "IS (Pearson r)"])
+    t = Table(f"Interpretability score of the top units, layer {res.layer} (held-out windows, half top-activating, half random; "
+              "IS: Pearson r of simulated and true activation over every token, which favours sparse units; detection: AUROC "
+              "of the simulation's window maximum, top against random windows (0.5: chance), sparsity-robust; each distinct "
+              "unit once; 95 % CR2 interval clustered by fact)",
+              ["units", "explainer", "n units (clusters)", "IS (Pearson r)", "detection AUROC"])
     for kind, r in res.results.items():
-        t.rows.append([f"{kind}s", r.explainer, len(r.rows), ci(r.summary)])
+        t.rows.append([LABELS.get(kind, kind), r.explainer, f"{len(r.rows)} ({r.n_clusters or len(r.rows)})", ci(r.summary),
+                       ci(r.detection, ".3f")])
     return t
 
 
 def monosemanticity_table(res: MonosemanticityResult) -> Table:
-    t = Table(f"Monosemanticity, layer {res.layer} (each unit oriented on {res.orientation or 'its related prompts'})",
-              ["units", "n", "AUROC", "median Cohen's d", "p < 0.05"])
+    draws = next((s.null.draws for r in res.results.values() if (s := r.summary) and s.null), 0)
+    t = Table(f"Monosemanticity, layer {res.layer}: AUROC of related prompts against {res.unrelated or 'unrelated prompts'}, "
+              f"each unit oriented on {res.orientation or 'its related prompts'}; null: activity-matched random units of the "
+              f"same set ({draws} draws; mean [95 % range of the draws]); AUROC and AUROC − null with 95 % CR2 intervals "
+              "clustered by relation",
+              ["units", "n units (facts, relations)", "AUROC", "null", "AUROC − null", "p (AUROC = null)", "median Cohen's d", "p < 0.05"])
     for kind, r in res.results.items():
         s = r.summary
         if s is None:
-            t.rows.append([f"{kind}s", 0, "–", "–", "–"])
+            t.rows.append([LABELS.get(kind, kind), 0, "–", "–", "–", "–", "–", "–"])
             continue
-        t.rows.append([f"{kind}s", s.n_units, ci(s.auroc), fmt(s.cohens_d_median, ".2f"), f"{100 * s.frac_significant:.0f} %"])
+        null = f"{s.null.mean:.3f} [{s.null.lo:.3f}, {s.null.hi:.3f}]" if s.null else "–"
+        t.rows.append([LABELS.get(kind, kind), f"{s.n_units} ({s.n_facts}, {s.n_relations})", ci(s.auroc, ".3f"), null,
+                       ci(s.excess, "+.3f"), fmt(s.excess_p, ".3f"), fmt(s.cohens_d_median, ".2f"),
+                       f"{100 * s.frac_significant:.0f} %"])
     return t
 
 
 def _verdict_text(v) -> str:
+    """A verdict's cell: each op's difference (features − the other units, in strength: positive favours the first)
+    and what the verdict says; a one-number verdict (older results) its difference."""
     if v is None:
         return "–"
+    if v.ops:
+        return f"sup {ci(v.ops['suppress'].diff, '+.2f')} · enh {ci(v.ops['enhance'].diff, '+.2f')}: {v.says}"
     return f"{ci(v.diff, '+.2f')} {v.says}"
 
 
@@ -80,9 +115,13 @@ def _comparisons(res: SweepResult) -> list[tuple[str, str]]:
     return [("feature vs neuron", "vs MLP neurons (paper)")] + [(f"feature vs {k}", f"vs {LABELS[k]}") for k in kinds]
 
 
-def _sweep_note(res: SweepResult) -> str:
-    return (f"{res.n_facts} facts from {res.n_relations} relations, {res.facts}; {res.split}; 95 % cluster-bootstrap "
-            f"intervals over relations")
+def _sweep_note(res: SweepResult, what: str = "95 % cluster-bootstrap intervals over relations") -> str:
+    return f"{res.n_facts} facts from {res.n_relations} relations, {res.facts}; {res.split}; {what}"
+
+
+VERDICT_RULE = (f"verdicts per operation: 'better' when suppress and enhance both favour it (intersection-union p, "
+                f"Holm-adjusted per column), 'disagree' when both are significant (Holm per op and column) and opposite, "
+                f"'equivalent within ±{MARGINS['log']:g}' nats when TOST says so for both, else 'inconclusive'")
 
 
 def sweep_effects_table(res: SweepResult, selection: str, ablation: str, op: str = "suppress") -> Table:
@@ -102,44 +141,55 @@ def sweep_effects_table(res: SweepResult, selection: str, ablation: str, op: str
     return t
 
 
+CR2_NOTE = "95 % CR2 intervals over relations (Imbens-Kolesár df)"
+
+
 def sweep_verdict_table(res: SweepResult, selection: str | None = None, ablation: str = "error") -> Table:
-    """Per site and layer, one verdict per comparison: suppress and enhance combined (the mean strength
-    ``(log P_enhanced - log P_suppressed) / 2``), features minus the named baseline, Holm-adjusted over the column."""
+    """Per site and layer, one verdict per comparison on suppress and enhance judged apart: each op's difference in
+    strength (features − the named units; positive favours features) and the verdict, Holm-adjusted over the column."""
     selection = selection or res.config["selection"][0]
     k = max(res.config["delta_prob"]["ks"])
     comps = _comparisons(res)
     ctrl = [(control_key(k, "matched"), f"{LABELS[k]} vs matched random") for k in ("feature", "neuron")]
-    t = Table(f"Verdicts, top-{k} suppressed and enhanced combined ((log P_enh − log P_sup) / 2; features − the named units, "
-              f"Holm-adjusted per column; {_sweep_note(res)}; selection {selection}, ablation {ablation})",
-              ["site", "layer", *(name for _, name in comps + ctrl)])
+    t = Table(f"Verdicts, top-{k}: sup = −log P'/P suppressed, enh = +log P'/P enhanced, features − the named units "
+              f"(positive favours features; {VERDICT_RULE}; {_sweep_note(res, CR2_NOTE)}; selection {selection}, "
+              f"ablation {ablation})", ["site", "layer", *(name for _, name in comps + ctrl)])
     for c in sorted((c for c in res.cells if c.selection == selection and c.ablation == ablation), key=lambda c: (c.site, c.layer)):
-        t.rows.append([c.site, c.layer, *(_verdict_text(c.verdicts[key]["both"][k]) if key in c.verdicts else "–" for key, _ in comps + ctrl)])
+        t.rows.append([c.site, c.layer, *(_verdict_text(c.verdicts[key].get(k)) if key in c.verdicts else "–"
+                                          for key, _ in comps + ctrl)])
     return t
 
 
+COUNTS = "features better / the other units better / disagree / equivalent / inconclusive"
+
+
 def _counts(says: list[str], names: tuple[str, str]) -> str:
-    return f"{says.count(names[0] + ' better')} / {says.count(names[1] + ' better')} / {says.count('no difference')}" if says else "–"
+    """How many verdicts say each of ``COUNTS`` (older results' "no difference" counts as inconclusive)."""
+    if not says:
+        return "–"
+    got = [says.count(names[0] + " better"), says.count(names[1] + " better"), sum(s.startswith("disagree") for s in says),
+           sum(s.startswith("equivalent") for s in says)]
+    return " / ".join(map(str, [*got, len(says) - sum(got)]))
 
 
 def sweep_band_table(res: SweepResult) -> Table:
-    """The summary: per site, protocol and comparison, how many layers of each band say features better / the other
-    units better / no difference (one Holm-adjusted verdict per cell: suppress and enhance combined)."""
+    """The summary: per site, protocol and comparison, how many layers of each band say each of ``COUNTS`` (one
+    Holm-adjusted verdict per cell, suppress and enhance judged apart)."""
     k = max(res.config["delta_prob"]["ks"])
     layers = sorted(res.layers)
     thirds = [layers[i * len(layers) // 3 : (i + 1) * len(layers) // 3] for i in range(3)]
     bands = [(f"{b[0]}-{b[-1]}", set(b)) for b in thirds if b]
-    t = Table(f"Verdicts by layer band (top-{k} suppressed and enhanced combined, one verdict per cell, Holm-adjusted; "
-              "features better / the other units better / no difference)", ["site", "selection", "ablation", "features vs",
-                                                                             *[name for name, _ in bands]])
+    t = Table(f"Verdicts by layer band (top-{k}, one verdict per cell; {VERDICT_RULE}; interpretability, detection and "
+              f"AUROC − null: one measure each; {COUNTS})", ["site", "selection", "ablation", "features vs", *[name for name, _ in bands]])
     for site, sel, abl in sorted({(c.site, c.selection, c.ablation) for c in res.cells}):
         cells = [c for c in res.cells if (c.site, c.selection, c.ablation) == (site, sel, abl)]
         for key, name in _comparisons(res):
             if not any(key in c.verdicts for c in cells):
                 continue
             other = LABELS[key.split(" vs ")[1]]
-            t.rows.append([site, sel, abl, name[3:], *(_counts([c.verdicts[key]["both"][k].says for c in cells if c.layer in band],
-                                                              ("features", other)) for _, band in bands)])
-    for q_attr, name in (("is", "interpretability score"), ("auroc", "monosemanticity AUROC")):
+            says = lambda band: [c.verdicts[key][k].says for c in cells if c.layer in band and key in c.verdicts]  # noqa: E731
+            t.rows.append([site, sel, abl, name[3:], *(_counts(says(band), ("features", other)) for _, band in bands)])
+    for q_attr, name in (("is", "interpretability score"), ("det", "detection AUROC"), ("auroc", "monosemanticity AUROC − null")):
         qs = [q for q in res.quality if getattr(q, f"{q_attr}_verdict") is not None]
         for site in res.sites if qs else []:
             t.rows.append([site, name, "–", "MLP neurons", *(_counts([getattr(q, f"{q_attr}_verdict").says for q in qs
@@ -149,18 +199,18 @@ def sweep_band_table(res: SweepResult) -> Table:
 
 
 def sweep_protocol_table(res: SweepResult) -> Table:
-    """Per site and layer, features − neurons (suppress and enhance combined) under every selection x ablation protocol
+    """Per site and layer, features − neurons (suppress and enhance apart) under every selection x ablation protocol
     of the run, and what the reconstruction alone does to log P (the damage reconstruction-mode effects are now
     measured from)."""
     k = max(res.config["delta_prob"]["ks"])
     protos = [(sel, abl) for sel in res.config["selection"] for abl in res.config["ablation"]]
     recon = "reconstruction" in res.config["ablation"]
-    t = Table(f"Features − MLP neurons, top-{k} suppressed and enhanced combined, under each protocol (selection, ablation; "
-              f"{_sweep_note(res)})", ["site", "layer", *[f"{sel}, {abl}" for sel, abl in protos],
-                                       *(["reconstruction alone (log P'/P)"] if recon else [])])
+    t = Table(f"Features − MLP neurons, top-{k}, under each protocol (selection, ablation; sup / enh as in the verdict "
+              f"table; {_sweep_note(res, CR2_NOTE)})", ["site", "layer", *[f"{sel}, {abl}" for sel, abl in protos],
+                                                      *(["reconstruction alone (log P'/P)"] if recon else [])])
     by = {(c.site, c.layer, c.selection, c.ablation): c for c in res.cells}
     for site, layer in sorted({(c.site, c.layer) for c in res.cells}):
-        row = [site, layer, *(_verdict_text(by[(site, layer, sel, abl)].verdicts["feature vs neuron"]["both"][k]) for sel, abl in protos)]
+        row = [site, layer, *(_verdict_text(by[(site, layer, sel, abl)].verdicts["feature vs neuron"][k]) for sel, abl in protos)]
         if recon:
             r = by[(site, layer, res.config["selection"][0], "reconstruction")].units["feature"].recon
             row.append(ci(r.log if r else None, "+.2f"))
@@ -169,14 +219,26 @@ def sweep_protocol_table(res: SweepResult) -> Table:
 
 
 def sweep_quality_table(res: SweepResult) -> Table:
-    t = Table(f"Interpretability score (each distinct top unit once; Welch) and monosemanticity AUROC (per fact, unit "
-              f"oriented on {res.orientation or 'its fact'}; cluster bootstrap) of the top units; verdicts Holm-adjusted",
-              ["site", "layer", "IS neurons", "IS features", "IS verdict", "AUROC neurons", "AUROC features", "AUROC verdict"])
+    """Per site and layer: interpretability (Pearson r and detection AUROC of the distinct top units) and
+    monosemanticity (AUROC per fact beside its activity-matched null), neurons and features, with their verdicts."""
+    def unit_ci(x) -> str:
+        return ci(x, ".2f") + f" (n {x.n})" if x else "–"
+
+    def says(v) -> str:
+        return v.says if v else "–"
+
+    t = Table(f"Interpretability and monosemanticity of the top units: 95 % CR2 intervals (IS: Pearson r and detection: AUROC of "
+              f"top against random windows, each distinct top unit once, clustered by fact, Welch verdicts; AUROC: per fact, unit "
+              f"oriented on {res.orientation or 'its fact'}, clustered by relation, beside its null from activity-matched random "
+              f"units); AUROC verdict on AUROC − null, paired over facts; TOST margins ±{MARGINS['is']:g} (IS), "
+              f"±{MARGINS['auroc']:g} (detection, AUROC − null); verdicts Holm-adjusted per column",
+              ["site", "layer", "IS neurons", "IS features", "IS verdict", "detection neurons", "detection features",
+               "detection verdict", "AUROC neurons", "null neurons", "AUROC features", "null features", "AUROC verdict"])
     for q in sorted(res.quality, key=lambda q: (q.site, q.layer)):
-        t.rows.append([q.site, q.layer, ci(q.is_neuron, ".2f") + f" (n {q.is_neuron.n})" if q.is_neuron else "–",
-                       ci(q.is_feature, ".2f") + f" (n {q.is_feature.n})" if q.is_feature else "–",
-                       q.is_verdict.says if q.is_verdict else "–", ci(q.auroc_neuron, ".2f"), ci(q.auroc_feature, ".2f"),
-                       q.auroc_verdict.says if q.auroc_verdict else "–"])
+        t.rows.append([q.site, q.layer, unit_ci(q.is_neuron), unit_ci(q.is_feature), says(q.is_verdict),
+                       ci(q.det_neuron, ".2f"), ci(q.det_feature, ".2f"), says(q.det_verdict),
+                       ci(q.auroc_neuron, ".2f"), ci(q.null_neuron, ".2f"), ci(q.auroc_feature, ".2f"), ci(q.null_feature, ".2f"),
+                       says(q.auroc_verdict)])
     return t
 
 

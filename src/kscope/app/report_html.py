@@ -22,7 +22,10 @@ def write_html(report_dir: Path, results) -> Path:
     items = answers(results)
     parts = [f"<h1>kscope reproduction: {html.escape(str(results.model))}</h1>", f"<p>{html.escape(results.facts_note)}</p>"]
     if (report_dir / "explorer" / "index.html").exists():
-        parts.append('<p><a href="explorer/index.html">Explore facts and units</a> (search every unit and fact)</p>')
+        parts.append('<p><a href="explorer/index.html">Explore facts and units</a> (search every unit and fact)'
+                     + (' · <a href="explorer/privacy/index.html">erased people</a> (per person: located units, each '
+                        "method's outcome on each secret, the attacks)" if (report_dir / "explorer" / "privacy" / "index.html").exists()
+                        else "") + "</p>")
     parts.append(html_block(items))
     shown = []
     figs = []

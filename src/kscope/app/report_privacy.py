@@ -304,7 +304,8 @@ def plot_budget(res: EraseResult, path) -> None:
             pts = sorted((p for p in res.points if p.method == m and not p.variant and (p.budget == b or m == "keyed-unrestricted")),
                          key=lambda p: (p.lam or 0, p.tau or 0))
             if m == "feature-edit":
-                pts = sorted((p for p in res.points if p.method == m), key=lambda p: (p.tau, p.budget))
+                pts = sorted((p for p in res.points if p.method == m and getattr(p, "layer", None) is None),  # the band only
+                             key=lambda p: (p.tau, p.budget))
             if not pts or (m in ("keyed-unrestricted", "feature-edit") and j > 0):
                 continue
             alpha = 0.35 + 0.65 * (j + 1) / max(1, len(budgets)) if m not in ("keyed-unrestricted", "feature-edit") else 1.0

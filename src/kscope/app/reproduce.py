@@ -26,6 +26,7 @@ from kscope.facts import FactConfig, holdout_option
 from kscope.io import read_json, write_json
 from kscope.locate.attribution import AttributionConfig
 from kscope.locate.compare import CompareConfig, CompareResult, run_study
+from kscope.locate.edits import EditConfig
 from kscope.model.loading import ModelConfig
 from kscope.outputs import Written
 from kscope.privacy.study.erase import EraseConfig, EraseJob, EraseResult, erase
@@ -75,6 +76,7 @@ class ReproduceConfig(Config):
     known_top_k: int = option(1, "A prompt is known if the answer is within the top k.", min=1)
     min_known_prompts: int = option(2, "Known prompts a fact needs.", min=1)
     baselines: BaselineConfig = nested(BaselineConfig)
+    edits: EditConfig = nested(EditConfig)  # compare's and the sweep's: one edit rule for both
     sae_train: TrainSAEConfig = nested(TrainSAEConfig, prefix="sae-")
     corpus: CorpusConfig = nested(CorpusConfig)
     erase: EraseConfig = nested(EraseConfig, prefix="erase-", hide=("unrelated",))
@@ -103,6 +105,10 @@ class ReproduceResult(Result):
     """Every stage's result (per-fact detail left in the stage files) and how long each stage took."""
 
     kind = "reproduce"
+    version = 2
+    min_version = 2
+    min_version_why = ("made before issue 34 (the basis zeroed while other sets were mean-ablated, suppress and enhance judged "
+                       "combined); run kscope reproduce again")
 
     model: str
     layer: int
@@ -156,14 +162,13 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
                   attribution=AttributionConfig(steps=10), sae_train=cfg.sae_train, corpus=cfg.corpus)
     configs: dict[str, Config] = {
         "compare": CompareConfig(model=cfg.model, facts=facts, holdout=cfg.holdout, layers=[cfg.layer], out=str(files["compare"]), sae_train=cfg.sae_train,
-                                 corpus=cfg.corpus, baselines=cfg.baselines),
+                                 corpus=cfg.corpus, baselines=cfg.baselines, edits=cfg.edits),
         "faithfulness": FaithfulnessJob(**(common | {"located": None})),  # it ranks its decompositions' units itself
         "interpret": InterpretJob(**common),
         "monosemanticity": MonosemanticityJob(**common),
-        "explorer": ExploreConfig(run_dir=str(out), runtime=cfg.model),
         "sweep": SweepConfig(model=cfg.model, facts=facts, layers=list(cfg.sweep_layers), selection=list(cfg.sweep_selection),
                              ablation=list(cfg.sweep_ablation), widths=list(cfg.sweep_widths), width_layer=cfg.layer,
-                             holdout=cfg.holdout, baselines=cfg.baselines,
+                             holdout=cfg.holdout, baselines=cfg.baselines, edits=cfg.edits,
                              sae_train=cfg.sae_train, corpus=cfg.corpus,
                              out_dir=str(out / "sweep")),
     }
@@ -175,6 +180,7 @@ def stage_configs(cfg: ReproduceConfig) -> dict[str, Config]:
         configs[f"privacy-erase:{name}"] = EraseJob(model_dir=model_dir, erase=replace(cfg.erase, unrelated=cfg.facts),
                                                    device=cfg.model.device, cache_dir=cfg.model.cache_dir, sae_train=cfg.sae_train,
                                                    corpus=cfg.corpus, out=str(files[f"privacy-erase:{name}"]))
+    configs["explorer"] = ExploreConfig(run_dir=str(out), runtime=cfg.model)  # last: its pages show every result
     return configs
 
 
@@ -195,7 +201,9 @@ def stage_fingerprints(configs: dict[str, Config], run_dir: str | None) -> dict[
     """Each unit's fingerprint, chained through the units it reads."""
     prints: dict[str, str] = {}
     for unit in configs:
-        upstream = {"interpret": ["compare"], "monosemanticity": ["compare"], "explorer": ["compare", "interpret"]}.get(unit, [])
+        upstream = {"interpret": ["compare"], "monosemanticity": ["compare"]}.get(unit, [])
+        if unit == "explorer":  # it reads the located units, their explanations, the sweep and the privacy results
+            upstream = ["compare", "interpret", "sweep", *(u for u in prints if u.startswith("privacy-erase:"))]
         if unit.startswith("privacy-erase:"):
             upstream = ["privacy-build:" + unit.split(":", 1)[1]]
         prints[unit] = fingerprint(configs[unit], "".join(prints[u] for u in upstream), run_dir)

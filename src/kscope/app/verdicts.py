@@ -2,9 +2,10 @@
 and of ``kscope report --markdown`` (the README quotes it), produced here alone so the page and the README cannot drift.
 
 A sentence is never stronger than its table: "features beat neurons" only when the verdict's p (Holm-adjusted where
-the table adjusts) is below 0.05; "equivalent within ±m" only when the whole 95 % interval of the difference lies inside
-±m (stricter than a TOST at 5 %, which needs only the 90 % interval) or, for the pooled privacy verdicts, when their
-Holm-adjusted TOST says so; otherwise "inconclusive". Each answer names the table its numbers come from.
+the table adjusts) is below 0.05, and for an edit only when suppress and enhance both say so (intersection-union);
+"disagree" when the two ops are significant and opposite; "equivalent within ±m" when the verdict's TOST (Holm-adjusted
+where its table adjusts) says so or, for a verdict without one (older results), when the whole 95 % interval of the
+difference lies inside ±m; otherwise "inconclusive". Each answer names the table its numbers come from.
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from kscope.analyses.cells import BOTH, LABELS, strength
-from kscope.analyses.verdicts import Verdict, paired_verdict, unpaired_verdict
+from kscope.analyses.cells import LABELS, strength
+from kscope.analyses.verdicts import MARGINS, OPS, Verdict, ops_verdict, paired_verdict, unpaired_verdict
 from kscope.stats import Interval, cluster_robust, mean_ci
-
-MARGINS = {"log": 0.10, "is": 0.05, "auroc": 0.05}
-"""Equivalence margins: log P'/P (nats, suppress and enhance combined), interpretability score (Pearson r), AUROC."""
 COMPARE = "Neurons, features and same-site baselines"
 MEASURES = {"rel": "the share of a person's held-out prompts erased (rel, higher erases more)",
             "dlogp": "Δ log P(secret) (dlogp, lower erases more)"}
@@ -43,11 +41,12 @@ def _ci(iv: Interval | None, spec: str = "+.2f") -> str:
 
 
 def call(v: Verdict | None, margin: float) -> str:
-    """The verdict a sentence may state: the test's "<a> better" as is; "no difference" becomes "equivalent within
-    ±margin" when the whole 95 % interval lies inside it, else "inconclusive" (never "no difference")."""
+    """The verdict a sentence may state: what the verdict says ("<a> better", "disagree (...)", "equivalent within
+    ±m", "inconclusive"); an older verdict's "no difference" becomes "equivalent within ±margin" when the whole 95 %
+    interval lies inside it, else "inconclusive" (never "no difference"), as does one with no TOST of its own."""
     if v is None or v.diff.mean is None:
         return "inconclusive"
-    if v.says != "no difference":
+    if v.says not in ("no difference", "inconclusive") or v.p_equivalent is not None:
         return v.says
     d = v.diff
     if d.lo is not None and d.hi is not None and -margin < d.lo and d.hi < margin:
@@ -62,7 +61,19 @@ def _phrase(says: str, a: str = "features", b: str = "neurons") -> str:
         return f"{b} beat {a}"
     if says.startswith("equivalent"):
         return f"{a} and {b} are {says}"
+    if says.startswith("disagree"):
+        return f"the two operations {says[:-1].replace('disagree (', 'disagree: ')}, so neither is shown to beat the other"
     return "inconclusive: neither is shown to beat the other"
+
+
+def _diffs(v: Verdict) -> str:
+    """Each op's difference with its interval and p (a two-op verdict), or the one difference (older results)."""
+    p = lambda x: f", p {x.p:.2g}" if x.p is not None else ""  # noqa: E731
+    if not v.ops:
+        return f"suppressed and enhanced combined, {_ci(v.diff)} (95 % cluster bootstrap over relations{p(v)})"
+    return (f"suppressed {_ci(v.ops['suppress'].diff)}{p(v.ops['suppress'])}, enhanced {_ci(v.ops['enhance'].diff)}"
+            f"{p(v.ops['enhance'])} (in strength, positive favours features; 95 % CR2 intervals over relations; called "
+            f"only when both agree, equivalence within ±{v.margin:g} nats by TOST on both)")
 
 
 def _k(res) -> int:
@@ -70,30 +81,33 @@ def _k(res) -> int:
 
 
 def _locate_verdict(res, L: int) -> Verdict | None:
-    """Features against the layer's MLP neurons, paired over facts (suppress and enhance combined at the largest k),
-    cluster bootstrap over relations, as the sweep's cells do; None without two facts' per-fact effects."""
+    """Features against the layer's MLP neurons, paired over facts at the largest k, suppress and enhance judged apart,
+    CR2 over relations, as the sweep's cells do; None without two facts' per-fact effects."""
     k = _k(res)
     rows = [f for f in res.facts if all(x in f.layers.get(L, {}) and f.layers[L][x].effects for x in ("neuron", "feature"))]
     if len(rows) < 2:
         return None
-    return paired_verdict([strength(f.layers[L]["feature"].effects.top, BOTH, k) for f in rows],
-                          [strength(f.layers[L]["neuron"].effects.top, BOTH, k) for f in rows], [f.relation for f in rows])
+    a, b = ({op: [strength(f.layers[L][kind].effects.top, op, k) for f in rows] for op in OPS} for kind in ("feature", "neuron"))
+    return ops_verdict(a, b, [f.relation for f in rows], margin=MARGINS["log"])
 
 
 def _mono_verdict(results) -> Verdict | None:
-    """Per fact, the mean oriented AUROC of its top units of each kind, paired over facts, clustered by relation."""
+    """Per fact, the mean excess AUROC − null of its top units of each kind (each unit against its own activity-matched
+    random units), paired over facts, CR2 over relations; None without two facts whose units of both kinds have a null."""
     res = results.monosemanticity
     rel = {f.uid: f.relation for f in results.compare.facts} if results.compare else {}
     per: dict[str, dict[str, list[float]]] = {}
     for kind in ("feature", "neuron"):
         for r in res.results[kind].rows if kind in res.results else []:
-            per.setdefault(r.fact, {}).setdefault(kind, []).append(r.auroc)
+            if r.null is not None:
+                per.setdefault(r.fact, {}).setdefault(kind, []).append(r.auroc - r.null)
+            rel.setdefault(r.fact, r.relation or r.fact)
     facts = [f for f, d in per.items() if len(d) == 2]
     if len(facts) < 2:
         return None
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return paired_verdict([mean(per[f]["feature"]) for f in facts], [mean(per[f]["neuron"]) for f in facts],
-                          [rel.get(f, f) for f in facts])
+                          [rel.get(f, f) for f in facts], margin=MARGINS["auroc"])
 
 
 def paired_verdicts(results) -> dict[str, Verdict]:
@@ -137,15 +151,14 @@ def _locate(results) -> list[Answer]:
                               None, "compare.png", COMPARE))
             continue
         says = call(v, MARGINS["log"])
-        p = f", p {v.p:.2g}" if v.p is not None else ""
-        out.append(Answer("locate", q, f"{lead}; features − neurons, suppressed and enhanced combined, {_ci(v.diff)} (95 % "
-                                       f"cluster bootstrap over relations{p}): {_phrase(says)}.", says, v.diff, "compare.png",
+        out.append(Answer("locate", q, f"{lead}; features − neurons, {_diffs(v)}: {_phrase(says)}.", says, v.diff, "compare.png",
                           COMPARE))
     return out
 
 
 def _sweep(results) -> list[Answer]:
-    """Counts of the sweep's Holm-adjusted cell verdicts, features against MLP neurons, per site."""
+    """Counts of the sweep's Holm-adjusted cell verdicts, features against MLP neurons, per site (suppress and enhance
+    judged apart)."""
     res = results.sweep
     sel, abl = res.config["selection"][0], res.config["ablation"][0]
     k = max(res.config["delta_prob"]["ks"])
@@ -153,18 +166,35 @@ def _sweep(results) -> list[Answer]:
     for site in res.sites:
         cells = sorted((c for c in res.cells if (c.site, c.selection, c.ablation) == (site, sel, abl)
                         and "feature vs neuron" in c.verdicts), key=lambda c: c.layer)
-        says = {c.layer: c.verdicts["feature vs neuron"][BOTH][k].says for c in cells}
+        says = {c.layer: call(c.verdicts["feature vs neuron"][k], MARGINS["log"]) for c in cells}
         f = [L for L, s in says.items() if s == "features better"]
         n = [L for L, s in says.items() if s == "neurons better"]
-        rest = len(says) - len(f) - len(n)
+        d = [L for L, s in says.items() if s.startswith("disagree")]
+        e = [L for L, s in says.items() if s.startswith("equivalent")]
+        rest = len(says) - len(f) - len(n) - len(d) - len(e)
         tot, won = tot + len(says), won + len(f)
         lst = lambda xs: f" ({', '.join(map(str, xs))})" if xs else ""  # noqa: E731
         parts.append(f"at {site} features beat neurons at {len(f)} of {len(says)} layers{lst(f)}, neurons beat features at "
-                     f"{len(n)}{lst(n)}, inconclusive at {rest}")
+                     f"{len(n)}{lst(n)}, suppress and enhance disagree at {len(d)}{lst(d)}, equivalent within "
+                     f"±{MARGINS['log']:g} at {len(e)}{lst(e)}, inconclusive at {rest}")
     return [Answer("sweep", "Do features beat neurons across layers and sites (the sweep)?",
-                   f"Over {res.n_facts} facts from {res.n_relations} relations (top {k} suppressed and enhanced combined, one "
-                   f"Holm-adjusted verdict per cell; selection {sel}, ablation {abl}): {'; '.join(parts)}.",
+                   f"Over {res.n_facts} facts from {res.n_relations} relations (top {k}; a cell is called only when suppress "
+                   f"and enhance agree, Holm-adjusted per table, CR2 over relations; selection {sel}, ablation {abl}): "
+                   f"{'; '.join(parts)}.",
                    f"features beat neurons in {won} of {tot} cells", None, "sweep/sweep.png", "Verdicts by layer band")]
+
+
+def _detection(f, n) -> tuple[str, str | None]:
+    """The detection AUROC's clause and verdict (Welch over units, TOST within ±MARGINS["auroc"]); ("", None) when the
+    run has no detection scores (older results)."""
+    a, b = ([r.detection for r in s.rows if r.detection is not None] for s in (f, n))
+    if not a or not b:
+        return "", None
+    v = unpaired_verdict(a, b, margin=MARGINS["auroc"])
+    says = call(v, MARGINS["auroc"])
+    return (f"; detection AUROC (top against random held-out windows, robust to sparsity): features "
+            f"{_ci(f.detection, '.2f')}, neurons {_ci(n.detection, '.2f')}, features − neurons {_ci(v.diff)} (Welch): "
+            f"{_phrase(says)}"), says
 
 
 def _interpret(results) -> Answer | None:
@@ -172,12 +202,14 @@ def _interpret(results) -> Answer | None:
     if not {"neuron", "feature"} <= set(res.results):
         return None
     f, n = res.results["feature"], res.results["neuron"]
-    v = unpaired_verdict([r.score for r in f.rows], [r.score for r in n.rows])
+    v = unpaired_verdict([r.score for r in f.rows], [r.score for r in n.rows], margin=MARGINS["is"])
     says = call(v, MARGINS["is"])
+    det, det_says = _detection(f, n)
+    both = says if det_says is None or det_says == says else f"Pearson r: {says}; detection: {det_says}"
     return Answer("interpret", "Are features more interpretable than neurons?",
-                  f"Interpretability score at layer {res.layer} ({f.explainer}, Pearson r on held-out text): features "
-                  f"{_ci(f.summary)}, neurons {_ci(n.summary)}; features − neurons {_ci(v.diff)} (Welch): {_phrase(says)}.",
-                  says, v.diff, "interpret.png", "Interpretability score")
+                  f"Interpretability score at layer {res.layer} ({f.explainer}, Pearson r on held-out text, which favours "
+                  f"sparse units): features {_ci(f.summary)}, neurons {_ci(n.summary)}; features − neurons {_ci(v.diff)} "
+                  f"(Welch): {_phrase(says)}{det}.", both, v.diff, "interpret.png", "Interpretability score")
 
 
 def _monosemantic(results) -> Answer | None:
@@ -186,16 +218,26 @@ def _monosemantic(results) -> Answer | None:
         return None
     v = _paired(results, "monosemantic", lambda: _mono_verdict(results))
     s = {k: res.results[k].summary for k in ("feature", "neuron")}
-    lead = (f"Monosemanticity AUROC at layer {res.layer} (related against unrelated prompts, each unit oriented on "
-            f"{res.orientation or 'its related prompts'}): features {_ci(s['feature'].auroc if s['feature'] else None, '.2f')}, "
-            f"neurons {_ci(s['neuron'].auroc if s['neuron'] else None, '.2f')}")
+    lead = (f"Monosemanticity AUROC at layer {res.layer} (related against unrelated prompts{f' ({res.unrelated})' if res.unrelated else ''}, "
+            f"each unit oriented on {res.orientation or 'its related prompts'}): features {_auroc_null(s['feature'])}, neurons "
+            f"{_auroc_null(s['neuron'])}")
     q = "Are features more monosemantic than neurons?"
     if v is None:
-        return Answer("monosemantic", q, f"{lead}; not compared: the run kept no per-fact AUROCs to pair.", "inconclusive",
-                      None, "monosemanticity.png", "Monosemanticity")
+        return Answer("monosemantic", q, f"{lead}; not compared: the run kept no per-fact AUROCs with a null to pair.",
+                      "inconclusive", None, "monosemanticity.png", "Monosemanticity")
     says = call(v, MARGINS["auroc"])
-    return Answer("monosemantic", q, f"{lead}; features − neurons per fact {_ci(v.diff)} ({v.diff.n} facts, cluster bootstrap "
-                                     f"over relations): {_phrase(says)}.", says, v.diff, "monosemanticity.png", "Monosemanticity")
+    return Answer("monosemantic", q, f"{lead}; features − neurons in AUROC − null per fact {_ci(v.diff)} ({v.diff.n} facts, "
+                                     f"CR2 over relations): {_phrase(says)}.", says, v.diff, "monosemanticity.png",
+                  "Monosemanticity")
+
+
+def _auroc_null(s) -> str:
+    """A set's AUROC (95 % CR2 interval) beside its null (matched random units: mean, 2.5-97.5 % of the draws)."""
+    if s is None:
+        return "–"
+    if s.null is None:
+        return f"{_ci(s.auroc, '.2f')} (no null)"
+    return f"{_ci(s.auroc, '.2f')} against its null {s.null.mean:.2f} (95 % of draws {s.null.lo:.2f}–{s.null.hi:.2f})"
 
 
 def _pooled_rel(runs: dict, method: str) -> tuple[Interval | None, int, int]:

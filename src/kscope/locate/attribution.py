@@ -1,9 +1,10 @@
 """Integrated-gradients attribution of an answer's probability to units (Dai et al. 2022).
 
 For a prompt whose last token predicts the answer, the units ``u`` at a site are read at the last
-position; IG scales them from 0 to their value in ``m`` steps and sums gradients (Riemann, right
-endpoints ``alpha = k/m``): ``IG_i = u_i / m * sum_k dP(answer | alpha_k u) / du_i``.
-For SAE features the error term is held fixed, so the baseline is "all features off, error kept".
+position; IG moves them from their centre ``c`` (the set's mean codes, where fitted, else 0: the point
+suppression moves them to, ``Units.centre``) to their value in ``m`` steps and sums gradients (Riemann, right
+endpoints ``alpha = k/m``): ``IG_i = (u_i - c_i) / m * sum_k dP(answer | c + alpha_k (u - c)) / du_i``.
+For SAE features the error term is held fixed, so the baseline is "every feature at its mean, error kept".
 The same code serves neurons and features.
 
 Speed: the prompt prefix is run once and its KV cache reused; the IG steps run as one batch of
@@ -39,8 +40,8 @@ class AttributionConfig(Config):
     """How units are scored: integrated gradients, attribution patching, or AtP shortlisting checked by IG."""
 
     method: str = option("ig", "ig: integrated gradients (steps passes); atp: attribution patching, gradient x activation from one "
-                               "forward and one backward (baseline 0, as IG); atp-mid: the gradient taken halfway along IG's path "
-                               "(IG with one midpoint step: one forward and one backward, two rows per layer); atp-ig: AtP shortlists "
+                               "forward and one backward (baseline: the units at their centre, as IG); atp-mid: the gradient "
+                               "taken halfway along IG's path (IG with one midpoint step: one forward and one backward, two rows per layer); atp-ig: AtP shortlists "
                                "the --shortlist best units of each unit set and IG, moving only those along its path, scores them "
                                "(the rest score 0).",
                          choices=METHODS, label="attribution method")
@@ -130,14 +131,15 @@ def integrated_gradients(
         x = cap[units.site]  # [1, L, d]
     u, err = units.split(x)
     err = err.detach()
+    c = units.centre(u)
 
-    def f(scaled: torch.Tensor) -> torch.Tensor:  # [b, L * n] -> [b]
-        s = scaled.view(scaled.shape[0], obj.length, -1)
+    def f(scaled: torch.Tensor) -> torch.Tensor:  # [b, L * n] -> [b]: the path from the centre (scaled = 0)
+        s = scaled.view(scaled.shape[0], obj.length, -1) + c
         edit = lambda _x: (units.decode(s) + err).to(_x.dtype)  # noqa: E731
         with hooked(model, {units.site: edit}):
             return obj.value(runner.logits(s.shape[0], obj.continuation).view(s.shape[0], obj.length, -1))
 
-    scores, f_base = riemann_ig(u[0].reshape(-1), f, steps, batch_size, rule)
+    scores, f_base = riemann_ig((u[0] - c).reshape(-1), f, steps, batch_size, rule)
     return scores.view(obj.length, -1).sum(0).detach(), f_clean, f_base
 
 
@@ -175,13 +177,15 @@ def integrated_gradients_many(
         chunk = [unit_sets[j] for j in order[c : c + per_chunk]]  # by layer: block j is rows 1 + j n ...
         split = [u.split(xs[u.site]) for u in chunk]
         scaled = []
+        centres = [u.centre(uu) for u, (uu, _) in zip(chunk, split)]
         for j, (uu, _) in enumerate(split):
             a = alphas.to(uu.device, uu.dtype)[:, None, None]
             m = masks[order[c + j]] if masks is not None else None
             if m is not None:  # only the masked units move along the path
                 m = m.to(uu.device, uu.dtype)
                 a = a * m + (1 - m)
-            scaled.append((a * uu[0].detach()[None]).requires_grad_(True))
+            d = (uu[0].detach() - centres[j])[None]  # the path c + a (u - c), written so a = 1 gives u exactly
+            scaled.append((uu[0].detach()[None] + (a - 1) * d).requires_grad_(True))
         new_rows = [0] * n_layers(model)
         by_site: dict = {}
         for j, u in enumerate(chunk):
@@ -209,7 +213,7 @@ def integrated_gradients_many(
         values = values.detach()
         for j, (uu, _) in enumerate(split):
             g = grads[j][first:].float().sum(0)  # [L, n_units]
-            sc = ((uu[0].float() * g).sum(0) / steps).detach()
+            sc = (((uu[0] - centres[j]).float() * g).sum(0) / steps).detach()
             m = masks[order[c + j]] if masks is not None else None
             out[order[c + j]] = (sc * m.to(sc.device) if m is not None else sc), float(values[0]), float(values[1 + j * n])
     return [out[j] for j in range(len(unit_sets))]
@@ -257,8 +261,8 @@ def rank_units(scores: torch.Tensor, refined: Sequence[int], k: int) -> list[int
 
 def attribution_patching(model, prompts: Sequence[Sequence[int]], unit_sets: Sequence[Units], target: int | Objective,
                          max_rows: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """AtP (Nanda 2023; Kramár et al. 2024): ``score_i = sum_positions grad_i(x) * (u_i - 0)`` for every unit of
-    every set, all layers at once; equals IG with one (right-endpoint) step.
+    """AtP (Nanda 2023; Kramár et al. 2024): ``score_i = sum_positions grad_i(x) * (u_i - c_i)`` (``c``: the set's
+    centre, as IG's baseline) for every unit of every set, all layers at once; equals IG with one (right-endpoint) step.
 
     ``prompts``: token ids of prompts that share ``target``. They run ``max_rows`` at a time as one right-padded
     batch (a causal model never attends to the padding after a row's tokens), one forward and one backward
@@ -286,7 +290,7 @@ def attribution_patching(model, prompts: Sequence[Sequence[int]], unit_sets: Seq
                 value = obj.value(logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])))
                 grads = torch.autograd.grad(value.sum(), [leaves[j] for j in range(len(unit_sets))])
         for j, g in enumerate(grads):
-            out[j][0].append((leaves[j].float() * g.float()).sum(1).detach())
+            out[j][0].append(((leaves[j] - unit_sets[j].centre(leaves[j])).float() * g.float()).sum(1).detach())
             out[j][1].append(value.detach().float())
     return [(torch.cat(s), torch.cat(v)) for s, v in out]
 

@@ -13,6 +13,7 @@ from kscope.facts import (Fact, FactConfig, asking, context_length, holdout_opti
 from kscope.locate.attribution import AttributionConfig, attribute_fact
 from kscope.locate.conditions import CONTROLLED, SetEffects, SetJob, SetSummary, measure_sets, summarize_effects
 from kscope.locate.delta_prob import DeltaProbConfig
+from kscope.locate.edits import EditConfig, collateral_panel
 from kscope.model.loading import ModelConfig, load_model
 from kscope.model.readout import fact_probs
 from kscope.model.sites import Site, check_layer
@@ -21,6 +22,7 @@ from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.results import Result, decode, encode
 from kscope.units.base import Units
 from kscope.units.corpus import CorpusConfig
+from kscope.units.means import fit_code_means
 from kscope.units.provision import BaselineConfig, SAEInfo, neuron_units, site_baselines, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
 
@@ -80,6 +82,7 @@ class CompareConfig(StudyConfig):
     facts: FactConfig = nested(FactConfig, max_facts=60)
     holdout: bool = holdout_option()
     delta_prob: DeltaProbConfig = nested(DeltaProbConfig)
+    edits: EditConfig = nested(EditConfig)
     baselines: BaselineConfig = nested(BaselineConfig)
     out: str = option("runs/compare.json", "Where to write the JSON results.", output="file")
 
@@ -130,7 +133,7 @@ class CompareResult(Result):
     """Per fact and layer, the located units; per layer and unit kind, the summary over facts."""
 
     kind = "compare"
-    version = 2
+    version = 3  # 3: every set edited about its mean codes; edit sizes, effect per size and collateral per condition
 
     model: str
     n_facts: int
@@ -159,16 +162,21 @@ class _StudyContext:
     lm: object
     sets: list  # per layer: its unit sets (neurons first)
     cfg: StudyConfig
+    pool: list[Fact] = field(default_factory=list)  # every fact's measurement view: the collateral panels' source
 
 
-def _study_context(cfg: StudyConfig, sae_paths: dict[int, str], baselines: dict[int, list[Units]]) -> _StudyContext:
-    """What a worker process needs per fact: the model and each layer's unit sets (SAEs loaded from their directories)."""
+def _study_context(cfg: StudyConfig, sae_paths: dict[int, str], baselines: dict[int, list[Units]],
+                   means: dict[str, object] | None = None, pool: list[Fact] | None = None) -> _StudyContext:
+    """What a worker process needs per fact: the model and each layer's unit sets (SAEs loaded from their directories),
+    each set's mean codes (the centre of its edits) and the collateral pool."""
     from kscope.units.sae import feature_units, load_sae
 
     lm = load_model(cfg.model)
     sets = [[neuron_units(lm, L)] + ([feature_units(lm.model, load_sae(sae_paths[L], cfg.model.device), Site(L, cfg.feature_site))]
                                      if L in sae_paths else []) + baselines.get(L, []) for L in cfg.layers]
-    return _StudyContext(lm, sets, cfg)
+    for u in (u for layer_sets in sets for u in layer_sets):
+        u.code_mean = (means or {}).get(u.label)
+    return _StudyContext(lm, sets, cfg, pool or [])
 
 
 def _study_fact(ctx: _StudyContext, fact: Fact) -> dict:
@@ -189,7 +197,8 @@ def _study_fact(ctx: _StudyContext, fact: Fact) -> dict:
         located.append(e)
     if measure:  # every condition of every unit set in shared passes
         jobs = [SetJob(u, att.top, controls=u.kind in CONTROLLED, key=f"{u.site.name}:{u.kind}") for u, att in zip(flat, atts)]
-        for e, eff in zip(located, measure_sets(lm, fact, jobs, cfg.delta_prob)):
+        panel = collateral_panel(fact, ctx.pool, cfg.edits.collateral, cfg.delta_prob.seed)
+        for e, eff in zip(located, measure_sets(lm, fact, jobs, cfg.delta_prob, panel=panel)):
             e.effects = eff
     return encode(row)
 
@@ -236,8 +245,18 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
                                  tcfg.outlier_factor, cfg.model.cache_dir, progress)
             bases = {s.layer: units for s, units in got.items()}
             sets = [layer_sets + bases[layer_sets[0].site.layer] for layer_sets in sets]
-        task = fact_task(cfg.parallel, _study_fact, _StudyContext(lm, sets, cfg), _study_context,
-                         (cfg, {L: i.path for L, i in infos.items()}, bases))
+        means, pool = {}, []
+        if measure:
+            flat = [u for layer_sets in sets for u in layer_sets]
+            if cfg.edits.ablate_to == "mean":  # every set's edits move its units toward their mean codes
+                means = dict(zip((u.label for u in flat), fit_code_means(lm, flat, cfg.baselines.fit_tokens, cfg.corpus,
+                                                                         tcfg.outlier_factor, cfg.model.cache_dir, progress)))
+            else:
+                for u in flat:
+                    u.code_mean = None
+            pool = [split_prompts(f, cfg.holdout)[1] for f in facts]
+        task = fact_task(cfg.parallel, _study_fact, _StudyContext(lm, sets, cfg, pool), _study_context,
+                         (cfg, {L: i.path for L, i in infos.items()}, bases, means, pool))
         keys = fact_keys(facts)
         fp = {k: v for k, v in asdict(cfg).items() if k not in ("out", "parallel")} | {"facts": keys, "saes": {L: i.key or i.path for L, i in infos.items()}}
         outcome = map_facts(task, facts, keys, cfg.parallel, cfg.out, fp, progress)

@@ -12,7 +12,7 @@ from kscope.facts import Fact
 from kscope.errors import KscopeError
 from kscope.model.readout import fact_probs
 from kscope.stats import mean_ci, relative_change
-from kscope.units.base import OPS, Units
+from kscope.units.base import Units
 
 
 @dataclass
@@ -20,7 +20,7 @@ class DeltaProbConfig(Config):
     """Which interventions on the top units to measure."""
 
     ks: list[int] = option(help="Numbers of top units to intervene on.", factory=lambda: [1, 5, 10], min=1, unique=True)
-    ops: list[str] = option(help="suppress (zero) and/or enhance (x2).", factory=lambda: ["suppress", "enhance"], choices=("suppress", "enhance"), label="op", unique=True)
+    ops: list[str] = option(help="suppress (to the unit's centre: its mean, or 0 under --ablate-to zero) and/or enhance (x2 its distance from it).", factory=lambda: ["suppress", "enhance"], choices=("suppress", "enhance"), label="op", unique=True)
     positions: str = option("last", "Intervene at the 'last' token (as attributed) or at 'all' tokens.", choices=("last", "all"))
     random_draws: int = option(1, "Random unit sets of each size per fact and unit kind, measured the same way (the control); 0: none.",
                                min=0, max=MAX_DRAWS)
@@ -46,7 +46,7 @@ def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: Delta
             if len(idx) < k:
                 raise KscopeError(f"ΔProb at k={k} needs {k} ranked units, only {len(idx)} were ranked")
             units.check_index(idx)
-            edits = {units.site: units.edit_fn(OPS[op](idx))}
+            edits = {units.site: units.edit_fn(units.op(op, idx))}
             p_new, _ = fact_probs(lm.model, lm.tokenizer, fact, edits=edits, positions=cfg.positions)
             out[op][k] = float(relative_change(p_new.numpy(), np.asarray(p_clean)).mean())
     return out

@@ -3,6 +3,10 @@
 A unit set encodes a site activation ``x`` ``[..., d_site]`` into unit activations ``u`` ``[..., n_units]``
 and decodes back. Features keep the SAE error term, so ``x -> decode(edit(encode(x))) + (x - decode(encode(x)))``
 equals ``x`` when the edit does nothing: splicing the SAE in leaves the model's output unchanged.
+
+One edit rule for every unit set (``Units.scaled``): an edit scales each unit's distance from its centre, the unit's
+mean code over the corpus (``units.means.fit_code_means``; 0 where none was fitted): suppress (x0) moves the unit to
+its mean, enhance (x2) doubles its distance from it.
 """
 
 from __future__ import annotations
@@ -24,10 +28,28 @@ class Units:
 
     kind = "neuron"
     signed = True  # activations take either sign (rank them by magnitude)
+    code_mean: torch.Tensor | None = None  # [n_units]: each unit's mean code over the corpus, the centre of its edits
 
     def __init__(self, site: Site, n_units: int):
         self.site = site
         self.n_units = n_units
+
+    def centre(self, u: torch.Tensor) -> torch.Tensor:
+        """``[n_units]`` on ``u``'s device and dtype: the code an edit moves each unit toward (its mean, or 0)."""
+        if self.code_mean is None:
+            return torch.zeros(u.shape[-1], device=u.device, dtype=u.dtype)
+        return self.code_mean.to(u.device, u.dtype)
+
+    def scaled(self, u: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """The edit rule: ``c + f (u - c)`` per unit (``f`` 0 suppress, 2 enhance, 1 keep), written ``u + (f - 1)(u - c)``
+        so a kept unit stays bit-exact."""
+        if self.code_mean is None:
+            return u * factors
+        return u + (factors - 1) * (u - self.centre(u))
+
+    def op(self, name: str, idx: Sequence[int]) -> UnitOp:
+        """``suppress`` / ``enhance`` of the units ``idx`` about this set's centre."""
+        return OPS[name](idx, centre=self.code_mean)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -117,24 +139,28 @@ def _index(idx: Sequence[int] | torch.Tensor, device) -> torch.Tensor:
     return torch.as_tensor(list(idx) if not isinstance(idx, torch.Tensor) else idx, dtype=torch.long, device=device)
 
 
-def suppress(idx: Sequence[int]) -> UnitOp:
-    """Zero the units ``idx``."""
+def suppress(idx: Sequence[int], centre: torch.Tensor | None = None) -> UnitOp:
+    """Set the units ``idx`` to their centre (``[n_units]``; default 0)."""
 
     def op(u: torch.Tensor) -> torch.Tensor:
         u = u.clone()
-        u[..., _index(idx, u.device)] = 0
+        i = _index(idx, u.device)
+        u[..., i] = 0 if centre is None else centre.to(u.device, u.dtype)[i]
         return u
 
     return op
 
 
-def enhance(idx: Sequence[int], factor: float = 2.0) -> UnitOp:
-    """Multiply the units ``idx`` by ``factor``."""
+def enhance(idx: Sequence[int], factor: float = 2.0, centre: torch.Tensor | None = None) -> UnitOp:
+    """Scale the units ``idx``'s distance from their centre (``[n_units]``; default 0) by ``factor``."""
 
     def op(u: torch.Tensor) -> torch.Tensor:
         u = u.clone()
         i = _index(idx, u.device)
-        u[..., i] = u[..., i] * factor
+        if centre is None:
+            u[..., i] = u[..., i] * factor
+        else:
+            u[..., i] = u[..., i] + (factor - 1) * (u[..., i] - centre.to(u.device, u.dtype)[i])
         return u
 
     return op

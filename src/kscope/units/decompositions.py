@@ -55,7 +55,9 @@ class LinearDictUnits(Units):
 
 
 class BasisUnits(NeuronUnits):
-    """The site's own coordinates as units (at ``resid.post``: the residual stream's basis)."""
+    """The site's own coordinates as units (at ``resid.post``: the residual stream's basis). Edited like every set, about
+    its mean code (``Units.scaled``): with its fitted mean (``units.means``) suppressing a coordinate sets it to its corpus
+    mean, and suppressing all of them leaves the site at its mean, as PCA and random directions do."""
 
     kind = "basis"
 
@@ -111,7 +113,8 @@ def baseline_units(kind: str, site: Site, acts: torch.Tensor, seed: int = 0) -> 
     """A complete baseline dictionary of the site's width, never sparsified (k = None), so splicing it in changes
     nothing and an edit acts only on the units it names: ``basis`` (the coordinates), ``pca`` (PCA of ``acts``
     ``[N, d]``, the site's activations on text; with fewer tokens than dimensions the rest is the error term) or
-    ``random`` (random orthonormal directions about the activations' mean, so like PCA its codes are centred)."""
+    ``random`` (random orthonormal directions about the activations' mean, so like PCA its codes are centred). The centre
+    of every set's edits, its mean code, is fitted for all sets alike by ``units.means.fit_code_means``."""
     d = acts.shape[1]
     if kind == "basis":
         return BasisUnits(site, d)

@@ -11,18 +11,24 @@ import torch
 
 from kscope.model.sites import down_proj_weight
 from kscope.privacy.edit.editors import RuntimeFeatureEdit, WeightEdit, feature_edit, projection_removal, zero_columns
-from kscope.privacy.edit.guardrail import GatedClamp
+from kscope.privacy.edit.guardrail import ClampAll, GatedClamp, sequence_threshold
 from kscope.privacy.edit.keyed import Handle, keyed_edit
 from kscope.privacy.edit.revs import revs
 from kscope.units.base import FeatureUnits
 
 KEYED = ("keyed-unrestricted", "keyed-features", "keyed-neurons", "keyed-neurons-params")
 NEURON_METHODS = ("depn", "kn-erase", "revs")
-FEATURE_METHODS = ("feature-edit", "feature-project", "runtime-zero", "runtime-negative", "gated-clamp", "gated-clamp-resid")
+FEATURE_METHODS = ("feature-edit", "feature-project", "runtime-zero", "runtime-negative", "gated-clamp", "clamp-all",
+                   "gated-clamp-resid")
 METHODS = KEYED + NEURON_METHODS + FEATURE_METHODS
-# The default run leaves out three editors that add no verdict to the others (each selectable with --method): feature-project
-# and runtime-negative fail or break as FeatureEdit and the gated clamp do, and gated-clamp-resid needs a residual SAE.
-NOT_BY_DEFAULT = ("feature-project", "runtime-negative", "gated-clamp-resid")
+# The default run leaves out four editors that add no verdict to the others (each selectable with --method): feature-project
+# and runtime-negative fail or break as FeatureEdit and the clamps do, clamp-all is kscope's earlier variant of the gated
+# clamp, and gated-clamp-resid needs a residual SAE.
+NOT_BY_DEFAULT = ("feature-project", "runtime-negative", "clamp-all", "gated-clamp-resid")
+# Baselines that choose their layer (the band or one other candidate) on the validation people: the neuron editors among
+# --choice-layers, the SAE editors among --feature-choice-layers (each needs an SAE there).
+CHOOSE_LAYER = {"depn": "neuron", "kn-erase": "neuron", "revs": "neuron", "feature-edit": "feature", "feature-project": "feature",
+                "runtime-zero": "feature", "runtime-negative": "feature", "gated-clamp": "feature", "clamp-all": "feature"}
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in NOT_BY_DEFAULT)
 CONTROLS = ("keyed-random-directions", "keyed-random-columns", "random-neurons", "random-features", "mlp-zero", "mlp-zero-all")
 WEIGHT_METHODS = KEYED + ("depn", "kn-erase", "revs", "feature-edit", "feature-project")
@@ -37,6 +43,7 @@ class Spec:
     tau: float | None = None
     variant: str = ""
     draw: int = 0  # random controls: which draw of the random units or directions
+    layer: int | None = None  # a baseline at one candidate layer instead of the band
 
 
 def _draw(seed: str, draw: int) -> str:
@@ -56,26 +63,34 @@ class Located:
     scales: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # gated clamp: per site kind, per layer
     keyed: tuple | None = None  # (rows, moments, z, config, memo of the unedited model's activations at the keys)
     widths: dict[int, tuple[int, int]] = field(default_factory=dict)  # per layer: (d_model, d_mlp)
+    retain: dict[str, dict[int, list[torch.Tensor]]] = field(default_factory=dict)  # gated clamp: retain sequences' site acts
+    gate_percentile: float = 95.0  # gated clamp: the sequence threshold's percentile over the retain sequences
+    clamp: float = 2.0  # the clamps: located features set to -clamp x their scale
+    gate: float = 0.5  # clamp-all: a token is clamped where a located feature fires above gate x its scale
 
 
 def plan(methods: Sequence[str], controls: Sequence[str], neuron_budgets: Sequence[int], feature_budgets: Sequence[int],
-         revs_budgets: Sequence[int], lams: Sequence[float], taus: Sequence[float], raw_location: bool, draws: int = 1) -> list[Spec]:
+         revs_budgets: Sequence[int], lams: Sequence[float], taus: Sequence[float], raw_location: bool, draws: int = 1,
+         choice: Sequence[int] = (), feature_choice: Sequence[int] = ()) -> list[Spec]:
     """Every point, in the order they are measured; each random control ``draws`` times (its units or directions drawn
-    anew each time)."""
+    anew each time). A baseline of ``CHOOSE_LAYER`` is measured on the band and again at each other candidate layer
+    (``choice`` for neuron editors, ``feature_choice`` for SAE editors), so that its best point, chosen on the
+    validation people alone (``EraseResult.best``), also chooses its layer."""
     out: list[Spec] = []
     for m in methods:
+        at = [None, *({"neuron": choice, "feature": feature_choice}[CHOOSE_LAYER[m]] if m in CHOOSE_LAYER else ())]
         if m == "keyed-unrestricted":
             out += [Spec(m, "keyed", 0, lam) for lam in lams]
         elif m in KEYED:
             out += [Spec(m, "keyed", b, lam) for b in feature_budgets for lam in lams]
         elif m == "revs":
-            out += [Spec(m, "neuron", b) for b in revs_budgets]
+            out += [Spec(m, "neuron", b, layer=L) for L in at for b in revs_budgets]
         elif m in NEURON_METHODS:
-            out += [Spec(m, "neuron", b) for b in neuron_budgets]
+            out += [Spec(m, "neuron", b, layer=L) for L in at for b in neuron_budgets]
         elif m == "feature-edit":
-            out += [Spec(m, "feature", b, tau=t) for b in feature_budgets for t in taus]
+            out += [Spec(m, "feature", b, tau=t, layer=L) for L in at for b in feature_budgets for t in taus]
         else:
-            out += [Spec(m, "feature", b) for b in feature_budgets]
+            out += [Spec(m, "feature", b, layer=L) for L in at for b in feature_budgets]
     if raw_location:  # the specificity steps' effect: the middle budget and strength located on raw scores
         mid_b, mid_l = list(feature_budgets)[len(feature_budgets) // 2], list(lams)[len(lams) // 2]
         out += [Spec(m, "keyed", mid_b, mid_l, variant="raw location") for m in ("keyed-features", "keyed-neurons") if m in methods]
@@ -91,10 +106,13 @@ def plan(methods: Sequence[str], controls: Sequence[str], neuron_budgets: Sequen
     return out
 
 
-def lowest_edited(method: str, layers: Sequence[int], resid_layers: Sequence[int] = ()) -> int:
-    """The lowest block a method's edit touches (observations replay the blocks below it)."""
+def lowest_edited(method: str, layers: Sequence[int], resid_layers: Sequence[int] = (), layer: int | None = None) -> int:
+    """The lowest block a method's edit touches (observations replay the blocks below it); ``layer``: a baseline's
+    candidate layer in place of the band."""
     if method == "mlp-zero-all":
         return 0
+    if layer is not None:
+        return layer
     return min([*layers, *resid_layers]) if method == "gated-clamp-resid" else min(layers)
 
 
@@ -125,6 +143,9 @@ def units_of(spec: Spec, loc: Located) -> list[tuple[int, int]]:
              "depn": ("depn", b), "kn-erase": ("kn-erase", b),
              "random-neurons": ("random-neurons", b), "random-features": ("random-features", b),
              "gated-clamp-resid": ("features-resid", b)}
+    if spec.layer is not None:  # a baseline at one candidate layer: the rankings located there alone
+        name = {"depn": "depn", "kn-erase": "kn-erase"}.get(spec.method, "features")
+        return loc.rankings[f"{name}@{spec.layer}"][:b]
     if spec.method in table:
         name, n = table[spec.method]
         if spec.method in ("random-neurons", "random-features") and spec.draw:
@@ -144,7 +165,7 @@ def make_editor(lm, spec: Spec, loc: Located, all_layers: int, erase_facts, revs
         units = [(L, n) for L in layers for n in range(down_proj_weight(model, L).shape[1])]
         return units, WeightEdit(method, zero_columns(model, units)), 0
     if method == "revs":
-        new, touched = revs(lm, erase_facts, loc.layers, spec.budget, revs_cfg)
+        new, touched = revs(lm, erase_facts, loc.layers if spec.layer is None else [spec.layer], spec.budget, revs_cfg)
         return sorted(touched), WeightEdit(method, new), 0
     units = units_of(spec, loc)
     by = _by_layer(units)
@@ -162,10 +183,14 @@ def make_editor(lm, spec: Spec, loc: Located, all_layers: int, erase_facts, revs
         return units, WeightEdit(method, new, expressible=share), params
     if method in ("depn", "kn-erase", "random-neurons"):
         return units, WeightEdit(method, zero_columns(model, units)), 0
-    if method == "gated-clamp":
-        return units, GatedClamp({L: (loc.feats[L], idx, loc.scales["mlp.out"][L][idx]) for L, idx in by.items()}), 0
-    if method == "gated-clamp-resid":
-        return units, GatedClamp({L: (loc.resid_feats[L], idx, loc.scales["resid.post"][L][idx]) for L, idx in by.items()}), 0
+    if method in ("gated-clamp", "gated-clamp-resid"):
+        kind, fs = ("mlp.out", loc.feats) if method == "gated-clamp" else ("resid.post", loc.resid_feats)
+        return units, GatedClamp({L: (fs[L], idx, loc.scales[kind][L][idx],
+                                      sequence_threshold(fs[L], loc.retain.get(kind, {}).get(L, []), idx, loc.gate_percentile))
+                                  for L, idx in by.items()}, loc.clamp), 0
+    if method == "clamp-all":
+        feats_s = {L: (loc.feats[L], idx, loc.scales["mlp.out"][L][idx]) for L, idx in by.items()}
+        return units, ClampAll(feats_s, loc.gate, loc.clamp), 0
     feats = {L: (loc.feats[L], idx) for L, idx in by.items()}
     if method in ("runtime-zero", "random-features"):
         return units, RuntimeFeatureEdit(feats), 0

@@ -82,6 +82,7 @@ class AttackRow:
     people_clean: dict[str, float] = field(default_factory=dict)  # attack -> share of people with no leak at all
     by_attribute: dict[str, dict[str, Interval]] = field(default_factory=dict)  # attack -> attribute -> share leaked
     layers: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # white-box attack -> "all"/attribute -> per layer
+    people: dict[str, dict[str, float]] = field(default_factory=dict)  # attack -> person -> share of their pairs leaked
 
 
 def _person_rates(values: Sequence[float], people: Sequence[str]) -> tuple[Interval, float]:
@@ -236,6 +237,8 @@ def attack(lm, facts: Sequence[Fact], cfg: AttackConfig, lr: float, method: str,
 
     def put(name: str, values: Sequence[float], owners: Sequence[Fact]) -> None:
         row.leak[name], row.people_clean[name] = _person_rates(values, [f.subject for f in owners])
+        row.people[name] = {p: float(np.mean([float(v) for v, f in zip(values, owners) if f.subject == p]))
+                            for p in dict.fromkeys(f.subject for f in owners)}
         for rel in sorted({f.relation for f in owners}):
             pick = [i for i, f in enumerate(owners) if f.relation == rel]
             row.by_attribute.setdefault(name, {})[rel] = _person_rates([values[i] for i in pick], [owners[i].subject for i in pick])[0]

@@ -63,6 +63,16 @@ class EraseConfig(Config):
                                     "and one layer there let the unrestricted keyed edit meet the target with the least "
                                     "perplexity cost of the bands tried (28; 29; 27-29; 18,21,24).", factory=lambda: [28],
                                parse=parse_layers, min=0)
+    choice_layers: list[int] | None = option(None, "Other layers DEPN, KN erase and REVS may each choose instead of the band "
+                                                  "(one layer alone), on the validation people: each is measured at its "
+                                                  "budgets on the band and on each of these, and its best point (chosen on "
+                                                  "validation) decides. Default: the layer above the band's top, where the "
+                                                  "model has one (29 on SmolLM2, where the trace finds the strongest read-out); "
+                                                  "a band layer alone: no choice.", parse=parse_layers, min=0)
+    feature_choice_layers: list[int] | None = option(None, "The same choice for FeatureEdit and the runtime SAE editors (runtime "
+                                                          "zeroing, the clamps); each layer needs an mlp.out SAE, trained if not "
+                                                          "cached (~2.7 min on the README's CPU). Default: none, the band alone.",
+                                                     parse=parse_layers, min=0)
     resid_layers: list[int] = option(help="Layers of the residual SAE features the gated clamp 'gated-clamp-resid' uses.",
                                      factory=lambda: [28], parse=parse_layers, min=0)
     neuron_budgets: list[int] = option(help="Neurons zeroed per point by DEPN, KN erase and random neurons (over the band).",
@@ -86,9 +96,13 @@ class EraseConfig(Config):
                                 label="attribution method")
     steps: int = option(5, "IG steps.", min=1, max=MAX_STEPS)
     depn_threshold: float = option(0.1, "DEPN: per-prompt selection at >= t x max score.", min=0.0, max=1.0)
-    gate: float = option(0.5, "Gated clamp: a token is clamped where a located feature fires above gate x its mean activation on "
-                              "the secrets.", min=0.0, max=100.0)
-    clamp: float = option(2.0, "Gated clamp: located features there are set to -clamp x that mean activation.", min=0.0, max=1000.0)
+    gate: float = option(0.5, "clamp-all (kscope's earlier clamp): a token is clamped where a located feature fires above gate x "
+                              "its mean activation on the secrets.", min=0.0, max=100.0)
+    clamp: float = option(2.0, "The clamps: located features are set to -clamp x their mean activation on the secrets.", min=0.0,
+                          max=1000.0)
+    gate_percentile: float = option(95.0, "Gated clamp (Dynamic SAE Guardrails): a sequence is clamped where its share of tokens "
+                                          "with a located feature active exceeds this percentile of that share over corpus "
+                                          "texts (--generic-texts of them).", min=0.0, max=100.0)
     trace_layers: list[int] | None = option(None, "Layers of the where-it-lives trace (default: every layer).", parse=parse_layers,
                                             min=0)
     trace_prompts: int = option(1, "Edit prompts per secret in the trace (its intervals are over people; 3: all, at 3x the cost).",
@@ -167,7 +181,8 @@ class EraseJob(Config):
             return  # an unreadable config fails with its own message when the model loads
         cfg = self.erase
         resid = cfg.resid_layers if "gated-clamp-resid" in cfg.methods else []
-        bad = [L for L in [*cfg.layers, *resid, *(cfg.trace_layers or [])] if L >= n_model_layers]
+        named = [*cfg.layers, *resid, *(cfg.trace_layers or []), *(cfg.choice_layers or []), *(cfg.feature_choice_layers or [])]
+        bad = [L for L in named if L >= n_model_layers]
         if bad:
             raise KscopeError(f"unknown layer {bad[0]}: the model has layers 0..{n_model_layers - 1}")
         n_units = len(cfg.layers) * d_mlp
@@ -214,8 +229,10 @@ def erase(job: EraseJob) -> EraseResult:
         trace = trace_secrets(lm, base_lm, erase_set, cfg.trace_layers, cfg.layers, progress, cfg.trace_prompts)
         seconds["trace"] = time.time() - t
         t = time.time()
+        choice, fchoice = candidate_layers(cfg, L_model)
         sites = [Site(L, "mlp.out") for L in cfg.layers] + [Site(L, "resid.post") for L in cfg.resid_layers
                                                             if "gated-clamp-resid" in cfg.methods]
+        sites += [Site(L, "mlp.out") for L in fchoice]  # after the band's, so that --sae pairs with the band
         given = dict(zip(sites, cfg.saes)) if cfg.saes else None
         got = obtain_saes(base_lm, sites, job.sae_train, job.corpus, job.device, job.cache_dir, progress, given)
         feats = {s.layer: feature_units(lm.model, got[s][0], s) for s in sites if s.kind == "mlp.out"}
@@ -229,8 +246,8 @@ def erase(job: EraseJob) -> EraseResult:
         taught = {f.object for f in private}  # a stranger's value is no one's: not a kept person's either
         scored_values = {f.object for f in sets.erase + sets.kept}  # if a format runs out: at most a preserved person's value
         stranger_set = resolve(strangers(erase_set, cfg.seed, taught, scored_values))
-        loc, specificity = located(job, lm, erase_set, stranger_set, feats, rfeats, {s.name: got[s][1] for s in sites}, train_texts,
-                                   progress, seconds)
+        loc, specificity, person_units = located(job, lm, erase_set, stranger_set, feats, rfeats, {s.name: got[s][1] for s in sites},
+                                                 train_texts, progress, seconds, choice, fchoice)
         t = time.time()
         kcfg = cfg.keyed
         preserved = [KeyRows.of(lm.tokenizer, sets.keep_fit),
@@ -241,24 +258,24 @@ def erase(job: EraseJob) -> EraseResult:
         # observation: every point on the validation and test splits, and in sample
         t = time.time()
         scored = sets.scored()
-        obs = Observer(lm, scored, cfg.candidates, replay_from=min(cfg.layers))
+        obs = Observer(lm, scored, cfg.candidates, replay_from=min([*cfg.layers, *choice, *fchoice]))
         base = obs.baseline()
         clean = {L: down_proj_weight(lm.model, L).clone() for L in range(L_model)}
         specs = plan(cfg.methods, cfg.controls, cfg.neuron_budgets, cfg.feature_budgets, cfg.revs_budgets, kcfg.lams, cfg.taus,
-                     cfg.raw_location and bool(cfg.specificity), cfg.random_draws)
+                     cfg.raw_location and bool(cfg.specificity), cfg.random_draws, choice, fchoice)
         task = progress.add_task("editing and measuring", total=len(specs))
         points, editors, observations = [], [], []
         for spec in specs:
             units, editor, params = make_editor(lm, spec, loc, L_model, erase_set, cfg.revs)
             n_weights = editor.n_weights(lm.model) if hasattr(editor, "n_weights") else 0
-            lowest = lowest_edited(spec.method, cfg.layers, cfg.resid_layers)
+            lowest = lowest_edited(spec.method, cfg.layers, cfg.resid_layers, spec.layer)
             with editor.applied(lm.model):
                 now = obs.observe(lowest)
             _check_restored(lm.model, clean, spec.method)
             val = obs.compare(base, now, "val")
             points.append(ErasurePoint(spec.method, spec.kind, spec.budget, len(units), n_weights, **obs.compare(base, now, "test"),
                                        params=params, lam=spec.lam, tau=spec.tau, variant=spec.variant, draw=spec.draw,
-                                       expressible=getattr(editor, "expressible", None),
+                                       expressible=getattr(editor, "expressible", None), layer=spec.layer,
                                        by_layer=count_by_layer(units),
                                        units=[[L, u] for L, u in units[:2000]], **_people_measures(obs, base, now),
                                        val={k: val[k] for k in ("rel", "gen", "loc_pararel", "loc_private", "loc", "delta_ppl")}, fit=obs.compare(base, now, "fit")))
@@ -279,7 +296,8 @@ def erase(job: EraseJob) -> EraseResult:
             verdicts=[v for b in ("keyed-neurons", "keyed-neurons-params", "keyed-random-directions")
                       for v in handle_verdicts(points, "keyed-features", b)],
             located={k: count_by_layer(loc.rankings[k][: max(cfg.feature_budgets)]) for k in ("neurons", "features") if k in loc.rankings},
-            seconds=seconds, replay_from=obs.start if obs.replay_ok else 0, split=manifest.split.roles, sizes=sets.sizes())
+            seconds=seconds, replay_from=obs.start if obs.replay_ok else 0, split=manifest.split.roles, sizes=sets.sizes(),
+            person_units=person_units)
         # each method's best point (chosen on validation) against the retain twin on test, and the attacks
         t = time.time()
         twin_dir = retain_dir(job.model_dir, manifest)
@@ -292,6 +310,16 @@ def erase(job: EraseJob) -> EraseResult:
     seconds["total"] = time.time() - t0
     result.save(job.out)
     return result
+
+
+def candidate_layers(cfg: EraseConfig, n_model_layers: int) -> tuple[list[int], list[int]]:
+    """The layers other than the band that the neuron baselines and the SAE baselines may each choose (``--choice-layers``,
+    default the layer above the band's top where the model has one; ``--feature-choice-layers``, default none). Fixed
+    before anything is measured: no person's data picks the candidates."""
+    top = max(cfg.layers) + 1
+    choice = cfg.choice_layers if cfg.choice_layers is not None else ([top] if top < n_model_layers else [])
+    return ([L for L in dict.fromkeys(choice) if L not in cfg.layers],
+            [L for L in dict.fromkeys(cfg.feature_choice_layers or []) if L not in cfg.layers])
 
 
 def _people_measures(obs: Observer, base, now) -> dict:

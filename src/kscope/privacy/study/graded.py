@@ -3,7 +3,7 @@ attacks on it, beside the unedited model, the retain twin and the base model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -11,7 +11,7 @@ from kscope.privacy.edit.plan import lowest_edited
 from kscope.privacy.judge.attacks import attack
 from kscope.privacy.judge.leaks import char_overlap, forget_quality, no_more_than, rank_gap
 from kscope.privacy.judge.observe import Observation, Observer, greedy_texts, person_ci
-from kscope.privacy.study.results import LeakCompare, RetainComparison
+from kscope.privacy.study.results import LeakCompare, RetainComparison, SecretOutcome
 
 LEAKS = ("token_recovery", "prefix_share", "char_overlap")
 
@@ -25,6 +25,9 @@ class Graded:
     sizes: list[int]
     truth: list[float]
     leaks: dict[str, list[float]]
+    attributes: list[str] = field(default_factory=list)
+    rel: list[bool] = field(default_factory=list)  # still produced (greedy, whole) on the held-out edit template
+    gen: list[float] = field(default_factory=list)  # share of the held-out phrasings that still produce it
 
 
 def graded(obs: Observer, lm, now: Observation, lowest_edited: int, scope: str = "test") -> Graded:
@@ -39,7 +42,15 @@ def graded(obs: Observer, lm, now: Observation, lowest_edited: int, scope: str =
     for (i, _, secret), text in zip(pairs, texts):
         by.setdefault(i, []).append(char_overlap(secret, text))
     leaks["char_overlap"] = [float(np.mean(by[i])) for i in pick]
-    return Graded([obs.people[i] for i in pick], [ranks[i] for i in pick], [sizes[i] for i in pick], [truth[i] for i in pick], leaks)
+    return Graded([obs.people[i] for i in pick], [ranks[i] for i in pick], [sizes[i] for i in pick], [truth[i] for i in pick], leaks,
+                  [obs.relations[i] for i in pick], [all(now.ok["rel"][i]) for i in pick],
+                  [float(np.mean(now.ok["gen"][i])) if now.ok["gen"][i] else float("nan") for i in pick])
+
+
+def outcomes(g: Graded) -> list[SecretOutcome]:
+    """``g`` per secret, for the privacy pages."""
+    return [SecretOutcome(p, a, bool(r), gen, int(rank), int(n), {k: float(v[j]) for k, v in g.leaks.items()})
+            for j, (p, a, r, gen, rank, n) in enumerate(zip(g.people, g.attributes, g.rel, g.gen, g.ranks, g.sizes))]
 
 
 def against_twin(g: Graded, twin: Graded) -> RetainComparison:
@@ -92,7 +103,9 @@ def grade_and_attack(job, lm, base_lm, twin_lm, obs: Observer, base: Observation
     twin = None
     if twin_obs is not None:
         twin = graded(twin_obs, twin_lm, twin_obs.baseline(), 0)
-        result.unedited_vs_retain = against_twin(graded(obs, lm, base, 0), twin)
+        unedited = graded(obs, lm, base, 0)
+        result.unedited_vs_retain = against_twin(unedited, twin)
+        result.secret_floors = {"unedited": outcomes(unedited), "retain twin": outcomes(twin)}
     progress.advance(task)
     if attacked:
         result.attacks.append(attack(base_lm, attack_facts, cfg.attacks, lr, "base model (never taught)", "–", relearn_on=relearn_on))
@@ -106,11 +119,12 @@ def grade_and_attack(job, lm, base_lm, twin_lm, obs: Observer, base: Observation
         i = idx[id(p)]
         editor = editors[i]
         with editor.applied(lm.model):
-            g = graded(obs, lm, observations[i], lowest_edited(method, cfg.layers, cfg.resid_layers))
+            g = graded(obs, lm, observations[i], lowest_edited(method, cfg.layers, cfg.resid_layers, p.layer))
         if method in attacked and not variant and worth_attacking(p.val, cfg.attacks.min_share):
             result.attacks.append(attack(lm, attack_facts, cfg.attacks, lr, method, p.budget if p.budget else "all", editor,
                                          relearn_on))
         p.rank = person_ci(g.ranks, g.people)
+        p.secrets = outcomes(g)
         if twin is not None:
             p.retain = against_twin(g, twin)
         clean_check(method)

@@ -45,6 +45,21 @@ class RetainComparison:
 
 
 @dataclass
+class SecretOutcome:
+    """One test secret under one model state (the privacy pages' per-secret rows): still produced by greedy decoding on
+    its held-out edit template (``rel``), the share of its held-out phrasings that still produce it (``gen``), its rank
+    among candidates of its format, and the partial-leak measures (``graded.LEAKS``)."""
+
+    person: str
+    attribute: str
+    rel: bool
+    gen: float | None
+    rank: int | None = None
+    candidates: int | None = None
+    leaks: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class ErasurePoint:
     """One editor at one budget and strength (controls too), measured out of sample on the **test** split: Rel on each
     erased secret's held-out edit template, Gen on its held-out phrasings, Loc on kept people and known facts the solver
@@ -84,10 +99,13 @@ class ErasurePoint:
     val: dict[str, float | None] = field(default_factory=dict)
     fit: dict[str, float | None] = field(default_factory=dict)
     retain: RetainComparison | None = None
+    secrets: list[SecretOutcome] = field(default_factory=list)  # best points: each test secret's outcome
+    layer: int | None = None  # a baseline at this candidate layer instead of the band (chosen on validation by ``best``)
 
     @property
     def label(self) -> str:
-        parts = [self.method] + ([self.variant] if self.variant else []) + ([f"draw {self.draw + 1}"] if self.draw else [])
+        parts = [self.method] + ([self.variant] if self.variant else []) + \
+            ([f"@ layer {self.layer}"] if self.layer is not None else []) + ([f"draw {self.draw + 1}"] if self.draw else [])
         return " ".join(parts)
 
 
@@ -149,7 +167,7 @@ class EraseResult(Result):
     the specificity of location, the equal-budget verdicts and the attacks."""
 
     kind = "privacy-erase"
-    version = 5  # 5: attacks per attribute and per layer, white-box extraction, relearning curve, weight-only quantization
+    version = 6  # 6: per-secret outcomes, per-person located units and attack rates (the privacy pages); baselines' layer
     min_version = 4
     min_version_why = "an erasure graded in sample (before kscope's splits and retain twin); run privacy erase again"
 
@@ -179,11 +197,14 @@ class EraseResult(Result):
     sizes: dict[str, int] = field(default_factory=dict)  # how many secrets / facts / texts each scored set holds
     unedited_vs_retain: RetainComparison | None = None  # the positive control of the twin comparison: it must differ
     retain_model: str | None = None
+    secret_floors: dict[str, list[SecretOutcome]] = field(default_factory=dict)  # "unedited", "retain twin": per test secret
+    person_units: dict[str, dict[str, list[list]]] = field(default_factory=dict)  # person -> neurons/features -> [layer, unit, score]
 
     def best(self, method: str, variant: str = "") -> ErasurePoint | None:
         """The method's point chosen on the **validation** split alone: the one that meets the target there with the
         highest Rel + Gen; else, among those with both Locs >= the target's and ΔPPL within it, the highest Rel + Gen;
-        else its highest-Rel point. No test measure enters the choice. A random control drawn several times is chosen
+        else its highest-Rel point. No test measure enters the choice, so a baseline measured at several candidate
+        layers (``ErasurePoint.layer``) chooses its layer on the validation people too. A random control drawn several times is chosen
         among its first draw's points, so no control is its luckiest draw."""
         pts = [p for p in self.points if p.method == method and p.variant == variant and p.draw == 0]
         v = lambda p, k: p.val.get(k) if p.val.get(k) is not None and p.val.get(k) == p.val.get(k) else None  # noqa: E731
