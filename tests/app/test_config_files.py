@@ -113,3 +113,15 @@ def test_the_committed_privacy_study_config_is_large_enough_to_decide():
     split = split_people([f"p{i}" for i in range(cfg.privacy.n_people)], cfg.privacy.forget, 0)
     assert cfg.privacy.n_people >= 40 and len(split.forget) >= 20 and len(cfg.privacy_seeds) >= 3
     assert cfg.erase.random_draws >= 5 and cfg.stages == ["privacy-build", "privacy-erase"] and cfg.privacy.retain_twin
+
+
+def test_the_committed_pararel_sweep_config_asks_for_enough_facts_under_the_new_rules():
+    """configs/pararel-sweep.yaml: the sweep alone on ParaRel, >= 200 known facts asked for, held out, one edit rule."""
+    from pathlib import Path
+
+    from kscope.app.options import config_from_file
+    from kscope.app.reproduce import ReproduceConfig
+
+    cfg = config_from_file(ReproduceConfig, str(Path(__file__).resolve().parents[2] / "configs" / "pararel-sweep.yaml"))
+    assert cfg.stages == ["sweep"] and cfg.max_facts >= 200 and cfg.facts.endswith("pararel") and cfg.holdout
+    assert cfg.edits.ablate_to == "mean" and len(cfg.sweep_layers) >= 10

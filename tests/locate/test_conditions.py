@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kscope.facts import resolve_targets
-from kscope.locate.conditions import (MATCH_POOL, SetJob, condition_logps, contribution_norms, factor_rows, matched_units,
-                                      measure_sets)
+from kscope.locate.conditions import SetJob, condition_logps, factor_rows, measure_sets
+from kscope.locate.matching import MATCH_POOL, contribution_norms, matched_units
 from kscope.locate.delta_prob import DeltaProbConfig
 from kscope.model.readout import fact_probs, last_token_activations
 from kscope.model.sites import Site

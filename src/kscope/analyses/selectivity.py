@@ -19,6 +19,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from kscope.facts import Fact
+from kscope.locate.matching import draw_nearest
 
 MATCH_POOL = 10
 """A matched unit is drawn among this many units of the set nearest the top unit in activity."""
@@ -54,17 +55,12 @@ def matched_units(top: Sequence[int], stats: np.ndarray, rng: random.Random, exc
     free = np.ones(len(stats), dtype=bool)
     free[list(top)] = False
     free[list(exclude)] = False
-    out = []
-    for t in top:
+
+    def candidates(free: np.ndarray, t: int) -> np.ndarray:
         cands = np.flatnonzero(free)
-        if cands.size == 0:
-            cands = np.flatnonzero(np.arange(len(stats)) != t)
-        d = np.hypot(*(stats[cands] - stats[t]).T)
-        near = cands[np.lexsort((cands, d))[:pool]]
-        pick = int(near[rng.randrange(len(near))])
-        free[pick] = False
-        out.append(pick)
-    return out
+        return cands if cands.size else np.flatnonzero(np.arange(len(stats)) != t)
+
+    return draw_nearest(top, free, candidates, lambda c, t: np.hypot(*(stats[c] - stats[t]).T), rng, pool)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from kscope.errors import KscopeError
 from kscope.locate.attribution import head_logits, plain_head
 from kscope.locate.delta_prob import DeltaProbConfig
+from kscope.locate.matching import contribution_norms, matched_units
 from kscope.locate.objectives import Objective, fact_objective
 from kscope.model.hooks import hooked
 from kscope.model.prefix import PrefixRunner
@@ -36,8 +37,6 @@ from kscope.model.sites import down_proj_weight, n_layers
 from kscope.stats import Interval, cluster_bootstrap, log_ratio
 from kscope.units.base import Units
 
-MATCH_POOL = 5
-"""A matched unit is drawn among the active units whose contribution norm is nearest the top unit's (log scale)."""
 MAX_ROWS = 512
 """Most condition rows per pass (a pass holds whole unit sets)."""
 FACTORS = {"suppress": 0.0, "enhance": 2.0, "keep": 1.0}
@@ -90,31 +89,6 @@ def factor_rows(n_units: int, rows: Sequence[tuple[str, Sequence[int]]]) -> torc
     out = torch.ones(len(rows), n_units)
     for r, (op, idx) in enumerate(rows):
         out[r, list(idx)] = FACTORS[op]
-    return out
-
-
-def contribution_norms(acts: torch.Tensor, units: Units) -> np.ndarray:
-    """``[n_units]``: mean over prompts of ``|activation - centre| x direction norm``, the size of the unit's suppression
-    (``acts``: ``[n_prompts, n_units]`` at the answer-reading position); 0 means suppressing it there changes nothing."""
-    a = acts.float()
-    return ((a - units.centre(a)).abs() * units.direction_norms()[None]).mean(0).numpy()
-
-
-def matched_units(top: Sequence[int], norms: np.ndarray, rng: random.Random, pool: int = MATCH_POOL) -> list[int]:
-    """Per top unit, in order: a unit drawn among the ``pool`` active units (norm > 0) nearest it in log contribution
-    norm; never a top unit, never drawn twice. Silent units are taken only once no active one is left (and, in a set
-    too small for that, units drawn before)."""
-    not_top = np.ones(len(norms), dtype=bool)
-    not_top[list(top)] = False
-    free = not_top.copy()
-    logn = np.log(np.maximum(norms, 1e-30))
-    out = []
-    for t in top:
-        cands = next(c for c in (np.flatnonzero(m) for m in (free & (norms > 0), free, not_top, np.ones_like(free))) if c.size)
-        near = cands[np.lexsort((cands, np.abs(logn[cands] - logn[t])))[:pool]]
-        pick = int(near[rng.randrange(len(near))])
-        free[pick] = False
-        out.append(pick)
     return out
 
 

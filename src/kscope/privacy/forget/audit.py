@@ -15,7 +15,7 @@ from kscope.privacy.data.inject import forced_tokens, teacher_forced
 from kscope.privacy.forget.records import Record
 from kscope.privacy.judge.attacks import AttackConfig, lens_ranks, sampling_leaks, weight_quantized
 from kscope.privacy.judge.leaks import char_overlap, prefix_share, token_recovery
-from kscope.privacy.judge.observe import greedy_texts, ppl_change_ci, row_nlls
+from kscope.privacy.judge.observe import greedy_texts, row_nlls
 from kscope.privacy.judge.whitebox import extraction
 from kscope.results import Result
 from kscope.stats import Interval
