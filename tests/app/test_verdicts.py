@@ -143,3 +143,30 @@ def test_the_interpret_answer_gives_the_detection_verdict_beside_pearson_r(small
     a = next(x for x in answers(res) if x.key == "interpret")
     assert "detection AUROC (top against random held-out windows" in a.sentence and "(Welch): features beat neurons." in a.sentence
     assert a.says == "Pearson r: equivalent within ±0.05; detection: features better"
+
+
+def test_the_locate_answer_also_pairs_features_with_each_same_site_baseline_holm_over_them(small):
+    """Compare's answer gives features − each same-site baseline beside the paper's comparison, each judged per
+    operation, the baselines one Holm family (the paper's comparison with neurons stays the primary, unadjusted)."""
+    from kscope.analyses.verdicts import adjust, ops_verdict
+    from kscope.app.verdicts import _baseline_verdicts
+
+    rel = [r for r in "abcde" for _ in range(3)]
+    base = [1.0 + 0.1 * i for i in range(15)]
+    wobble = [0.01 * ((i * 7) % 5 - 2) for i in range(15)]
+    ahead = {op: [x + 0.5 + w for x, w in zip(base, wobble)] for op in ("suppress", "enhance")}
+    even = {op: [x + w for x, w in zip(base, wobble)] for op in ("suppress", "enhance")}
+    v = ops_verdict(ahead, {"suppress": base, "enhance": base}, rel)
+    b = {"basis": ops_verdict(ahead, {"suppress": base, "enhance": base}, rel, ("features", "basis")),
+         "pca": ops_verdict(even, {"suppress": base, "enhance": base}, rel, ("features", "PCA"))}
+    adjust(b.values())
+    res = copy.copy(small)
+    res.paired = {"locate/1": v, "locate/1/basis": b["basis"], "locate/1/pca": b["pca"]}
+    got = next(x for x in answers(res) if x.key == "locate")
+    assert got.says == "features better"  # the primary verdict is the comparison with neurons
+    tail = got.sentence.split("Against the same site's units (Holm over them), features ", 1)[1]
+    assert tail.startswith("− basis (suppressed +0.50 [") and "features beat basis" in tail
+    assert "− PCA (suppressed" in tail and "PCA: inconclusive" not in tail and "equivalent within" in tail
+    assert b["basis"].p_holm is not None and b["basis"].p_holm >= b["basis"].p  # adjusted over the family
+    # computed from a compare result's per-fact effects when the run has them: one Holm family over its baselines
+    assert _baseline_verdicts(small.compare, 1) == {} or all(x.p_holm is not None for x in _baseline_verdicts(small.compare, 1).values())

@@ -14,7 +14,7 @@ import html
 from dataclasses import dataclass
 
 from kscope.analyses.cells import LABELS, strength
-from kscope.analyses.verdicts import MARGINS, OPS, Verdict, ops_verdict, paired_verdict, unpaired_verdict
+from kscope.analyses.verdicts import MARGINS, OPS, Verdict, adjust, ops_verdict, paired_verdict, unpaired_verdict
 from kscope.stats import Interval, cluster_robust, mean_ci
 COMPARE = "Neurons, features and same-site baselines"
 MEASURES = {"rel": "the share of a person's held-out prompts erased (rel, higher erases more)",
@@ -76,19 +76,36 @@ def _diffs(v: Verdict) -> str:
             f"only when both agree, equivalence within ±{v.margin:g} nats by TOST on both)")
 
 
+def _op_diffs(v: Verdict) -> str:
+    """A two-op verdict's differences in short: ``(suppressed d [lo, hi], enhanced d [lo, hi])``."""
+    if not v.ops:
+        return f"({_ci(v.diff)})"
+    return f"(suppressed {_ci(v.ops['suppress'].diff)}, enhanced {_ci(v.ops['enhance'].diff)})"
+
+
 def _k(res) -> int:
     return max(int(x) for x in (res.config.get("delta_prob", {}).get("ks") or [10]))
 
 
-def _locate_verdict(res, L: int) -> Verdict | None:
-    """Features against the layer's MLP neurons, paired over facts at the largest k, suppress and enhance judged apart,
-    CR2 over relations, as the sweep's cells do; None without two facts' per-fact effects."""
+def _locate_verdict(res, L: int, other: str = "neuron") -> Verdict | None:
+    """Features against ``other`` (the layer's MLP neurons, or a same-site baseline), paired over facts at the largest k,
+    suppress and enhance judged apart, CR2 over relations, as the sweep's cells do; None without two facts' per-fact
+    effects."""
     k = _k(res)
-    rows = [f for f in res.facts if all(x in f.layers.get(L, {}) and f.layers[L][x].effects for x in ("neuron", "feature"))]
+    rows = [f for f in res.facts if all(x in f.layers.get(L, {}) and f.layers[L][x].effects for x in (other, "feature"))]
     if len(rows) < 2:
         return None
-    a, b = ({op: [strength(f.layers[L][kind].effects.top, op, k) for f in rows] for op in OPS} for kind in ("feature", "neuron"))
-    return ops_verdict(a, b, [f.relation for f in rows], margin=MARGINS["log"])
+    a, b = ({op: [strength(f.layers[L][kind].effects.top, op, k) for f in rows] for op in OPS} for kind in ("feature", other))
+    return ops_verdict(a, b, [f.relation for f in rows], ("features", LABELS.get(other, other)), margin=MARGINS["log"])
+
+
+def _baseline_verdicts(res, L: int) -> dict[str, Verdict]:
+    """Features against each same-site baseline of layer ``L`` (secondary to the paper's comparison with neurons, which
+    stays unadjusted): one Holm family over the baselines."""
+    got = {kind: _locate_verdict(res, L, kind) for kind in res.summary.get(L, {}) if kind not in ("neuron", "feature")}
+    got = {kind: v for kind, v in got.items() if v is not None}
+    adjust(got.values())
+    return got
 
 
 def _mono_verdict(results) -> Verdict | None:
@@ -119,6 +136,7 @@ def paired_verdicts(results) -> dict[str, Verdict]:
             v = _locate_verdict(results.compare, L)
             if v is not None:
                 out[f"locate/{L}"] = v
+            out.update({f"locate/{L}/{kind}": b for kind, b in _baseline_verdicts(results.compare, L).items()})
     if results.monosemanticity:
         v = _mono_verdict(results)
         if v is not None:
@@ -151,8 +169,14 @@ def _locate(results) -> list[Answer]:
                               None, "compare.png", COMPARE))
             continue
         says = call(v, MARGINS["log"])
-        out.append(Answer("locate", q, f"{lead}; features − neurons, {_diffs(v)}: {_phrase(says)}.", says, v.diff, "compare.png",
-                          COMPARE))
+        got = getattr(results, "paired", None) or {}
+        base = ({kind: got[key] for key in got if key.startswith(f"locate/{L}/") for kind in [key.rsplit("/", 1)[1]]}
+                if f"locate/{L}" in got else _baseline_verdicts(res, L))
+        against = "; ".join(f"− {LABELS.get(kind, kind)} {_op_diffs(b)}: {_phrase(call(b, MARGINS['log']), 'features', LABELS.get(kind, kind))}"
+                            for kind, b in base.items())
+        tail = f". Against the same site's units (Holm over them), features {against}" if against else ""
+        out.append(Answer("locate", q, f"{lead}; features − neurons, {_diffs(v)}: {_phrase(says)}{tail}.", says, v.diff,
+                          "compare.png", COMPARE))
     return out
 
 
