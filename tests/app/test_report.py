@@ -126,3 +126,17 @@ def test_a_fact_page_maps_layers_only_when_a_sweep_or_several_layers_say_so(tmp_
     assert grid == {"neuron": {0: -0.5, 3: -0.1}, "feature @ mlp.out": {0: -0.9}, "feature @ resid.post": {3: 0.2}}
     page = fact_page(f, str, sweep_per_fact(tmp_path)[f.uid])
     assert 'class="heat"' in page and "not measured" in page and "+0.20" in page and "sweep" in caption
+
+
+def test_the_privacy_figures_include_the_white_box_attacks_per_layer(tmp_path):
+    """plot_all writes the white-box figure (per layer, beside the never-taught model, the twin and the unedited model)
+    when the attacks kept per-layer rates, and the attack table names it."""
+    from kscope.app.privacy_figures import plot_all
+    from kscope.app.report_privacy import tables
+
+    res = ReproduceResult.load(DATA / "results_small.json")
+    erase = next(iter(res.privacy.values()))
+    assert any(row.layers for row in erase.attacks)
+    plot_all(erase, tmp_path, "privacy-x")
+    assert (tmp_path / "privacy-x-whitebox.png").stat().st_size > 5000
+    assert ("Privacy erasure, x: attacks", "privacy-x-whitebox.png") in [(h, f) for h, _, f in tables("x", erase)]

@@ -103,7 +103,8 @@ def _privacy_build(cfg: BuildConfig) -> None:
 def _privacy_erase(cfg: EraseJob) -> None:
     from pathlib import Path
 
-    from kscope.app.report_privacy import plot_all, privacy_table
+    from kscope.app.privacy_figures import plot_all
+    from kscope.app.report_privacy import privacy_table
     from kscope.privacy.study.erase import erase
 
     res = erase(cfg)

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from kscope.app.tables import Table, ci, fmt
-from kscope.plots import UNIT_COLORS, legend_outside, pyplot, save_figure
 from kscope.privacy.study.results import EraseResult, pooled_verdicts
-
-HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": UNIT_COLORS["feature"], "keyed-neurons": UNIT_COLORS["neuron"],
-                 "keyed-neurons-params": "#fd8d3c", "keyed-random-directions": "#9ecae1", "keyed-random-columns": "#fdd0a2",
-                 "feature-edit": "#31a354"}
 
 
 def _budget(p) -> str:
@@ -264,104 +257,9 @@ def tables(name: str, res: EraseResult) -> list[tuple[str, Table, str | None]]:
            (f"Privacy erasure, {name}: the splits", split_table(res), None),
            (f"Privacy erasure, {name}: features against neurons at equal budgets", verdict_table(res), f"privacy-{name}-budget.png")]
     if res.attacks:
-        out.append((f"Privacy erasure, {name}: attacks", attack_table(res), None))
+        out.append((f"Privacy erasure, {name}: attacks", attack_table(res), f"privacy-{name}-whitebox.png"))
     if res.specificity:
         out.append((f"Privacy erasure, {name}: specificity of location", specificity_table(res), None))
     out += [(f"Privacy erasure, {name}: every point", privacy_curve_table(res), None),
             (f"Privacy erasure, {name}: SAEs of the band", sae_fit_table(res), None)]
     return out
-
-
-def plot_trace(res: EraseResult, path) -> None:
-    plt = pyplot()
-    tr = res.trace
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 1]})
-    layers = sorted({c.layer for c in tr.cells})
-    for (pos, what), (color, style) in {("subject", "zero"): ("#756bb1", "--"), ("subject", "restore"): ("#756bb1", "-"),
-                                        ("answer", "zero"): ("#e6550d", "--"), ("answer", "restore"): ("#e6550d", "-")}.items():
-        ax.plot(layers, [tr.effect(L, pos, what) for L in layers], style, marker="o", ms=3, color=color,
-                label=f"{'zero' if what == 'zero' else 'base MLP'} @ {pos}")
-    for L in tr.band:
-        ax.axvspan(L - 0.5, L + 0.5, color="#cccccc", alpha=0.4)
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_xlabel("layer (band shaded)")
-    ax.set_ylabel("Δ log P(secret)")
-    legend_outside(ax)
-    groups = [(f"every {g.group}", g.dlogp) for g in tr.groups] + ([("band MLPs", tr.band_restore)] if tr.band_restore else [])
-    bx.barh([n for n, _ in groups], [iv.mean or 0 for _, iv in groups], color="#999999")
-    bx.set_xlabel("Δ log P, restored to the base model")
-    fig.suptitle(f"Where the secrets live ({build_note(res)})")
-    save_figure(fig, path)
-
-
-def plot_budget(res: EraseResult, path) -> None:
-    """The equal-budget curves: each keyed handle at each budget, over the strength λ, in (Loc, Rel) and (ΔPPL, Rel)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(22, 4.4))
-    budgets = sorted({p.budget for p in res.points if p.kind in ("keyed", "control") and p.method.startswith("keyed") and p.budget})
-    for m, color in HANDLE_COLORS.items():
-        for j, b in enumerate(budgets or [0]):
-            pts = sorted((p for p in res.points if p.method == m and not p.variant and (p.budget == b or m == "keyed-unrestricted")),
-                         key=lambda p: (p.lam or 0, p.tau or 0))
-            if m == "feature-edit":
-                pts = sorted((p for p in res.points if p.method == m and getattr(p, "layer", None) is None),  # the band only
-                             key=lambda p: (p.tau, p.budget))
-            if not pts or (m in ("keyed-unrestricted", "feature-edit") and j > 0):
-                continue
-            alpha = 0.35 + 0.65 * (j + 1) / max(1, len(budgets)) if m not in ("keyed-unrestricted", "feature-edit") else 1.0
-            for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
-                ax.plot(*_xy(pts, x, y), "-", marker="o", ms=3, color=color, alpha=alpha,
-                        label=f"{m} s={b}" if m not in ("keyed-unrestricted", "feature-edit") else m)
-    _label_panels(axes, "Loc (min of ParaRel, private) ↑")
-    for ax in (axes[1], axes[3]):
-        ax.axvline(res.target.delta_ppl, color="k", lw=0.5, ls=":")
-    for ax in (axes[0], axes[2]):
-        ax.axvline(res.target.loc, color="k", lw=0.5, ls=":")
-    axes[0].axhline(res.target.rel, color="k", lw=0.5, ls=":")
-    axes[2].axhline(res.target.gen, color="k", lw=0.5, ls=":")
-    legend_outside(axes[-1], fontsize=6)
-    fig.suptitle(f"Equal budgets through the keyed solver ({_title(res)}); lines join strengths λ, darker = larger budget")
-    save_figure(fig, path)
-
-
-def _xy(pts, x: str, y: str) -> tuple[list[float], list[float]]:
-    """A panel's points (missing values as NaN, ΔPPL capped at 10 so one broken model does not flatten the rest)."""
-    return ([np.nan if getattr(p, x) is None else min(getattr(p, x), 10.0) for p in pts],
-            [np.nan if getattr(p, y) is None else getattr(p, y) for p in pts])
-
-
-def _label_panels(axes, loc_label: str) -> None:
-    """The four panels' axes: Rel and Gen against Loc and ΔPPL (symlog)."""
-    for ax, (x, y) in zip(axes, [(loc_label, "Rel ↑"), ("ΔPPL ↓", "Rel ↑"), ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_ylim(-0.05, 1.05)
-    for ax in (axes[1], axes[3]):
-        ax.set_xscale("symlog", linthresh=0.02)
-
-
-def plot_points(res: EraseResult, path) -> None:
-    """Every method over its budgets: Rel and Gen against Loc and ΔPPL."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(22, 4.2))
-    cmap = plt.get_cmap("tab20")
-    for i, (m, v) in enumerate(dict.fromkeys((p.method, p.variant) for p in res.points)):
-        pts = [p for p in res.points if p.method == m and p.variant == v]
-        for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
-            ax.plot(*_xy(pts, x, y), "o", ms=3, color=cmap(i % 20), label=f"{m} {v}".strip())
-    _label_panels(axes, "Loc ↑")
-    legend_outside(axes[-1], handles=axes[0].get_legend_handles_labels()[0], labels=axes[0].get_legend_handles_labels()[1],
-                   fontsize=6, ncol=2)
-    fig.suptitle(f"Every point ({_title(res)})")
-    save_figure(fig, path)
-
-
-def plot_all(res: EraseResult, out_dir, prefix: str) -> None:
-    """``<prefix>.png`` (every point), ``<prefix>-budget.png`` (the equal-budget curves), ``<prefix>-trace.png``."""
-    from pathlib import Path
-
-    out = Path(out_dir)
-    plot_points(res, out / f"{prefix}.png")
-    plot_budget(res, out / f"{prefix}-budget.png")
-    if res.trace is not None:
-        plot_trace(res, out / f"{prefix}-trace.png")

@@ -285,7 +285,7 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
                 shutil.rmtree(files[unit].parent)
             build(scfg)
         elif stage == "privacy-erase":
-            from kscope.app.report_privacy import plot_all
+            from kscope.app.privacy_figures import plot_all
 
             plot_all(erase(scfg), out, f"privacy-{unit.split(':', 1)[1]}")
         done_fps[unit] = prints[unit]

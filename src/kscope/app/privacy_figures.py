@@ -1,0 +1,145 @@
+"""The privacy figures of a run: where the secrets live (the trace), every point, the equal-budget curves and the
+white-box attacks per layer; ``plot_all`` writes them beside the erase result."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kscope.app.report_privacy import _title, build_note
+from kscope.plots import UNIT_COLORS, legend_outside, pyplot, save_figure
+from kscope.privacy.study.results import EraseResult
+
+HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": UNIT_COLORS["feature"], "keyed-neurons": UNIT_COLORS["neuron"],
+                 "keyed-neurons-params": "#fd8d3c", "keyed-random-directions": "#9ecae1", "keyed-random-columns": "#fdd0a2",
+                 "feature-edit": "#31a354"}
+
+
+def plot_trace(res: EraseResult, path) -> None:
+    plt = pyplot()
+    tr = res.trace
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    layers = sorted({c.layer for c in tr.cells})
+    for (pos, what), (color, style) in {("subject", "zero"): ("#756bb1", "--"), ("subject", "restore"): ("#756bb1", "-"),
+                                        ("answer", "zero"): ("#e6550d", "--"), ("answer", "restore"): ("#e6550d", "-")}.items():
+        ax.plot(layers, [tr.effect(L, pos, what) for L in layers], style, marker="o", ms=3, color=color,
+                label=f"{'zero' if what == 'zero' else 'base MLP'} @ {pos}")
+    for L in tr.band:
+        ax.axvspan(L - 0.5, L + 0.5, color="#cccccc", alpha=0.4)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_xlabel("layer (band shaded)")
+    ax.set_ylabel("Δ log P(secret)")
+    legend_outside(ax)
+    groups = [(f"every {g.group}", g.dlogp) for g in tr.groups] + ([("band MLPs", tr.band_restore)] if tr.band_restore else [])
+    bx.barh([n for n, _ in groups], [iv.mean or 0 for _, iv in groups], color="#999999")
+    bx.set_xlabel("Δ log P, restored to the base model")
+    fig.suptitle(f"Where the secrets live ({build_note(res)})")
+    save_figure(fig, path)
+
+
+def plot_budget(res: EraseResult, path) -> None:
+    """The equal-budget curves: each keyed handle at each budget, over the strength λ, in (Loc, Rel) and (ΔPPL, Rel)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.4))
+    budgets = sorted({p.budget for p in res.points if p.kind in ("keyed", "control") and p.method.startswith("keyed") and p.budget})
+    for m, color in HANDLE_COLORS.items():
+        for j, b in enumerate(budgets or [0]):
+            pts = sorted((p for p in res.points if p.method == m and not p.variant and (p.budget == b or m == "keyed-unrestricted")),
+                         key=lambda p: (p.lam or 0, p.tau or 0))
+            if m == "feature-edit":
+                pts = sorted((p for p in res.points if p.method == m and getattr(p, "layer", None) is None),  # the band only
+                             key=lambda p: (p.tau, p.budget))
+            if not pts or (m in ("keyed-unrestricted", "feature-edit") and j > 0):
+                continue
+            alpha = 0.35 + 0.65 * (j + 1) / max(1, len(budgets)) if m not in ("keyed-unrestricted", "feature-edit") else 1.0
+            for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
+                ax.plot(*_xy(pts, x, y), "-", marker="o", ms=3, color=color, alpha=alpha,
+                        label=f"{m} s={b}" if m not in ("keyed-unrestricted", "feature-edit") else m)
+    _label_panels(axes, "Loc (min of ParaRel, private) ↑")
+    for ax in (axes[1], axes[3]):
+        ax.axvline(res.target.delta_ppl, color="k", lw=0.5, ls=":")
+    for ax in (axes[0], axes[2]):
+        ax.axvline(res.target.loc, color="k", lw=0.5, ls=":")
+    axes[0].axhline(res.target.rel, color="k", lw=0.5, ls=":")
+    axes[2].axhline(res.target.gen, color="k", lw=0.5, ls=":")
+    legend_outside(axes[-1], fontsize=6)
+    fig.suptitle(f"Equal budgets through the keyed solver ({_title(res)}); lines join strengths λ, darker = larger budget")
+    save_figure(fig, path)
+
+
+def _xy(pts, x: str, y: str) -> tuple[list[float], list[float]]:
+    """A panel's points (missing values as NaN, ΔPPL capped at 10 so one broken model does not flatten the rest)."""
+    return ([np.nan if getattr(p, x) is None else min(getattr(p, x), 10.0) for p in pts],
+            [np.nan if getattr(p, y) is None else getattr(p, y) for p in pts])
+
+
+def _label_panels(axes, loc_label: str) -> None:
+    """The four panels' axes: Rel and Gen against Loc and ΔPPL (symlog)."""
+    for ax, (x, y) in zip(axes, [(loc_label, "Rel ↑"), ("ΔPPL ↓", "Rel ↑"), ("Loc ↑", "Gen ↑"), ("ΔPPL ↓", "Gen ↑")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_ylim(-0.05, 1.05)
+    for ax in (axes[1], axes[3]):
+        ax.set_xscale("symlog", linthresh=0.02)
+
+
+def plot_points(res: EraseResult, path) -> None:
+    """Every method over its budgets: Rel and Gen against Loc and ΔPPL."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.2))
+    cmap = plt.get_cmap("tab20")
+    for i, (m, v) in enumerate(dict.fromkeys((p.method, p.variant) for p in res.points)):
+        pts = [p for p in res.points if p.method == m and p.variant == v]
+        for ax, (x, y) in zip(axes, [("loc", "rel"), ("delta_ppl", "rel"), ("loc", "gen"), ("delta_ppl", "gen")]):
+            ax.plot(*_xy(pts, x, y), "o", ms=3, color=cmap(i % 20), label=f"{m} {v}".strip())
+    _label_panels(axes, "Loc ↑")
+    legend_outside(axes[-1], handles=axes[0].get_legend_handles_labels()[0], labels=axes[0].get_legend_handles_labels()[1],
+                   fontsize=6, ncol=2)
+    fig.suptitle(f"Every point ({_title(res)})")
+    save_figure(fig, path)
+
+
+def plot_all(res: EraseResult, out_dir, prefix: str) -> None:
+    """``<prefix>.png`` (every point), ``<prefix>-budget.png`` (the equal-budget curves), ``<prefix>-trace.png``,
+    ``<prefix>-whitebox.png`` (the white-box attacks per layer)."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    plot_points(res, out / f"{prefix}.png")
+    plot_budget(res, out / f"{prefix}-budget.png")
+    if res.trace is not None:
+        plot_trace(res, out / f"{prefix}-trace.png")
+    if any(row.layers for row in res.attacks or []):
+        plot_whitebox(res, out / f"{prefix}-whitebox.png")
+
+
+FLOORS = {"base model (never taught)": ("#969696", ":"), "retain twin": ("#000000", "--"), "unedited": ("#d62728", "-")}
+"""The references of the white-box figure: the model never taught the secrets, the retain twin, the unedited model."""
+
+
+def plot_whitebox(res: EraseResult, path) -> None:
+    """Head Projection and Probability Delta per layer (the share of test pairs whose every scored token is a candidate
+    at that layer, mean over people), every attacked method beside the never-taught model, the retain twin and the
+    unedited model; the band shaded."""
+    plt = pyplot()
+    attacks = sorted({a for row in res.attacks for a in row.layers})
+    fig, axes = plt.subplots(1, len(attacks), figsize=(7 * len(attacks), 4.2), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = [row for row in res.attacks if row.method not in FLOORS]
+    for ax, attack in zip(axes[0], attacks):
+        for j, row in enumerate([r for r in res.attacks if r.method in FLOORS] + methods):
+            ys = row.layers.get(attack, {}).get("all")
+            if not ys:
+                continue
+            color, style = FLOORS.get(row.method, (HANDLE_COLORS.get(row.method, cycle[j % len(cycle)]), "-"))
+            first = 1 if attack.startswith("probability-delta") else 0  # a change from the layer below: none at layer 0
+            label = row.method if row.method in FLOORS else f"{row.method} ({row.budget})"
+            ax.plot(range(first, first + len(ys)), ys, style, color=color, lw=1.8 if row.method in FLOORS else 1.2,
+                    marker="o" if row.method not in FLOORS else None, ms=2.5, label=label)
+        for L in res.layers:
+            ax.axvspan(L - 0.5, L + 0.5, color="#cccccc", alpha=0.4)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("layer (edited band shaded)")
+        ax.set_ylabel(f"{attack}: share of test pairs extracted")
+    legend_outside(axes[0][-1])
+    fig.suptitle(f"White-box extraction per layer ({_title(res)})")
+    save_figure(fig, path)
