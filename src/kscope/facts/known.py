@@ -12,6 +12,15 @@ from kscope.facts.split import _halves, first_prompts, note_single_families
 from kscope.progress import note
 
 
+def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix shared by all ``rows``, leaving each at least one token."""
+    n = min(len(r) for r in rows) - 1
+    for i in range(max(n, 0)):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return max(n, 0)
+
+
 def answer_token(tokenizer, obj: str) -> tuple[int, bool]:
     """First token of ``" " + obj`` and whether the object spans more than one token."""
     ids = tokenizer(" " + obj.strip(), add_special_tokens=False).input_ids
@@ -49,8 +58,6 @@ def resolve_targets(facts: Sequence[Fact], tokenizer, multi_token: str = "first"
                                f"do not fit the model's context of {context} tokens with their answer")
     shared: dict[str, int] = {}
     if multi_token == "whole" and answer_tokens == "distinct":
-        from kscope.locate.objectives import shared_prefix
-
         by_rel: dict[str, list[list[int]]] = {}
         for f in facts:
             by_rel.setdefault(f.relation, []).append(tokens[f.uid])

@@ -11,7 +11,6 @@ answer token, or (``distinct``) only those after the prefix that all answers of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -93,15 +92,6 @@ class Objective:
                     g = p.neg_().scatter_add_(-1, idx, torch.ones_like(lpt)[..., None])
                 dh[a:b, self.start :] = (g.to(head.weight.dtype) @ head.weight).view(b - a, n, d)
         return value, dh
-
-
-def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix shared by all ``rows``, leaving each at least one token."""
-    n = min(len(r) for r in rows) - 1
-    for i in range(max(n, 0)):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return max(n, 0)
 
 
 def fact_objective(fact) -> Objective:
