@@ -264,7 +264,7 @@ def interpretability_score(records: ActivationRecords, col: int, explainer, cfg:
     detection = auroc([peak_sim[j] for j in fired], peak_sim[len(held_top) :])
     if context_level:
         true = [float(peak[i]) for i in eval_idx]
-        pred = [max(s) if s else 0.0 for s in sim]
+        pred = peak_sim
     else:
         true = [float(v) for i in eval_idx for v in acts[i, : L[i]]]
         pred = [float(v) for s in sim for v in s]

@@ -15,7 +15,6 @@ from typing import Iterable, Sequence
 from kscope.analyses.verdicts import MARGINS, OPS, Verdict, adjust, ops_verdict
 from kscope.locate.conditions import CONTROLLED, SetEffects, SetSummary, summarize_effects
 
-BOTH = "both"  # the two ops' mean strength: a descriptive column, never a verdict's basis
 LABELS = {"neuron": "neurons", "feature": "features", "basis": "basis", "pca": "PCA", "random": "random directions"}
 """How each unit set is named in verdicts and tables ("random" is the random-direction baseline, not a control)."""
 CONTROLS = ("random", "matched")
@@ -43,8 +42,6 @@ def control_key(kind: str, control: str) -> str:
 
 def strength(grid: dict[str, dict[int, object]], op: str, k: int) -> float:
     """How far the edit moves log P(answer) the expected way (``grid[op][k]`` holds effects with a ``log``)."""
-    if op == BOTH:
-        return 0.5 * (strength(grid, "suppress", k) + strength(grid, "enhance", k))
     return grid[op][k].log if op == "enhance" else -grid[op][k].log
 
 

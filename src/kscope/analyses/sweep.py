@@ -44,7 +44,7 @@ from kscope.progress import make_progress
 from kscope.results import Result, decode, encode
 from kscope.units.base import Units
 from kscope.units.corpus import CorpusConfig
-from kscope.units.means import fit_code_means
+from kscope.units.means import apply_centres, edit_centres
 from kscope.units.provision import BaselineConfig, SAEInfo, neuron_units, obtain_saes, site_baselines
 from kscope.units.sae import check_release, feature_units, load_sae
 from kscope.units.training import TrainSAEConfig
@@ -204,8 +204,7 @@ def _sweep_context(cfg: SweepConfig, sae_paths: dict[str, str], baselines: list[
                 load_sae(sae_paths[site.name], cfg.model.device)
             feats.append(feature_units(lm.model, sae, site))
     sets = [neuron_units(lm, L) for L in cfg.layers] + feats + list(baselines)
-    for u in sets:
-        u.code_mean = (means or {}).get(u.label)
+    apply_centres(sets, means)
     return _SweepContext(lm, sets, cfg, pool or [])
 
 
@@ -301,7 +300,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         seconds["baselines"] = time.time() - t
         sets = [neuron_units(lm, L) for L in cfg.layers] + feats + baselines
         t = time.time()
-        means = _fit_means(cfg, lm, sets, progress)
+        means = edit_centres(cfg.edits.ablate_to, lm, sets, cfg.baselines.fit_tokens, cfg.corpus, cfg.sae_train.outlier_factor,
+                             cfg.model.cache_dir, progress)
         seconds["means"] = time.time() - t
         pool = [split_prompts(f, cfg.holdout)[1] for f in facts]
         t = time.time()
@@ -336,17 +336,6 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     return result
 
 
-def _fit_means(cfg: SweepConfig, lm, sets: list[Units], progress) -> dict[str, torch.Tensor]:
-    """Every set's mean codes (``--ablate-to mean``), set on the units and keyed by label for the workers; with
-    ``--ablate-to zero``, none (codes zeroed, for every set alike)."""
-    if cfg.edits.ablate_to != "mean":
-        for u in sets:
-            u.code_mean = None
-        return {}
-    got = fit_code_means(lm, sets, cfg.baselines.fit_tokens, cfg.corpus, cfg.sae_train.outlier_factor, cfg.model.cache_dir, progress)
-    return {u.label: m for u, m in zip(sets, got)}
-
-
 def _quality(cfg: SweepConfig, lm, facts: list[Fact], sets: list[Units], rows: list[dict], clusters: list[str],
              progress) -> list[QualityCell]:
     """Interpretability and monosemanticity of the top neurons and features (IG's ranking if it ran)."""
@@ -378,7 +367,8 @@ def _width_sweep(cfg: SweepConfig, lm, facts: list[Fact], clusters: list[str], p
         sites = [Site(L, s) for s in cfg.sites]
         got = obtain_saes(lm, sites, tcfg, cfg.corpus, cfg.model.device, cfg.model.cache_dir, progress)
         units = [feature_units(lm.model, got[s][0], s) for s in sites]
-        _fit_means(cfg, lm, units, progress)  # the same edit rule as every cell
+        edit_centres(cfg.edits.ablate_to, lm, units, cfg.baselines.fit_tokens, cfg.corpus, cfg.sae_train.outlier_factor,
+                     cfg.model.cache_dir, progress)  # the same edit rule as every cell
         rows: list[list[SetEffects]] = [[] for _ in sites]
         for f in facts:
             select, f = split_prompts(f, cfg.holdout)

@@ -90,9 +90,9 @@ def _verdict(t: Test, names: Sequence[str], p_equivalent: float | None, margin: 
 
 
 def paired_verdict(a: Sequence[float], b: Sequence[float], clusters: Sequence[str], names: Sequence[str] = ("features", "neurons"),
-                   n_boot: int | None = None, seed: int | None = None, margin: float | None = None) -> Verdict:
+                   margin: float | None = None) -> Verdict:
     """``a`` vs ``b`` on the same facts (higher is better), CR2 over clusters (relations); equivalence by TOST within
-    ±``margin`` when one is given. ``n_boot`` and ``seed`` are unused (CR2 is closed-form), kept for older callers."""
+    ±``margin`` when one is given."""
     d = [x - y for x, y in zip(a, b)]
     return _verdict(cluster_robust(d, clusters), names, equivalence_p(d, clusters, margin) if margin else None, margin)
 

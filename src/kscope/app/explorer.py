@@ -24,7 +24,7 @@ from kscope.errors import KscopeError
 from kscope.io import check_writable, read_json, write_text
 from kscope.locate.compare import CompareResult
 from kscope.model.loading import ModelConfig, load_model, same_model
-from kscope.model.sites import Site, down_proj_weight
+from kscope.model.sites import Site, down_proj_weight, final_norm
 from kscope.plots import unit_color
 from kscope.privacy.study.results import EraseResult
 from kscope.progress import make_progress
@@ -100,9 +100,10 @@ def unembedding(lm) -> torch.Tensor | None:
     if head is None or not hasattr(head, "weight"):
         return None
     w = head.weight.detach().float().cpu()
-    base = lm.model.base_model
-    norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm", "final_layer_norm") if hasattr(base, n)), None)
-    g = getattr(norm, "weight", None)
+    try:
+        g = getattr(final_norm(lm.model), "weight", None)
+    except KscopeError:  # no final norm: plain W_U
+        g = None
     return w * g.detach().float().cpu()[None] if g is not None and g.shape[-1] == w.shape[1] else w
 
 

@@ -22,7 +22,7 @@ from kscope.parallel import ParallelConfig, fact_keys, fact_task, map_facts
 from kscope.results import Result, decode, encode
 from kscope.units.base import Units
 from kscope.units.corpus import CorpusConfig
-from kscope.units.means import fit_code_means
+from kscope.units.means import apply_centres, edit_centres
 from kscope.units.provision import BaselineConfig, SAEInfo, neuron_units, site_baselines, unit_sets_for_layers
 from kscope.units.training import TrainSAEConfig
 
@@ -174,8 +174,7 @@ def _study_context(cfg: StudyConfig, sae_paths: dict[int, str], baselines: dict[
     lm = load_model(cfg.model)
     sets = [[neuron_units(lm, L)] + ([feature_units(lm.model, load_sae(sae_paths[L], cfg.model.device), Site(L, cfg.feature_site))]
                                      if L in sae_paths else []) + baselines.get(L, []) for L in cfg.layers]
-    for u in (u for layer_sets in sets for u in layer_sets):
-        u.code_mean = (means or {}).get(u.label)
+    apply_centres([u for layer_sets in sets for u in layer_sets], means)
     return _StudyContext(lm, sets, cfg, pool or [])
 
 
@@ -248,12 +247,8 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
         means, pool = {}, []
         if measure:
             flat = [u for layer_sets in sets for u in layer_sets]
-            if cfg.edits.ablate_to == "mean":  # every set's edits move its units toward their mean codes
-                means = dict(zip((u.label for u in flat), fit_code_means(lm, flat, cfg.baselines.fit_tokens, cfg.corpus,
-                                                                         tcfg.outlier_factor, cfg.model.cache_dir, progress)))
-            else:
-                for u in flat:
-                    u.code_mean = None
+            means = edit_centres(cfg.edits.ablate_to, lm, flat, cfg.baselines.fit_tokens, cfg.corpus, tcfg.outlier_factor,
+                                 cfg.model.cache_dir, progress)
             pool = [split_prompts(f, cfg.holdout)[1] for f in facts]
         task = fact_task(cfg.parallel, _study_fact, _StudyContext(lm, sets, cfg, pool), _study_context,
                          (cfg, {L: i.path for L, i in infos.items()}, bases, means, pool))

@@ -60,3 +60,19 @@ def fit_code_means(lm, sets: Sequence[Units], fit_tokens: int, ccfg: CorpusConfi
     for j, u in enumerate(sets):
         u.code_mean = means[j]
     return [means[j] for j in range(len(sets))]
+
+
+def apply_centres(sets: Sequence[Units], means: dict[str, torch.Tensor] | None) -> None:
+    """Set each set's ``code_mean`` from ``means`` (keyed by label; a worker's copy of the main process's fit), or None."""
+    for u in sets:
+        u.code_mean = (means or {}).get(u.label)
+
+
+def edit_centres(ablate_to: str, lm, sets: Sequence[Units], fit_tokens: int, ccfg: CorpusConfig, outlier_factor: float,
+                 cache_dir: str | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """The centres of every set's edits for ``--ablate-to``: ``mean``, each set's mean codes (``fit_code_means``), keyed by
+    label for the workers; ``zero``, none (every set's codes zeroed alike). Set on the units either way."""
+    if ablate_to != "mean":
+        apply_centres(sets, {})
+        return {}
+    return {u.label: m for u, m in zip(sets, fit_code_means(lm, sets, fit_tokens, ccfg, outlier_factor, cache_dir, progress))}

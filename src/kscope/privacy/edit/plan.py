@@ -27,8 +27,7 @@ METHODS = KEYED + NEURON_METHODS + FEATURE_METHODS
 NOT_BY_DEFAULT = ("feature-project", "runtime-negative", "clamp-all", "gated-clamp-resid")
 # Baselines that choose their layer (the band or one other candidate) on the validation people: the neuron editors among
 # --choice-layers, the SAE editors among --feature-choice-layers (each needs an SAE there).
-CHOOSE_LAYER = {"depn": "neuron", "kn-erase": "neuron", "revs": "neuron", "feature-edit": "feature", "feature-project": "feature",
-                "runtime-zero": "feature", "runtime-negative": "feature", "gated-clamp": "feature", "clamp-all": "feature"}
+CHOOSE_LAYER = {**dict.fromkeys(NEURON_METHODS, "neuron"), **{m: "feature" for m in FEATURE_METHODS if m != "gated-clamp-resid"}}
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in NOT_BY_DEFAULT)
 CONTROLS = ("keyed-random-directions", "keyed-random-columns", "random-neurons", "random-features", "mlp-zero", "mlp-zero-all")
 WEIGHT_METHODS = KEYED + ("depn", "kn-erase", "revs", "feature-edit", "feature-project")
