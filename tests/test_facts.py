@@ -249,6 +249,16 @@ def test_family_sides_balance_templates_and_are_deterministic():
     assert family_sides([0, 0, 0]) == ["select"]  # one family: nothing can be measured held out
 
 
+def test_a_families_file_keeps_its_sides_for_a_reader_and_they_follow_the_rule():
+    """``sides`` is written to the JSON but derived from the families (never read back), so a round trip is exact."""
+    from kscope.facts import TemplateFamilies, compute_families
+
+    fam = compute_families("P999999", ["[X] plays", "[X], who plays as", "[X] performs", "[X] is from", "[X] was from"])
+    assert fam.families == ((0, 1), (2,), (3, 4)) and fam.sides == ("select", "select", "measure")  # largest first, ties: select
+    assert '"sides": ["select", "select", "measure"]' in fam.to_json()
+    assert TemplateFamilies.from_json(fam.to_json()) == fam and TemplateFamilies.from_json(fam.to_json()).to_json() == fam.to_json()
+
+
 def test_families_of_an_unseen_relation_are_computed(tmp_path):
     from kscope.facts import compute_families, template_families
 

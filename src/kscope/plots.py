@@ -26,10 +26,9 @@ def unit_color(kind: str) -> str:
     return "#555555"
 
 
-def legend_outside(target, handles=None, labels=None, fontsize: float = 7, **kw):
-    """A legend to the right of ``target`` (an axes or a figure), never over the data; ``save_figure`` keeps it in the
-    image (``bbox_inches="tight"``). Entries with the same label appear once."""
-    ax = target.axes[-1] if hasattr(target, "axes") and not hasattr(target, "plot") else target
+def legend_outside(ax, handles=None, labels=None, fontsize: float = 7, **kw):
+    """A legend to the right of the axes ``ax``, never over the data; ``save_figure`` keeps it in the image
+    (``bbox_inches="tight"``). Entries with the same label appear once."""
     if handles is None:
         handles, labels = ax.get_legend_handles_labels()
         seen = dict(zip(labels, handles))

@@ -170,3 +170,16 @@ def test_the_locate_answer_also_pairs_features_with_each_same_site_baseline_holm
     assert b["basis"].p_holm is not None and b["basis"].p_holm >= b["basis"].p  # adjusted over the family
     # computed from a compare result's per-fact effects when the run has them: one Holm family over its baselines
     assert _baseline_verdicts(small.compare, 1) == {} or all(x.p_holm is not None for x in _baseline_verdicts(small.compare, 1).values())
+
+
+def test_one_tally_sorts_verdicts_for_the_sweep_answer_and_the_band_table():
+    """``tally`` keeps each bucket's keys in order; the band table's counts are its lengths (old "no difference":
+    inconclusive)."""
+    from kscope.app.report import _counts
+    from kscope.app.verdicts import tally
+
+    says = {0: "features better", 2: "MLP neurons better", 4: "disagree (suppress: features)", 6: "equivalent within ±0.1",
+            8: "no difference", 10: "features better"}
+    assert tally(says, "features", "MLP neurons") == ([0, 10], [2], [4], [6], [8])
+    assert tally(says) == ([0, 10], [], [4], [6], [2, 8])
+    assert _counts(list(says.values()), ("features", "MLP neurons")) == "2 / 1 / 1 / 1 / 1" and _counts([], ("a", "b")) == "–"

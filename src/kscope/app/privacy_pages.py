@@ -6,14 +6,17 @@ Pure rendering of ``EraseResult``s (no model): ``explorer`` calls it with the ru
 from __future__ import annotations
 
 import html
+import math
 import re
 from pathlib import Path
 
 from kscope.app import explorer_pages as pages
+from kscope.app.tables import fmt
 from kscope.io import write_text
+from kscope.privacy.judge.leaks import no_more_than
+from kscope.privacy.study.graded import FLOORS, TWIN, UNEDITED
 from kscope.privacy.study.results import EraseResult, ErasurePoint, SecretOutcome
 
-FLOORS = ("base model (never taught)", "retain twin", "unedited")  # the attack rows an edit is read against
 LEAK_NAMES = {"token_recovery": "tokens recovered", "prefix_share": "prefix share", "char_overlap": "characters (greedy)"}
 PRODUCED, GONE = "background:#fcdcd6", "background:#dff2dc"  # still produced / no longer produced
 EXTRA = "td.s{text-align:left}td.who{white-space:nowrap}"
@@ -32,7 +35,7 @@ def graded_people(res: EraseResult) -> list[str]:
     """The people graded on the test split (the split's forget-test role; else whoever the test measures name)."""
     got = list(res.split.get("forget-test", []))
     if not got:
-        got = list(dict.fromkeys(s.person for s in res.secret_floors.get("unedited", [])))
+        got = list(dict.fromkeys(s.person for s in res.secret_floors.get(UNEDITED, [])))
     if not got:
         got = list(dict.fromkeys(q for p in res.points for q in p.rel_people))
     return got
@@ -49,7 +52,12 @@ def best_points(res: EraseResult) -> list[ErasurePoint]:
 
 
 def _f(v, spec: str = ".2f") -> str:
-    return "–" if v is None or v != v else format(v, spec)
+    return fmt(v, spec)
+
+
+def _le_twin(leaks: dict[str, float], twin: dict[str, float]) -> bool:
+    """Every partial-leak measure no more than the retain twin's (``leaks.no_more_than``); one the twin lacks: no."""
+    return all(no_more_than(list(leaks.values()), [math.nan if twin.get(k) is None else twin[k] for k in leaks]))
 
 
 def _where(p: ErasurePoint) -> str:
@@ -65,11 +73,13 @@ def _mine(secrets: list[SecretOutcome], person: str) -> dict[str, SecretOutcome]
 
 def units_table(found: list[list], kind: str, explorer: Path) -> str:
     """A person's top units of one kind: rank, layer, unit (linked to its page when the explorer has one), score."""
+    from kscope.app.explorer import unit_file  # here: explorer imports this module
+
     if not found:
         return f'<p class="muted">no {kind}s located</p>'
     rows = ""
     for r, (L, u, score) in enumerate(found, 1):
-        page = f"units/L{L}-{kind}-{u}.html"
+        page = unit_file(L, kind, u)
         cell = f'<a href="../{page}">{u}</a>' if (explorer / page).exists() else str(u)
         rows += f"<tr><td>{r}</td><td>{L}</td><td>{cell}</td><td>{score:.3g}</td></tr>"
     return (f"<table class='located'><thead><tr><th>rank</th><th>layer</th><th>{pages.swatch(kind)}{kind}</th><th>score</th></tr>"
@@ -92,8 +102,7 @@ def secret_table(attribute: str, states: list[tuple[str, SecretOutcome | None]],
         if s is None:
             rows += f"<tr><td class='s'>{label}</td>" + "<td>–</td>" * (4 + len(leaks)) + "</tr>"
             continue
-        ok = (all(v == v and twin.leaks.get(k) is not None and v <= twin.leaks[k] + 1e-9 for k, v in s.leaks.items())
-              if twin is not None and s is not twin else None)
+        ok = _le_twin(s.leaks, twin.leaks) if twin is not None and s is not twin else None
         rows += (f"<tr><td class='s'>{label}</td>{_produced(s)}<td>{_f(s.gen)}</td>"
                  f"<td>{'–' if s.rank is None else f'{s.rank + 1} of {s.candidates}'}</td>"
                  + "".join(f"<td>{_f(s.leaks.get(k))}</td>" for k in leaks)
@@ -129,8 +138,7 @@ def method_table(bests: list[ErasurePoint], unedited: dict[str, SecretOutcome], 
     for p in bests:
         mine = _mine(p.secrets, person)
         gone = sum(1 for a in produced if a in mine and not mine[a].rel)
-        le = [all(v == v and k in twin[a].leaks and v <= twin[a].leaks[k] + 1e-9 for k, v in s.leaks.items())
-              for a, s in mine.items() if a in twin]
+        le = [_le_twin(s.leaks, twin[a].leaks) for a, s in mine.items() if a in twin]
         rows += (f"<tr><td class='s'>{html.escape(p.label)}</td><td class='s'>{_where(p)}</td><td>{_f(p.rel_people.get(person))}</td>"
                  f"<td>{_f(p.gen_people.get(person))}</td><td>{_f(p.dlogp_people.get(person), '+.2f')}</td>"
                  f"<td>{f'{gone} of {len(produced)}' if mine and unedited else '–'}</td>"
@@ -142,8 +150,8 @@ def method_table(bests: list[ErasurePoint], unedited: dict[str, SecretOutcome], 
 
 def person_page(name: str, res: EraseResult, person: str, explorer: Path) -> str:
     bests = best_points(res)
-    unedited = _mine(res.secret_floors.get("unedited", []), person)
-    twin = _mine(res.secret_floors.get("retain twin", []), person)
+    unedited = _mine(res.secret_floors.get(UNEDITED, []), person)
+    twin = _mine(res.secret_floors.get(TWIN, []), person)
     located = res.person_units.get(person, {})
     parts = [f"<p>Privacy model <b>{html.escape(name)}</b> ({html.escape(res.model_dir)}, taught from "
              f"{html.escape(res.base_model)}); {html.escape(person)} is an erased person of the <b>test</b> split: no setting was "
@@ -166,7 +174,7 @@ def person_page(name: str, res: EraseResult, person: str, explorer: Path) -> str
                      "share of held-out phrasings that still produce the secret; its rank among candidates of its format; "
                      "the partial-leak measures (means over the held-out prompts), each read against the retain twin's.</p>")
         for a in attributes:
-            states = [("unedited", unedited.get(a)), ("retain twin", twin.get(a))]
+            states = [(UNEDITED, unedited.get(a)), (TWIN, twin.get(a))]
             states += [(f"{html.escape(p.label)} ({_where(p)})", _mine(p.secrets, person).get(a)) for p in bests]
             parts.append(secret_table(a, states, twin.get(a)))
     else:
@@ -177,7 +185,7 @@ def person_page(name: str, res: EraseResult, person: str, explorer: Path) -> str
 
 def outcome_line(res: EraseResult, person: str) -> str:
     """One line: how many secrets the unedited model produces, which method erases most of them, the worst attack."""
-    unedited = _mine(res.secret_floors.get("unedited", []), person)
+    unedited = _mine(res.secret_floors.get(UNEDITED, []), person)
     produced = [a for a, s in unedited.items() if s.rel]
     parts = [f"unedited produces {len(produced)} of {len(unedited)} secrets"] if unedited else []
     erased = []

@@ -17,7 +17,7 @@ from kscope.app.tables import Table, ci, fmt
 from kscope.locate.compare import CompareResult
 from kscope.plots import legend_outside, pyplot, save_figure, unit_color
 from kscope.app import report_privacy
-from kscope.app.verdicts import answers, markdown_block
+from kscope.app.verdicts import answers, markdown_block, tally
 
 
 def _centre_note(res: CompareResult) -> str:
@@ -167,9 +167,7 @@ def _counts(says: list[str], names: tuple[str, str]) -> str:
     """How many verdicts say each of ``COUNTS`` (older results' "no difference" counts as inconclusive)."""
     if not says:
         return "–"
-    got = [says.count(names[0] + " better"), says.count(names[1] + " better"), sum(s.startswith("disagree") for s in says),
-           sum(s.startswith("equivalent") for s in says)]
-    return " / ".join(map(str, [*got, len(says) - sum(got)]))
+    return " / ".join(str(len(keys)) for keys in tally(dict(enumerate(says)), *names))
 
 
 def sweep_band_table(res: SweepResult) -> Table:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from kscope.analyses.cells import LABELS, strength
 from kscope.analyses.verdicts import MARGINS, OPS, Verdict, adjust, ops_verdict, paired_verdict, unpaired_verdict
+from kscope.app.tables import ci
 from kscope.stats import Interval, cluster_robust, mean_ci
 COMPARE = "Neurons, features and same-site baselines"
 MEASURES = {"rel": "the share of a person's held-out prompts erased (rel, higher erases more)",
@@ -37,7 +38,18 @@ class Answer:
 
 
 def _ci(iv: Interval | None, spec: str = "+.2f") -> str:
-    return "–" if iv is None else iv.fmt(spec)
+    return ci(iv, spec)  # two decimals in a sentence
+
+
+def tally(says: dict, a: str = "features", b: str = "neurons") -> tuple[list, list, list, list, list]:
+    """The keys of ``says`` (key -> verdict) whose verdict says "<a> better", "<b> better", "disagree ...",
+    "equivalent ...", and anything else (inconclusive; an older result's "no difference" too), in the order given."""
+    out: tuple[list, list, list, list, list] = ([], [], [], [], [])
+    for key, s in says.items():
+        i = (0 if s == f"{a} better" else 1 if s == f"{b} better" else 2 if s.startswith("disagree")
+             else 3 if s.startswith("equivalent") else 4)
+        out[i].append(key)
+    return out
 
 
 def call(v: Verdict | None, margin: float) -> str:
@@ -191,16 +203,12 @@ def _sweep(results) -> list[Answer]:
         cells = sorted((c for c in res.cells if (c.site, c.selection, c.ablation) == (site, sel, abl)
                         and "feature vs neuron" in c.verdicts), key=lambda c: c.layer)
         says = {c.layer: call(c.verdicts["feature vs neuron"][k], MARGINS["log"]) for c in cells}
-        f = [L for L, s in says.items() if s == "features better"]
-        n = [L for L, s in says.items() if s == "neurons better"]
-        d = [L for L, s in says.items() if s.startswith("disagree")]
-        e = [L for L, s in says.items() if s.startswith("equivalent")]
-        rest = len(says) - len(f) - len(n) - len(d) - len(e)
+        f, n, d, e, rest = tally(says)
         tot, won = tot + len(says), won + len(f)
         lst = lambda xs: f" ({', '.join(map(str, xs))})" if xs else ""  # noqa: E731
         parts.append(f"at {site} features beat neurons at {len(f)} of {len(says)} layers{lst(f)}, neurons beat features at "
                      f"{len(n)}{lst(n)}, suppress and enhance disagree at {len(d)}{lst(d)}, equivalent within "
-                     f"±{MARGINS['log']:g} at {len(e)}{lst(e)}, inconclusive at {rest}")
+                     f"±{MARGINS['log']:g} at {len(e)}{lst(e)}, inconclusive at {len(rest)}")
     return [Answer("sweep", "Do features beat neurons across layers and sites (the sweep)?",
                    f"Over {res.n_facts} facts from {res.n_relations} relations (top {k}; a cell is called only when suppress "
                    f"and enhance agree, Holm-adjusted per table, CR2 over relations; selection {sel}, ablation {abl}): "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -130,8 +130,12 @@ class TemplateFamilies:
     relation: str
     templates: tuple[str, ...]
     families: tuple[tuple[int, ...], ...]
-    sides: tuple[str, ...]
     rule: str = RULE
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """Each family's side (``family_sides``): written to the JSON for a reader, never read back."""
+        return tuple(family_sides(self.family_of()))
 
     def family_of(self) -> list[int]:
         """The family of each template."""
@@ -151,13 +155,12 @@ class TemplateFamilies:
     @classmethod
     def from_json(cls, text: str) -> "TemplateFamilies":
         d = json.loads(text)
-        return cls(d["relation"], tuple(d["templates"]), tuple(tuple(f) for f in d["families"]), tuple(d["sides"]), d["rule"])
+        return cls(d["relation"], tuple(d["templates"]), tuple(tuple(f) for f in d["families"]), d["rule"])
 
 
 def compute_families(relation: str, templates: Sequence[str]) -> TemplateFamilies:
     """The families and sides the rule gives ``templates`` (the relation's usable templates, in file order)."""
-    fam = TemplateFamilies(relation, tuple(templates), tuple(tuple(g) for g in group_templates(templates)), ())
-    return replace(fam, sides=tuple(family_sides(fam.family_of())))
+    return TemplateFamilies(relation, tuple(templates), tuple(tuple(g) for g in group_templates(templates)))
 
 
 def committed_families(relation: str) -> TemplateFamilies | None:

@@ -14,6 +14,9 @@ from kscope.privacy.judge.observe import Observation, Observer, greedy_texts, pe
 from kscope.privacy.study.results import LeakCompare, RetainComparison, SecretOutcome
 
 LEAKS = ("token_recovery", "prefix_share", "char_overlap")
+FLOORS = NEVER_TAUGHT, TWIN, UNEDITED = ("base model (never taught)", "retain twin", "unedited")
+"""The reference states an edit is read against (their attack rows' and secret floors' names): the base model never
+taught the secrets, the retain twin, the unedited model."""
 
 
 @dataclass
@@ -105,13 +108,13 @@ def grade_and_attack(job, lm, base_lm, twin_lm, obs: Observer, base: Observation
         twin = graded(twin_obs, twin_lm, twin_obs.baseline(), 0)
         unedited = graded(obs, lm, base, 0)
         result.unedited_vs_retain = against_twin(unedited, twin)
-        result.secret_floors = {"unedited": outcomes(unedited), "retain twin": outcomes(twin)}
+        result.secret_floors = {UNEDITED: outcomes(unedited), TWIN: outcomes(twin)}
     progress.advance(task)
     if attacked:
-        result.attacks.append(attack(base_lm, attack_facts, cfg.attacks, lr, "base model (never taught)", "–", relearn_on=relearn_on))
+        result.attacks.append(attack(base_lm, attack_facts, cfg.attacks, lr, NEVER_TAUGHT, "–", relearn_on=relearn_on))
         if twin_lm is not None:
-            result.attacks.append(attack(twin_lm, attack_facts, cfg.attacks, lr, "retain twin", "–", relearn_on=relearn_on))
-        result.attacks.append(attack(lm, attack_facts, cfg.attacks, lr, "unedited", "–", relearn_on=relearn_on))
+            result.attacks.append(attack(twin_lm, attack_facts, cfg.attacks, lr, TWIN, "–", relearn_on=relearn_on))
+        result.attacks.append(attack(lm, attack_facts, cfg.attacks, lr, UNEDITED, "–", relearn_on=relearn_on))
         progress.advance(task, 3)
     for (method, variant), p in best.items():
         if p is None:
