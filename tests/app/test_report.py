@@ -140,3 +140,21 @@ def test_the_privacy_figures_include_the_white_box_attacks_per_layer(tmp_path):
     plot_all(erase, tmp_path, "privacy-x")
     assert (tmp_path / "privacy-x-whitebox.png").stat().st_size > 5000
     assert ("Privacy erasure, x: attacks", "privacy-x-whitebox.png") in [(h, f) for h, _, f in tables("x", erase)]
+
+
+def test_the_trace_of_where_secrets_are_computed_gets_a_table_and_a_panel(tmp_path):
+    from kscope.app.privacy_figures import plot_trace
+    from kscope.app.report_privacy import tables
+    from kscope.privacy.locate.trace import BlockCell
+    from kscope.stats import mean_ci
+
+    erase = next(iter(ReproduceResult.load(DATA / "results_small.json").privacy.values()))
+    assert not any(h.endswith("computed") for h, _, _ in tables("x", erase))  # absent unless traced
+    layers = sorted({c.layer for c in erase.trace.cells})
+    erase.trace.blocks = [BlockCell(L, s, mean_ci([-0.1 * (i + 1) * L, -0.2 * L])) for L in layers
+                          for i, s in enumerate(("block", "below", "above"))]
+    erase.trace.computed = layers[-1:]
+    table = next(t for h, t, _ in tables("x", erase) if h.endswith("where the secrets are computed"))
+    assert len(table.rows) == len(layers) and f"layers {layers[-1]}" in table.title
+    plot_trace(erase, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 5000

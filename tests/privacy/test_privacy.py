@@ -172,7 +172,7 @@ ERASE_ARGS = ["--layers", "0-2", "--resid-layers", "1", "--neuron-budgets", "8,6
               "--taus", "0.5", "--keyed-lams", "0.1,1", "--keyed-steps", "10", "--keyed-weight-decay", "0", "--keyed-corpus-tokens", "300", "--steps", "3",
               "--text", None, "--generate", "0", "--sae-max-tokens", "600", "--sae-expansion", "2", "--sae-k", "4",
               "--ppl-texts", "2", "--generic-texts", "4", "--max-unrelated", "5", "--samples", "3", "--relearn-steps", "0,2",
-              "--attack-min", "0.05"]
+              "--attack-min", "0.05", "--trace-blocks"]
 
 
 def _erase_args(corpus) -> list[str]:
@@ -233,7 +233,8 @@ def test_handles_have_their_stated_parameter_counts_and_random_neurons_erase_les
 def test_erase_records_the_trace_specificity_verdicts_and_attacks(erased):
     res, path = erased
     assert {c.layer for c in res.trace.cells} == {0, 1, 2} and len(res.trace.cells) == 12 and res.trace.band == [0, 1, 2]
-    assert {g.group for g in res.trace.groups} == {"mlp", "attention", "embeddings"}
+    assert {g.group for g in res.trace.groups} == {"mlp", "attention", "embeddings", "norms"}
+    assert len(res.trace.blocks) == 9 and len(res.trace.computed) == 3  # --trace-blocks: 3 layers x 3 scopes
     assert {(s.kind, s.step) for s in res.specificity} == {(k, s) for k in ("neuron", "feature") for s in ("format", "generic")}
     assert {v.b for v in res.verdicts} == {"keyed-neurons", "keyed-neurons-params", "keyed-random-directions"}
     methods = [a.method for a in res.attacks]

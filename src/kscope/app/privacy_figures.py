@@ -7,6 +7,7 @@ import numpy as np
 
 from kscope.app.report_privacy import _title, build_note
 from kscope.plots import UNIT_COLORS, legend_outside, pyplot, save_figure
+from kscope.privacy.study import graded
 from kscope.privacy.study.results import EraseResult
 
 HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": UNIT_COLORS["feature"], "keyed-neurons": UNIT_COLORS["neuron"],
@@ -17,23 +18,40 @@ HANDLE_COLORS = {"keyed-unrestricted": "#000000", "keyed-features": UNIT_COLORS[
 def plot_trace(res: EraseResult, path) -> None:
     plt = pyplot()
     tr = res.trace
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    if tr.blocks:
+        fig, (ax, cx, bx) = plt.subplots(1, 3, figsize=(19, 3.8), gridspec_kw={"width_ratios": [3, 3, 1]})
+    else:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 1]})
     layers = sorted({c.layer for c in tr.cells})
-    for (pos, what), (color, style) in {("subject", "zero"): ("#756bb1", "--"), ("subject", "restore"): ("#756bb1", "-"),
-                                        ("answer", "zero"): ("#e6550d", "--"), ("answer", "restore"): ("#e6550d", "-")}.items():
-        ax.plot(layers, [tr.effect(L, pos, what) for L in layers], style, marker="o", ms=3, color=color,
-                label=f"{'zero' if what == 'zero' else 'base MLP'} @ {pos}")
-    for L in tr.band:
-        ax.axvspan(L - 0.5, L + 0.5, color="#cccccc", alpha=0.4)
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_xlabel("layer (band shaded)")
-    ax.set_ylabel("Δ log P(secret)")
-    legend_outside(ax)
+    _layer_panel(ax, layers, [(f"{'zero' if what == 'zero' else 'base MLP'} @ {pos}", color, style,
+                               [tr.effect(L, pos, what) for L in layers])
+                              for (pos, what), (color, style) in {
+                                  ("subject", "zero"): ("#756bb1", "--"), ("subject", "restore"): ("#756bb1", "-"),
+                                  ("answer", "zero"): ("#e6550d", "--"), ("answer", "restore"): ("#e6550d", "-")}.items()],
+                 tr.band, "#cccccc", "layer (band shaded)", "Δ log P(secret)")
+    if tr.blocks:
+        blocks = sorted({c.layer for c in tr.blocks})
+        _layer_panel(cx, blocks, [(label, "#31a354", style, [tr.block_effect(L, scope) for L in blocks]) for scope, label, style
+                                  in (("block", "block L", "-"), ("below", "blocks 0..L", "--"), ("above", "blocks L..last", ":"))],
+                     tr.computed, "#c7e9c0", "layer (bottom-up restore's steepest band shaded)",
+                     "Δ log P, whole blocks restored to the base model")
     groups = [(f"every {g.group}", g.dlogp) for g in tr.groups] + ([("band MLPs", tr.band_restore)] if tr.band_restore else [])
     bx.barh([n for n, _ in groups], [iv.mean or 0 for _, iv in groups], color="#999999")
     bx.set_xlabel("Δ log P, restored to the base model")
     fig.suptitle(f"Where the secrets live ({build_note(res)})")
     save_figure(fig, path)
+
+
+def _layer_panel(ax, layers, series, shaded, shade, xlabel: str, ylabel: str) -> None:
+    """A per-layer panel: each ``(label, colour, style, values)`` series over ``layers``, the ``shaded`` layers marked."""
+    for label, color, style, values in series:
+        ax.plot(layers, values, style, marker="o", ms=3, color=color, label=label)
+    for L in shaded:
+        ax.axvspan(L - 0.5, L + 0.5, color=shade, alpha=0.4)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    legend_outside(ax)
 
 
 def plot_budget(res: EraseResult, path) -> None:
@@ -112,8 +130,9 @@ def plot_all(res: EraseResult, out_dir, prefix: str) -> None:
         plot_whitebox(res, out / f"{prefix}-whitebox.png")
 
 
-FLOORS = {"base model (never taught)": ("#969696", ":"), "retain twin": ("#000000", "--"), "unedited": ("#d62728", "-")}
-"""The references of the white-box figure: the model never taught the secrets, the retain twin, the unedited model."""
+FLOORS = {graded.NEVER_TAUGHT: ("#969696", ":"), graded.TWIN: ("#000000", "--"), graded.UNEDITED: ("#d62728", "-")}
+"""The colour and line style of each reference of the white-box figure (``graded.FLOORS``: the model never taught the
+secrets, the retain twin, the unedited model)."""
 
 
 def plot_whitebox(res: EraseResult, path) -> None:

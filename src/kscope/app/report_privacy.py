@@ -117,6 +117,18 @@ def trace_table(res: EraseResult) -> Table:
     return t
 
 
+def computed_table(res: EraseResult) -> Table:
+    """Where the secrets are computed: whole blocks restored to the base model's, alone and cumulatively."""
+    tr = res.trace
+    t = Table(f"Where the secrets are computed: Δ log P(secret) with whole blocks (attention, MLP, norms) restored to the base "
+              f"model's at every position, mean over people; the bottom-up restore removes the secret fastest over layers "
+              f"{','.join(map(str, tr.computed))} (the band now edited: {','.join(map(str, tr.band))})",
+              ["layer", "block L", "blocks 0..L", "blocks L..last"])
+    for L in sorted({c.layer for c in tr.blocks}):
+        t.rows.append([L] + [fmt(tr.block_effect(L, s), "+.2f") for s in ("block", "below", "above")])
+    return t
+
+
 def specificity_table(res: EraseResult) -> Table:
     t = Table("Specificity of location: share of each person's top units (largest budget's share) each step removes, and Rel "
               "of the keyed handles with and without the steps", ["units", "step", "removed", "Rel with", "Rel raw"])
@@ -252,6 +264,8 @@ def targets_table(runs: dict[str, EraseResult]) -> Table:
 
 def tables(name: str, res: EraseResult) -> list[tuple[str, Table, str | None]]:
     out = [(f"Privacy erasure, {name}: where the secrets live", trace_table(res), f"privacy-{name}-trace.png"),
+           *([(f"Privacy erasure, {name}: where the secrets are computed", computed_table(res), None)]
+             if res.trace and res.trace.blocks else []),
            (f"Privacy erasure, {name}: each method at its best point", privacy_table(res), f"privacy-{name}.png"),
            (f"Privacy erasure, {name}: against the retain twin", retain_table(res), None),
            (f"Privacy erasure, {name}: the splits", split_table(res), None),

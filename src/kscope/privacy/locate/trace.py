@@ -4,7 +4,9 @@ Per layer, the change of log P(secret) (teacher-forced, the secret's scored toke
 model's MLP output is zeroed, or computed by the *base* model's MLP from the same input (the fine-tune's
 change of that MLP undone), at the subject's last token or at the positions that read the secret out (the
 prompt's last token and the secret's own tokens). Beside it, whole groups of weights (every MLP, every
-attention block, the embeddings) restored to the base model's. Facts are averaged per person first and
+attention block, the embeddings) restored to the base model's. With ``blocks``, where the secret is computed:
+each block's whole weights (attention, MLP and norms) restored at every position, and the blocks restored
+cumulatively from the bottom (0..L) and from the top (L..last). Facts are averaged per person first and
 intervals are over people, since one person's secrets share a name.
 """
 
@@ -22,12 +24,14 @@ from kscope.facts import Fact
 from kscope.model.head import plain_head
 from kscope.model.hooks import BlockReplay, mlp_output_from, swapped_weights
 from kscope.model.readout import logits_per_row, pad_rows
-from kscope.model.sites import mlp_module, n_layers
+from kscope.model.sites import decoder_layers, mlp_module, n_layers
 from kscope.stats import Interval, mean_ci
 
 POSITIONS = ("subject", "answer")
 INTERVENTIONS = ("zero", "restore")
 GROUPS = {"mlp": r"\.mlp\.", "attention": r"(self_attn|\.attn\.)", "embeddings": r"(embed|wte|wpe)"}
+NORMS = r"(norm|\.ln_)"  # every norm's weights (LLaMA's *_layernorm and final norm, GPT-2's ln_*): with ``blocks`` only
+SCOPES = ("block", "below", "above")  # layer L's block alone; blocks 0..L; blocks L..last (each restored at every position)
 
 
 @dataclass
@@ -45,6 +49,13 @@ class GroupEffect:
 
 
 @dataclass
+class BlockCell:
+    layer: int
+    scope: str  # block | below | above
+    dlogp: Interval  # change of log P(secret) with those blocks' weights restored to the base model's
+
+
+@dataclass
 class SecretTrace:
     """Where the secrets of a privacy model live; ``band``: the layers whose MLPs matter most (the suggested edit band)."""
 
@@ -56,9 +67,15 @@ class SecretTrace:
     band: list[int] = field(default_factory=list)  # the edited band
     band_restore: Interval | None = None  # the band's MLPs restored to the base model's together
     suggested: list[int] = field(default_factory=list)  # where zeroing the MLP output at the answer positions matters most
+    blocks: list[BlockCell] = field(default_factory=list)  # whole blocks restored (``trace_secrets(blocks=True)``)
+    computed: list[int] = field(default_factory=list)  # where restoring blocks from the bottom removes the secret fastest
 
     def effect(self, layer: int, position: str, intervention: str) -> float:
         c = next(c for c in self.cells if (c.layer, c.position, c.intervention) == (layer, position, intervention))
+        return c.dlogp.mean if c.dlogp.mean is not None else 0.0
+
+    def block_effect(self, layer: int, scope: str) -> float:
+        c = next(c for c in self.blocks if (c.layer, c.scope) == (layer, scope))
         return c.dlogp.mean if c.dlogp.mean is not None else 0.0
 
 
@@ -117,12 +134,14 @@ def _per_person(values: np.ndarray, owner: Sequence[int], facts: Sequence[Fact])
 
 
 def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | None = None, band: Sequence[int] = (),
-                  progress=None, prompts: int | None = None) -> SecretTrace:
+                  progress=None, prompts: int | None = None, blocks: bool = False) -> SecretTrace:
     """The trace of ``facts`` (resolved to whole-answer targets) in ``lm``, against ``base_lm`` (the model before the
     secrets were injected; ``None``: the zeroing interventions alone, as ``kscope forget`` has no such model), with the
     edited ``band``'s MLPs restored together; ``suggested``: the ``len(band)``
     consecutive traced layers where zeroing the MLP output at the answer positions lowers log P(secret) most (where an
-    edit of the MLP output reaches the secret)."""
+    edit of the MLP output reaches the secret). ``blocks`` (with a base model): whole blocks and every norm restored,
+    and ``computed``, the ``len(band)`` consecutive traced layers whose cumulative restore from the bottom lowers
+    log P(secret) most (where the secret is computed)."""
     layers = list(range(n_layers(lm.model))) if layers is None else list(layers)
     ids, mask, where, pred, tgt, owner = _batch(lm, facts, prompts)
     replays = {L: BlockReplay(lm.model, L) for L in layers if L > 0}  # blocks below an intervention need not run again
@@ -133,7 +152,8 @@ def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | No
         clean = _logp(lm, ids, mask, pred, tgt)
     out = SecretTrace(len(facts), len({f.subject for f in facts}), _per_person(clean, owner, facts))
     restores = base_lm is not None
-    total = len(layers) * (4 if restores else 2) + (len(GROUPS) + bool(band) if restores else 0)
+    blocks = blocks and restores
+    total = len(layers) * (4 if restores else 2) + (len(GROUPS) + bool(band) if restores else 0) + (len(layers) * 3 + 1) * blocks
     task = progress.add_task("where the secrets live", total=total) if progress else None
     for L in layers:
         fns = {"zero": lambda x, y: torch.zeros_like(y)}
@@ -149,8 +169,9 @@ def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | No
                     progress.advance(task)
     base = dict(base_lm.model.named_parameters()) if restores else {}
     prefix = {id(m): n for n, m in lm.model.named_modules()}
-    restore = {**GROUPS, **({"band": "^(" + "|".join(re.escape(prefix[id(mlp_module(lm.model, L))]) for L in band) + r")\."}
-                            if band else {})} if restores else {}
+    restore = {**GROUPS, **({"norms": NORMS} if blocks else {}),
+               **({"band": "^(" + "|".join(re.escape(prefix[id(mlp_module(lm.model, L))]) for L in band) + r")\."}
+                  if band else {})} if restores else {}
     for group, pattern in restore.items():
         new = {n: base[n] for n, _ in lm.model.named_parameters() if re.search(pattern, n)}
         with swapped_weights(lm.model, new):
@@ -161,8 +182,28 @@ def trace_secrets(lm, base_lm, facts: Sequence[Fact], layers: Sequence[int] | No
             out.groups.append(GroupEffect(group, d))
         if progress:
             progress.advance(task)
+    if blocks:
+        _trace_blocks(lm, base, prefix, layers, replays, (ids, mask, pred, tgt), clean, owner, facts, out, progress, task)
+        below = [0.0] + [-out.block_effect(L, "below") for L in layers]
+        out.computed = strongest_band({L: below[i + 1] - below[i] for i, L in enumerate(layers)}, max(1, len(band)))
     out.suggested = strongest_band({L: -out.effect(L, "answer", "zero") for L in layers}, max(1, len(band)))
     return out
+
+
+def _trace_blocks(lm, base, prefix, layers, replays, batch, clean, owner, facts, out: SecretTrace, progress, task) -> None:
+    """``out.blocks``: per traced layer L, block L's weights, blocks 0..L's and blocks L..last's restored to the base
+    model's (blocks below L replay their recorded states where nothing below L changes)."""
+    names = [[n for n, _ in blk.named_parameters(prefix=prefix[id(blk)])] for blk in decoder_layers(lm.model)]
+    last = len(names) - 1
+    for L in layers:
+        for scope, span in zip(SCOPES, ([L], range(L + 1), range(L, last + 1))):
+            new = {n: base[n] for i in span for n in names[i]}
+            replay = replays.get(L) if scope != "below" else None
+            with swapped_weights(lm.model, new), (replay.replaying() if replay else nullcontext()):
+                d = _logp(lm, *batch) - clean
+            out.blocks.append(BlockCell(L, scope, _per_person(d, owner, facts)))
+            if progress:
+                progress.advance(task)
 
 
 def strongest_band(score: dict[int, float], size: int) -> list[int]:

@@ -107,6 +107,11 @@ class EraseConfig(Config):
                                             min=0)
     trace_prompts: int = option(1, "Edit prompts per secret in the trace (its intervals are over people; 3: all, at 3x the cost).",
                                 min=1)
+    trace_blocks: bool = option(False, "Also trace where the secret is computed: each block's whole weights (attention, MLP, "
+                                       "norms) restored to the base model's at every position, and the blocks restored "
+                                       "cumulatively from the bottom and from the top (3 passes per traced layer, ~2.5x the "
+                                       "trace's time); the result names the band where the bottom-up restore removes the "
+                                       "secret fastest.")
     keyed: KeyedConfig = nested(KeyedConfig, prefix="keyed-")
     revs: RevsConfig = nested(RevsConfig, prefix="revs-")
     attacks: AttackConfig = nested(AttackConfig)
@@ -226,7 +231,8 @@ def erase(job: EraseJob) -> EraseResult:
         sets = study_sets(known, manifest.split, unrelated, ppl_texts, seed)
         erase_set = sets.erase  # key prompts only
         t = time.time()
-        trace = trace_secrets(lm, base_lm, erase_set, cfg.trace_layers, cfg.layers, progress, cfg.trace_prompts)
+        trace = trace_secrets(lm, base_lm, erase_set, cfg.trace_layers, cfg.layers, progress, cfg.trace_prompts,
+                              cfg.trace_blocks)
         seconds["trace"] = time.time() - t
         t = time.time()
         choice, fchoice = candidate_layers(cfg, L_model)

@@ -167,7 +167,9 @@ class EraseResult(Result):
     the specificity of location, the equal-budget verdicts and the attacks."""
 
     kind = "privacy-erase"
-    version = 6  # 6: per-secret outcomes, per-person located units and attack rates (the privacy pages); baselines' layer
+    # 7: the trace's whole-block restores (--erase-trace-blocks); 6: per-secret outcomes, per-person located units and
+    # attack rates (the privacy pages); baselines' layer choice
+    version = 7
     min_version = 4
     min_version_why = "an erasure graded in sample (before kscope's splits and retain twin); run privacy erase again"
 
