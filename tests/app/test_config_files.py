@@ -125,3 +125,15 @@ def test_the_committed_pararel_sweep_config_asks_for_enough_facts_under_the_new_
     cfg = config_from_file(ReproduceConfig, str(Path(__file__).resolve().parents[2] / "configs" / "pararel-sweep.yaml"))
     assert cfg.stages == ["sweep"] and cfg.max_facts >= 200 and cfg.facts.endswith("pararel") and cfg.holdout
     assert cfg.edits.ablate_to == "mean" and len(cfg.sweep_layers) >= 10
+
+
+def test_the_committed_deep_erasure_config_spans_the_depth_and_traces_whole_blocks():
+    """configs/deep-erasure.yaml: the privacy stages with the whole-block trace and a keyed band over most of the depth."""
+    from pathlib import Path
+
+    from kscope.app.options import config_from_file
+    from kscope.app.reproduce import ReproduceConfig
+
+    cfg = config_from_file(ReproduceConfig, str(Path(__file__).resolve().parents[2] / "configs" / "deep-erasure.yaml"))
+    assert cfg.stages == ["privacy-build", "privacy-erase"] and cfg.erase.trace_blocks and cfg.privacy.retain_twin
+    assert cfg.erase.layers == [8, 12, 16, 20, 24, 28] and cfg.erase.random_draws >= 3
