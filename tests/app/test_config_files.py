@@ -136,4 +136,5 @@ def test_the_committed_deep_erasure_config_spans_the_depth_and_traces_whole_bloc
 
     cfg = config_from_file(ReproduceConfig, str(Path(__file__).resolve().parents[2] / "configs" / "deep-erasure.yaml"))
     assert cfg.stages == ["privacy-build", "privacy-erase"] and cfg.erase.trace_blocks and cfg.privacy.retain_twin
-    assert cfg.erase.layers == [8, 12, 16, 20, 24, 28] and cfg.erase.random_draws >= 3
+    assert cfg.erase.layers == [6, 12, 18, 24, 28] and cfg.erase.random_draws >= 3
+    assert {"keyed-features", "keyed-neurons-params"} <= set(cfg.erase.methods) and "keyed-random-directions" in cfg.erase.controls
