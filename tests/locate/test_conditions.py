@@ -145,3 +145,22 @@ def test_positive_control_is_the_whole_mlp_zeroed(lm, facts):
     out = NeuronUnits(Site(1, "mlp.out"), site_dim(lm.model, Site(1, "mlp.out")))
     got, ref = measure_sets(lm, fact, [SetJob(neuron_units(lm, 1), [0]), SetJob(out, [0])], cfg)
     assert got.all.log == pytest.approx(ref.all.log, abs=1e-5) and abs(got.all.log) > 1e-3
+
+
+def test_effect_intervals_over_relations_are_cr2_and_the_report_says_so():
+    """Marginal intervals hold with few, unequal relations (CR2, as the verdicts), and the report names how each result's
+    intervals were made (results from before: the cluster bootstrap)."""
+    import numpy as np
+
+    from kscope.app.report import _interval_note
+    from kscope.locate.conditions import Effect, SetEffects, SetSummary, summarize_effects
+    from kscope.stats import cluster_robust
+
+    rng = np.random.default_rng(0)
+    clusters = ["a"] * 7 + ["b"] * 3 + ["c"] * 2 + ["d"] * 2 + ["e"]
+    logs = rng.normal(-0.3, 0.2, len(clusters))
+    rows = [SetEffects({"suppress": {10: Effect(float(np.expm1(v)), float(v))}}, all=Effect(0.0, 0.0)) for v in logs]
+    got = summarize_effects(rows, clusters)
+    want = cluster_robust(list(logs), clusters).interval
+    assert got.top["suppress"][10].log == want and got.intervals == "CR2"
+    assert _interval_note([got]).startswith("95 % CR2") and "bootstrap" in _interval_note([SetSummary(got.top)])

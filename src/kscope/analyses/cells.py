@@ -46,9 +46,9 @@ def strength(grid: dict[str, dict[int, object]], op: str, k: int) -> float:
 
 
 def build_cell(layer: int, site: str, selection: str, ablation: str, rows: dict[str, Sequence[SetEffects]], clusters: Sequence[str],
-               ks: Sequence[int], n_boot: int, seed: int = 0) -> Cell:
+               ks: Sequence[int]) -> Cell:
     """A cell from per-fact effects of each unit set (``rows[kind][i]`` is fact ``i``'s)."""
-    cell = Cell(layer, site, selection, ablation, {kind: summarize_effects(r, clusters, n_boot, seed) for kind, r in rows.items()})
+    cell = Cell(layer, site, selection, ablation, {kind: summarize_effects(r, clusters) for kind, r in rows.items()})
 
     def add(name: str, a: Sequence[dict], b: Sequence[dict], names: Sequence[str]) -> None:
         for k in ks:

@@ -91,7 +91,7 @@ class SweepConfig(Config):
     attribution: AttributionConfig = nested(AttributionConfig, steps=10)
     interpret: InterpretConfig = nested(InterpretConfig, prefix="is-", hide=("llm_url", "llm_model"))  # the token explainer only
     parallel: ParallelConfig = nested(ParallelConfig)
-    seed: int = option(0, "Seed of the random controls, the bootstrap and the samples.", flag="sweep-seed")
+    seed: int = option(0, "Seed of the random controls and the samples.", flag="sweep-seed")
     out_dir: str = option("runs/sweep", "Directory for sweep.json and the figures.", output="dir")
 
     def validate(self) -> None:
@@ -128,7 +128,7 @@ class SweepResult(Result):
     """Every layer x site x protocol cell, the quality cells, the width sweep, the SAEs used."""
 
     kind = "sweep"
-    version = 3
+    version = 4  # 4: the cells' marginal intervals are CR2 (were the cluster bootstrap)
     min_version = 3
     min_version_why = "verdicts on suppress and enhance combined and a cluster bootstrap (before issue 34); run the sweep again"
 
@@ -249,7 +249,7 @@ def _cells(cfg: SweepConfig, rows: list[dict], clusters: list[str], baseline_kin
                 for site in cfg.sites:
                     units = {"neuron": neurons, "feature": col(proto, mode, f"{L}/{site}/feature")}
                     units.update({k: col(proto, "error", f"{L}/{site}/{k}") for k in baseline_kinds})
-                    cells.append(build_cell(L, site, proto, mode, units, clusters, cfg.delta_prob.ks, cfg.delta_prob.bootstrap, cfg.seed))
+                    cells.append(build_cell(L, site, proto, mode, units, clusters, cfg.delta_prob.ks))
     adjust_tables(cells)
     return cells
 
@@ -380,5 +380,5 @@ def _width_sweep(cfg: SweepConfig, lm, facts: list[Fact], clusters: list[str], p
         for j, s in enumerate(sites):
             stats = got[s][1].stats or {}
             out.append(WidthPoint(s.kind, exp, units[j].n_units, stats.get("explained_variance"),
-                                  summarize_effects(rows[j], clusters, cfg.delta_prob.bootstrap, cfg.seed)))
+                                  summarize_effects(rows[j], clusters)))
     return out

@@ -31,9 +31,21 @@ def _centre_note(res: CompareResult) -> str:
     return "edit centres differ between sets"
 
 
+def _interval_note(summaries) -> str:
+    """How the intervals of these ``SetSummary``s were made (older results: the cluster bootstrap)."""
+    made = {s.intervals for s in summaries if s is not None}
+    if made == {"CR2"}:
+        return "95 % CR2 interval over relations (Imbens-Kolesár df)"
+    return "95 % cluster-bootstrap interval over relations"
+
+
+def _compare_summaries(res: CompareResult) -> list:
+    return [u.effects for by_kind in res.summary.values() for u in by_kind.values()]
+
+
 def compare_table(res: CompareResult) -> Table:
     t = Table(f"Effect of editing the top-k units, {res.n_facts} facts, {res.model} ({res.split or 'split not recorded'}; "
-              f"{_centre_note(res)}; log P'/P and ΔP/P, mean over facts, 95 % cluster-bootstrap interval over relations; "
+              f"{_centre_note(res)}; log P'/P and ΔP/P, mean over facts, {_interval_note(_compare_summaries(res))}; "
               "‖Δx‖: the edit's size at the site (at MLP neurons: what the MLP writes), mean over the measured positions; "
               "per ‖Δx‖: log P'/P over ‖Δx‖ per fact; collateral: log P'/P of the same edit on other relations' facts; "
               "random / matched: random units of the set, uniform / active and matched on contribution norm; basis, PCA, "
@@ -115,7 +127,9 @@ def _comparisons(res: SweepResult) -> list[tuple[str, str]]:
     return [("feature vs neuron", "vs MLP neurons (paper)")] + [(f"feature vs {k}", f"vs {LABELS[k]}") for k in kinds]
 
 
-def _sweep_note(res: SweepResult, what: str = "95 % cluster-bootstrap intervals over relations") -> str:
+def _sweep_note(res: SweepResult, what: str | None = None) -> str:
+    """The facts, the split and (default: as the cells' marginal intervals were made) the intervals."""
+    what = what or _interval_note([s for c in res.cells for s in c.units.values()]).replace("interval ", "intervals ")
     return f"{res.n_facts} facts from {res.n_relations} relations, {res.facts}; {res.split}; {what}"
 
 
@@ -318,7 +332,7 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
     out = []
     if results.compare:
         out.append(("Neurons, features and same-site baselines: effect of editing the top-k units (log P'/P and ΔP/P, mean over "
-                    "facts, 95 % cluster-bootstrap interval over relations)", compare_table(results.compare), "compare.png"))
+                    f"facts, {_interval_note(_compare_summaries(results.compare))})", compare_table(results.compare), "compare.png"))
     if results.faithfulness:
         out.append((f"Faithfulness of the decomposition ({results.faithfulness.site})", faithfulness_table(results.faithfulness),
                     "faithfulness.png"))

@@ -125,7 +125,7 @@ class UnitSummary:
     site: str
     n_units: int
     mean_refined: float
-    effects: SetSummary | None = None  # over facts, intervals by cluster bootstrap over relations
+    effects: SetSummary | None = None  # over facts, CR2 intervals over relations
 
 
 @dataclass
@@ -133,7 +133,9 @@ class CompareResult(Result):
     """Per fact and layer, the located units; per layer and unit kind, the summary over facts."""
 
     kind = "compare"
-    version = 3  # 3: every set edited about its mean codes; edit sizes, effect per size and collateral per condition
+    # 4: CR2 intervals over relations (were the cluster bootstrap); 3: every set edited about its mean codes; edit sizes,
+    # effect per size and collateral per condition
+    version = 4
 
     model: str
     n_facts: int
@@ -267,8 +269,7 @@ def run_study(cfg: StudyConfig, facts: list[Fact] | None = None, lm=None) -> Com
             located = [r.layers[L][units.kind] for r in rows]
             s = UnitSummary(units.site.name, units.n_units, sum(len(x.refined) for x in located) / len(located))
             if measure:
-                s.effects = summarize_effects([x.effects for x in located], [r.relation for r in rows], cfg.delta_prob.bootstrap,
-                                              cfg.delta_prob.seed)
+                s.effects = summarize_effects([x.effects for x in located], [r.relation for r in rows])
             summary.setdefault(L, {})[units.kind] = s
     n_multi = sum(f.multi_token for f in facts)
     result = CompareResult(

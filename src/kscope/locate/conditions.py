@@ -34,7 +34,7 @@ from kscope.model.hooks import hooked
 from kscope.model.prefix import PrefixRunner
 from kscope.model.readout import last_token_activations
 from kscope.model.sites import down_proj_weight, n_layers
-from kscope.stats import Interval, cluster_bootstrap, log_ratio
+from kscope.stats import Interval, cluster_robust, log_ratio
 from kscope.units.base import Units
 
 MAX_ROWS = 512
@@ -330,7 +330,7 @@ def measure_sets(lm, fact, jobs: Sequence[SetJob], cfg: DeltaProbConfig, seed: i
 
 @dataclass
 class Change:
-    """A condition over facts: relative change and log-ratio, each a mean with its cluster-bootstrap interval; the
+    """A condition over facts: relative change and log-ratio, each a mean with its interval over relations; the
     edit's size, the effect per unit of it and the collateral likewise (None where not measured)."""
 
     rel: Interval
@@ -352,16 +352,18 @@ class SetSummary:
     n_active: float | None = None
     matched_norm: float | None = None
     ablated_to: str = "zero"
+    intervals: str = "cluster bootstrap"  # how the intervals over relations were made (results before CR2: the bootstrap)
 
 
-def summarize_effects(rows: Sequence[SetEffects], clusters: Sequence[str], n_boot: int, seed: int = 0) -> SetSummary:
-    """Means over facts with intervals from resampling whole clusters (relations) of facts."""
+def summarize_effects(rows: Sequence[SetEffects], clusters: Sequence[str]) -> SetSummary:
+    """Means over facts with CR2 intervals over clusters (relations) of facts, Imbens-Kolesar df: they hold with a
+    handful of unequal relations, where the cluster bootstrap ran short (``stats.cluster_robust``)."""
 
     def interval(effects: Sequence[Effect | None], attr: str) -> Interval | None:
         vals = [getattr(e, attr) if e else None for e in effects]
         if all(v is None for v in vals):
             return None
-        return cluster_bootstrap([np.nan if v is None else v for v in vals], clusters, n_boot, seed).interval
+        return cluster_robust([np.nan if v is None else v for v in vals], clusters).interval
 
     def change(effects: Sequence[Effect | None]) -> Change:
         return Change(*(interval(effects, a) for a in ("rel", "log", "dx", "per_dx", "collateral")))
@@ -380,4 +382,4 @@ def summarize_effects(rows: Sequence[SetEffects], clusters: Sequence[str], n_boo
     centres = {r.ablated_to for r in rows}
     return SetSummary(grid("top"), grid("random"), grid("matched"), change([r.all for r in rows]),
                       change(recon) if all(recon) else None, mean("n_active"), mean("matched_norm"),
-                      centres.pop() if len(centres) == 1 else "mixed")
+                      centres.pop() if len(centres) == 1 else "mixed", "CR2")

@@ -29,8 +29,6 @@ class DeltaProbConfig(Config):
                                    "norm); 0: none.", min=0, max=MAX_DRAWS)
     seed: int = option(0, "Seed of the random unit sets (drawn per fact, so results do not depend on order or workers).",
                        flag="random-seed")
-    bootstrap: int = option(10_000, "Cluster-bootstrap resamples (a relation's facts resampled together) behind every interval "
-                                    "and p-value over facts (t with relations - 1 degrees of freedom).", min=100)
 
 
 def fact_delta_prob(lm, fact: Fact, units: Units, top: Sequence[int], cfg: DeltaProbConfig, p_clean: Sequence[float] | None = None) -> dict:
