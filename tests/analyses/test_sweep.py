@@ -128,13 +128,13 @@ def test_sweep_writes_every_cell_with_controls(files, tmp_path):
     assert {(w.site, w.expansion) for w in res.widths} == {(s, x) for s in ("mlp.out", "resid.post") for x in (1, 2)}
     assert all(w.effects.random["suppress"][3].log.n == 3 and w.effects.matched is not None and w.effects.all.log.n == 3
                for w in res.widths)  # controls at every width
-    from kscope.app.report import sweep_band_table
+    from kscope.app.report_sweep import sweep_band_table
 
     band = sweep_band_table(res)  # one verdict per cell and comparison: each band counts its one layer once
     assert all(len(cnt.split(" / ")) == 5 and sum(int(x) for x in cnt.split(" / ")) == 1 for row in band.rows for cnt in row[4:])
     assert {row[3] for row in band.rows} >= {"MLP neurons (paper)", "basis", "PCA", "random directions"}
     assert {row[1] for row in band.rows} >= {"interpretability score", "detection AUROC", "monosemanticity AUROC − null"}
-    from kscope.app.report import sweep_quality_table, sweep_tables
+    from kscope.app.report_sweep import sweep_quality_table, sweep_tables
 
     qt = sweep_quality_table(res)
     assert "CR2 intervals" in qt.title and "AUROC verdict on AUROC − null, paired over facts" in qt.title and "TOST" in qt.title

@@ -89,7 +89,7 @@ def test_the_tables_show_both_operations_and_count_disagreements():
     from types import SimpleNamespace
 
     from kscope.analyses.cells import Cell
-    from kscope.app.report import sweep_band_table, sweep_verdict_table
+    from kscope.app.report_sweep import sweep_band_table, sweep_verdict_table
 
     v = ops_verdict(*_ops(-6.0, 2.0), REL, ("features", "neurons"))
     cell = Cell(3, "resid.post", "ig", "error", units={}, verdicts={"feature vs neuron": {10: v}})

@@ -44,7 +44,7 @@ def test_train_sae_then_compare(model_dir, fact_file, facts, tmp_path):
                             "--ks", "1,2", "--generate", "40", "--gen-len", "16", "--baseline-fit-tokens", "200", "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert res["n_facts"] == 3 and res["split"].startswith("paraphrase") and res["schema"] == "kscope.compare/3"
+    assert res["n_facts"] == 3 and res["split"].startswith("paraphrase") and res["schema"] == "kscope.compare/4"
     s = res["summary"]["1"]
     assert set(s) == {"neuron", "feature", "basis", "pca", "random"}  # the same-site baselines beside the paper's two kinds
     assert s["neuron"]["site"] == "1/mlp.neurons" and s["feature"]["site"] == "1/mlp.out" and s["pca"]["site"] == "1/mlp.out"

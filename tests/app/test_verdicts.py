@@ -175,7 +175,7 @@ def test_the_locate_answer_also_pairs_features_with_each_same_site_baseline_holm
 def test_one_tally_sorts_verdicts_for_the_sweep_answer_and_the_band_table():
     """``tally`` keeps each bucket's keys in order; the band table's counts are its lengths (old "no difference":
     inconclusive)."""
-    from kscope.app.report import _counts
+    from kscope.app.report_sweep import _counts
     from kscope.app.verdicts import tally
 
     says = {0: "features better", 2: "MLP neurons better", 4: "disagree (suppress: features)", 6: "equivalent within ±0.1",

@@ -152,7 +152,7 @@ def test_effect_intervals_over_relations_are_cr2_and_the_report_says_so():
     intervals were made (results from before: the cluster bootstrap)."""
     import numpy as np
 
-    from kscope.app.report import _interval_note
+    from kscope.app.tables import interval_note as _interval_note
     from kscope.locate.conditions import Effect, SetEffects, SetSummary, summarize_effects
     from kscope.stats import cluster_robust
 

@@ -84,7 +84,7 @@ def _monosemanticity(cfg: MonosemanticityJob) -> None:
 
 def _sweep(cfg: SweepConfig) -> None:
     from kscope.analyses.sweep import run_sweep
-    from kscope.app.report import sweep_tables
+    from kscope.app.report_sweep import sweep_tables
 
     res = run_sweep(cfg)
     for t in sweep_tables(res):

@@ -43,3 +43,11 @@ class Table:
         for r in self.rows:
             t.add_row(*map(str, r))
         return t
+
+
+def interval_note(summaries) -> str:
+    """How the intervals of these ``SetSummary``s were made (results from before CR2: the cluster bootstrap)."""
+    made = {s.intervals for s in summaries if s is not None}
+    if made == {"CR2"}:
+        return "95 % CR2 interval over relations (Imbens-Kolesár df)"
+    return "95 % cluster-bootstrap interval over relations"
