@@ -6,7 +6,7 @@ from __future__ import annotations
 from kscope.analyses.cells import LABELS, control_key
 from kscope.analyses.sweep import SweepResult
 from kscope.analyses.verdicts import MARGINS
-from kscope.app.tables import Table, ci, fmt, interval_note
+from kscope.app.tables import Table, ci, cr2_note, fmt, interval_note
 from kscope.app.verdicts import tally
 
 
@@ -28,7 +28,7 @@ def _comparisons(res: SweepResult) -> list[tuple[str, str]]:
 
 def _sweep_note(res: SweepResult, what: str | None = None) -> str:
     """The facts, the split and (default: as the cells' marginal intervals were made) the intervals."""
-    what = what or interval_note([s for c in res.cells for s in c.units.values()]).replace("interval ", "intervals ")
+    what = what or interval_note([s for c in res.cells for s in c.units.values()], plural=True)
     return f"{res.n_facts} facts from {res.n_relations} relations, {res.facts}; {res.split}; {what}"
 
 
@@ -79,7 +79,7 @@ def sweep_size_table(res: SweepResult, selection: str, ablation: str, op: str = 
     return t
 
 
-CR2_NOTE = "95 % CR2 intervals over relations (Imbens-Kolesár df)"
+CR2_NOTE = cr2_note(plural=True)  # the verdicts' intervals, whatever the cells' marginal ones
 
 
 def sweep_verdict_table(res: SweepResult, selection: str | None = None, ablation: str = "error") -> Table:

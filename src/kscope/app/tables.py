@@ -45,9 +45,12 @@ class Table:
         return t
 
 
-def interval_note(summaries) -> str:
+def cr2_note(plural: bool = False) -> str:
+    return f"95 % CR2 interval{'s' if plural else ''} over relations (Imbens-Kolesár df)"
+
+
+def interval_note(summaries, plural: bool = False) -> str:
     """How the intervals of these ``SetSummary``s were made (results from before CR2: the cluster bootstrap)."""
-    made = {s.intervals for s in summaries if s is not None}
-    if made == {"CR2"}:
-        return "95 % CR2 interval over relations (Imbens-Kolesár df)"
-    return "95 % cluster-bootstrap interval over relations"
+    if {s.intervals for s in summaries if s is not None} == {"CR2"}:
+        return cr2_note(plural)
+    return f"95 % cluster-bootstrap interval{'s' if plural else ''} over relations"
