@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from kscope.app.plan import RATES, estimate
+from kscope.app.plan import RATES, TRACE_BLOCKS, estimate
+from kscope.app.options import config_from_file
 from kscope.app.reproduce import ReproduceConfig
 from kscope.privacy.edit.plan import METHODS
 
@@ -13,9 +14,25 @@ def test_the_erase_estimate_counts_the_points_of_the_grid():
     cfg = ReproduceConfig()
     default = estimate(cfg, "privacy-erase:early-s0")
     every_method = estimate(replace(cfg, erase=replace(cfg.erase, methods=list(METHODS))), "privacy-erase:early-s0")
-    assert every_method - default == pytest.approx(12 * RATES["privacy-point"])  # 4 more editors x 3 budgets
+    point = RATES["privacy-point"] + 2 * RATES["privacy-point-block"]  # band 28, choice layer 29: two blocks replayed
+    assert every_method - default == pytest.approx(12 * point)  # 4 more editors x 3 budgets
     # 62 points on the band, and DEPN, KN erase (3 budgets each) and REVS (its budgets) again at layer 29, the choice layer
     extra = 6 + len(cfg.erase.revs_budgets)
-    assert default == pytest.approx(RATES["privacy-erase"] + (62 + extra) * RATES["privacy-point"] + RATES["privacy-attacks"])
+    fixed = RATES["privacy-erase"] + RATES["privacy-trace"] + RATES["privacy-location"]
+    assert default == pytest.approx(fixed + (62 + extra) * point + RATES["privacy-attacks"])
     no_attacks = replace(cfg, erase=replace(cfg.erase, attacks=replace(cfg.erase.attacks, attacks=[])))  # "empty: none"
     assert default - estimate(no_attacks, "privacy-erase:early-s0") == pytest.approx(RATES["privacy-attacks"])
+
+
+def test_the_erase_estimate_scales_with_the_band_the_trace_and_relearning():
+    """A band from layer 6 replays 24 blocks per point; the whole-block trace and 40 relearning steps cost more: the
+    deep-erasure config's estimate is within a fifth of its measured erase stage (1,645 s)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    deep = config_from_file(ReproduceConfig, str(root / "configs" / "deep-erasure.yaml"))
+    base = ReproduceConfig()
+    blocks = replace(base, erase=replace(base.erase, trace_blocks=True))
+    assert estimate(blocks, "privacy-erase:early-s0") - estimate(base, "privacy-erase:early-s0") == pytest.approx(
+        RATES["privacy-trace"] * (TRACE_BLOCKS - 1))
+    assert abs(estimate(deep, "privacy-erase:early-s0") - 1645) < 0.2 * 1645

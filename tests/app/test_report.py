@@ -158,3 +158,45 @@ def test_the_trace_of_where_secrets_are_computed_gets_a_table_and_a_panel(tmp_pa
     assert len(table.rows) == len(layers) and f"layers {layers[-1]}" in table.title
     plot_trace(erase, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 5000
+
+
+def test_pooled_attacks_cluster_by_model_and_the_per_layer_table_gives_the_figure_values(tmp_path):
+    """Attacks over two privacy models: per person, clustered by model (a state only one model attacked: by person); the
+    per-layer table holds the mean over models of the figure's per-layer shares, a run of all-zero layers as one row."""
+    import copy
+
+    from kscope.app.privacy_figures import plot_whitebox
+    from kscope.app.report_privacy import pooled_attack_table, whitebox_layers_table
+    from kscope.stats import cluster_robust
+
+    a = next(iter(ReproduceResult.load(DATA / "results_small.json").privacy.values()))
+    b = copy.deepcopy(a)
+    hp = "head-projection@4"
+    for row in b.attacks:
+        row.people[hp] = {w: min(1.0, x + 0.5) for w, x in row.people[hp].items()}
+        row.layers[hp]["all"] = [min(1.0, x + 0.5) for x in row.layers[hp]["all"]]
+    b.attacks = [r for r in b.attacks if r.method != "depn"]
+    t = pooled_attack_table({"a": a, "b": b})
+    col = t.headers.index(hp)
+    row = next(r for r in t.rows if r[0] == "unedited")
+    ua, ub = (next(r for r in m.attacks if r.method == "unedited").people[hp] for m in (a, b))
+    want = cluster_robust([*ua.values(), *ub.values()], ["a"] * len(ua) + ["b"] * len(ub)).interval
+    assert row[1] == "2 of 2" and row[2] == len(ua) + len(ub) and row[col] == want.fmt(".2f")
+    depn = next(r for r in t.rows if r[0] == "depn")
+    da = next(r for r in a.attacks if r.method == "depn").people[hp]
+    assert depn[1] == "1 of 2" and depn[col] == cluster_robust(list(da.values()), list(da)).interval.fmt(".2f")
+    assert [r[0] for r in t.rows][:3] == ["base model (never taught)", "retain twin", "unedited"]
+
+    layers = whitebox_layers_table({"a": a, "b": b})
+    j = layers.headers.index("unedited")
+    ya, yb = (next(r for r in m.attacks if r.method == "unedited").layers[hp]["all"] for m in (a, b))
+    last = len(ya) - 1
+    cell = next(r for r in layers.rows if str(r[0]) == str(last) or str(r[0]).endswith(f"–{last}"))[j]
+    assert cell.split(" / ")[0] == f"{(ya[last] + yb[last]) / 2:.2f}"
+    assert "depn (1 of 2 models)" in layers.headers
+    one = whitebox_layers_table({"a": a})
+    assert sum(len(str(r[0]).split("–")) for r in one.rows) >= len(one.rows)
+    zeros = [r for r in one.rows if "–" in str(r[0])]
+    assert all(set(c) <= set("0. /–") for r in zeros for c in r[1:])
+    plot_whitebox({"a": a, "b": b}, tmp_path / "pooled.png")
+    assert (tmp_path / "pooled.png").stat().st_size > 5000

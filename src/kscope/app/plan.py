@@ -9,11 +9,16 @@ from kscope.privacy.study.erase import candidate_layers
 
 # Seconds of each part on the 2-core CPU of the README's run (default options; see docs/results.md), and what they scale
 # with: the SAE corpus per 1024 sequences, an SAE per site (its share of the activation pass and its training), the
-# fact stages per built-in-sized fact set (33 facts), the privacy build per model, its erasure per model (trace,
-# location and the keyed solver's set-up), per point of the grid and for the attacks, the sweep per layer x site cell.
+# fact stages per built-in-sized fact set (33 facts), the privacy build per model. Its erasure: loading and set-up, the
+# trace (x 2.3 with --erase-trace-blocks), location per band layer, each point of the grid (a fixed part and a part per
+# block its observation replays, from the lowest edited layer up), the attacks (relearning per step beyond 5, for the
+# ~5 states attacked). Fitted to the default run (637 s) and the deep-erasure study (1,645 s); the sweep per layer x
+# site cell.
 RATES = {"corpus": 343.0, "sae": 162.0, "compare": 46.0, "faithfulness": 124.0, "interpret": 13.0, "monosemanticity": 21.0,
-         "explorer": 8.0, "privacy-build": 274.0, "privacy-erase": 138.0, "privacy-point": 2.63, "privacy-attacks": 290.0,
+         "explorer": 8.0, "privacy-build": 274.0, "privacy-erase": 52.0, "privacy-trace": 50.0, "privacy-location": 36.0,
+         "privacy-point": 1.72, "privacy-point-block": 0.462, "privacy-attacks": 290.0, "privacy-relearn-step": 7.0,
          "sweep": 40.0}
+TRACE_BLOCKS = 2.3
 BUILTIN_FACTS = 33
 
 
@@ -63,7 +68,13 @@ def estimate(cfg, unit: str) -> float:
         choice, fchoice = candidate_layers(e, 10**6)  # the model's depth is unknown here: assume the layer above the band exists
         points = plan(e.methods, e.controls, e.neuron_budgets, e.feature_budgets, e.revs_budgets, e.keyed.lams, e.taus,
                       e.raw_location, e.random_draws, choice, fchoice)
-        return RATES[stage] + RATES["privacy-point"] * len(points) + (RATES["privacy-attacks"] if e.attacks.attacks else 0.0)
+        edited = [*e.layers, *choice, *fchoice]
+        replayed = max(edited) + 1 - min(edited)  # the depth is unknown here: the top edited layer's block is taken as the last
+        per_point = RATES["privacy-point"] + RATES["privacy-point-block"] * replayed
+        relearn = max(0, max(e.attacks.relearn_steps, default=0) - 5) if "relearning" in e.attacks.attacks else 0
+        attacks = RATES["privacy-attacks"] + RATES["privacy-relearn-step"] * relearn if e.attacks.attacks else 0.0
+        return (RATES[stage] + RATES["privacy-trace"] * (TRACE_BLOCKS if e.trace_blocks else 1.0)
+                + RATES["privacy-location"] * len(e.layers) + per_point * len(points) + attacks)
     return RATES[stage] * scale
 
 

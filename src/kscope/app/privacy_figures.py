@@ -35,7 +35,7 @@ def plot_trace(res: EraseResult, path) -> None:
                                   in (("block", "block L", "-"), ("below", "blocks 0..L", "--"), ("above", "blocks L..last", ":"))],
                      tr.computed, "#c7e9c0", "layer (bottom-up restore's steepest band shaded)",
                      "Δ log P, whole blocks restored to the base model")
-    groups = [(f"every {g.group}", g.dlogp) for g in tr.groups] + ([("band MLPs", tr.band_restore)] if tr.band_restore else [])
+    groups = [(g.label, g.dlogp) for g in tr.groups] + ([("band MLPs", tr.band_restore)] if tr.band_restore else [])
     bx.barh([n for n, _ in groups], [iv.mean or 0 for _, iv in groups], color="#999999")
     bx.set_xlabel("Δ log P, restored to the base model")
     fig.suptitle(f"Where the secrets live ({build_note(res)})")
@@ -127,7 +127,7 @@ def plot_all(res: EraseResult, out_dir, prefix: str) -> None:
     if res.trace is not None:
         plot_trace(res, out / f"{prefix}-trace.png")
     if any(row.layers for row in res.attacks or []):
-        plot_whitebox(res, out / f"{prefix}-whitebox.png")
+        plot_whitebox({prefix: res}, out / f"{prefix}-whitebox.png")
 
 
 FLOORS = {graded.NEVER_TAUGHT: ("#969696", ":"), graded.TWIN: ("#000000", "--"), graded.UNEDITED: ("#d62728", "-")}
@@ -135,30 +135,40 @@ FLOORS = {graded.NEVER_TAUGHT: ("#969696", ":"), graded.TWIN: ("#000000", "--"),
 secrets, the retain twin, the unedited model)."""
 
 
-def plot_whitebox(res: EraseResult, path) -> None:
+def plot_whitebox(runs: dict[str, EraseResult], path) -> None:
     """Head Projection and Probability Delta per layer (the share of test pairs whose every scored token is a candidate
     at that layer, mean over people), every attacked method beside the never-taught model, the retain twin and the
-    unedited model; the band shaded."""
+    unedited model; the band shaded. Several models: the mean over the models that attacked a state, their range shaded."""
+    from kscope.app.report_privacy import attacked_states
+
     plt = pyplot()
-    attacks = sorted({a for row in res.attacks for a in row.layers})
+    states = attacked_states(runs)
+    attacks = sorted({a for rows in states.values() for r in rows.values() for a in r.layers})
     fig, axes = plt.subplots(1, len(attacks), figsize=(7 * len(attacks), 4.2), squeeze=False)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    methods = [row for row in res.attacks if row.method not in FLOORS]
+    several = len(runs) > 1
     for ax, attack in zip(axes[0], attacks):
-        for j, row in enumerate([r for r in res.attacks if r.method in FLOORS] + methods):
-            ys = row.layers.get(attack, {}).get("all")
-            if not ys:
+        for j, (method, rows) in enumerate(states.items()):
+            series = [r.layers[attack]["all"] for r in rows.values() if r.layers.get(attack, {}).get("all")]
+            if not series:
                 continue
-            color, style = FLOORS.get(row.method, (HANDLE_COLORS.get(row.method, cycle[j % len(cycle)]), "-"))
+            ys = np.array([s[: min(map(len, series))] for s in series])
+            color, style = FLOORS.get(method, (HANDLE_COLORS.get(method, cycle[j % len(cycle)]), "-"))
             first = 1 if attack.startswith("probability-delta") else 0  # a change from the layer below: none at layer 0
-            label = row.method if row.method in FLOORS else f"{row.method} ({row.budget})"
-            ax.plot(range(first, first + len(ys)), ys, style, color=color, lw=1.8 if row.method in FLOORS else 1.2,
-                    marker="o" if row.method not in FLOORS else None, ms=2.5, label=label)
-        for L in res.layers:
+            xs = range(first, first + ys.shape[1])
+            label = method if method in FLOORS else \
+                f"{method} ({len(rows)} of {len(runs)} models)" if several else f"{method} ({next(iter(rows.values())).budget})"
+            ax.plot(xs, ys.mean(0), style, color=color, lw=1.8 if method in FLOORS else 1.2,
+                    marker="o" if method not in FLOORS else None, ms=2.5, label=label)
+            if len(ys) > 1:
+                ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.12, lw=0)
+        for L in next(iter(runs.values())).layers:
             ax.axvspan(L - 0.5, L + 0.5, color="#cccccc", alpha=0.4)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("layer (edited band shaded)")
         ax.set_ylabel(f"{attack}: share of test pairs extracted")
     legend_outside(axes[0][-1])
-    fig.suptitle(f"White-box extraction per layer ({_title(res)})")
+    res = next(iter(runs.values()))
+    fig.suptitle(f"White-box extraction per layer: mean over {len(runs)} privacy models ({', '.join(runs)}), their range "
+                 f"shaded; band {','.join(map(str, res.layers))}" if several else f"White-box extraction per layer ({_title(res)})")
     save_figure(fig, path)

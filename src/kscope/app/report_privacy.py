@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from kscope.app.tables import Table, ci, fmt
+from kscope.privacy.judge.attacks import AttackRow
+from kscope.privacy.study.graded import FLOORS
 from kscope.privacy.study.results import EraseResult, pooled_verdicts
 
 
@@ -111,7 +113,7 @@ def trace_table(res: EraseResult) -> Table:
     for L in sorted({c.layer for c in tr.cells}):
         t.rows.append([L] + [fmt(tr.effect(L, pos, what), "+.2f") for pos in ("subject", "answer") for what in ("zero", "restore")])
     for g in tr.groups:
-        t.rows.append([f"every {g.group} restored", "", "", "", ci(g.dlogp, "+.2f")])
+        t.rows.append([f"{g.label} restored", "", "", "", ci(g.dlogp, "+.2f")])
     if tr.band_restore is not None:
         t.rows.append([f"band {','.join(map(str, tr.band))} MLPs restored", "", "", "", ci(tr.band_restore, "+.2f")])
     return t
@@ -198,6 +200,81 @@ def attack_table(res: EraseResult) -> Table:
     return t
 
 
+POOLED_WHITEBOX = "privacy-pooled-whitebox.png"  # the white-box figure over every privacy model of a run
+
+
+def attacked_states(runs: dict[str, EraseResult]) -> dict[str, dict[str, AttackRow]]:
+    """Each attacked model state (the floors first), with its row on each model that attacked it."""
+    got: dict[str, dict[str, AttackRow]] = {}
+    for name, res in runs.items():
+        for row in res.attacks:
+            got.setdefault(row.method, {})[name] = row
+    return {m: got[m] for m in [*(f for f in FLOORS if f in got), *(m for m in got if m not in FLOORS)]}
+
+
+def whitebox_layers_table(runs: dict[str, EraseResult]) -> Table | None:
+    """Per layer, each state's white-box extraction rates (the figure's values, citable): the share of test pairs whose
+    every scored token is a top-B candidate at that layer, mean over people, and over models when there are several."""
+    states = {m: rows for m, rows in attacked_states(runs).items() if any(r.layers for r in rows.values())}
+    if not states:
+        return None
+    attacks = sorted({a for rows in states.values() for r in rows.values() for a in r.layers})
+    first = {a: 1 if a.startswith("probability-delta") else 0 for a in attacks}  # a change from the layer below: none at 0
+
+    def at(rows: dict[str, AttackRow], a: str, L: int) -> str:
+        vals = [r.layers[a]["all"][L - first[a]] for r in rows.values()
+                if a in r.layers and 0 <= L - first[a] < len(r.layers[a].get("all", []))]
+        return fmt(sum(vals) / len(vals), ".2f") if vals else "–"
+
+    n_layers = max(first[a] + len(r.layers[a].get("all", [])) for rows in states.values() for r in rows.values() for a in r.layers)
+    several = len(runs) > 1
+    head = lambda m, rows: (f"{m} ({len(rows)} of {len(runs)} models)" if several and len(rows) < len(runs) else m) \
+        if several else f"{m} ({next(iter(rows.values())).budget})" if m not in FLOORS else m  # noqa: E731
+    band = next(iter(runs.values())).layers
+    t = Table(f"White-box extraction per layer ({' / '.join(attacks)}): the share of test pairs whose every scored token is "
+              f"among the top candidates of the logit lens at that layer (Head Projection) or of its change from the layer "
+              f"below (Probability Delta; none at layer 0), mean over people{f', then over {len(runs)} models' if several else ''}; the edited "
+              f"band is {','.join(map(str, band))}", ["layer", *(head(m, rows) for m, rows in states.items())])
+    rows = [[L, *(" / ".join(at(rows, a, L) for a in attacks) for rows in states.values())] for L in range(n_layers)]
+    nothing = lambda r: all(set(c.replace("0.00", "").replace("–", "").replace(" / ", "")) == set() for c in r[1:])  # noqa: E731
+    for r in rows:  # a run of layers where nothing is extracted by any state is one row
+        if t.rows and nothing(r) and nothing(t.rows[-1]):
+            t.rows[-1] = [f"{str(t.rows[-1][0]).split('–')[0]}–{r[0]}", *r[1:]]
+        else:
+            t.rows.append(r)
+    return t
+
+
+def pooled_attack_table(runs: dict[str, EraseResult]) -> Table:
+    """Each state's attacks over every privacy model's test people: per person the share of pairs leaked, mean with a CR2
+    interval clustered by model (people are nested in a model and share it; a state attacked on one model: by person)."""
+    from kscope.stats import cluster_robust
+
+    states = attacked_states(runs)
+    names = list(dict.fromkeys(k for rows in states.values() for r in rows.values() for k in r.leak))
+    steps = [n for n in names if n.startswith("relearning@")]
+    cols = [n for n in names if n not in steps]
+    t = Table(f"Attacks pooled over {len(runs)} privacy models ({', '.join(runs)}): per test person the share of (secret, "
+              "prompt) pairs an attack recovers, mean with a 95 % CR2 interval clustered by model (people nested in seeds; "
+              "a state attacked on one model only: clustered by person); a method is attacked on a model only where its best "
+              "point erases enough there; relearning: the mean after each step count",
+              ["method", "models", "people", "budgets", *cols, *(["relearning @ " + "/".join(n.split("@")[1] for n in steps)]
+                                                                    if steps else [])])
+    for m, rows in states.items():
+        def pooled(attack: str):
+            vals = [(name, who, x) for name, r in rows.items() for who, x in r.people.get(attack, {}).items()]
+            if not vals:
+                return None
+            by_model = len({n for n, _, _ in vals}) > 1
+            return cluster_robust([x for _, _, x in vals], [n if by_model else f"{n}:{w}" for n, w, _ in vals]).interval
+
+        people = {f"{n}:{w}" for n, r in rows.items() for v in r.people.values() for w in v}
+        t.rows.append([m, f"{len(rows)} of {len(runs)}", len(people) or "–", " / ".join(str(r.budget) for r in rows.values()),
+                       *(ci(pooled(n), ".2f") for n in cols),
+                       *(["/".join(fmt(p.mean if (p := pooled(n)) else None, ".2f") for n in steps)] if steps else [])])
+    return t
+
+
 def sae_fit_table(res: EraseResult) -> Table:
     t = Table("SAEs of the band on the privacy model (explained variance)",
               ["site", "held-out text", "secret positions", "held-out text, SAE's own model", "training tokens", "dead"])
@@ -272,6 +349,9 @@ def tables(name: str, res: EraseResult) -> list[tuple[str, Table, str | None]]:
            (f"Privacy erasure, {name}: features against neurons at equal budgets", verdict_table(res), f"privacy-{name}-budget.png")]
     if res.attacks:
         out.append((f"Privacy erasure, {name}: attacks", attack_table(res), f"privacy-{name}-whitebox.png"))
+        layers = whitebox_layers_table({name: res})
+        if layers is not None:
+            out.append((f"Privacy erasure, {name}: white-box extraction per layer", layers, None))
     if res.specificity:
         out.append((f"Privacy erasure, {name}: specificity of location", specificity_table(res), None))
     out += [(f"Privacy erasure, {name}: every point", privacy_curve_table(res), None),

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kscope.app.explorer import ExploreConfig
+from kscope.app.report_privacy import POOLED_WHITEBOX
 from kscope.analyses.autointerp import InterpretJob, InterpretResult, run_interpret_job
 from kscope.analyses.faithfulness import FaithfulnessJob, FaithfulnessResult, run_faithfulness_job
 from kscope.analyses.sweep import SweepConfig, SweepResult
@@ -94,7 +95,8 @@ class ReproduceConfig(Config):
         directories of the sweep and the privacy models."""
         out = Path(self.out)
         ws = [Written(out, "--out", self.out, whole=False, directory=True)]
-        ws += [Written(out / name, "--out", self.out) for name in ("results.json", "index.html", FINGERPRINTS, "compare.png")]
+        ws += [Written(out / name, "--out", self.out) for name in ("results.json", "index.html", FINGERPRINTS, "compare.png",
+                                                               POOLED_WHITEBOX)]
         for scfg in stage_configs(self).values():
             ws += [Written(w.path, "--out", self.out, whole=w.whole) for w in scfg.writes() if w.path != out]
         return ws
@@ -310,6 +312,10 @@ def run_reproduce(cfg: ReproduceConfig) -> ReproduceResult:
             results.privacy_build[name] = read_manifest(files[f"privacy-build:{name}"].parent).summary
         if current[f"privacy-erase:{name}"]:
             results.privacy[name] = EraseResult.load(files[f"privacy-erase:{name}"])
+    if len(results.privacy) > 1 and any(row.layers for r in results.privacy.values() for row in r.attacks):
+        from kscope.app.privacy_figures import plot_whitebox
+
+        plot_whitebox(results.privacy, out / POOLED_WHITEBOX)
     from kscope.app.verdicts import paired_verdicts
 
     results.paired = paired_verdicts(results)  # the answers' per-fact verdicts, before the per-fact detail is left out

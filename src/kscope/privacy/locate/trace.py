@@ -30,6 +30,7 @@ from kscope.stats import Interval, mean_ci
 POSITIONS = ("subject", "answer")
 INTERVENTIONS = ("zero", "restore")
 GROUPS = {"mlp": r"\.mlp\.", "attention": r"(self_attn|\.attn\.)", "embeddings": r"(embed|wte|wpe)"}
+GROUP_LABELS = {"mlp": "every MLP", "attention": "every attention layer", "embeddings": "the embeddings", "norms": "every norm"}
 NORMS = r"(norm|\.ln_)"  # every norm's weights (LLaMA's *_layernorm and final norm, GPT-2's ln_*): with ``blocks`` only
 SCOPES = ("block", "below", "above")  # layer L's block alone; blocks 0..L; blocks L..last (each restored at every position)
 
@@ -44,7 +45,11 @@ class TraceCell:
 
 @dataclass
 class GroupEffect:
-    group: str  # mlp | attention | embeddings (every layer's, restored to the base model's)
+    group: str  # mlp | attention | embeddings | norms (every layer's, restored to the base model's)
+
+    @property
+    def label(self) -> str:
+        return GROUP_LABELS.get(self.group, f"every {self.group}")
     dlogp: Interval
 
 
