@@ -57,7 +57,7 @@ def test_neurons_better_reads_the_other_way(small):
 
 def test_every_question_of_the_small_run_is_answered_and_none_says_no_difference(small):
     got = answers(small)
-    assert [a.key for a in got] == ["locate", "sweep", "interpret", "monosemantic", "erase", "handle"]
+    assert [a.key for a in got] == ["locate", "sweep", "interpret", "monosemantic", "erase", "handle", "attack"]
     for a in got:
         assert a.sentence.endswith(".") and "no difference" not in a.sentence + a.says
     assert "not compared" not in got[0].sentence  # reproduce keeps the paired verdicts the per-fact detail gave
@@ -183,3 +183,32 @@ def test_one_tally_sorts_verdicts_for_the_sweep_answer_and_the_band_table():
     assert tally(says, "features", "MLP neurons") == ([0, 10], [2], [4], [6], [8])
     assert tally(says) == ([0, 10], [], [4], [6], [2, 8])
     assert _counts(list(says.values()), ("features", "MLP neurons")) == "2 / 1 / 1 / 1 / 1" and _counts([], ("a", "b")) == "–"
+
+
+def test_the_attack_answer_pairs_each_edit_with_the_twin_per_person(small):
+    """Head Projection per test person, edit − retain twin paired: clearly above says so; identical says equivalent
+    within the margin; several models are clusters (the pooled figure and table are named)."""
+    from kscope.privacy.study.graded import TWIN
+
+    hp = "head-projection@4"
+    res = copy.deepcopy(small)
+    erase = next(iter(res.privacy.values()))
+    rows = {r.method: r for r in erase.attacks}
+    twin, edit = rows[TWIN], rows["keyed-unrestricted"]
+    twin.people[hp] = {"p1": 0.0, "p2": 0.1, "p3": 0.0}
+    edit.people[hp] = {"p1": 0.6, "p2": 0.8, "p3": 0.7}
+    erase.attacks = [r for r in erase.attacks if r.method in (TWIN, "unedited", "keyed-unrestricted")]
+    a = next(x for x in answers(res) if x.key == "attack")
+    assert a.says == "leaks more than the retain twin" and a.diff.lo > 0 and "over people" in a.sentence
+    assert a.diff.mean == pytest.approx(2.0 / 3)
+    edit.people[hp] = dict(twin.people[hp])
+    a = next(x for x in answers(res) if x.key == "attack")
+    assert a.says == "as the retain twin within ±0.1" and a.diff.mean == 0
+    two = copy.copy(res)
+    other = copy.deepcopy(erase)
+    next(r for r in other.attacks if r.method == "keyed-unrestricted").people[hp] = {"q1": 0.2, "q2": 0.3}
+    next(r for r in other.attacks if r.method == TWIN).people[hp] = {"q1": 0.0, "q2": 0.1}
+    two.privacy = {"a": erase, "b": other}
+    a = next(x for x in answers(two) if x.key == "attack")
+    assert "clustered by model" in a.sentence and "(2 of 2 models)" in a.sentence
+    assert a.figure == "privacy-pooled-whitebox.png" and a.table == "Erasure across privacy models: attacks"

@@ -212,6 +212,27 @@ def attacked_states(runs: dict[str, EraseResult]) -> dict[str, dict[str, AttackR
     return {m: got[m] for m in [*(f for f in FLOORS if f in got), *(m for m in got if m not in FLOORS)]}
 
 
+def leak_clusters(rows: dict[str, AttackRow], attack: str, minus: dict[str, AttackRow] | None = None
+                  ) -> tuple[list[float], list[str]]:
+    """Per test person of every model in ``rows``, the share of their pairs ``attack`` recovers (less ``minus``'s on the
+    same person, where given: a paired difference), and each value's cluster: its model when there are several, else
+    the person."""
+    vals = [(name, who, x - (minus[name].people[attack][who] if minus is not None else 0.0))
+            for name, r in rows.items() for who, x in r.people.get(attack, {}).items()
+            if minus is None or (name in minus and who in minus[name].people.get(attack, {}))]
+    by_model = len({n for n, _, _ in vals}) > 1
+    return [x for _, _, x in vals], [n if by_model else f"{n}:{w}" for n, w, _ in vals]
+
+
+def pooled_leak(rows: dict[str, AttackRow], attack: str):
+    """A state's leak rate under ``attack`` over every model that attacked it: the mean over people with a CR2 interval
+    (clusters: ``leak_clusters``); None when no row kept per-person rates."""
+    from kscope.stats import cluster_robust
+
+    vals, clusters = leak_clusters(rows, attack)
+    return cluster_robust(vals, clusters).interval if vals else None
+
+
 def whitebox_layers_table(runs: dict[str, EraseResult]) -> Table | None:
     """Per layer, each state's white-box extraction rates (the figure's values, citable): the share of test pairs whose
     every scored token is a top-B candidate at that layer, mean over people, and over models when there are several."""
@@ -248,8 +269,6 @@ def whitebox_layers_table(runs: dict[str, EraseResult]) -> Table | None:
 def pooled_attack_table(runs: dict[str, EraseResult]) -> Table:
     """Each state's attacks over every privacy model's test people: per person the share of pairs leaked, mean with a CR2
     interval clustered by model (people are nested in a model and share it; a state attacked on one model: by person)."""
-    from kscope.stats import cluster_robust
-
     states = attacked_states(runs)
     names = list(dict.fromkeys(k for rows in states.values() for r in rows.values() for k in r.leak))
     steps = [n for n in names if n.startswith("relearning@")]
@@ -262,11 +281,7 @@ def pooled_attack_table(runs: dict[str, EraseResult]) -> Table:
                                                                     if steps else [])])
     for m, rows in states.items():
         def pooled(attack: str):
-            vals = [(name, who, x) for name, r in rows.items() for who, x in r.people.get(attack, {}).items()]
-            if not vals:
-                return None
-            by_model = len({n for n, _, _ in vals}) > 1
-            return cluster_robust([x for _, _, x in vals], [n if by_model else f"{n}:{w}" for n, w, _ in vals]).interval
+            return pooled_leak(rows, attack)
 
         people = {f"{n}:{w}" for n, r in rows.items() for v in r.people.values() for w in v}
         t.rows.append([m, f"{len(rows)} of {len(runs)}", len(people) or "–", " / ".join(str(r.budget) for r in rows.values()),

@@ -11,34 +11,12 @@ difference lies inside ±m; otherwise "inconclusive". Each answer names the tabl
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
 
 from kscope.analyses.cells import LABELS, strength
 from kscope.analyses.verdicts import MARGINS, OPS, Verdict, adjust, ops_verdict, paired_verdict, unpaired_verdict
-from kscope.app.tables import ci
-from kscope.stats import Interval, cluster_robust, mean_ci
+from kscope.app.answer import Answer, short_ci
+from kscope.app.answers_privacy import privacy_answers
 COMPARE = "Neurons, features and same-site baselines"
-MEASURES = {"rel": "the share of a person's held-out prompts erased (rel, higher erases more)",
-            "dlogp": "Δ log P(secret) (dlogp, lower erases more)"}
-
-
-@dataclass
-class Answer:
-    """One question's answer: ``says`` is the verdict as its table cell says it ("features better", "inconclusive",
-    "equivalent within ±0.1", ...); ``diff`` the number it rests on (features − the other units) with its interval;
-    ``figure`` the report's figure for it; ``table`` the heading of the table holding the numbers."""
-
-    key: str
-    question: str
-    sentence: str
-    says: str
-    diff: Interval | None = None
-    figure: str | None = None
-    table: str | None = None
-
-
-def _ci(iv: Interval | None, spec: str = "+.2f") -> str:
-    return ci(iv, spec)  # two decimals in a sentence
 
 
 def tally(says: dict, a: str = "features", b: str = "neurons") -> tuple[list, list, list, list, list]:
@@ -82,8 +60,8 @@ def _diffs(v: Verdict) -> str:
     """Each op's difference with its interval and p (a two-op verdict), or the one difference (older results)."""
     p = lambda x: f", p {x.p:.2g}" if x.p is not None else ""  # noqa: E731
     if not v.ops:
-        return f"suppressed and enhanced combined, {_ci(v.diff)} (95 % cluster bootstrap over relations{p(v)})"
-    return (f"suppressed {_ci(v.ops['suppress'].diff)}{p(v.ops['suppress'])}, enhanced {_ci(v.ops['enhance'].diff)}"
+        return f"suppressed and enhanced combined, {short_ci(v.diff)} (95 % cluster bootstrap over relations{p(v)})"
+    return (f"suppressed {short_ci(v.ops['suppress'].diff)}{p(v.ops['suppress'])}, enhanced {short_ci(v.ops['enhance'].diff)}"
             f"{p(v.ops['enhance'])} (in strength, positive favours features; 95 % CR2 intervals over relations; called "
             f"only when both agree, equivalence within ±{v.margin:g} nats by TOST on both)")
 
@@ -91,8 +69,8 @@ def _diffs(v: Verdict) -> str:
 def _op_diffs(v: Verdict) -> str:
     """A two-op verdict's differences in short: ``(suppressed d [lo, hi], enhanced d [lo, hi])``."""
     if not v.ops:
-        return f"({_ci(v.diff)})"
-    return f"(suppressed {_ci(v.ops['suppress'].diff)}, enhanced {_ci(v.ops['enhance'].diff)})"
+        return f"({short_ci(v.diff)})"
+    return f"(suppressed {short_ci(v.ops['suppress'].diff)}, enhanced {short_ci(v.ops['enhance'].diff)})"
 
 
 def _k(res) -> int:
@@ -170,9 +148,9 @@ def _locate(results) -> list[Answer]:
             continue
         sup = {kind: (u.effects.top["suppress"][k].log if u.effects and k in u.effects.top.get("suppress", {}) else None)
                for kind, u in by_kind.items()}
-        base = ", ".join(f"{LABELS.get(x, x)} {_ci(sup[x])}" for x in by_kind if x not in ("neuron", "feature") and sup[x])
+        base = ", ".join(f"{LABELS.get(x, x)} {short_ci(sup[x])}" for x in by_kind if x not in ("neuron", "feature") and sup[x])
         lead = (f"At layer {L} ({res.n_facts} facts; {res.split or 'split not recorded'}), suppressing the top {k} features "
-                f"changes log P(answer) by {_ci(sup['feature'])} and the top {k} neurons by {_ci(sup['neuron'])}"
+                f"changes log P(answer) by {short_ci(sup['feature'])} and the top {k} neurons by {short_ci(sup['neuron'])}"
                 + (f" (same-site {base})" if base else ""))
         q = f"Do features beat neurons at locating a fact (layer {L})?"
         v = _paired(results, f"locate/{L}", lambda: _locate_verdict(res, L))
@@ -225,7 +203,7 @@ def _detection(f, n) -> tuple[str, str | None]:
     v = unpaired_verdict(a, b, margin=MARGINS["auroc"])
     says = call(v, MARGINS["auroc"])
     return (f"; detection AUROC (top against random held-out windows, robust to sparsity): features "
-            f"{_ci(f.detection, '.2f')}, neurons {_ci(n.detection, '.2f')}, features − neurons {_ci(v.diff)} (Welch): "
+            f"{short_ci(f.detection, '.2f')}, neurons {short_ci(n.detection, '.2f')}, features − neurons {short_ci(v.diff)} (Welch): "
             f"{_phrase(says)}"), says
 
 
@@ -240,7 +218,7 @@ def _interpret(results) -> Answer | None:
     both = says if det_says is None or det_says == says else f"Pearson r: {says}; detection: {det_says}"
     return Answer("interpret", "Are features more interpretable than neurons?",
                   f"Interpretability score at layer {res.layer} ({f.explainer}, Pearson r on held-out text, which favours "
-                  f"sparse units): features {_ci(f.summary)}, neurons {_ci(n.summary)}; features − neurons {_ci(v.diff)} "
+                  f"sparse units): features {short_ci(f.summary)}, neurons {short_ci(n.summary)}; features − neurons {short_ci(v.diff)} "
                   f"(Welch): {_phrase(says)}{det}.", both, v.diff, "interpret.png", "Interpretability score")
 
 
@@ -258,7 +236,7 @@ def _monosemantic(results) -> Answer | None:
         return Answer("monosemantic", q, f"{lead}; not compared: the run kept no per-fact AUROCs with a null to pair.",
                       "inconclusive", None, "monosemanticity.png", "Monosemanticity")
     says = call(v, MARGINS["auroc"])
-    return Answer("monosemantic", q, f"{lead}; features − neurons in AUROC − null per fact {_ci(v.diff)} ({v.diff.n} facts, "
+    return Answer("monosemantic", q, f"{lead}; features − neurons in AUROC − null per fact {short_ci(v.diff)} ({v.diff.n} facts, "
                                      f"CR2 over relations): {_phrase(says)}.", says, v.diff, "monosemanticity.png",
                   "Monosemanticity")
 
@@ -268,75 +246,8 @@ def _auroc_null(s) -> str:
     if s is None:
         return "–"
     if s.null is None:
-        return f"{_ci(s.auroc, '.2f')} (no null)"
-    return f"{_ci(s.auroc, '.2f')} against its null {s.null.mean:.2f} (95 % of draws {s.null.lo:.2f}–{s.null.hi:.2f})"
-
-
-def _pooled_rel(runs: dict, method: str) -> tuple[Interval | None, int, int]:
-    """Rel of a method's best points per test person, pooled over models (CR2 by person), and in how many models the
-    best point meets the target."""
-    vals, met = [], 0
-    for name, res in runs.items():
-        b = res.best(method)
-        if b is None:
-            continue
-        vals += [(f"{name}:{who}", x) for who, x in b.rel_people.items()]
-        met += bool(res.target.met(b))
-    if not vals:
-        return None, 0, met
-    iv = cluster_robust([x for _, x in vals], [k for k, _ in vals]).interval if len(runs) > 1 else mean_ci([x for _, x in vals])
-    return iv, len(vals), met
-
-
-def _erase(results) -> list[Answer]:
-    from kscope.app.report_privacy import HANDLE_RIVALS, pooled_verdicts
-
-    runs = results.privacy
-    first = next(iter(runs.values()))
-    name = next(iter(runs))
-    methods = list(dict.fromkeys(p.method for r in runs.values() for p in r.points if not p.variant))
-    reach = {m: _pooled_rel(runs, m) for m in methods}
-    t = first.target
-    hit = [m for m, (_, _, met) in reach.items() if met]
-    where = f"{name}'s test people" if len(runs) == 1 else f"the test people of {len(runs)} privacy models"
-    rel = lambda m: f"{m} Rel {_ci(reach[m][0], '.2f')}" if reach.get(m) and reach[m][0] else f"{m} –"  # noqa: E731
-    count = (lambda m: "") if len(runs) == 1 else (lambda m: f" ({reach[m][2]} of {len(runs)} models)")
-    handles = [m for m in ("keyed-features", "keyed-neurons", "keyed-unrestricted") if m in reach]
-    sentence = (f"On {where}, at the point each method's validation people chose, "
-                + (f"{len(hit)} of {len(methods)} methods reach the target (Rel ≥ {t.rel}, Gen ≥ {t.gen}, Loc ≥ {t.loc}, "
-                   f"ΔPPL ≤ {t.delta_ppl:+.0%}): {', '.join(m + count(m) for m in hit)}" if hit else
-                   f"none of {len(methods)} methods reaches the target (Rel ≥ {t.rel}, Gen ≥ {t.gen}, Loc ≥ {t.loc}, "
-                   f"ΔPPL ≤ {t.delta_ppl:+.0%})")
-                + (f"; {', '.join(rel(m) for m in handles)} (95 % interval over people)" if handles else "") + ".")
-    out = [Answer("erase", "Can the secrets be erased?", sentence, f"{len(hit)} of {len(methods)} reach the target",
-                  reach["keyed-features"][0] if "keyed-features" in reach else None, f"privacy-{name}.png",
-                  "each method at its best point" if len(runs) == 1 else "Erasure pooled over privacy models")]
-    b = first.best("keyed-features")
-    if len(runs) > 1:
-        vs = [v for v in pooled_verdicts(runs, "keyed-features", HANDLE_RIVALS)]
-        how, table = "pooled over models, Holm-adjusted with a TOST margin", "which handle erases more"
-    else:
-        vs = first.verdicts
-        how, table = "one model, unadjusted", "features against neurons at equal budgets"
-    if not vs:
-        return out
-    said = lambda v: "inconclusive" if v.says == "no difference" else v.says  # noqa: E731
-    head = next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel" and b is not None and v.budget == b.budget
-                 and v.lam == b.lam), None) or next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel"), vs[0])
-    tally = {}
-    for v in vs:
-        s = said(v)
-        key = "features erase more" if s.startswith("keyed-features") else "the other erases more" if "erases more" in s else \
-            "equivalent" if s.startswith("equivalent") else "inconclusive"
-        tally[key] = tally.get(key, 0) + 1
-    lam = f", λ {head.lam:g}" if head.lam is not None else ""
-    out.append(Answer("handle", "Which handle erases them: located features or located neurons?",
-                      f"Through the same keyed solver at budget {head.budget}{lam}, located features − {head.b} on "
-                      f"{MEASURES.get(head.measure, head.measure)}: {_ci(head.diff)} ({how}): {said(head)}; over "
-                      f"all {len(vs)} budget × strength × measure comparisons: "
-                      + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) + ".",
-                      said(head), head.diff, f"privacy-{name}-budget.png", table))
-    return out
+        return f"{short_ci(s.auroc, '.2f')} (no null)"
+    return f"{short_ci(s.auroc, '.2f')} against its null {s.null.mean:.2f} (95 % of draws {s.null.lo:.2f}–{s.null.hi:.2f})"
 
 
 def answers(results) -> list[Answer]:
@@ -350,7 +261,7 @@ def answers(results) -> list[Answer]:
         a = fn(results) if present else None
         out += [a] if a else []
     if results.privacy:
-        out += _erase(results)
+        out += privacy_answers(results)
     return out
 
 

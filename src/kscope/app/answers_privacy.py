@@ -1,0 +1,140 @@
+"""The privacy answers of the verdict block: can the secrets be erased, which handle erases them, does the erasure
+survive attack. Each sentence cites the table its numbers come from (``report_privacy``)."""
+
+from __future__ import annotations
+
+from kscope.app.answer import Answer, short_ci
+from kscope.stats import Interval, cluster_robust, mean_ci
+
+MEASURES = {"rel": "the share of a person's held-out prompts erased (rel, higher erases more)",
+            "dlogp": "Δ log P(secret) (dlogp, lower erases more)"}
+
+
+def _pooled_rel(runs: dict, method: str) -> tuple[Interval | None, int, int]:
+    """Rel of a method's best points per test person, pooled over models (CR2 by person), and in how many models the
+    best point meets the target."""
+    vals, met = [], 0
+    for name, res in runs.items():
+        b = res.best(method)
+        if b is None:
+            continue
+        vals += [(f"{name}:{who}", x) for who, x in b.rel_people.items()]
+        met += bool(res.target.met(b))
+    if not vals:
+        return None, 0, met
+    iv = cluster_robust([x for _, x in vals], [k for k, _ in vals]).interval if len(runs) > 1 else mean_ci([x for _, x in vals])
+    return iv, len(vals), met
+
+
+def _erase(results) -> list[Answer]:
+    from kscope.app.report_privacy import HANDLE_RIVALS, pooled_verdicts
+
+    runs = results.privacy
+    first = next(iter(runs.values()))
+    name = next(iter(runs))
+    methods = list(dict.fromkeys(p.method for r in runs.values() for p in r.points if not p.variant))
+    reach = {m: _pooled_rel(runs, m) for m in methods}
+    t = first.target
+    hit = [m for m, (_, _, met) in reach.items() if met]
+    where = f"{name}'s test people" if len(runs) == 1 else f"the test people of {len(runs)} privacy models"
+    rel = lambda m: f"{m} Rel {short_ci(reach[m][0], '.2f')}" if reach.get(m) and reach[m][0] else f"{m} –"  # noqa: E731
+    count = (lambda m: "") if len(runs) == 1 else (lambda m: f" ({reach[m][2]} of {len(runs)} models)")
+    handles = [m for m in ("keyed-features", "keyed-neurons", "keyed-unrestricted") if m in reach]
+    sentence = (f"On {where}, at the point each method's validation people chose, "
+                + (f"{len(hit)} of {len(methods)} methods reach the target (Rel ≥ {t.rel}, Gen ≥ {t.gen}, Loc ≥ {t.loc}, "
+                   f"ΔPPL ≤ {t.delta_ppl:+.0%}): {', '.join(m + count(m) for m in hit)}" if hit else
+                   f"none of {len(methods)} methods reaches the target (Rel ≥ {t.rel}, Gen ≥ {t.gen}, Loc ≥ {t.loc}, "
+                   f"ΔPPL ≤ {t.delta_ppl:+.0%})")
+                + (f"; {', '.join(rel(m) for m in handles)} (95 % interval over people)" if handles else "") + ".")
+    out = [Answer("erase", "Can the secrets be erased?", sentence, f"{len(hit)} of {len(methods)} reach the target",
+                  reach["keyed-features"][0] if "keyed-features" in reach else None, f"privacy-{name}.png",
+                  "each method at its best point" if len(runs) == 1 else "Erasure pooled over privacy models")]
+    b = first.best("keyed-features")
+    if len(runs) > 1:
+        vs = [v for v in pooled_verdicts(runs, "keyed-features", HANDLE_RIVALS)]
+        how, table = "pooled over models, Holm-adjusted with a TOST margin", "which handle erases more"
+    else:
+        vs = first.verdicts
+        how, table = "one model, unadjusted", "features against neurons at equal budgets"
+    if not vs:
+        return out
+    said = lambda v: "inconclusive" if v.says == "no difference" else v.says  # noqa: E731
+    head = next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel" and b is not None and v.budget == b.budget
+                 and v.lam == b.lam), None) or next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel"), vs[0])
+    tally = {}
+    for v in vs:
+        s = said(v)
+        key = "features erase more" if s.startswith("keyed-features") else "the other erases more" if "erases more" in s else \
+            "equivalent" if s.startswith("equivalent") else "inconclusive"
+        tally[key] = tally.get(key, 0) + 1
+    lam = f", λ {head.lam:g}" if head.lam is not None else ""
+    out.append(Answer("handle", "Which handle erases them: located features or located neurons?",
+                      f"Through the same keyed solver at budget {head.budget}{lam}, located features − {head.b} on "
+                      f"{MEASURES.get(head.measure, head.measure)}: {short_ci(head.diff)} ({how}): {said(head)}; over "
+                      f"all {len(vs)} budget × strength × measure comparisons: "
+                      + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) + ".",
+                      said(head), head.diff, f"privacy-{name}-budget.png", table))
+    return out
+
+
+WHITEBOX = ("head-projection", "probability-delta", "first token in lens")
+TWIN_MARGIN = 0.10
+"""Equivalence margin of an edit's leak rate against the retain twin's: a tenth of a person's pairs (as the handle
+verdicts' Rel margin)."""
+
+
+def _attacks(results) -> Answer | None:
+    """Does the erasure survive attack: each attacked edit against the retain twin on the same test people under the
+    strongest white-box attack (Head Projection at any layer), paired per person, and the black-box attacks' worst."""
+    from kscope.app.report_privacy import POOLED_WHITEBOX, attacked_states, leak_clusters, pooled_leak
+    from kscope.privacy.study.graded import FLOORS, NEVER_TAUGHT, TWIN, UNEDITED
+    from kscope.stats import equivalence_p
+
+    runs = results.privacy
+    states = attacked_states(runs)
+    hp = next((a for rows in states.values() for r in rows.values() for a in r.leak if a.startswith("head-projection")), None)
+    edited = {m: rows for m, rows in states.items() if m not in FLOORS}
+    floor_name = TWIN if TWIN in states else NEVER_TAUGHT
+    if hp is None or not edited or floor_name not in states or UNEDITED not in states:
+        return None
+    floor = states[floor_name]
+    verdicts = {}
+    for m, rows in edited.items():
+        vals, clusters = leak_clusters(rows, hp, floor)
+        if not vals:
+            continue
+        t = cluster_robust(vals, clusters)
+        lo, hi = t.interval.lo, t.interval.hi
+        p_eq = equivalence_p(vals, clusters, TWIN_MARGIN)
+        says = (f"leaks more than the {floor_name}" if lo is not None and lo > 0 else
+                f"leaks less than the {floor_name}" if hi is not None and hi < 0 else
+                f"as the {floor_name} within ±{TWIN_MARGIN:g}" if p_eq is not None and p_eq < 0.05 else "inconclusive")
+        verdicts[m] = (pooled_leak(rows, hp), t.interval, says)
+    if not verdicts:
+        return None
+    several = len(runs) > 1
+    where = (lambda m: f" ({len(edited[m])} of {len(runs)} models)") if several else (lambda m: "")  # noqa: E731
+    black = [a for a in dict.fromkeys(k for rows in edited.values() for r in rows.values() for k in r.leak)
+             if not a.startswith(WHITEBOX)]
+    leaks = [(iv, a, m) for m, rows in edited.items() for a in black if (iv := pooled_leak(rows, a)) is not None]
+    worst = max(leaks, key=lambda x: x[0].mean, default=None)
+    best = min(verdicts, key=lambda m: verdicts[m][0].mean if verdicts[m][0] is not None else 1.0)
+    sentence = ("Where a method's best point erased enough to be attacked, Head Projection (every token of the secret among "
+                "the top candidates at some layer) finds "
+                + "; ".join(f"{m}{where(m)} {short_ci(v[0], '.2f')}, − {floor_name} per person {short_ci(v[1])}: {v[2]}"
+                            for m, v in verdicts.items())
+                + f" (the {floor_name} {short_ci(pooled_leak(floor, hp), '.2f')}, the unedited model "
+                  f"{short_ci(pooled_leak(states[UNEDITED], hp), '.2f')}; 95 % CR2 intervals "
+                  f"{'clustered by model' if several else 'over people'})"
+                + (f". The black-box attacks recover at most {worst[0].mean:.2f} ({worst[1]} after {worst[2]})" if worst else "")
+                + ".")
+    return Answer("attack", "Does the erasure survive attack?", sentence, verdicts[best][2], verdicts[best][1],
+                  POOLED_WHITEBOX if several else f"privacy-{next(iter(runs))}-whitebox.png",
+                  "Erasure across privacy models: attacks" if several else "attacks")
+
+
+def privacy_answers(results) -> list[Answer]:
+    """The privacy questions the run can answer, in the report's order."""
+    out = _erase(results)
+    a = _attacks(results)
+    return out + ([a] if a else [])
