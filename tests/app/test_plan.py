@@ -36,3 +36,8 @@ def test_the_erase_estimate_scales_with_the_band_the_trace_and_relearning():
     assert estimate(blocks, "privacy-erase:early-s0") - estimate(base, "privacy-erase:early-s0") == pytest.approx(
         RATES["privacy-trace"] * (TRACE_BLOCKS - 1))
     assert abs(estimate(deep, "privacy-erase:early-s0") - 1645) < 0.2 * 1645
+    assert estimate(deep, "privacy-erase:early-s0", depth=30) == estimate(deep, "privacy-erase:early-s0")  # SmolLM2: 30 layers
+    low = replace(base, erase=replace(base.erase, layers=[6]))  # with the depth known, each point replays 6..29, not 6..7
+    points = (estimate(low, "privacy-erase:early-s0", depth=30) - estimate(low, "privacy-erase:early-s0")) / (
+        22 * RATES["privacy-point-block"])
+    assert points == pytest.approx(round(points)) and round(points) > 10

@@ -186,8 +186,10 @@ def test_one_tally_sorts_verdicts_for_the_sweep_answer_and_the_band_table():
 
 
 def test_the_attack_answer_pairs_each_edit_with_the_twin_per_person(small):
-    """Head Projection per test person, edit − retain twin paired: clearly above says so; identical says equivalent
-    within the margin; several models are clusters (the pooled figure and table are named)."""
+    """Head Projection per test person, edit − retain twin paired, Holm over the attacked states: clearly above says so;
+    identical differences on every person (no spread) are inconclusive, never a verdict; several models are clusters,
+    counted by the models that gave values; the answer's cells are the twin table's."""
+    from kscope.app.report_attacks import twin_table
     from kscope.privacy.study.graded import TWIN
 
     hp = "head-projection@4"
@@ -199,16 +201,21 @@ def test_the_attack_answer_pairs_each_edit_with_the_twin_per_person(small):
     edit.people[hp] = {"p1": 0.6, "p2": 0.8, "p3": 0.7}
     erase.attacks = [r for r in erase.attacks if r.method in (TWIN, "unedited", "keyed-unrestricted")]
     a = next(x for x in answers(res) if x.key == "attack")
-    assert a.says == "leaks more than the retain twin" and a.diff.lo > 0 and "over people" in a.sentence
-    assert a.diff.mean == pytest.approx(2.0 / 3)
-    edit.people[hp] = dict(twin.people[hp])
+    assert a.says == "leaks more than the retain twin" and a.diff.lo > 0 and a.diff.mean == pytest.approx(2.0 / 3)
+    row = next(r for r in twin_table(res.privacy).rows if r[0] == "keyed-unrestricted")
+    assert row[5] == a.diff.fmt("+.2f") and row[-1] == a.says and row[2] == "3 people"
+    edit.people[hp] = {w: x + 0.4 for w, x in twin.people[hp].items()}  # +0.4 on every person: no spread
     a = next(x for x in answers(res) if x.key == "attack")
-    assert a.says == "as the retain twin within ±0.1" and a.diff.mean == 0
+    assert a.says == "inconclusive (no spread over 3 people)" and a.diff.mean == pytest.approx(0.4)
     two = copy.copy(res)
     other = copy.deepcopy(erase)
     next(r for r in other.attacks if r.method == "keyed-unrestricted").people[hp] = {"q1": 0.2, "q2": 0.3}
     next(r for r in other.attacks if r.method == TWIN).people[hp] = {"q1": 0.0, "q2": 0.1}
     two.privacy = {"a": erase, "b": other}
     a = next(x for x in answers(two) if x.key == "attack")
-    assert "clustered by model" in a.sentence and "(2 of 2 models)" in a.sentence
-    assert a.figure == "privacy-pooled-whitebox.png" and a.table == "Erasure across privacy models: attacks"
+    assert "(2 of 2 models)" in a.sentence and a.figure == "privacy-pooled-whitebox.png"
+    assert a.table == "Erasure across privacy models: attacks against the retain twin"
+    assert next(r for r in twin_table(two.privacy).rows if r[0] == "keyed-unrestricted")[2] == "2 models"
+    other.attacks = [r for r in other.attacks if r.method != TWIN]  # no twin on b: only a's people pair, by person
+    a = next(x for x in answers(two) if x.key == "attack")
+    assert "(1 of 2 models)" in a.sentence

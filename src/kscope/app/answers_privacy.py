@@ -77,60 +77,41 @@ def _erase(results) -> list[Answer]:
     return out
 
 
-WHITEBOX = ("head-projection", "probability-delta", "first token in lens")
-TWIN_MARGIN = 0.10
-"""Equivalence margin of an edit's leak rate against the retain twin's: a tenth of a person's pairs (as the handle
-verdicts' Rel margin)."""
-
 
 def _attacks(results) -> Answer | None:
-    """Does the erasure survive attack: each attacked edit against the retain twin on the same test people under the
-    strongest white-box attack (Head Projection at any layer), paired per person, and the black-box attacks' worst."""
-    from kscope.app.report_privacy import POOLED_WHITEBOX, attacked_states, leak_clusters, pooled_leak
-    from kscope.privacy.study.graded import FLOORS, NEVER_TAUGHT, TWIN, UNEDITED
-    from kscope.stats import equivalence_p
+    """Does the erasure survive attack: each attacked state against the retain twin under Head Projection on the same
+    test people (``report_attacks.twin_contrasts``, the table this cites), and the highest rate of the other attacks."""
+    from kscope.app.report_attacks import POOLED_WHITEBOX, attacked_states, is_control, pooled_leak, twin_contrasts
+    from kscope.privacy.judge.attacks import is_whitebox
+    from kscope.privacy.study.graded import UNEDITED
 
     runs = results.privacy
-    states = attacked_states(runs)
-    hp = next((a for rows in states.values() for r in rows.values() for a in r.leak if a.startswith("head-projection")), None)
-    edited = {m: rows for m, rows in states.items() if m not in FLOORS}
-    floor_name = TWIN if TWIN in states else NEVER_TAUGHT
-    if hp is None or not edited or floor_name not in states or UNEDITED not in states:
-        return None
-    floor = states[floor_name]
-    verdicts = {}
-    for m, rows in edited.items():
-        vals, clusters = leak_clusters(rows, hp, floor)
-        if not vals:
-            continue
-        t = cluster_robust(vals, clusters)
-        lo, hi = t.interval.lo, t.interval.hi
-        p_eq = equivalence_p(vals, clusters, TWIN_MARGIN)
-        says = (f"leaks more than the {floor_name}" if lo is not None and lo > 0 else
-                f"leaks less than the {floor_name}" if hi is not None and hi < 0 else
-                f"as the {floor_name} within ±{TWIN_MARGIN:g}" if p_eq is not None and p_eq < 0.05 else "inconclusive")
-        verdicts[m] = (pooled_leak(rows, hp), t.interval, says)
-    if not verdicts:
+    cs = twin_contrasts(runs)
+    if not cs:
         return None
     several = len(runs) > 1
-    where = (lambda m: f" ({len(edited[m])} of {len(runs)} models)") if several else (lambda m: "")  # noqa: E731
-    black = [a for a in dict.fromkeys(k for rows in edited.values() for r in rows.values() for k in r.leak)
-             if not a.startswith(WHITEBOX)]
-    leaks = [(iv, a, m) for m, rows in edited.items() for a in black if (iv := pooled_leak(rows, a)) is not None]
-    worst = max(leaks, key=lambda x: x[0].mean, default=None)
-    best = min(verdicts, key=lambda m: verdicts[m][0].mean if verdicts[m][0] is not None else 1.0)
-    sentence = ("Where a method's best point erased enough to be attacked, Head Projection (every token of the secret among "
-                "the top candidates at some layer) finds "
-                + "; ".join(f"{m}{where(m)} {short_ci(v[0], '.2f')}, − {floor_name} per person {short_ci(v[1])}: {v[2]}"
-                            for m, v in verdicts.items())
-                + f" (the {floor_name} {short_ci(pooled_leak(floor, hp), '.2f')}, the unedited model "
-                  f"{short_ci(pooled_leak(states[UNEDITED], hp), '.2f')}; 95 % CR2 intervals "
-                  f"{'clustered by model' if several else 'over people'})"
-                + (f". The black-box attacks recover at most {worst[0].mean:.2f} ({worst[1]} after {worst[2]})" if worst else "")
+    states = attacked_states(runs)
+    c0 = cs[0]
+    edited = {c.state: states[c.state] for c in cs}
+    others = [a for a in dict.fromkeys(k for rows in edited.values() for r in rows.values() for k in r.leak) if not is_whitebox(a)]
+    leaks = [(iv, a, m) for m, rows in edited.items() for a in others if (iv := pooled_leak(rows, a)) is not None]
+    top = max(leaks, key=lambda x: x[0].mean, default=None)
+    methods = [c for c in cs if not is_control(c.state)] or cs
+    best = min(methods, key=lambda c: c.edited.mean if c.edited is not None else 1.0)
+    where = lambda c: f" ({len(c.models)} of {len(runs)} models)" if several else ""  # noqa: E731
+    unedited = pooled_leak(states[UNEDITED], c0.attack) if UNEDITED in states else None
+    sentence = ("Where a best point erased enough to be attacked, Head Projection (every token of the secret among the top "
+                "candidates of the logit lens, each at some layer) finds "
+                + "; ".join(f"{c.state}{where(c)} {short_ci(c.edited, '.2f')}, − {c.floor} per person {short_ci(c.diff)}: "
+                            f"{c.says}" for c in cs)
+                + f" ({c0.floor} {short_ci(pooled_leak(states[c0.floor], c0.attack), '.2f')}"
+                + (f", unedited model {short_ci(unedited, '.2f')}" if unedited is not None else "")
+                + f"; 95 % CR2 intervals, Holm over the {len(cs)} attacked states)"
+                + (f". The highest rate of the other attacks: {short_ci(top[0], '.2f')} ({top[1]} after {top[2]})" if top else "")
                 + ".")
-    return Answer("attack", "Does the erasure survive attack?", sentence, verdicts[best][2], verdicts[best][1],
+    return Answer("attack", "Does the erasure survive attack?", sentence, best.says, best.diff,
                   POOLED_WHITEBOX if several else f"privacy-{next(iter(runs))}-whitebox.png",
-                  "Erasure across privacy models: attacks" if several else "attacks")
+                  "Erasure across privacy models: attacks against the retain twin" if several else "attacks against the retain twin")
 
 
 def privacy_answers(results) -> list[Answer]:

@@ -3,7 +3,7 @@ SAE are cached, and the minutes each part should take, from rates measured on a 
 
 from __future__ import annotations
 
-from kscope.model.sites import Site
+from kscope.model.sites import Site, n_layers
 from kscope.privacy.edit.plan import plan
 from kscope.privacy.study.erase import candidate_layers
 
@@ -52,8 +52,9 @@ def cache_status(cfg, sites: list[Site], lm) -> tuple[bool, list[Site]]:
     return True, missing
 
 
-def estimate(cfg, unit: str) -> float:
-    """Seconds a stage should take with ``cfg``'s options, from ``RATES``."""
+def estimate(cfg, unit: str, depth: int | None = None) -> float:
+    """Seconds a stage should take with ``cfg``'s options, from ``RATES``; ``depth``: the model's layers (unknown: the
+    erase estimate takes the top edited layer's block as the last)."""
     stage = unit.split(":")[0]
     facts = min(cfg.max_facts, BUILTIN_FACTS) if cfg.facts is None else cfg.max_facts
     scale = facts / BUILTIN_FACTS
@@ -65,11 +66,11 @@ def estimate(cfg, unit: str) -> float:
         return RATES[stage] * cfg.privacy.n_people / 12 * (1 + twin) * (3 if ":full-" in unit else 1)  # all epochs against early stopping
     if stage == "privacy-erase":
         e = cfg.erase
-        choice, fchoice = candidate_layers(e, 10**6)  # the model's depth is unknown here: assume the layer above the band exists
+        choice, fchoice = candidate_layers(e, depth or 10**6)  # depth unknown: assume the layer above the band exists
         points = plan(e.methods, e.controls, e.neuron_budgets, e.feature_budgets, e.revs_budgets, e.keyed.lams, e.taus,
                       e.raw_location, e.random_draws, choice, fchoice)
         edited = [*e.layers, *choice, *fchoice]
-        replayed = max(edited) + 1 - min(edited)  # the depth is unknown here: the top edited layer's block is taken as the last
+        replayed = (depth or max(edited) + 1) - min(edited)  # an observation replays the blocks from the lowest edited one
         per_point = RATES["privacy-point"] + RATES["privacy-point-block"] * replayed
         relearn = max(0, max(e.attacks.relearn_steps, default=0) - 5) if "relearning" in e.attacks.attacks else 0
         attacks = RATES["privacy-attacks"] + RATES["privacy-relearn-step"] * relearn if e.attacks.attacks else 0.0
@@ -93,7 +94,7 @@ def plan_lines(cfg, units: list[str], reused: dict[str, bool], lm, sites: list[S
         if reused[u]:
             lines.append(f"{u}: done with these options, reused")
             continue
-        t = estimate(cfg, u)
+        t = estimate(cfg, u, n_layers(lm.model) if lm is not None else None)
         total += t
         lines.append(f"{u}: runs, ~{t / 60:.1f} min")
     lines.append(f"estimated total ~{total / 60:.0f} min (rates measured on a 2-core CPU; a faster machine takes less)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from kscope.app.report_attacks import attacked_states
 from kscope.app.report_privacy import _title, build_note
+from kscope.privacy.judge.attacks import first_layer
 from kscope.plots import UNIT_COLORS, legend_outside, pyplot, save_figure
 from kscope.privacy.study import graded
 from kscope.privacy.study.results import EraseResult
@@ -139,8 +141,6 @@ def plot_whitebox(runs: dict[str, EraseResult], path) -> None:
     """Head Projection and Probability Delta per layer (the share of test pairs whose every scored token is a candidate
     at that layer, mean over people), every attacked method beside the never-taught model, the retain twin and the
     unedited model; the band shaded. Several models: the mean over the models that attacked a state, their range shaded."""
-    from kscope.app.report_privacy import attacked_states
-
     plt = pyplot()
     states = attacked_states(runs)
     attacks = sorted({a for rows in states.values() for r in rows.values() for a in r.layers})
@@ -154,9 +154,8 @@ def plot_whitebox(runs: dict[str, EraseResult], path) -> None:
                 continue
             ys = np.array([s[: min(map(len, series))] for s in series])
             color, style = FLOORS.get(method, (HANDLE_COLORS.get(method, cycle[j % len(cycle)]), "-"))
-            first = 1 if attack.startswith("probability-delta") else 0  # a change from the layer below: none at layer 0
-            xs = range(first, first + ys.shape[1])
-            label = method if method in FLOORS else \
+            xs = range(first_layer(attack), first_layer(attack) + ys.shape[1])
+            label = method if method in FLOORS or (several and len(rows) == len(runs)) else \
                 f"{method} ({len(rows)} of {len(runs)} models)" if several else f"{method} ({next(iter(rows.values())).budget})"
             ax.plot(xs, ys.mean(0), style, color=color, lw=1.8 if method in FLOORS else 1.2,
                     marker="o" if method not in FLOORS else None, ms=2.5, label=label)

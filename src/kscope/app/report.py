@@ -16,6 +16,7 @@ from kscope.app.tables import Table, ci, fmt, interval_note
 from kscope.locate.compare import CompareResult
 from kscope.plots import legend_outside, pyplot, save_figure, unit_color
 from kscope.app import report_privacy
+from kscope.app.report_attacks import pooled_attack_tables
 from kscope.app.verdicts import answers, markdown_block
 
 
@@ -161,12 +162,7 @@ def stage_tables(results) -> list[tuple[str, Table, str | None]]:
             out.append(("Erasure across privacy models: each method's best point", report_privacy.targets_table(results.privacy), None))
             out.append(("Erasure across privacy models: which handle erases more", report_privacy.pooled_verdict_table(results.privacy),
                         None))
-            if any(r.attacks for r in results.privacy.values()):
-                out.append(("Erasure across privacy models: attacks", report_privacy.pooled_attack_table(results.privacy),
-                            report_privacy.POOLED_WHITEBOX))
-                layers = report_privacy.whitebox_layers_table(results.privacy)
-                if layers is not None:
-                    out.append(("Erasure across privacy models: white-box extraction per layer", layers, None))
+            out += pooled_attack_tables(results.privacy)
         for name, res in results.privacy.items():
             out += report_privacy.tables(name, res)
     return out

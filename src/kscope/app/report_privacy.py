@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from kscope.app.report_attacks import attack_tables
 from kscope.app.tables import Table, ci, fmt
-from kscope.privacy.judge.attacks import AttackRow
-from kscope.privacy.study.graded import FLOORS
 from kscope.privacy.study.results import EraseResult, pooled_verdicts
 
 
@@ -173,123 +172,6 @@ def pooled_verdict_table(runs: dict[str, EraseResult]) -> Table:
     return t
 
 
-def attack_table(res: EraseResult) -> Table:
-    """Per model state (each attacked best point, the random controls, the unedited model, the retain twin and the
-    never-taught base model): the share of (secret, prompt) pairs each attack recovers, with people who never leak;
-    then the same per attribute (the floor differs by format: a phone's digits are candidates anywhere). Relearning is
-    one column, its curve over the step counts."""
-    names = list(dict.fromkeys(k for r in res.attacks for k in r.leak))
-    steps = [n for n in names if n.startswith("relearning@")]
-    cols = [n for n in names if n not in steps] + (["relearning @ " + "/".join(n.split("@")[1] for n in steps)] if steps else [])
-    t = Table(f"Attacks on each method's best point ({_title(res)}): share of pairs leaked, 95 % CI over people "
-              "(people who never leak); per attribute below each row; relearning: the mean after each step count",
-              ["method", "budget", *cols])
-
-    def cells(leak: dict, clean: dict | None) -> list[str]:
-        out = [(f"{ci(leak[n], '.2f')}" + (f" ({100 * clean[n]:.0f} %)" if clean else "")) if n in leak else "–"
-               for n in names if n not in steps]
-        if steps:
-            out.append("/".join(fmt(leak[n].mean, ".2f") if n in leak else "–" for n in steps))
-        return out
-
-    for r in res.attacks:
-        t.rows.append([r.method, r.budget, *cells(r.leak, r.people_clean)])
-        by_attr = getattr(r, "by_attribute", None) or {}
-        for rel in sorted({a for v in by_attr.values() for a in v}):
-            t.rows.append([f"  {rel}", "", *cells({n: v[rel] for n, v in by_attr.items() if rel in v}, None)])
-    return t
-
-
-POOLED_WHITEBOX = "privacy-pooled-whitebox.png"  # the white-box figure over every privacy model of a run
-
-
-def attacked_states(runs: dict[str, EraseResult]) -> dict[str, dict[str, AttackRow]]:
-    """Each attacked model state (the floors first), with its row on each model that attacked it."""
-    got: dict[str, dict[str, AttackRow]] = {}
-    for name, res in runs.items():
-        for row in res.attacks:
-            got.setdefault(row.method, {})[name] = row
-    return {m: got[m] for m in [*(f for f in FLOORS if f in got), *(m for m in got if m not in FLOORS)]}
-
-
-def leak_clusters(rows: dict[str, AttackRow], attack: str, minus: dict[str, AttackRow] | None = None
-                  ) -> tuple[list[float], list[str]]:
-    """Per test person of every model in ``rows``, the share of their pairs ``attack`` recovers (less ``minus``'s on the
-    same person, where given: a paired difference), and each value's cluster: its model when there are several, else
-    the person."""
-    vals = [(name, who, x - (minus[name].people[attack][who] if minus is not None else 0.0))
-            for name, r in rows.items() for who, x in r.people.get(attack, {}).items()
-            if minus is None or (name in minus and who in minus[name].people.get(attack, {}))]
-    by_model = len({n for n, _, _ in vals}) > 1
-    return [x for _, _, x in vals], [n if by_model else f"{n}:{w}" for n, w, _ in vals]
-
-
-def pooled_leak(rows: dict[str, AttackRow], attack: str):
-    """A state's leak rate under ``attack`` over every model that attacked it: the mean over people with a CR2 interval
-    (clusters: ``leak_clusters``); None when no row kept per-person rates."""
-    from kscope.stats import cluster_robust
-
-    vals, clusters = leak_clusters(rows, attack)
-    return cluster_robust(vals, clusters).interval if vals else None
-
-
-def whitebox_layers_table(runs: dict[str, EraseResult]) -> Table | None:
-    """Per layer, each state's white-box extraction rates (the figure's values, citable): the share of test pairs whose
-    every scored token is a top-B candidate at that layer, mean over people, and over models when there are several."""
-    states = {m: rows for m, rows in attacked_states(runs).items() if any(r.layers for r in rows.values())}
-    if not states:
-        return None
-    attacks = sorted({a for rows in states.values() for r in rows.values() for a in r.layers})
-    first = {a: 1 if a.startswith("probability-delta") else 0 for a in attacks}  # a change from the layer below: none at 0
-
-    def at(rows: dict[str, AttackRow], a: str, L: int) -> str:
-        vals = [r.layers[a]["all"][L - first[a]] for r in rows.values()
-                if a in r.layers and 0 <= L - first[a] < len(r.layers[a].get("all", []))]
-        return fmt(sum(vals) / len(vals), ".2f") if vals else "–"
-
-    n_layers = max(first[a] + len(r.layers[a].get("all", [])) for rows in states.values() for r in rows.values() for a in r.layers)
-    several = len(runs) > 1
-    head = lambda m, rows: (f"{m} ({len(rows)} of {len(runs)} models)" if several and len(rows) < len(runs) else m) \
-        if several else f"{m} ({next(iter(rows.values())).budget})" if m not in FLOORS else m  # noqa: E731
-    band = next(iter(runs.values())).layers
-    t = Table(f"White-box extraction per layer ({' / '.join(attacks)}): the share of test pairs whose every scored token is "
-              f"among the top candidates of the logit lens at that layer (Head Projection) or of its change from the layer "
-              f"below (Probability Delta; none at layer 0), mean over people{f', then over {len(runs)} models' if several else ''}; the edited "
-              f"band is {','.join(map(str, band))}", ["layer", *(head(m, rows) for m, rows in states.items())])
-    rows = [[L, *(" / ".join(at(rows, a, L) for a in attacks) for rows in states.values())] for L in range(n_layers)]
-    nothing = lambda r: all(set(c.replace("0.00", "").replace("–", "").replace(" / ", "")) == set() for c in r[1:])  # noqa: E731
-    for r in rows:  # a run of layers where nothing is extracted by any state is one row
-        if t.rows and nothing(r) and nothing(t.rows[-1]):
-            t.rows[-1] = [f"{str(t.rows[-1][0]).split('–')[0]}–{r[0]}", *r[1:]]
-        else:
-            t.rows.append(r)
-    return t
-
-
-def pooled_attack_table(runs: dict[str, EraseResult]) -> Table:
-    """Each state's attacks over every privacy model's test people: per person the share of pairs leaked, mean with a CR2
-    interval clustered by model (people are nested in a model and share it; a state attacked on one model: by person)."""
-    states = attacked_states(runs)
-    names = list(dict.fromkeys(k for rows in states.values() for r in rows.values() for k in r.leak))
-    steps = [n for n in names if n.startswith("relearning@")]
-    cols = [n for n in names if n not in steps]
-    t = Table(f"Attacks pooled over {len(runs)} privacy models ({', '.join(runs)}): per test person the share of (secret, "
-              "prompt) pairs an attack recovers, mean with a 95 % CR2 interval clustered by model (people nested in seeds; "
-              "a state attacked on one model only: clustered by person); a method is attacked on a model only where its best "
-              "point erases enough there; relearning: the mean after each step count",
-              ["method", "models", "people", "budgets", *cols, *(["relearning @ " + "/".join(n.split("@")[1] for n in steps)]
-                                                                    if steps else [])])
-    for m, rows in states.items():
-        def pooled(attack: str):
-            return pooled_leak(rows, attack)
-
-        people = {f"{n}:{w}" for n, r in rows.items() for v in r.people.values() for w in v}
-        t.rows.append([m, f"{len(rows)} of {len(runs)}", len(people) or "–", " / ".join(str(r.budget) for r in rows.values()),
-                       *(ci(pooled(n), ".2f") for n in cols),
-                       *(["/".join(fmt(p.mean if (p := pooled(n)) else None, ".2f") for n in steps)] if steps else [])])
-    return t
-
-
 def sae_fit_table(res: EraseResult) -> Table:
     t = Table("SAEs of the band on the privacy model (explained variance)",
               ["site", "held-out text", "secret positions", "held-out text, SAE's own model", "training tokens", "dead"])
@@ -363,10 +245,7 @@ def tables(name: str, res: EraseResult) -> list[tuple[str, Table, str | None]]:
            (f"Privacy erasure, {name}: the splits", split_table(res), None),
            (f"Privacy erasure, {name}: features against neurons at equal budgets", verdict_table(res), f"privacy-{name}-budget.png")]
     if res.attacks:
-        out.append((f"Privacy erasure, {name}: attacks", attack_table(res), f"privacy-{name}-whitebox.png"))
-        layers = whitebox_layers_table({name: res})
-        if layers is not None:
-            out.append((f"Privacy erasure, {name}: white-box extraction per layer", layers, None))
+        out += attack_tables(name, res, _title(res))
     if res.specificity:
         out.append((f"Privacy erasure, {name}: specificity of location", specificity_table(res), None))
     out += [(f"Privacy erasure, {name}: every point", privacy_curve_table(res), None),

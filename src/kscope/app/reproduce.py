@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kscope.app.explorer import ExploreConfig
-from kscope.app.report_privacy import POOLED_WHITEBOX
+from kscope.app.report_attacks import POOLED_WHITEBOX
 from kscope.analyses.autointerp import InterpretJob, InterpretResult, run_interpret_job
 from kscope.analyses.faithfulness import FaithfulnessJob, FaithfulnessResult, run_faithfulness_job
 from kscope.analyses.sweep import SweepConfig, SweepResult

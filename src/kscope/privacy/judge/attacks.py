@@ -46,6 +46,17 @@ from kscope.stats import Interval, mean_ci
 ATTACKS = ("sampling", "head-projection", "probability-delta", "phrasings", "relearning", "quantization", "logit-lens")
 DEFAULT_ATTACKS = tuple(a for a in ATTACKS if a != "logit-lens")
 QUANT_BITS = (8, 4)
+WHITEBOX = ("head-projection", "probability-delta", "first token in lens")  # how the white-box attacks' leak keys begin
+
+
+def is_whitebox(key: str) -> bool:
+    """Whether an ``AttackRow.leak`` key is a white-box attack's (it reads the activations, not the model's outputs)."""
+    return key.startswith(WHITEBOX)
+
+
+def first_layer(key: str) -> int:
+    """The layer an ``AttackRow.layers`` list starts at: Probability Delta is a change from the layer below, so 1."""
+    return 1 if key.startswith("probability-delta") else 0
 
 
 @dataclass

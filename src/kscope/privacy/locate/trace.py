@@ -46,11 +46,11 @@ class TraceCell:
 @dataclass
 class GroupEffect:
     group: str  # mlp | attention | embeddings | norms (every layer's, restored to the base model's)
+    dlogp: Interval
 
     @property
     def label(self) -> str:
         return GROUP_LABELS.get(self.group, f"every {self.group}")
-    dlogp: Interval
 
 
 @dataclass
