@@ -26,7 +26,7 @@ def test_the_erase_estimate_counts_the_points_of_the_grid():
 
 def test_the_erase_estimate_scales_with_the_band_the_trace_and_relearning():
     """A band from layer 6 replays 24 blocks per point; the whole-block trace and 40 relearning steps cost more: the
-    deep-erasure config's estimate is within a fifth of its measured erase stage (1,645 s)."""
+    deep-erasure config's estimate is within a fifth of an erase stage it was not fitted to (seed 2's, 1,414 s)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def test_the_erase_estimate_scales_with_the_band_the_trace_and_relearning():
     blocks = replace(base, erase=replace(base.erase, trace_blocks=True))
     assert estimate(blocks, "privacy-erase:early-s0") - estimate(base, "privacy-erase:early-s0") == pytest.approx(
         RATES["privacy-trace"] * (TRACE_BLOCKS - 1))
-    assert abs(estimate(deep, "privacy-erase:early-s0") - 1645) < 0.2 * 1645
+    assert abs(estimate(deep, "privacy-erase:early-s2") - 1414) < 0.2 * 1414  # seed 2's stage (alone), never fitted
     assert estimate(deep, "privacy-erase:early-s0", depth=30) == estimate(deep, "privacy-erase:early-s0")  # SmolLM2: 30 layers
     low = replace(base, erase=replace(base.erase, layers=[6]))  # with the depth known, each point replays 6..29, not 6..7
     points = (estimate(low, "privacy-erase:early-s0", depth=30) - estimate(low, "privacy-erase:early-s0")) / (

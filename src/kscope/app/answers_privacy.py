@@ -69,7 +69,8 @@ def _erase(results) -> list[Answer]:
         tally[key] = tally.get(key, 0) + 1
     lam = f", λ {head.lam:g}" if head.lam is not None else ""
     out.append(Answer("handle", "Which handle erases them: located features or located neurons?",
-                      f"Through the same keyed solver at budget {head.budget}{lam}, located features − {head.b} on "
+                      f"Through the same keyed solver at budget {head.budget}{lam}"
+                      + (f" ({name}'s best point)" if len(runs) > 1 else "") + f", located features − {head.b} on "
                       f"{MEASURES.get(head.measure, head.measure)}: {short_ci(head.diff)} ({how}): {said(head)}; over "
                       f"all {len(vs)} budget × strength × measure comparisons: "
                       + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) + ".",
@@ -92,6 +93,7 @@ def _attacks(results) -> Answer | None:
     several = len(runs) > 1
     states = attacked_states(runs)
     c0 = cs[0]
+    n = sum(c.p is not None for c in cs)  # the Holm family: states whose differences have a spread
     edited = {c.state: states[c.state] for c in cs}
     others = [a for a in dict.fromkeys(k for rows in edited.values() for r in rows.values() for k in r.leak) if not is_whitebox(a)]
     leaks = [(iv, a, m) for m, rows in edited.items() for a in others if (iv := pooled_leak(rows, a)) is not None]
@@ -106,7 +108,7 @@ def _attacks(results) -> Answer | None:
                             f"{c.says}" for c in cs)
                 + f" ({c0.floor} {short_ci(pooled_leak(states[c0.floor], c0.attack), '.2f')}"
                 + (f", unedited model {short_ci(unedited, '.2f')}" if unedited is not None else "")
-                + f"; 95 % CR2 intervals, Holm over the {len(cs)} attacked states)"
+                + f"; 95 % CR2 intervals, Holm over the {n} attacked state{'s' if n != 1 else ''} with a spread)"
                 + (f". The highest rate of the other attacks: {short_ci(top[0], '.2f')} ({top[1]} after {top[2]})" if top else "")
                 + ".")
     return Answer("attack", "Does the erasure survive attack?", sentence, best.says, best.diff,

@@ -212,11 +212,13 @@ def twin_table(runs: dict[str, EraseResult]) -> Table | None:
     if not cs:
         return None
     c0 = cs[0]
+    n = sum(c.p is not None for c in cs)
     t = Table(f"Each attacked state against the {c0.floor} under {c0.attack} (every token of the secret among the top "
               f"candidates of the logit lens, each token at some layer, not necessarily the same), on the same test people: "
               f"per person the state's share less the {c0.floor}'s, 95 % CR2 intervals (clusters: models when several gave "
-              f"values, else people); one family of {len(cs)}, Holm-adjusted p of a difference and of equivalence (TOST "
-              f"within ±{TWIN_MARGIN:g}); identical differences on every person give no p",
+              f"values, else people); Holm-adjusted p of a difference and of equivalence (TOST within ±{TWIN_MARGIN:g}) over "
+              f"the {n} state{'s' if n != 1 else ''} with a spread (identical differences on every person give no p and are "
+              f"left out of the family)",
               ["state", "models", "clusters", "state's share", f"{c0.floor}'s share", f"− {c0.floor} per person", "p (Holm)",
                "p equivalent (Holm)", "verdict"])
     for c in cs:
