@@ -59,8 +59,9 @@ def _erase(results) -> list[Answer]:
     if not vs:
         return out
     said = lambda v: "inconclusive" if v.says == "no difference" else v.says  # noqa: E731
-    head = next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel" and b is not None and v.budget == b.budget
-                 and v.lam == b.lam), None) or next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel"), vs[0])
+    at_best = next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel" and b is not None and v.budget == b.budget
+                    and v.lam == b.lam), None)
+    head = at_best or next((v for v in vs if v.b == "keyed-neurons" and v.measure == "rel"), vs[0])
     tally = {}
     for v in vs:
         s = said(v)
@@ -70,13 +71,12 @@ def _erase(results) -> list[Answer]:
     lam = f", λ {head.lam:g}" if head.lam is not None else ""
     out.append(Answer("handle", "Which handle erases them: located features or located neurons?",
                       f"Through the same keyed solver at budget {head.budget}{lam}"
-                      + (f" ({name}'s best point)" if len(runs) > 1 else "") + f", located features − {head.b} on "
+                      + (f" ({name}'s best point)" if len(runs) > 1 and head is at_best else "") + f", located features − {head.b} on "
                       f"{MEASURES.get(head.measure, head.measure)}: {short_ci(head.diff)} ({how}): {said(head)}; over "
                       f"all {len(vs)} budget × strength × measure comparisons: "
                       + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) + ".",
                       said(head), head.diff, f"privacy-{name}-budget.png", table))
     return out
-
 
 
 def _attacks(results) -> Answer | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kscope.app.report_attacks import attacked_states
+from kscope.app.report_attacks import attacked_states, state_label
 from kscope.app.report_privacy import _title, build_note
 from kscope.privacy.judge.attacks import first_layer
 from kscope.plots import UNIT_COLORS, legend_outside, pyplot, save_figure
@@ -155,10 +155,8 @@ def plot_whitebox(runs: dict[str, EraseResult], path) -> None:
             ys = np.array([s[: min(map(len, series))] for s in series])
             color, style = FLOORS.get(method, (HANDLE_COLORS.get(method, cycle[j % len(cycle)]), "-"))
             xs = range(first_layer(attack), first_layer(attack) + ys.shape[1])
-            label = method if method in FLOORS or (several and len(rows) == len(runs)) else \
-                f"{method} ({len(rows)} of {len(runs)} models)" if several else f"{method} ({next(iter(rows.values())).budget})"
             ax.plot(xs, ys.mean(0), style, color=color, lw=1.8 if method in FLOORS else 1.2,
-                    marker="o" if method not in FLOORS else None, ms=2.5, label=label)
+                    marker="o" if method not in FLOORS else None, ms=2.5, label=state_label(method, rows, len(runs)))
             if len(ys) > 1:
                 ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.12, lw=0)
         for L in next(iter(runs.values())).layers:

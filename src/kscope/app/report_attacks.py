@@ -35,6 +35,17 @@ def attacked_states(runs: dict[str, EraseResult]) -> dict[str, dict[str, AttackR
     return {m: got[m] for m in [*(f for f in FLOORS if f in got), *(m for m in got if m not in FLOORS)]}
 
 
+def state_label(state: str, rows: dict[str, AttackRow], n_runs: int) -> str:
+    """How the per-layer table and figure name a state: a floor by name; over several models, how many attacked it
+    when not all did; on one model, its row's label and budget."""
+    if state in FLOORS:
+        return state
+    if n_runs > 1:
+        return state if len(rows) == n_runs else f"{state} ({len(rows)} of {n_runs} models)"
+    row = next(iter(rows.values()))
+    return f"{row.method} ({row.budget})"
+
+
 def leak_clusters(rows: dict[str, AttackRow], attack: str, minus: dict[str, AttackRow] | None = None
                   ) -> tuple[list[float], list[str], list[str]]:
     """Per test person of every model in ``rows``, the share of their pairs ``attack`` recovers (less ``minus``'s on the
@@ -102,14 +113,12 @@ def whitebox_layers_table(runs: dict[str, EraseResult]) -> Table | None:
     n_layers = max(first_layer(a) + len(r.layers[a].get("all", [])) for rows in states.values() for r in rows.values()
                    for a in r.layers)
     several = len(runs) > 1
-    head = lambda m, rows: m if m in FLOORS else (f"{m} ({len(rows)} of {len(runs)} models)" if len(rows) < len(runs) else m) \
-        if several else f"{(r := next(iter(rows.values()))).method} ({r.budget})"  # noqa: E731
     band = next(iter(runs.values())).layers
     t = Table(f"White-box extraction per layer ({' / '.join(attacks)}): the share of test pairs whose every scored token is "
               f"among the top candidates of the logit lens at that layer (Head Projection) or of its change from the layer "
               f"below (Probability Delta; none at layer 0), mean over people{f', then over {len(runs)} models' if several else ''}; "
               f"a run of layers where no state extracts a single pair is one row; the edited band is {','.join(map(str, band))}",
-              ["layer", *(head(m, rows) for m, rows in states.items())])
+              ["layer", *(state_label(m, rows, len(runs)) for m, rows in states.items())])
     zero_run = False
     for L in range(n_layers):
         raw = [[at(rows, a, L) for a in attacks] for rows in states.values()]
@@ -139,8 +148,7 @@ def pooled_attack_table(runs: dict[str, EraseResult]) -> Table | None:
     for m, rows in states.items():
         with_people = {n: r for n, r in rows.items() if r.people}
         people = {f"{n}:{w}" for n, r in with_people.items() for v in r.people.values() for w in v}
-        budgets = " / ".join(f"{r.budget}" + (f", λ {r.method.split(', λ ')[1]}" if ", λ " in r.method else "")
-                             for r in rows.values())
+        budgets = " / ".join(f"{r.budget}{r.method[len(m):]}" for r in rows.values())  # a control's ", λ x"
         t.rows.append([m, f"{len(with_people)} of {len(runs)}", len(people) or "–", budgets,
                        *(ci(pooled_leak(rows, n), ".2f") for n in cols),
                        *(["/".join(fmt(p.mean if (p := pooled_leak(rows, n)) else None, ".2f") for n in steps)] if steps else [])])
@@ -179,7 +187,7 @@ def twin_contrasts(runs: dict[str, EraseResult], prefix: str = "head-projection"
     if attack is None or floor_name not in states:
         return []
     floor = states[floor_name]
-    rows_out = []
+    out = []
     for m, rows in states.items():
         if m in FLOORS:
             continue
@@ -188,21 +196,18 @@ def twin_contrasts(runs: dict[str, EraseResult], prefix: str = "head-projection"
             continue
         t = cluster_robust(vals, clusters)
         spread = t.interval.lo is not None and t.interval.hi - t.interval.lo > 1e-9  # float noise on equal shares is none
-        p_eq = equivalence_p(vals, clusters, margin) if spread else None
-        rows_out.append((m, rows, t.interval, models, "models" if len(models) > 1 else "people", t.p if spread else None, p_eq,
-                         spread, len(set(clusters))))
-    p_adj = holm([r[5] for r in rows_out])
-    e_adj = holm([r[6] for r in rows_out])
-    out = []
-    for (m, rows, diff, models, kind, _, _, spread, k), p, e in zip(rows_out, p_adj, e_adj):
-        says = (f"leaks more than the {floor_name}" if p is not None and p < alpha and diff.mean > 0 else
-                f"leaks less than the {floor_name}" if p is not None and p < alpha else
-                f"as the {floor_name} within ±{margin:g}" if e is not None and e < alpha else
-                "inconclusive" if spread else f"inconclusive (no spread over {k} {kind})" if diff.lo is not None
-                else f"inconclusive (no interval from {k} {'cluster' if k == 1 else 'clusters'})")
-        sub = {n: floor[n] for n in models if n in floor}
-        out.append(TwinContrast(m, attack, floor_name, pooled_leak({n: rows[n] for n in models}, attack), pooled_leak(sub, attack),
-                                diff, models, kind, k, p, e, says))
+        out.append(TwinContrast(m, attack, floor_name, pooled_leak({n: rows[n] for n in models}, attack),
+                                pooled_leak({n: floor[n] for n in models}, attack), t.interval, models,
+                                "models" if len(models) > 1 else "people", len(set(clusters)), t.p if spread else None,
+                                equivalence_p(vals, clusters, margin) if spread else None, ""))
+    for c, p, e in zip(out, holm([c.p for c in out]), holm([c.p_equivalent for c in out])):
+        c.p, c.p_equivalent = p, e
+        k = c.n_clusters
+        c.says = (f"leaks more than the {floor_name}" if p is not None and p < alpha and c.diff.mean > 0 else
+                  f"leaks less than the {floor_name}" if p is not None and p < alpha else
+                  f"as the {floor_name} within ±{margin:g}" if e is not None and e < alpha else
+                  "inconclusive" if p is not None else f"inconclusive (no spread over {k} {c.clusters})" if c.diff.lo is not None
+                  else f"inconclusive (no interval from {k} {'cluster' if k == 1 else 'clusters'})")
     return out
 
 
